@@ -1,0 +1,75 @@
+"""The audit log: one JSONL record per decision, never a secret.
+
+Records carry the credential's *name*. As a second line of defence every line is checked
+against the secret values before it is written, and any hit is redacted and counted.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import IO, Any
+
+REDACTED = "[REDACTED]"
+SCHEMA_VERSION = 1
+
+
+@dataclass
+class AuditRecord:
+    """One decision. Fields are None where they do not apply (e.g. path of a blind tunnel)."""
+
+    event: str  # connect | request | dns | retry_loop_detected | refused
+    sandbox: str
+    decision: str  # allow | deny | error
+    method: str | None = None
+    scheme: str | None = None
+    host: str | None = None
+    port: int | None = None
+    path: str | None = None
+    rule: str | None = None
+    deny_mode: str | None = None
+    credential: str | None = None
+    status: int | None = None
+    bytes_up: int = 0
+    bytes_down: int = 0
+    upstream_ms: float | None = None
+    duration_ms: float | None = None
+    intercepted: bool = False
+    conn: int | None = None
+    reason: str | None = None
+
+
+class AuditLog:
+    def __init__(self, path: Path | None, secrets: list[str]) -> None:
+        self.path = path
+        self._secrets = [s for s in secrets if s]
+        self._fh: IO[str] | None = None
+        self.records = 0
+        self.redactions = 0
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            # Line-buffered: a record is on disk when write() returns, so a SIGKILLed gateway
+            # loses nothing and tests can read the file without a flush call.
+            self._fh = open(path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115
+
+    def write(self, record: AuditRecord) -> None:
+        data: dict[str, Any] = {"v": SCHEMA_VERSION, "ts": round(time.time(), 6), **asdict(record)}
+        line = json.dumps(data, separators=(",", ":"), ensure_ascii=True)
+        line = self.scrub(line)
+        self.records += 1
+        if self._fh is not None:
+            self._fh.write(line + "\n")
+
+    def scrub(self, text: str) -> str:
+        for secret in self._secrets:
+            if secret in text:
+                self.redactions += 1
+                text = text.replace(secret, REDACTED)
+        return text
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None

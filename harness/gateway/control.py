@@ -1,0 +1,108 @@
+"""The control API: JSON lines over a unix socket that only the host user can open.
+
+Ops: health, add_sandbox {sandbox, port?}, remove_sandbox {sandbox}, stats, ca_cert, shutdown.
+Guests can never reach it: it is not a TCP port, and their only path is their own listener.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import socket
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from harness.gateway.server import Gateway
+
+log = logging.getLogger(__name__)
+
+MAX_CONTROL_LINE = 64 * 1024
+CONTROL_TIMEOUT_S = 10.0
+
+
+class ControlServer:
+    def __init__(self, gw: Gateway, path: Path, on_shutdown: Callable[[], None]) -> None:
+        self.gw = gw
+        self.path = path
+        self._on_shutdown = on_shutdown
+        self._server: asyncio.AbstractServer | None = None
+
+    async def start(self) -> None:
+        if self.path.exists():
+            self.path.unlink()
+        old = os.umask(0o077)
+        try:
+            self._server = await asyncio.start_unix_server(
+                self._handle, path=str(self.path), limit=MAX_CONTROL_LINE
+            )
+        finally:
+            os.umask(old)
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        with contextlib.suppress(OSError):
+            self.path.unlink()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                line = await reader.readline()
+                if not line:
+                    return
+                try:
+                    request = json.loads(line)
+                    reply = await self.dispatch(request)
+                except Exception as exc:  # a bad control call must never take the gateway down
+                    reply = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+                writer.write(json.dumps(reply).encode() + b"\n")
+                await writer.drain()
+        except (ConnectionError, ValueError):
+            pass
+        finally:
+            writer.close()
+
+    async def dispatch(self, request: dict[str, Any]) -> dict[str, Any]:
+        op = request.get("op")
+        gw = self.gw
+        if op == "health":
+            return {"ok": True, "pid": os.getpid(), "sandboxes": sorted(gw.listeners)}
+        if op == "add_sandbox":
+            listener = await gw.add_sandbox(str(request["sandbox"]), int(request.get("port", 0)))
+            return {
+                "ok": True,
+                "port": listener.port,
+                "dns_port": listener.dns.port if listener.dns else None,
+            }
+        if op == "remove_sandbox":
+            return {"ok": True, "removed": await gw.remove_sandbox(str(request["sandbox"]))}
+        if op == "stats":
+            return {"ok": True, "stats": gw.snapshot_stats()}
+        if op == "ca_cert":
+            return {"ok": True, "pem": gw.ca.cert_pem.decode()}
+        if op == "shutdown":
+            self._on_shutdown()
+            return {"ok": True}
+        return {"ok": False, "error": f"unknown op {op!r}"}
+
+
+def control_call(path: Path, op: str, timeout_s: float = CONTROL_TIMEOUT_S, **args: Any) -> dict[str, Any]:
+    """Blocking client for the harness side (no event loop needed)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout_s)
+        sock.connect(str(path))
+        sock.sendall(json.dumps({"op": op, **args}).encode() + b"\n")
+        buf = b""
+        while not buf.endswith(b"\n"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                raise ConnectionError("gateway control socket closed")
+            buf += chunk
+    reply: dict[str, Any] = json.loads(buf)
+    if not reply.get("ok"):
+        raise RuntimeError(f"gateway control {op} failed: {reply.get('error')}")
+    return reply

@@ -1,0 +1,243 @@
+"""Forwarding one HTTP request the gateway can see (plain http, or inside terminated TLS).
+
+Both sides are parsed by h11. Hop-by-hop headers are dropped, the credential (if bound to this
+exact host:port) replaces whatever the sandbox sent, and responses -- redirects included -- are
+relayed as they are: the gateway never follows a redirect, so a key can never travel to the
+Location a server names.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import time
+from dataclasses import dataclass
+
+import h11
+
+from harness.gateway.credentials import BoundCredential, inject
+from harness.gateway.dial import DialError, Overrides, open_upstream
+from harness.gateway.streams import READ_CHUNK, PlainStream, Stream
+
+# Connection-specific headers (RFC 9110 7.6.1) plus proxy credentials, which must never leave.
+# Content-Length and Transfer-Encoding stay: h11 re-frames bodies from them on each side.
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"proxy-connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"upgrade",
+        b"expect",
+    }
+)
+MAX_RESPONSE_HEAD_BYTES = 64 * 1024
+WRITE_HIGH_WATER = 1024 * 1024
+MAX_POOLED_PER_SESSION = 8
+
+
+class ClientGone(Exception):
+    """The sandbox side went away mid-exchange."""
+
+
+def filter_headers(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    named: set[bytes] = set()
+    for key, value in headers:
+        if key == b"connection":
+            named.update(t.strip().lower() for t in value.split(b","))
+    return [(k, v) for k, v in headers if k not in HOP_BY_HOP and k not in named]
+
+
+async def next_event(conn: h11.Connection, stream: Stream | PlainStream, timeout_s: float) -> object:
+    """The next h11 event, reading as needed with a per-read timeout."""
+    while True:
+        event = conn.next_event()
+        if event is not h11.NEED_DATA:
+            return event
+        async with asyncio.timeout(timeout_s):
+            data = await stream.read(READ_CHUNK)
+        conn.receive_data(data)
+
+
+@dataclass
+class Upstream:
+    stream: PlainStream
+    conn: h11.Connection
+    reused: bool = False
+
+
+class UpstreamPool:
+    """Keep-alive upstream connections for one client connection (no cross-sandbox sharing)."""
+
+    def __init__(self, overrides: Overrides, tls: ssl.SSLContext, connect_timeout_s: float) -> None:
+        self._overrides = overrides
+        self._tls = tls
+        self._timeout = connect_timeout_s
+        self._idle: dict[tuple[str, str, int], Upstream] = {}
+
+    async def get(self, scheme: str, host: str, port: int) -> Upstream:
+        up = self._idle.pop((scheme, host, port), None)
+        if up is not None:
+            up.reused = True
+            return up
+        stream = await open_upstream(
+            host, port, self._overrides, self._timeout, tls=self._tls if scheme == "https" else None
+        )
+        conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_RESPONSE_HEAD_BYTES)
+        return Upstream(stream, conn)
+
+    def put_back(self, scheme: str, host: str, port: int, up: Upstream) -> None:
+        if up.conn.our_state is h11.DONE and up.conn.their_state is h11.DONE:
+            up.conn.start_next_cycle()
+            if len(self._idle) < MAX_POOLED_PER_SESSION and (scheme, host, port) not in self._idle:
+                self._idle[(scheme, host, port)] = up
+                return
+        up.stream.close()
+
+    def close(self) -> None:
+        for up in self._idle.values():
+            up.stream.close()
+        self._idle.clear()
+
+
+@dataclass
+class Exchange:
+    status: int | None = None
+    bytes_up: int = 0
+    bytes_down: int = 0
+    upstream_ms: float | None = None
+    error: str | None = None
+
+
+def _has_body(headers: list[tuple[bytes, bytes]]) -> bool:
+    for key, value in headers:
+        if key == b"transfer-encoding":
+            return True
+        if key == b"content-length" and value.strip() != b"0":
+            return True
+    return False
+
+
+async def forward(
+    client_conn: h11.Connection,
+    client: Stream,
+    request: h11.Request,
+    scheme: str,
+    host: str,
+    port: int,
+    target: bytes,
+    cred: BoundCredential | None,
+    pool: UpstreamPool,
+    idle_timeout_s: float,
+    response_timeout_s: float,
+) -> Exchange:
+    """Relay one request and its response. Raises DialError before anything was sent back."""
+    ex = Exchange()
+    headers = filter_headers(list(request.headers))
+    if cred is not None:
+        headers = inject(headers, cred)
+    expects_continue = any(k == b"expect" and v.lower() == b"100-continue" for k, v in request.headers)
+    has_body = _has_body(list(request.headers))
+    if not has_body:
+        # Read the (empty) end of the request first, so a stale pooled connection can be retried.
+        event = await next_event(client_conn, client, idle_timeout_s)
+        if not isinstance(event, h11.EndOfMessage):
+            raise ClientGone("request ended early")
+    out = h11.Request(method=request.method, target=target, headers=headers)
+    attempts = 2 if not has_body else 1
+    for attempt in range(attempts):
+        up = await pool.get(scheme, host, port)
+        try:
+            await _send_request(up, out, client_conn, client, has_body, expects_continue, idle_timeout_s, ex)
+            t_sent = time.perf_counter()
+            await _relay_response(up, client_conn, client, idle_timeout_s, response_timeout_s, ex, t_sent)
+        except (h11.RemoteProtocolError, ConnectionError, OSError) as exc:
+            up.stream.close()
+            if up.reused and ex.status is None and attempt + 1 < attempts:
+                continue  # the pooled connection had gone stale; one fresh try
+            if ex.status is None:
+                raise DialError(f"upstream {host}:{port} failed: {exc}") from exc
+            raise
+        except BaseException:
+            up.stream.close()
+            raise
+        pool.put_back(scheme, host, port, up)
+        return ex
+    raise DialError(f"upstream {host}:{port} failed")  # unreachable: the loop returns or raises
+
+
+async def _send_request(
+    up: Upstream,
+    out: h11.Request,
+    client_conn: h11.Connection,
+    client: Stream,
+    has_body: bool,
+    expects_continue: bool,
+    idle_timeout_s: float,
+    ex: Exchange,
+) -> None:
+    up.stream.write(up.conn.send(out))
+    if has_body:
+        if expects_continue:
+            # The gateway answers 100-continue itself: it has already decided to forward.
+            client.write(client_conn.send(h11.InformationalResponse(status_code=100, headers=[])))
+            await client.drain()
+        while True:
+            event = await next_event(client_conn, client, idle_timeout_s)
+            if isinstance(event, h11.Data):
+                ex.bytes_up += len(event.data)
+                up.stream.write(up.conn.send(event))
+                if up.stream.writer.transport.get_write_buffer_size() > WRITE_HIGH_WATER:
+                    await up.stream.drain()
+            elif isinstance(event, h11.EndOfMessage):
+                up.stream.write(up.conn.send(h11.EndOfMessage()))
+                break
+            else:
+                raise ClientGone("client closed during request body")
+    else:
+        up.stream.write(up.conn.send(h11.EndOfMessage()))
+    await up.stream.drain()
+
+
+async def _relay_response(
+    up: Upstream,
+    client_conn: h11.Connection,
+    client: Stream,
+    idle_timeout_s: float,
+    response_timeout_s: float,
+    ex: Exchange,
+    t_sent: float,
+) -> None:
+    timeout = response_timeout_s
+    while True:
+        event = await next_event(up.conn, up.stream, timeout)
+        if isinstance(event, h11.InformationalResponse):
+            if event.status_code == 100:
+                continue  # already answered to the client, or never asked for
+            client.write(client_conn.send(event))
+        elif isinstance(event, h11.Response):
+            ex.upstream_ms = (time.perf_counter() - t_sent) * 1000.0
+            ex.status = event.status_code
+            timeout = idle_timeout_s
+            client.write(
+                client_conn.send(
+                    h11.Response(
+                        status_code=event.status_code,
+                        headers=filter_headers(list(event.headers)),
+                        reason=event.reason,
+                    )
+                )
+            )
+        elif isinstance(event, h11.Data):
+            ex.bytes_down += len(event.data)
+            client.write(client_conn.send(event))
+            await client.drain()
+        elif isinstance(event, h11.EndOfMessage):
+            client.write(client_conn.send(h11.EndOfMessage()))
+            await client.drain()
+            return
+        else:
+            raise ConnectionError("upstream closed before the response ended")

@@ -1,0 +1,339 @@
+"""Egress policy: rules by host, wildcard, host:port and CIDR; deny wins; default deny.
+
+Rule strings (the `allow:` / `deny:` value of a rule in YAML):
+  example.com            exact name                       (ports: default_ports, i.e. 443 only)
+  example.com:22         exact name on one port           (`:*` means every port)
+  *.example.com          exactly one label below example.com (not example.com itself)
+  **.example.com         any depth below example.com      (not example.com itself)
+  **                     every host name (never an IP literal)
+  10.0.0.0/8, 1.2.3.4    CIDR / single address; IP literals match only these rules
+  [fd00::/8]:443         IPv6 CIDR with a port
+
+A rule may also carry `ports: [80, 443, "8000-8100"]`, `methods: [GET]` and `paths: ["/v1/**"]`.
+Method/path rules can only be checked where the gateway sees the request (plain http, or a
+host whose TLS it terminates), so a host with such rules is always intercepted.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import posixpath
+import re
+from dataclasses import dataclass, field
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from harness.gateway.names import HostError, is_ip, normalise_host, parse_port
+
+Action = Literal["allow", "deny"]
+DENY_MODES = ("403", "403-explained", "reset")
+DEFAULT_DENY_MODE = "403-explained"
+# "Allow github.com" means github.com:443 and nothing else (FINDINGS probe 6).
+DEFAULT_RULE_PORTS: tuple[int, ...] = (443,)
+DEFAULT_LOOP_THRESHOLD = 5
+DEFAULT_LOOP_WINDOW_S = 60.0
+DEFAULT_DENY_RULE = "default-deny"
+PRESETS = ("open", "balanced", "locked")
+DECISION_CACHE_SIZE = 4096
+
+
+class PolicyError(ValueError):
+    """A policy file that cannot be loaded; raised at start-up, never at request time."""
+
+
+@dataclass(frozen=True)
+class PortSet:
+    """A set of ports as ranges; `any_port` covers 1..65535."""
+
+    ranges: tuple[tuple[int, int], ...]
+    any_port: bool = False
+
+    def __contains__(self, port: int) -> bool:
+        return self.any_port or any(lo <= port <= hi for lo, hi in self.ranges)
+
+    def describe(self) -> str:
+        if self.any_port:
+            return "*"
+        return ",".join(str(lo) if lo == hi else f"{lo}-{hi}" for lo, hi in self.ranges)
+
+
+def parse_ports(items: list[Any] | tuple[Any, ...]) -> PortSet:
+    ranges: list[tuple[int, int]] = []
+    for item in items:
+        text = str(item).strip()
+        if text == "*":
+            return PortSet((), any_port=True)
+        lo_s, sep, hi_s = text.partition("-")
+        try:
+            lo = parse_port(lo_s)
+            hi = parse_port(hi_s) if sep else lo
+        except HostError as exc:
+            raise PolicyError(str(exc)) from exc
+        if hi < lo:
+            raise PolicyError(f"bad port range {text!r}")
+        ranges.append((lo, hi))
+    return PortSet(tuple(ranges))
+
+
+@dataclass(frozen=True)
+class HostPattern:
+    """The host part of a rule. kind: exact | one (`*.`) | any (`**.`) | all (`**`) | cidr."""
+
+    kind: str
+    value: str = ""
+    network: ipaddress.IPv4Network | ipaddress.IPv6Network | None = None
+
+    def matches(self, host: str, host_is_ip: bool) -> bool:
+        if self.kind == "cidr":
+            return host_is_ip and self.network is not None and ipaddress.ip_address(host) in self.network
+        if host_is_ip:
+            return False
+        if self.kind == "exact":
+            return host == self.value
+        if self.kind == "all":
+            return True
+        suffix = "." + self.value
+        if not host.endswith(suffix):
+            return False
+        return self.kind == "any" or "." not in host[: -len(suffix)]
+
+
+def parse_host_pattern(text: str) -> HostPattern:
+    if text == "**":
+        return HostPattern("all")
+    bare = text[1:-1] if text.startswith("[") and text.endswith("]") else text
+    if "/" in bare or _looks_like_ip(bare):
+        try:
+            return HostPattern("cidr", network=ipaddress.ip_network(bare, strict=False))
+        except ValueError as exc:
+            raise PolicyError(f"bad CIDR {text!r}") from exc
+    for prefix, kind in (("**.", "any"), ("*.", "one")):
+        if text.startswith(prefix):
+            return HostPattern(kind, _normalise_pattern_name(text[len(prefix) :]))
+    if "*" in text:
+        raise PolicyError(f"wildcards are only allowed as a leading '*.' or '**.': {text!r}")
+    return HostPattern("exact", _normalise_pattern_name(text))
+
+
+def _looks_like_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _normalise_pattern_name(name: str) -> str:
+    try:
+        return normalise_host(name)
+    except HostError as exc:
+        raise PolicyError(str(exc)) from exc
+
+
+def split_rule_target(text: str) -> tuple[str, str | None]:
+    """Split a rule target into host pattern and optional port spec ('443', '*', '80-90')."""
+    text = text.strip()
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0:
+            raise PolicyError(f"bad rule target {text!r}")
+        rest = text[end + 1 :]
+        return text[: end + 1], (rest[1:] if rest.startswith(":") else None)
+    if text.count(":") > 1:  # bare IPv6 / IPv6 CIDR without a port
+        return text, None
+    host, sep, port = text.partition(":")
+    return host, (port if sep else None)
+
+
+_PATH_TOKEN_RE = re.compile(r"\*\*|\*|[^*]+")
+
+
+@lru_cache(maxsize=256)
+def compile_path_glob(glob: str) -> re.Pattern[str]:
+    """`*` matches within one path segment, `**` across segments."""
+    parts = []
+    for token in _PATH_TOKEN_RE.findall(glob):
+        if token == "**":
+            parts.append(".*")
+        elif token == "*":
+            parts.append("[^/]*")
+        else:
+            parts.append(re.escape(token))
+    return re.compile("^" + "".join(parts) + "$")
+
+
+@dataclass(frozen=True)
+class Rule:
+    action: Action
+    target: str
+    host: HostPattern
+    ports: PortSet
+    methods: frozenset[str] | None = None
+    paths: tuple[re.Pattern[str], ...] | None = None
+    name: str = ""
+
+    @property
+    def conditional(self) -> bool:
+        return self.methods is not None or self.paths is not None
+
+    def matches_dest(self, host: str, host_is_ip: bool, port: int) -> bool:
+        return port in self.ports and self.host.matches(host, host_is_ip)
+
+    def matches_request(self, method: str, path: str) -> bool:
+        if self.methods is not None and method not in self.methods:
+            return False
+        return self.paths is None or any(p.match(path) for p in self.paths)
+
+
+@dataclass(frozen=True)
+class Decision:
+    allowed: bool
+    rule: str
+    # True when the decision depends on method/path, so the gateway must see the requests.
+    needs_requests: bool = False
+
+
+@dataclass
+class Policy:
+    name: str
+    rules: list[Rule]
+    deny_mode: str = DEFAULT_DENY_MODE
+    loop_threshold: int = DEFAULT_LOOP_THRESHOLD
+    loop_window_s: float = DEFAULT_LOOP_WINDOW_S
+    dns: bool = False
+    credentials: list[dict[str, Any]] | None = None
+    source: str = ""
+    _cache: dict[tuple[str, int], Decision] = field(default_factory=dict, repr=False)
+
+    def _matching(self, host: str, port: int) -> list[Rule]:
+        host_is_ip = is_ip(host)
+        return [r for r in self.rules if r.matches_dest(host, host_is_ip, port)]
+
+    def check_destination(self, host: str, port: int) -> Decision:
+        """Decide a connection to host:port before any request is seen (CONNECT)."""
+        key = (host, port)
+        cached = self._cache.get(key)
+        if cached is not None:
+            return cached
+        decision = self._decide_destination(self._matching(host, port))
+        if len(self._cache) >= DECISION_CACHE_SIZE:
+            self._cache.clear()
+        self._cache[key] = decision
+        return decision
+
+    @staticmethod
+    def _decide_destination(matching: list[Rule]) -> Decision:
+        for rule in matching:
+            if rule.action == "deny" and not rule.conditional:
+                return Decision(False, rule.name)
+        conditional = any(r.conditional for r in matching)
+        for rule in matching:
+            if rule.action == "allow" and not rule.conditional:
+                return Decision(True, rule.name, needs_requests=conditional)
+        for rule in matching:
+            if rule.action == "allow":
+                return Decision(True, rule.name, needs_requests=True)
+        return Decision(False, DEFAULT_DENY_RULE)
+
+    def check_request(self, host: str, port: int, method: str, path: str) -> Decision:
+        """Decide one request whose method and (normalised) path the gateway can see."""
+        matching = [r for r in self._matching(host, port) if r.matches_request(method, path)]
+        for rule in matching:
+            if rule.action == "deny":
+                return Decision(False, rule.name)
+        if matching:  # only allow rules are left
+            return Decision(True, matching[0].name)
+        return Decision(False, DEFAULT_DENY_RULE)
+
+    def names_allowed(self, host: str) -> bool:
+        """True when some port on host could be allowed: the DNS resolver's question."""
+        host_is_ip = is_ip(host)
+        for rule in self.rules:
+            deny_all_ports = rule.action == "deny" and not rule.conditional and rule.ports.any_port
+            if deny_all_ports and rule.host.matches(host, host_is_ip):
+                return False
+        return any(r.action == "allow" and r.host.matches(host, host_is_ip) for r in self.rules)
+
+
+def normalise_path(raw: str) -> str:
+    """The path as policy sees it: no query, dot-segments resolved, unreserved escapes decoded.
+
+    Raises HostError for encodings whose meaning upstreams disagree on (encoded '/', '\\', NUL).
+    """
+    path = raw.split("?", 1)[0].split("#", 1)[0] or "/"
+    lowered = path.lower()
+    if any(bad in lowered for bad in ("%2f", "%5c", "%00", "\\")):
+        raise HostError("ambiguous encoding in path")
+    path = re.sub(r"%([0-9A-Fa-f]{2})", _decode_unreserved, path)
+    normal = posixpath.normpath(path)
+    if normal.startswith("//"):
+        normal = "/" + normal.lstrip("/")
+    if path.endswith("/") and normal != "/":
+        normal += "/"
+    return normal if normal.startswith("/") else "/" + normal
+
+
+def _decode_unreserved(m: re.Match[str]) -> str:
+    char = chr(int(m.group(1), 16))
+    return char if char.isalnum() or char in "-._~" else m.group(0).upper()
+
+
+def parse_rule(entry: dict[str, Any], default_ports: tuple[int, ...], index: int) -> Rule:
+    actions = [a for a in ("allow", "deny") if a in entry]
+    if len(actions) != 1:
+        raise PolicyError(f"rule {index} needs exactly one of allow/deny: {entry!r}")
+    action: Action = actions[0]  # type: ignore[assignment]
+    target = str(entry[action])
+    host_text, port_text = split_rule_target(target)
+    host = parse_host_pattern(host_text)
+    if port_text is not None and "ports" in entry:
+        raise PolicyError(f"rule {index}: give the port in the target or in ports, not both")
+    if port_text is not None:
+        ports = parse_ports([port_text])
+    elif "ports" in entry:
+        ports = parse_ports(list(entry["ports"]))
+    else:
+        ports = parse_ports(list(default_ports))
+    methods = frozenset(str(m).upper() for m in entry["methods"]) if "methods" in entry else None
+    paths = tuple(compile_path_glob(str(p)) for p in entry["paths"]) if "paths" in entry else None
+    name = str(entry.get("name") or f"{action} {host_text}:{ports.describe()}")
+    return Rule(action, target, host, ports, methods, paths, name)
+
+
+def policy_from_dict(data: dict[str, Any], source: str = "") -> Policy:
+    if not isinstance(data, dict):
+        raise PolicyError(f"policy {source} must be a mapping")
+    default_ports = tuple(int(p) for p in data.get("default_ports", DEFAULT_RULE_PORTS))
+    rules = [parse_rule(e, default_ports, i) for i, e in enumerate(data.get("rules") or [])]
+    deny_mode = str(data.get("deny_mode", DEFAULT_DENY_MODE))
+    if deny_mode not in DENY_MODES:
+        raise PolicyError(f"deny_mode must be one of {DENY_MODES}, got {deny_mode!r}")
+    loop = data.get("loop_breaker") or {}
+    return Policy(
+        name=str(data.get("name", source or "policy")),
+        rules=rules,
+        deny_mode=deny_mode,
+        loop_threshold=int(loop.get("threshold", DEFAULT_LOOP_THRESHOLD)),
+        loop_window_s=float(loop.get("window_s", DEFAULT_LOOP_WINDOW_S)),
+        dns=bool((data.get("dns") or {}).get("enabled", False)),
+        credentials=data.get("credentials"),
+        source=source,
+    )
+
+
+def preset_path(name: str) -> Path:
+    return Path(str(resources.files("harness.gateway") / "presets" / f"{name}.yaml"))
+
+
+def load_policy(policy: str | Path) -> Policy:
+    """Load a preset by name ('open', 'balanced', 'locked') or a YAML file by path."""
+    path = preset_path(str(policy)) if str(policy) in PRESETS else Path(policy)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise PolicyError(f"cannot read policy {path}: {exc}") from exc
+    return policy_from_dict(data, source=str(path))
