@@ -170,6 +170,10 @@ class UpstreamServer:
             return "missing"
         return "ok" if got == value else "wrong"
 
+    def _is_expected_header(self, host: str | None, header: str) -> bool:
+        bare = (host or "").split(":")[0].lower()
+        return bare in self.expected and self.expected[bare][0].lower() == header
+
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, scheme: str) -> None:
         sslobj = writer.get_extra_info("ssl_object")
         sni = getattr(sslobj, "upstream_sni", None) if sslobj is not None else None
@@ -244,7 +248,12 @@ class UpstreamServer:
             extra.append((b"location", query.get("to", ["/"])[0].encode()))
         elif record.credential in ("missing", "wrong"):
             status = 401
-        body = json.dumps(asdict(record)).encode()
+        # Like a real API, never echo a key back: the sandbox must not learn it from a reply.
+        shown = asdict(record)
+        shown["headers"] = {
+            k: ("[checked]" if self._is_expected_header(sni or host, k) else v) for k, v in headers.items()
+        }
+        body = json.dumps(shown).encode()
         writer.write(
             conn.send(
                 h11.Response(
