@@ -178,10 +178,18 @@ class Session:
             if request is None:
                 return
             self.gw.stats["requests"] += 1
+            if request.http_version not in (b"1.0", b"1.1"):
+                await self.refuse(stream, 505, "only HTTP/1.0 and HTTP/1.1 are spoken here")
+                return
             if len(request.target) > self.limits.max_request_line:
                 await self.refuse(stream, 414, "request line too long")
                 return
-            if len(request.headers) > self.limits.max_header_count:
+            # h11 bounds only a head that arrives in pieces; one that arrives whole is measured here.
+            head_bytes = len(request.target) + sum(len(k) + len(v) + 4 for k, v in request.headers)
+            if (
+                len(request.headers) > self.limits.max_header_count
+                or head_bytes > self.limits.max_header_bytes
+            ):
                 await self.refuse(stream, 431, "too many header fields")
                 return
             if request.method == b"CONNECT":

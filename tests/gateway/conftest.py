@@ -160,9 +160,11 @@ def connect(port: int) -> socket.socket:
     return sock
 
 
-def send_raw(port: int, data: bytes) -> bytes:
+def send_raw(port: int, data: bytes, half_close: bool = False) -> bytes:
     with connect(port) as sock:
         sock.sendall(data)
+        if half_close:
+            sock.shutdown(socket.SHUT_WR)
         return recv_all(sock)
 
 
