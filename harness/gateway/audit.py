@@ -7,7 +7,9 @@ against the secret values before it is written, and any hit is redacted and coun
 from __future__ import annotations
 
 import json
+import logging
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -73,3 +75,53 @@ class AuditLog:
         if self._fh is not None:
             self._fh.close()
             self._fh = None
+
+
+class ScrubFilter(logging.Filter):
+    """Redacts secrets from gateway log lines, as the audit log does: belt and braces."""
+
+    def __init__(self, audit: AuditLog) -> None:
+        super().__init__()
+        self._audit = audit
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        scrubbed = self._audit.scrub(message)
+        if scrubbed != message:
+            record.msg, record.args = scrubbed, None
+        if record.exc_info and record.exc_info[1] is not None:
+            text = self._audit.scrub(str(record.exc_info[1]))
+            if text != str(record.exc_info[1]):
+                record.exc_info = None
+                record.msg = f"{record.msg} [exception text redacted]"
+        return True
+
+
+def summarise(path: Path) -> dict[str, dict[str, int]]:
+    """Decisions per sandbox from an audit log, for results.json and the report's table.
+
+    Keys per sandbox: allow, deny, error, retry_loop_detected, dns_allow, dns_deny,
+    intercepted, credential_injections.
+    """
+    table: dict[str, Counter[str]] = {}
+    if not path.exists():
+        return {}
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            if not line.strip():
+                continue
+            rec = json.loads(line)
+            counts = table.setdefault(str(rec.get("sandbox")), Counter())
+            event = rec.get("event")
+            if event == "retry_loop_detected":
+                counts["retry_loop_detected"] += 1
+                continue
+            if event == "dns":
+                counts[f"dns_{rec.get('decision')}"] += 1
+                continue
+            counts[str(rec.get("decision"))] += 1
+            if rec.get("intercepted") and event == "connect" and rec.get("decision") == "allow":
+                counts["intercepted"] += 1
+            if rec.get("credential"):
+                counts["credential_injections"] += 1
+    return {sandbox: dict(counts) for sandbox, counts in sorted(table.items())}

@@ -14,6 +14,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from harness.gateway.audit import ScrubFilter
 from harness.gateway.config import GatewayConfig
 from harness.gateway.control import ControlServer
 from harness.gateway.server import Gateway
@@ -40,6 +41,8 @@ async def serve(
     assert config.state_dir is not None
     config.state_dir.mkdir(parents=True, exist_ok=True)
     gw = Gateway(config)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(ScrubFilter(gw.audit))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

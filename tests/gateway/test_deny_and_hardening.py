@@ -14,11 +14,13 @@ from pathlib import Path
 import psutil
 import pytest
 
+from harness.gateway.audit import summarise
 from harness.gateway.config import Limits
 from harness.gateway.dns import QTYPE_A, RCODE_OK, RCODE_REFUSED
+from harness.gateway.measure import measure_overhead
 from harness.gateway.process import GatewayConfig, GatewayError, GatewayProcess
 
-from .conftest import connect, connect_tunnel, http_get, parse_reply, recv_all, send_raw
+from .conftest import connect, connect_tunnel, http_get, parse_reply, recv_all, send_raw, tls_request
 from .test_units import dns_query
 
 pytestmark = pytest.mark.timeout(60)
@@ -298,3 +300,22 @@ def test_control_reports_stats(gateway: GatewayProcess, port: int) -> None:
     assert stats["connections"] > 0 and stats["denied"] > 0
     assert json.dumps(stats)
     assert gateway.health()["sandboxes"]
+
+
+def test_audit_summary_per_sandbox(gateway: GatewayProcess, port: int) -> None:
+    http_get(port, "http://example.com/summary")
+    call = b"GET /v1/models HTTP/1.1\r\nHost: api.anthropic.com\r\nConnection: close\r\n\r\n"
+    assert tls_request(port, "api.anthropic.com:443", gateway.ca_cert_pem(), call).status == 200
+    table = summarise(gateway.audit_path)
+    assert table["sb-main"]["deny"] >= 1
+    assert table["sb-main"]["allow"] >= 1
+    assert table["sb-main"]["credential_injections"] >= 1
+
+
+def test_measure_overhead_smoke(tmp_path: Path, ca_dir: Path) -> None:
+    result = measure_overhead(requests=30, tunnel_mb=8, ca_dir=ca_dir)
+    for key in ("http_absolute_form", "connect_tunnel", "intercepted_tls_with_credential"):
+        assert result[key]["gateway"]["n"] == 30
+        assert result[key]["added_p50_ms"] < 20.0  # loose: CI machines are noisy; bench reports real numbers
+    assert result["tunnel_throughput"]["gateway_MBps"] > 10.0
+    assert result["gateway_errors"] == 0
