@@ -25,6 +25,7 @@ READY_FILE = "ready.json"
 CONTROL_SOCKET = "control.sock"
 # AF_UNIX paths are limited to 108 bytes; longer state dirs get a short private dir instead.
 MAX_UNIX_PATH = 100
+PARENT_POLL_S = 1.0
 
 
 def control_socket_path(state_dir: Path) -> Path:
@@ -66,11 +67,24 @@ async def serve(
         for sandbox, port in ports.items():
             print(f"gateway: sandbox {sandbox} -> http://{config.listen_host}:{port}", flush=True)
         print(f"gateway: CA certificate {gw.ca.ca_dir / 'ca.pem'}; control {control.path}", flush=True)
+    watchdog = asyncio.ensure_future(_exit_with_parent(config, stop))
     try:
         await stop.wait()
     finally:
+        watchdog.cancel()
         control.close()
         await gw.close()
+
+
+async def _exit_with_parent(config: GatewayConfig, stop: asyncio.Event) -> None:
+    """A managed gateway stops when the harness that started it dies, even by SIGKILL."""
+    parent = os.getppid()
+    if not config.exit_with_parent or parent == 1:
+        return
+    while os.getppid() == parent:
+        await asyncio.sleep(PARENT_POLL_S)
+    log.warning("parent %d is gone: shutting down", parent)
+    stop.set()
 
 
 def setup_logging(config: GatewayConfig) -> None:

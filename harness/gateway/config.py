@@ -63,6 +63,7 @@ class GatewayConfig:
         tests and benchmarks point api.anthropic.com:443 at a loopback upstream.
     upstream_ca_file: extra CA (PEM) the gateway trusts when it verifies upstream TLS.
     dns: None keeps the policy's; True opens a policy-gated DNS resolver per sandbox.
+    exit_with_parent: the gateway process exits when the process that started it dies.
     extra_env: environment for the gateway process only (e.g. the secret a credential's `env`
         names). Never serialised, never written to disk.
     """
@@ -82,6 +83,7 @@ class GatewayConfig:
     listen_host: str = "127.0.0.1"
     limits: Limits = field(default_factory=Limits)
     log_level: str = "INFO"
+    exit_with_parent: bool = True
     extra_env: dict[str, str] = field(default_factory=dict, repr=False)
     startup_timeout_s: float = 15.0
 

@@ -12,6 +12,7 @@ import asyncio
 import logging
 import ssl
 import time
+from collections import Counter
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -100,6 +101,7 @@ class Session:
         self.conn_id = conn_id
         self.client = PlainStream(reader, writer)
         self.limits = gw.limits
+        self.counters = gw.per_sandbox.setdefault(sandbox, Counter())
         self.pool = UpstreamPool(gw.overrides, gw.upstream_tls, gw.limits.connect_timeout_s)
 
     async def run(self) -> None:
@@ -110,19 +112,23 @@ class Session:
         except h11.ProtocolError:
             pass
         except Exception:
-            self.gw.stats["errors"] += 1
+            self.count("errors", 1)
             log.exception("sandbox %s conn %d: unexpected error", self.sandbox, self.conn_id)
         finally:
             self.pool.close()
             self.client.close()
 
     # ---- audit helpers -------------------------------------------------------------------
+    def count(self, name: str, n: int = 1) -> None:
+        self.gw.stats[name] += n
+        self.counters[name] += n
+
     def audit(self, **fields: object) -> None:
         self.gw.audit.write(AuditRecord(sandbox=self.sandbox, conn=self.conn_id, **fields))  # type: ignore[arg-type]
 
     async def refuse(self, stream: Stream, status: int, reason: str, **fields: object) -> None:
         """Malformed or mismatched input: an HTTP error, an audit record, and a closed connection."""
-        self.gw.stats["refused"] += 1
+        self.count("refused", 1)
         self.audit(event="refused", decision="deny", status=status, reason=reason, **fields)
         try:
             stream.write(raw_response(error_answer(status, f"blastradius gateway: {reason}")))
@@ -177,7 +183,7 @@ class Session:
                 return
             if request is None:
                 return
-            self.gw.stats["requests"] += 1
+            self.count("requests", 1)
             if request.http_version not in (b"1.0", b"1.1"):
                 await self.refuse(stream, 505, "only HTTP/1.0 and HTTP/1.1 are spoken here")
                 return
@@ -221,7 +227,7 @@ class Session:
     ) -> bool:
         """Answer a denied request per deny mode / loop breaker. Returns keep-alive."""
         gw = self.gw
-        gw.stats["denied"] += 1
+        self.count("denied", 1)
         key = (self.sandbox, method, scheme or "", host, str(port), path or "")
         verdict = gw.breaker.observe_denied(key)
         mode = gw.deny_mode
@@ -237,7 +243,7 @@ class Session:
         )
         answer: DenyAnswer
         if verdict is not LoopVerdict.UNDER:
-            gw.stats["loop_blocks"] += 1
+            self.count("loop_blocks", 1)
             if verdict is LoopVerdict.TRIPPED:
                 self.audit(event="retry_loop_detected", decision="deny", deny_mode=mode, status=429, **fields)
             answer = loop_answer(host, port, rule, self.sandbox, gw.breaker.threshold, gw.breaker.window_s)
@@ -334,8 +340,8 @@ class Session:
             await self._upstream_failed(stream, exc, "connect", "CONNECT", None, host, port, rule)
             return
         upstream_ms = (time.perf_counter() - t0) * 1000.0
-        gw.stats["allowed"] += 1
-        gw.stats["tunnels"] += 1
+        self.count("allowed", 1)
+        self.count("tunnels", 1)
         counter = [0, 0]
         try:
             stream.write(CONNECT_ESTABLISHED)
@@ -354,8 +360,8 @@ class Session:
             pass
         finally:
             upstream.close()
-            gw.stats["bytes_up"] += counter[0]
-            gw.stats["bytes_down"] += counter[1]
+            self.count("bytes_up", counter[0])
+            self.count("bytes_down", counter[1])
             self.audit(
                 event="connect",
                 decision="allow",
@@ -414,7 +420,7 @@ class Session:
                 reason = "tls-sni-mismatch"
             else:
                 reason = f"tls-handshake-failed: {type(exc).__name__}"
-            gw.stats["denied" if reason.startswith("tls-") and "sni" in reason else "errors"] += 1
+            self.count("denied" if "sni" in reason else "errors", 1)
             self.audit(
                 event="connect",
                 decision="deny",
@@ -429,7 +435,7 @@ class Session:
                 duration_ms=round((time.perf_counter() - t0) * 1000.0, 3),
             )
             return
-        gw.stats["intercepted"] += 1
+        self.count("intercepted", 1)
         self.audit(
             event="connect",
             decision="allow",
@@ -526,7 +532,7 @@ class Session:
                 intercepted=intercepted,
             )
         cred = gw.credentials.for_dest(host, port)
-        gw.stats["allowed"] += 1
+        self.count("allowed", 1)
         fields = dict(
             event="request",
             method=method,
@@ -560,15 +566,15 @@ class Session:
                 duration_ms=round((time.perf_counter() - t0) * 1000.0, 3),
                 **{**fields, "reason": str(exc)},  # type: ignore[arg-type]
             )
-            gw.stats["upstream_errors"] += 1
+            self.count("upstream_errors", 1)
             try:
                 stream.write(raw_response(error_answer(exc.status, f"blastradius gateway: {exc}")))
                 await stream.drain()
             except (ConnectionError, OSError):
                 pass
             return False
-        gw.stats["bytes_up"] += ex.bytes_up
-        gw.stats["bytes_down"] += ex.bytes_down
+        self.count("bytes_up", ex.bytes_up)
+        self.count("bytes_down", ex.bytes_down)
         self.audit(
             decision="allow",
             status=ex.status,
@@ -608,7 +614,7 @@ class Session:
         port: int,
         rule: str,
     ) -> None:
-        self.gw.stats["upstream_errors"] += 1
+        self.count("upstream_errors", 1)
         self.audit(
             event=event,
             decision="error",

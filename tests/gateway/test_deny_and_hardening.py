@@ -8,6 +8,8 @@ import os
 import random
 import socket
 import struct
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -319,3 +321,40 @@ def test_measure_overhead_smoke(tmp_path: Path, ca_dir: Path) -> None:
         assert result[key]["added_p50_ms"] < 20.0  # loose: CI machines are noisy; bench reports real numbers
     assert result["tunnel_throughput"]["gateway_MBps"] > 10.0
     assert result["gateway_errors"] == 0
+
+
+def test_gateway_exits_when_its_parent_is_killed(
+    tmp_path: Path, ca_dir: Path, test_policy_file: Path
+) -> None:
+    script = tmp_path / "parent.py"
+    script.write_text(
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from harness.gateway.process import GatewayConfig, GatewayProcess\n"
+        f"gw = GatewayProcess(GatewayConfig(policy=Path({str(test_policy_file)!r}),"
+        f" ca_dir=Path({str(ca_dir)!r}), state_dir=Path({str(tmp_path / 'state')!r}))).start()\n"
+        "print(gw.pid, flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    parent = subprocess.Popen(
+        [sys.executable, str(script)], stdout=subprocess.PIPE, cwd=str(Path(__file__).resolve().parents[2])
+    )
+    try:
+        assert parent.stdout is not None
+        child = int(parent.stdout.readline())
+        assert psutil.pid_exists(child)
+    finally:
+        parent.kill()
+        parent.wait()
+    deadline = time.monotonic() + 10
+    while psutil.pid_exists(child) and time.monotonic() < deadline:
+        try:
+            if psutil.Process(child).status() == psutil.STATUS_ZOMBIE:
+                break
+        except psutil.NoSuchProcess:
+            break
+        time.sleep(0.1)
+    alive = psutil.pid_exists(child) and psutil.Process(child).status() != psutil.STATUS_ZOMBIE
+    if alive:
+        os.killpg(child, 9)
+    assert not alive

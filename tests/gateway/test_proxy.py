@@ -336,3 +336,24 @@ def test_pipelined_requests_in_one_write(port: int, upstream: UpstreamServer) ->
         data = recv_all(sock)
     assert data.count(b"HTTP/1.1 200") == 2
     assert [r.target for r in upstream.received()] == ["/a", "/b"]
+
+
+def test_large_bodies_through_interception(
+    gateway: GatewayProcess, port: int, upstream: UpstreamServer
+) -> None:
+    ca = gateway.ca_cert_pem()
+    size = 5 * 1024 * 1024
+    download = b"GET /bytes/%d HTTP/1.1\r\nHost: api.anthropic.com\r\nConnection: close\r\n\r\n" % size
+    reply = tls_request(port, "api.anthropic.com:443", ca, download)
+    assert reply.status == 200 and len(reply.body) == size
+    chunk = b"y" * 65536
+    body = b"".join(b"%x\r\n%s\r\n" % (len(chunk), chunk) for _ in range(16)) + b"0\r\n\r\n"
+    upload = (
+        b"POST /upload HTTP/1.1\r\nHost: api.anthropic.com\r\nTransfer-Encoding: chunked\r\n"
+        b"Expect: 100-continue\r\nConnection: close\r\n\r\n" + body
+    )
+    upstream.clear()
+    reply = tls_request(port, "api.anthropic.com:443", ca, upload)
+    assert b"HTTP/1.1 100" in reply.raw or reply.status == 200
+    assert upstream.received()[-1].body_len == 16 * 65536
+    assert upstream.received()[-1].credential == "ok"
