@@ -1,0 +1,1 @@
+"""blastradius: a benchmark and chaos harness for sandboxes that hold AI coding agents."""

@@ -1,0 +1,279 @@
+"""`invoke bench`: boot N sandboxes per round, measure boot phases and host memory, write results."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from harness.errors import ConfigError
+from harness.metrics.memory import MemorySampler, mem_available_bytes, process_memory
+from harness.metrics.stats import summarize
+from harness.paths import cache_dir
+from harness.report import render_report
+from harness.results import (
+    BOOT_SAMPLES_FILE,
+    MEMORY_SAMPLES_FILE,
+    SCHEMA,
+    host_info,
+    new_run_id,
+    write_results,
+)
+from harness.sandbox import BackendOptions, BootFailed, Sandbox, SandboxSpec, available_backends, create_backend
+from harness.sandbox.base import Backend
+from harness.supervisor import Interrupted, Supervisor, signals_raise
+
+IDLE_SETTLE_S = 2.0
+"""Wait after the last boot of a round before reading idle memory."""
+
+MAX_SANDBOXES = 256
+"""Sanity bound on --sandboxes; ram-pressure finds the real limit."""
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """Everything a bench run is parameterised by; recorded verbatim in results.json."""
+
+    sandboxes: int = 4
+    """N sandboxes booted concurrently per round."""
+    backend: str = "qemu"
+    """Sandbox backend module name."""
+    out: Path | None = None
+    """Run directory; results/<run-id> by default."""
+    accel: str = "auto"
+    """auto, kvm or tcg."""
+    concurrency: int = field(default_factory=lambda: os.cpu_count() or 1)
+    """Boots in flight at once."""
+    warmup: int = 1
+    """Discarded rounds before the measured ones."""
+    repeat: int = 1
+    """Measured rounds."""
+    mem_mib: int = 128
+    """Guest RAM per sandbox."""
+    boot_timeout_s: float = 60.0
+    """A sandbox not ready by then counts as a failed boot."""
+    idle_settle_s: float = IDLE_SETTLE_S
+    """Idle time before memory is read."""
+
+    def validate(self) -> None:
+        if not 1 <= self.sandboxes <= MAX_SANDBOXES:
+            raise ConfigError(f"--sandboxes must be between 1 and {MAX_SANDBOXES}, not {self.sandboxes}")
+        if self.backend not in available_backends():
+            raise ConfigError(f"unknown backend {self.backend!r}; choose one of: {', '.join(available_backends())}")
+        if self.concurrency < 1:
+            raise ConfigError(f"--concurrency must be at least 1, not {self.concurrency}")
+        if self.warmup < 0 or self.repeat < 1:
+            raise ConfigError("--warmup must be >= 0 and --repeat >= 1")
+        if self.mem_mib < 96:
+            raise ConfigError(f"--mem-mib must be at least 96 (the guest kernel panics below), not {self.mem_mib}")
+        if self.boot_timeout_s <= 0:
+            raise ConfigError("--boot-timeout must be positive")
+
+
+class BenchEvents:
+    """Callbacks the terminal layer implements; the bench itself prints nothing."""
+
+    def stage(self, text: str) -> None: ...
+    def round_started(self, label: str, total: int) -> None: ...
+    def sandbox_done(self, record: dict[str, Any]) -> None: ...
+    def round_finished(self, label: str) -> None: ...
+
+
+@dataclass
+class BenchRun:
+    """A bench in progress: the results it has so far, written after every step."""
+
+    config: BenchConfig
+    run_dir: Path
+    run_id: str
+    data: dict[str, Any]
+    live: dict[str, Sandbox] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def save(self) -> Path:
+        return write_results(self.run_dir, self.data)
+
+
+def _config_dict(config: BenchConfig) -> dict[str, Any]:
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()}
+
+
+def _sandbox_record(sandbox_id: str, round_index: int) -> dict[str, Any]:
+    return {
+        "id": sandbox_id, "round": round_index, "ok": False, "error": None, "boot_ms": None,
+        "phases_ms": {}, "marks_ms": {}, "host_rss_bytes": None, "host_pss_bytes": None,
+        "host_uss_bytes": None, "guest_mem_total_bytes": None, "guest_mem_free_bytes": None,
+    }
+
+
+def boot_one(backend: Backend, spec: SandboxSpec, supervisor: Supervisor, run: BenchRun,
+             record: dict[str, Any]) -> Sandbox | None:
+    """Boot one sandbox into `record`; a failed boot is recorded with its reason, never retried."""
+    try:
+        sandbox = backend.boot(spec, supervisor)
+    except BootFailed as exc:
+        record.update(error=exc.reason, phases_ms=exc.boot.phases_ms, marks_ms=exc.boot.marks_ms)
+        return None
+    record.update(ok=True, boot_ms=sandbox.boot.boot_ms, phases_ms=sandbox.boot.phases_ms,
+                  marks_ms=sandbox.boot.marks_ms)
+    meminfo = getattr(sandbox, "guest_meminfo", {})
+    record.update(guest_mem_total_bytes=meminfo.get("MemTotal"), guest_mem_free_bytes=meminfo.get("MemFree"))
+    with run.lock:
+        run.live[spec.id] = sandbox
+    return sandbox
+
+
+def run_round(run: BenchRun, backend: Backend, supervisor: Supervisor, round_index: int,
+              measured: bool, events: BenchEvents) -> list[dict[str, Any]]:
+    """Boot N at once, read idle memory, stop them all, and check no VMM is left."""
+    config = run.config
+    label = f"round {round_index}" if measured else f"warm-up {-round_index}"
+    prefix = f"r{round_index}" if measured else f"w{-round_index}"
+    records = [_sandbox_record(f"{prefix}-sb{i}", round_index) for i in range(config.sandboxes)]
+    mem_before = mem_available_bytes()
+    events.round_started(label, config.sandboxes)
+    started = time.monotonic()
+    pool = ThreadPoolExecutor(max_workers=config.concurrency, thread_name_prefix="boot")
+    try:
+        futures = {}
+        for record in records:
+            spec = SandboxSpec(id=record["id"], workdir=run.run_dir / "sandboxes" / record["id"],
+                               accel=backend.accel, mem_mib=config.mem_mib, boot_timeout_s=config.boot_timeout_s)
+            futures[pool.submit(boot_one, backend, spec, supervisor, run, record)] = record
+        for future in as_completed(futures):
+            future.result()
+            events.sandbox_done(futures[future])
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+    wall_ms = (time.monotonic() - started) * 1000
+    ok = [r for r in records if r["ok"]]
+    round_info: dict[str, Any] = {"index": round_index, "measured": measured, "wall_ms": round(wall_ms, 1),
+                                  "ok": len(ok), "failed": len(records) - len(ok)}
+    if ok:
+        time.sleep(config.idle_settle_s)
+        round_info["mem_available_before_bytes"] = mem_before
+        round_info["mem_available_idle_bytes"] = mem_available_bytes()
+        round_info["mem_available_delta_bytes_per_sandbox"] = (mem_before - round_info["mem_available_idle_bytes"]) // len(ok)
+        for record in ok:
+            sandbox = run.live[record["id"]]
+            totals = {"rss": 0, "pss": 0, "uss": 0}
+            for pid in sandbox.pids():
+                for key, value in process_memory(pid).items():
+                    totals[key] += value
+            record.update(host_rss_bytes=totals["rss"], host_pss_bytes=totals["pss"], host_uss_bytes=totals["uss"])
+    stop_all(run)
+    events.round_finished(label)
+    run.data["rounds"].append(round_info)
+    return records
+
+
+def stop_all(run: BenchRun) -> list[int]:
+    """Stop every live sandbox; return VMM pids still alive afterwards (should be none)."""
+    with run.lock:
+        sandboxes = list(run.live.values())
+        run.live.clear()
+    left = []
+    for sandbox in sandboxes:
+        pids = sandbox.pids()
+        sandbox.stop()
+        left += [pid for pid in pids if _alive(pid)]
+    return left
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def summarize_run(data: dict[str, Any]) -> dict[str, Any]:
+    sandboxes = data["sandboxes"]
+    ok = [s for s in sandboxes if s["ok"]]
+    deltas = [r["mem_available_delta_bytes_per_sandbox"] for r in data["rounds"]
+              if r["measured"] and "mem_available_delta_bytes_per_sandbox" in r]
+    pss = [s["host_pss_bytes"] for s in ok if s["host_pss_bytes"] is not None]
+    phase_names = sorted({name for s in ok for name in s["phases_ms"]})
+    return {
+        "boot_ms": summarize([s["boot_ms"] for s in ok]),
+        "phases_ms": {name: summarize([s["phases_ms"][name] for s in ok if name in s["phases_ms"]])
+                      for name in phase_names},
+        "success_rate": round(len(ok) / len(sandboxes), 4) if sandboxes else None,
+        "boots": len(sandboxes),
+        "failures": len(sandboxes) - len(ok),
+        "mem_available_delta_bytes_per_sandbox": int(sum(deltas) / len(deltas)) if deltas else None,
+        "pss_bytes_per_sandbox_p50": summarize(pss)["p50"] if pss else None,
+        "pss_bytes_per_sandbox": summarize(pss),
+        "rss_bytes_per_sandbox": summarize([s["host_rss_bytes"] for s in ok if s["host_rss_bytes"]]),
+    }
+
+
+def run_bench(config: BenchConfig, events: BenchEvents | None = None,
+              after_setup: Callable[[BenchRun], None] | None = None) -> BenchRun:
+    """Run the whole bench; always writes results.json (partial when interrupted) and the report."""
+    config.validate()
+    events = events or BenchEvents()
+    run_id = new_run_id()
+    run_dir = config.out or Path("results") / run_id
+    run_dir.mkdir(parents=True, exist_ok=True)
+    run = BenchRun(config=config, run_dir=run_dir, run_id=run_id, data={
+        "schema": SCHEMA, "run_id": run_id, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "partial": True, "interrupted_by": None, "host": host_info(), "backend": {"name": config.backend},
+        "accel": None, "config": _config_dict(config), "rounds": [], "sandboxes": [],
+        "summary": summarize_run({"sandboxes": [], "rounds": []}), "leftover_vmm_pids": [],
+        "files": {"memory_samples": MEMORY_SAMPLES_FILE, "boot_samples": BOOT_SAMPLES_FILE},
+    })
+    run.save()
+    supervisor = Supervisor(run_id)
+    sampler = MemorySampler(run_dir / MEMORY_SAMPLES_FILE,
+                            lambda: {sid: sb.pids() for sid, sb in list(run.live.items())})
+    try:
+        with signals_raise():
+            events.stage(f"preparing backend {config.backend} (image, accelerator)")
+            backend = create_backend(config.backend, BackendOptions(
+                cache=cache_dir(), accel=config.accel, mem_mib=config.mem_mib))
+            run.data["backend"] = {"name": backend.name, **backend.describe()}
+            run.data["accel"] = backend.accel
+            events.stage(f"accelerator: {backend.accel} — {run.data['backend'].get('accel_reason', '')}")
+            run.save()
+            if after_setup:
+                after_setup(run)
+            sampler.start()
+            for warm in range(1, config.warmup + 1):
+                run_round(run, backend, supervisor, -warm, measured=False, events=events)
+                run.save()
+            with (run_dir / BOOT_SAMPLES_FILE).open("a") as boot_samples:
+                for round_index in range(config.repeat):
+                    records = run_round(run, backend, supervisor, round_index, measured=True, events=events)
+                    run.data["sandboxes"] += records
+                    for record in records:
+                        boot_samples.write(json.dumps(record) + "\n")
+                    run.data["summary"] = summarize_run(run.data)
+                    run.save()
+            run.data["partial"] = False
+    except (KeyboardInterrupt, Interrupted) as exc:
+        run.data["interrupted_by"] = signal.Signals(exc.signum).name if isinstance(exc, Interrupted) else "SIGINT"
+        raise
+    except Exception as exc:
+        run.data["interrupted_by"] = f"{type(exc).__name__}: {exc}"
+        raise
+    finally:
+        sampler.stop()
+        run.data["leftover_vmm_pids"] = stop_all(run)
+        supervisor.shutdown()
+        run.data["summary"] = summarize_run(run.data)
+        run.save()
+        try:
+            render_report(run_dir)
+        except Exception as exc:  # the results are safe on disk; a report bug must not hide the run's own error
+            run.data["report_error"] = f"{type(exc).__name__}: {exc}"
+            run.save()
+    return run

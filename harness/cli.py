@@ -1,0 +1,126 @@
+"""Terminal side of the tasks: rich progress, summary tables, one-line errors and exit codes."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from harness.bench import BenchConfig, BenchEvents, run_bench
+from harness.errors import HarnessError
+from harness.report.format import mib, ms
+from harness.supervisor import Interrupted, reap_leftovers
+
+console = Console(stderr=True)
+
+EXIT_ERROR = 2
+"""Bad flags or a missing prerequisite."""
+EXIT_INTERRUPTED = 130
+
+T = TypeVar("T")
+
+
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """A HarnessError becomes one red line and exit 2; an interrupt exits 130 after cleanup ran."""
+    try:
+        yield
+    except HarnessError as exc:
+        console.print(f"[bold red]error:[/] {exc}")
+        sys.exit(EXIT_ERROR)
+    except (KeyboardInterrupt, Interrupted) as exc:
+        console.print(f"[yellow]interrupted ({exc or 'SIGINT'}); partial results were written[/]")
+        sys.exit(EXIT_INTERRUPTED)
+
+
+class ProgressEvents(BenchEvents):
+    """Shows bench progress with rich."""
+
+    def __init__(self, progress: Progress) -> None:
+        self.progress = progress
+        self.task: TaskID | None = None
+
+    def stage(self, text: str) -> None:
+        self.progress.console.print(f"[cyan]•[/] {text}")
+
+    def round_started(self, label: str, total: int) -> None:
+        self.task = self.progress.add_task(f"booting ({label})", total=total)
+
+    def sandbox_done(self, record: dict[str, Any]) -> None:
+        if self.task is not None:
+            self.progress.advance(self.task)
+        if not record["ok"]:
+            self.progress.console.print(f"[red]✗ {record['id']}:[/] {record['error']}")
+
+    def round_finished(self, label: str) -> None:
+        if self.task is not None:
+            self.progress.update(self.task, description=f"done ({label})")
+
+
+def with_progress(body: Callable[[ProgressEvents], T]) -> T:
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=False) as progress:
+        return body(ProgressEvents(progress))
+
+
+def bench(**flags: Any) -> Path:
+    """Run the bench from task flags and print its summary; returns the run directory."""
+    with user_errors():
+        config = BenchConfig(**{k: v for k, v in flags.items() if v is not None})
+        config.validate()
+        run = with_progress(lambda events: run_bench(config, events))
+    summary = run.data["summary"]
+    table = Table(title=f"blastradius bench — {run.data['backend']['name']} under {run.data['accel']}, "
+                        f"N={config.sandboxes}, rounds={config.repeat}, warm-ups={config.warmup}")
+    for column in ("metric", "p50", "p95", "p99", "min", "max", "stdev"):
+        table.add_column(column)
+    boot = summary["boot_ms"]
+    table.add_row("boot to agent-ready", *(ms(boot[k]) for k in ("p50", "p95", "p99", "min", "max", "stdev")))
+    for phase, stats in summary["phases_ms"].items():
+        table.add_row(f"  phase {phase}", *(ms(stats[k]) for k in ("p50", "p95", "p99", "min", "max", "stdev")))
+    pss = summary["pss_bytes_per_sandbox"]
+    table.add_row("host PSS / sandbox", *(mib(pss[k]) for k in ("p50", "p95", "p99", "min", "max", "stdev")))
+    console.print(table)
+    console.print(f"success rate {summary['success_rate']:.0%} ({summary['failures']} failed of {summary['boots']}); "
+                  f"MemAvailable Δ per idle sandbox {mib(summary['mem_available_delta_bytes_per_sandbox'])}")
+    console.print(f"results: {run.run_dir / 'results.json'}\nreport:  {run.run_dir / 'report.html'}")
+    if run.data["leftover_vmm_pids"]:
+        console.print(f"[red]VMM processes survived stop: {run.data['leftover_vmm_pids']}[/]")
+        sys.exit(1)
+    return run.run_dir
+
+
+def clean() -> list[str]:
+    removed = reap_leftovers()
+    for line in removed:
+        console.print(line)
+    if not removed:
+        console.print("nothing to clean")
+    return removed
+
+
+def parse_int(value: str | int | None) -> int | None:
+    if value is None or isinstance(value, int):
+        return value
+    with user_errors():
+        try:
+            return int(value)
+        except ValueError:
+            raise HarnessError(f"expected a whole number, got {value!r}") from None
+
+
+def report(run_dir: Path) -> Path:
+    from harness.report import render_report
+
+    with user_errors():
+        if not (run_dir / "results.json").exists():
+            raise HarnessError(f"{run_dir}/results.json not found; pass a results/<run-id> directory")
+        path = render_report(run_dir)
+    console.print(f"report: {path}")
+    return path

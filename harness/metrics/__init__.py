@@ -1,0 +1,1 @@
+"""Host-side measurement: memory and pressure sampling, percentiles."""

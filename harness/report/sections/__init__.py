@@ -1,0 +1,1 @@
+"""Report sections, discovered by module; see harness.report."""

@@ -1,0 +1,40 @@
+"""The run's conditions: what every figure in the report was measured under."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from harness.report import Section
+from harness.report.format import mib
+
+ORDER = 0
+
+
+def section(data: dict[str, Any], run_dir: Path) -> Section:
+    host, config, backend = data["host"], data["config"], data["backend"]
+    rows = [
+        ["backend", backend.get("name")],
+        ["accelerator", f"{data['accel']} — {backend.get('accel_reason', '')}"],
+        ["VMM", backend.get("vmm", "—")],
+        ["host CPU", f"{host['cpu_model']} × {host['cores']} cores"],
+        ["host memory", mib(host["memory_bytes"])],
+        ["host kernel / python", f"{host['kernel']} / {host['python']}"],
+        ["sandboxes per round (N)", config.get("sandboxes")],
+        ["boot concurrency", config.get("concurrency")],
+        ["warm-up rounds (discarded)", config.get("warmup")],
+        ["measured rounds", config.get("repeat")],
+        ["guest RAM", f"{config.get('mem_mib')} MiB"],
+        ["guest kernel", backend.get("kernel_release", "—")],
+        ["kernel command line", backend.get("kernel_cmdline", "—")],
+    ]
+    notes = []
+    if data["partial"]:
+        notes.append(f"PARTIAL RUN: interrupted by {data.get('interrupted_by')}; figures cover only what "
+                     "was measured before the interruption.")
+    if data.get("leftover_vmm_pids"):
+        notes.append(f"VMM processes survived stop: {data['leftover_vmm_pids']}")
+    if data["accel"] == "tcg":
+        notes.append("All guests ran under TCG (software emulation): boot times and VMM memory are far "
+                     "above what the same guest costs under KVM.")
+    return Section(title="Conditions", tables=[("", ["", ""], rows)], notes=notes)

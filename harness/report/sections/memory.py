@@ -1,0 +1,59 @@
+"""Host memory: per-sandbox VMM RSS/PSS/USS, MemAvailable delta, MemAvailable and PSI over the run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from harness.metrics.memory import read_samples
+from harness.report import Section
+from harness.report.charts import grouped_bars, time_series
+from harness.report.format import MIB, mib
+
+ORDER = 20
+
+PSS_TARGET_MIB = 96.0
+"""Issue #2's target for host PSS per idle sandbox under TCG."""
+
+
+def section(data: dict[str, Any], run_dir: Path) -> Section | None:
+    summary = data["summary"]
+    result = Section(title="Host memory")
+    measured = [s for s in data["sandboxes"] if s["ok"] and s["host_pss_bytes"] is not None]
+    if measured:
+        pss_p50 = summary["pss_bytes_per_sandbox_p50"]
+        verdict = "meets" if pss_p50 / MIB <= PSS_TARGET_MIB else "misses"
+        result.notes.append(
+            f"Idle VMM PSS per sandbox p50 {mib(pss_p50)} ({verdict} the {PSS_TARGET_MIB:.0f} MiB target); "
+            f"host MemAvailable fell by {mib(summary['mem_available_delta_bytes_per_sandbox'])} per sandbox "
+            f"with all N idle, read {data['config'].get('idle_settle_s')} s after the last boot.")
+        labels = [s["id"] for s in measured]
+        result.charts.append(("Memory of each sandbox's host processes with all N idle.", grouped_bars(
+            labels,
+            {key.upper(): [s[f"host_{key}_bytes"] / MIB for s in measured] for key in ("rss", "pss", "uss")},
+            "MiB", "Host memory per sandbox", hline=(PSS_TARGET_MIB, "PSS target"))))
+        rows = [[s["id"], mib(s["host_rss_bytes"]), mib(s["host_pss_bytes"]), mib(s["host_uss_bytes"]),
+                 mib(s["guest_mem_total_bytes"]), mib(s.get("guest_mem_free_bytes"))] for s in measured]
+        result.tables.append(("Per sandbox", ["sandbox", "RSS", "PSS", "USS", "guest MemTotal", "guest MemFree"],
+                              rows))
+    samples = read_samples(run_dir / data.get("files", {}).get("memory_samples", "memory-samples.jsonl"))
+    if samples:
+        times = [s["t_s"] for s in samples]
+        panels: list[tuple[str, dict[str, tuple[list[float], list[float]]]]] = [
+            ("MemAvailable (MiB)", {"MemAvailable": (times, [s["mem_available_bytes"] / MIB for s in samples])}),
+            ("live sandboxes", {"N": (times, [len(s["sandbox_rss_bytes"]) for s in samples])}),
+        ]
+        with_psi = [s for s in samples if s.get("psi")]
+        if with_psi:
+            panels.insert(1, ("memory PSI avg10 (%)", {
+                "some": ([s["t_s"] for s in with_psi], [s["psi"]["some_avg10"] for s in with_psi]),
+                "full": ([s["t_s"] for s in with_psi], [s["psi"]["full_avg10"] for s in with_psi]),
+            }))
+        else:
+            result.notes.append("This kernel exposes no /proc/pressure/memory; PSI is not charted.")
+        result.charts.append((f"Sampled every ~{times[1] - times[0] if len(times) > 1 else 0:.1f} s over the "
+                              "whole run, warm-ups included.",
+                              time_series(panels, "seconds since sampling started", "Host memory over the run")))
+    if not result.charts and not result.notes:
+        return None
+    return result

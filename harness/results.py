@@ -1,0 +1,88 @@
+"""The versioned results schema: the only thing the report reads."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import secrets
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+SCHEMA = "blastradius/results/v1"
+"""Bumped on any incompatible change to results.json."""
+
+RESULTS_FILE = "results.json"
+MEMORY_SAMPLES_FILE = "memory-samples.jsonl"
+BOOT_SAMPLES_FILE = "boot-samples.jsonl"
+
+REQUIRED_TOP = ("schema", "run_id", "created", "partial", "host", "backend", "accel", "config",
+                "sandboxes", "summary")
+REQUIRED_HOST = ("cpu_model", "cores", "memory_bytes", "kernel", "python")
+REQUIRED_SANDBOX = ("id", "round", "ok", "error", "boot_ms", "phases_ms", "host_rss_bytes",
+                    "host_pss_bytes", "host_uss_bytes", "guest_mem_total_bytes")
+REQUIRED_SUMMARY = ("boot_ms", "success_rate", "mem_available_delta_bytes_per_sandbox",
+                    "pss_bytes_per_sandbox_p50")
+PERCENTILE_KEYS = ("p50", "p95", "p99", "min", "max", "mean")
+
+
+def new_run_id() -> str:
+    return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(2)
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def host_info() -> dict[str, Any]:
+    """The conditions every figure is measured under."""
+    return {
+        "cpu_model": _cpu_model(),
+        "cores": os.cpu_count(),
+        "memory_bytes": psutil.virtual_memory().total,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "hostname": platform.node(),
+    }
+
+
+def validate(data: dict[str, Any]) -> list[str]:
+    """Problems that make `data` unreadable as results; empty when it conforms."""
+    problems = []
+    if data.get("schema") != SCHEMA:
+        problems.append(f"schema is {data.get('schema')!r}, expected {SCHEMA!r}")
+    problems += [f"missing top-level key {k!r}" for k in REQUIRED_TOP if k not in data]
+    problems += [f"host lacks {k!r}" for k in REQUIRED_HOST if k not in data.get("host", {})]
+    for index, sandbox in enumerate(data.get("sandboxes", [])):
+        problems += [f"sandboxes[{index}] lacks {k!r}" for k in REQUIRED_SANDBOX if k not in sandbox]
+    summary = data.get("summary", {})
+    problems += [f"summary lacks {k!r}" for k in REQUIRED_SUMMARY if k not in summary]
+    problems += [f"summary.boot_ms lacks {k!r}" for k in PERCENTILE_KEYS if k not in summary.get("boot_ms", {})]
+    return problems
+
+
+def write_results(run_dir: Path, data: dict[str, Any]) -> Path:
+    """Write results.json atomically, so an interrupt never leaves half a file."""
+    path = run_dir / RESULTS_FILE
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str))
+    tmp.replace(path)
+    return path
+
+
+def load_results(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / RESULTS_FILE
+    data = json.loads(path.read_text())
+    problems = validate(data)
+    if problems:
+        raise ValueError(f"{path} does not conform to {SCHEMA}: " + "; ".join(problems))
+    return data

@@ -1,0 +1,63 @@
+"""Client for the guest agent (harness/image/guest/br-agent): one command per TCP connection."""
+
+from __future__ import annotations
+
+import base64
+import socket
+import time
+
+from harness.sandbox.base import ExecResult
+
+PROTOCOL = b"BR1"
+"""Version tag the agent answers with."""
+
+TRANSPORT_SLACK_S = 5.0
+"""Extra host-side wait beyond the command's own timeout, for the trip through slirp."""
+
+
+class AgentUnavailable(ConnectionError):
+    """Nothing answered the agent protocol (guest still booting, or gone)."""
+
+
+def _recv_all(sock: socket.socket) -> bytes:
+    chunks = []
+    while chunk := sock.recv(65536):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def agent_exec(
+    port: int, command: str, timeout: float = 30.0, stdin: bytes = b"", transport_timeout: float | None = None
+) -> ExecResult:
+    """Run `command` through the agent listening behind host port `port`.
+
+    transport_timeout bounds the socket wait; by default the command's timeout plus slack.
+    """
+    whole_seconds = max(1, int(timeout + 0.999))
+    if transport_timeout is None:
+        transport_timeout = whole_seconds + TRANSPORT_SLACK_S
+    request = b"%s %d %s\n" % (PROTOCOL, whole_seconds, base64.b64encode(command.encode()))
+    started = time.monotonic()
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=transport_timeout) as sock:
+            sock.sendall(request + stdin)
+            sock.shutdown(socket.SHUT_WR)
+            reply = _recv_all(sock)
+    except (ConnectionError, TimeoutError, OSError) as exc:
+        raise AgentUnavailable(f"agent on port {port}: {exc}") from exc
+    duration = time.monotonic() - started
+    header, sep, body = reply.partition(b"\n")
+    fields = header.split()
+    if not sep or len(fields) != 5 or fields[0] != PROTOCOL:
+        # slirp accepts the host connection before the guest listens, then closes it: no header.
+        raise AgentUnavailable(f"agent on port {port} gave no valid header: {header[:80]!r}")
+    rc, out_len, err_len, timed_out = (int(f) for f in fields[1:])
+    if len(body) != out_len + err_len:
+        raise AgentUnavailable(f"agent reply truncated: {len(body)} of {out_len + err_len} bytes")
+    return ExecResult(
+        rc=rc,
+        stdout=body[:out_len],
+        stderr=body[out_len:],
+        duration_s=duration,
+        timed_out=bool(timed_out),
+    )

@@ -1,0 +1,176 @@
+"""One owner for every process the harness starts, so every exit path cleans up the same way.
+
+Each child runs in its own session (process group) and is recorded on disk with its start time,
+so `invoke clean` can reap what a SIGKILLed run left behind without touching recycled pids.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import psutil
+
+from harness.paths import pid_records_dir
+
+TERMINATE_GRACE_S = 2.0
+"""How long a process group gets after SIGTERM before SIGKILL."""
+
+
+class Interrupted(Exception):
+    """Raised in the main thread on SIGTERM (SIGINT raises KeyboardInterrupt)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@dataclass(frozen=True)
+class ProcessRecord:
+    """What `invoke clean` needs to find a leftover process again."""
+
+    pid: int
+    """Process id, also its process-group id (each child leads its own session)."""
+    create_time: float
+    """psutil create_time, to tell our process from a recycled pid."""
+    name: str
+    """Human label, e.g. qemu:r0-sb1."""
+
+
+def _create_time(pid: int) -> float:
+    try:
+        return psutil.Process(pid).create_time()
+    except psutil.Error:
+        return 0.0
+
+
+def kill_group(pid: int, grace_s: float = TERMINATE_GRACE_S) -> bool:
+    """SIGTERM the process group led by pid, then SIGKILL it. True if anything was signalled."""
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except (ProcessLookupError, PermissionError):
+        return False
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pid, 0)
+        except ProcessLookupError:
+            return True
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)
+        time.sleep(0.02)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
+    return True
+
+
+class Supervisor:
+    """Starts, records and stops the harness's child processes."""
+
+    def __init__(self, run_id: str) -> None:
+        self.run_id = run_id
+        self.record_path: Path = pid_records_dir() / f"{run_id}.json"
+        self._lock = threading.Lock()
+        self._live: dict[int, ProcessRecord] = {}
+        self._popens: dict[int, subprocess.Popen[bytes]] = {}
+
+    def spawn(self, argv: list[str], name: str, **popen_kwargs: object) -> subprocess.Popen[bytes]:
+        """Start argv in a new session and record it before returning."""
+        proc = subprocess.Popen(argv, start_new_session=True, **popen_kwargs)  # type: ignore[call-overload]
+        self.adopt(proc.pid, name)
+        with self._lock:
+            self._popens[proc.pid] = proc
+        return proc
+
+    def adopt(self, pid: int, name: str) -> None:
+        """Take ownership of a process group started elsewhere (e.g. by a library)."""
+        with self._lock:
+            self._live[pid] = ProcessRecord(pid=pid, create_time=_create_time(pid), name=name)
+            self._write()
+
+    def stop(self, pid: int, grace_s: float = TERMINATE_GRACE_S) -> None:
+        """Stop one process group and forget it."""
+        kill_group(pid, grace_s)
+        with self._lock:
+            proc = self._popens.pop(pid, None)
+            self._live.pop(pid, None)
+            self._write()
+        if proc is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=grace_s)
+
+    def live(self) -> list[ProcessRecord]:
+        with self._lock:
+            return list(self._live.values())
+
+    def shutdown(self) -> list[ProcessRecord]:
+        """Stop everything still recorded; return what had to be stopped."""
+        leftovers = self.live()
+        for record in leftovers:
+            self.stop(record.pid)
+        with contextlib.suppress(FileNotFoundError):
+            self.record_path.unlink()
+        return leftovers
+
+    def _write(self) -> None:
+        payload = {
+            "run_id": self.run_id,
+            "owner": {"pid": os.getpid(), "create_time": _create_time(os.getpid())},
+            "processes": [asdict(r) for r in self._live.values()],
+        }
+        tmp = self.record_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(payload))
+        tmp.replace(self.record_path)
+
+    def __enter__(self) -> Supervisor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+
+@contextlib.contextmanager
+def signals_raise() -> Iterator[None]:
+    """Turn SIGTERM (and SIGHUP) into an exception in the main thread, so cleanup runs one path."""
+
+    def handler(signum: int, _frame: object) -> None:
+        raise Interrupted(signum)
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def reap_leftovers() -> list[str]:
+    """Kill processes recorded by runs whose owner is gone; return a line per thing removed."""
+    removed: list[str] = []
+    for path in sorted(pid_records_dir().glob("*.json")):
+        try:
+            payload = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            path.unlink(missing_ok=True)
+            removed.append(f"unreadable pid record {path.name}")
+            continue
+        owner = payload.get("owner", {})
+        if owner and _create_time(owner.get("pid", -1)) == owner.get("create_time"):
+            continue  # that run is still alive; it owns its processes
+        for record in payload.get("processes", []):
+            if _create_time(record["pid"]) == record["create_time"] and kill_group(record["pid"]):
+                removed.append(f"killed {record['name']} (pid {record['pid']}) from run {payload['run_id']}")
+        path.unlink(missing_ok=True)
+        removed.append(f"removed pid record of run {payload.get('run_id', path.stem)}")
+    return removed

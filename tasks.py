@@ -1,0 +1,55 @@
+"""Invoke tasks: parse flags, call plain functions in harness/. No logic lives here."""
+
+from pathlib import Path
+
+from invoke import task
+
+
+@task(help={
+    "sandboxes": "sandboxes booted concurrently per round (N, default 4)",
+    "backend": "sandbox backend module (default qemu)",
+    "out": "run directory (default results/<run-id>)",
+    "accel": "auto | kvm | tcg (default auto: KVM only if a canary guest boots under it)",
+    "concurrency": "boots in flight at once (default: CPU cores)",
+    "warmup": "discarded warm-up rounds (default 1)",
+    "repeat": "measured rounds (default 1)",
+    "mem_mib": "guest RAM in MiB (default 128)",
+    "boot_timeout": "seconds before a boot counts as failed (default 60)",
+})
+def bench(c, sandboxes=None, backend=None, out=None, accel=None, concurrency=None, warmup=None, repeat=None,
+          mem_mib=None, boot_timeout=None):
+    """Boot N sandboxes, measure boot phases and host RAM, write results.json and report.html."""
+    from harness import cli
+
+    cli.bench(sandboxes=_int(sandboxes), backend=backend, out=Path(out) if out else None, accel=accel,
+              concurrency=_int(concurrency), warmup=_int(warmup), repeat=_int(repeat), mem_mib=_int(mem_mib),
+              boot_timeout_s=float(boot_timeout) if boot_timeout else None)
+
+
+@task
+def clean(c):
+    """Reap processes (qemu, gateway, locust) that a killed run left behind."""
+    from harness import cli
+
+    cli.clean()
+
+
+@task(help={"run_dir": "a results/<run-id> directory"})
+def report(c, run_dir):
+    """Re-render report.html from a run directory's results.json."""
+    from harness import cli
+
+    cli.report(Path(run_dir))
+
+
+@task(help={"marker": "pytest -m expression, e.g. 'not qemu'"})
+def test(c, marker=None):
+    """Run the test suite."""
+    c.run("python -m pytest" + (f" -m {marker!r}" if marker else ""), pty=False)
+
+
+def _int(value):
+    """Flags arrive as strings; a bad number becomes a clear error in harness.cli."""
+    from harness import cli
+
+    return cli.parse_int(value)
