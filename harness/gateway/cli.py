@@ -35,9 +35,7 @@ def control_socket_path(state_dir: Path) -> Path:
     return Path(tempfile.mkdtemp(prefix="brgw-")) / CONTROL_SOCKET
 
 
-async def serve(
-    config: GatewayConfig, sandboxes: dict[str, int] | None = None, announce: bool = True
-) -> None:
+async def serve(config: GatewayConfig, sandboxes: dict[str, int] | None = None, announce: bool = True) -> None:
     """Run the gateway until SIGTERM/SIGINT or a control `shutdown`."""
     assert config.state_dir is not None
     config.state_dir.mkdir(parents=True, exist_ok=True)

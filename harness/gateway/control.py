@@ -36,9 +36,7 @@ class ControlServer:
             self.path.unlink()
         old = os.umask(0o077)
         try:
-            self._server = await asyncio.start_unix_server(
-                self._handle, path=str(self.path), limit=MAX_CONTROL_LINE
-            )
+            self._server = await asyncio.start_unix_server(self._handle, path=str(self.path), limit=MAX_CONTROL_LINE)
         finally:
             os.umask(old)
 

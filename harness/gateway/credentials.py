@@ -49,9 +49,7 @@ class CredentialSpec:
 
 DEFAULT_CREDENTIALS: tuple[CredentialSpec, ...] = (
     CredentialSpec("anthropic", "api.anthropic.com", "x-api-key", env="ANTHROPIC_API_KEY"),
-    CredentialSpec(
-        "openai", "api.openai.com", "authorization", template="Bearer {secret}", env="OPENAI_API_KEY"
-    ),
+    CredentialSpec("openai", "api.openai.com", "authorization", template="Bearer {secret}", env="OPENAI_API_KEY"),
 )
 
 
@@ -121,9 +119,7 @@ class CredentialStore:
                 self._secrets.append(secret)
             else:
                 log.warning("credential %s: no secret found on the host", spec.name)
-            self._by_dest[(host, spec.port)] = BoundCredential(
-                spec.name, spec.header.lower().encode("ascii"), value
-            )
+            self._by_dest[(host, spec.port)] = BoundCredential(spec.name, spec.header.lower().encode("ascii"), value)
 
     def for_dest(self, host: str, port: int) -> BoundCredential | None:
         return self._by_dest.get((host, port))

@@ -70,9 +70,7 @@ def parse_query(msg: bytes) -> tuple[int, int, str, int, int, bytes]:
     return qid, flags, ".".join(labels), qtype, qclass, msg[12 : pos + 4]
 
 
-def build_response(
-    qid: int, flags: int, question: bytes, rcode: int, answers: list[tuple[int, bytes]]
-) -> bytes:
+def build_response(qid: int, flags: int, question: bytes, rcode: int, answers: list[tuple[int, bytes]]) -> bytes:
     # QR=1, keep opcode and RD from the query, RA=1.
     out_flags = 0x8000 | (flags & 0x7900) | 0x0080 | rcode
     head = struct.pack("!HHHHHH", qid, out_flags, 1 if question else 0, len(answers), 0, 0)

@@ -154,6 +154,11 @@ async def forward(
             await _send_request(up, out, client_conn, client, has_body, expects_continue, idle_timeout_s, ex)
             t_sent = time.perf_counter()
             await _relay_response(up, client_conn, client, idle_timeout_s, response_timeout_s, ex, t_sent)
+        except TimeoutError as exc:
+            up.stream.close()
+            if ex.status is None:
+                raise DialError(f"upstream {host}:{port} did not answer in time", status=504) from exc
+            raise
         except (h11.RemoteProtocolError, ConnectionError, OSError) as exc:
             up.stream.close()
             if up.reused and ex.status is None and attempt + 1 < attempts:

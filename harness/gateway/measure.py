@@ -194,12 +194,8 @@ def _run(gw: GatewayProcess, port: int, upstream: UpstreamServer, n: int, size: 
     upstream_ctx = ssl.create_default_context(cafile=str(upstream.ca_file))
     gateway_ctx = ssl.create_default_context(cadata=gw.ca_cert_pem().decode())
     with (
-        upstream_ctx.wrap_socket(
-            _connect(upstream.https_port), server_hostname="api.anthropic.com"
-        ) as direct,
-        gateway_ctx.wrap_socket(
-            _tunnel(port, "api.anthropic.com:443"), server_hostname="api.anthropic.com"
-        ) as tls,
+        upstream_ctx.wrap_socket(_connect(upstream.https_port), server_hostname="api.anthropic.com") as direct,
+        gateway_ctx.wrap_socket(_tunnel(port, "api.anthropic.com:443"), server_hostname="api.anthropic.com") as tls,
     ):
         result["intercepted_tls_with_credential"] = _pair(
             _time_requests(_Client(direct), api_direct, n), _time_requests(_Client(tls), api_proxied, n)

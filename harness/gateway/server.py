@@ -108,9 +108,7 @@ class Gateway:
         log.info("sandbox %s: removed", sandbox)
         return True
 
-    async def _on_client(
-        self, sandbox: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
+    async def _on_client(self, sandbox: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         listener = self.listeners.get(sandbox)
         self._conn_ids += 1
         conn_id = self._conn_ids

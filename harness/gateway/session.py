@@ -192,10 +192,7 @@ class Session:
                 return
             # h11 bounds only a head that arrives in pieces; one that arrives whole is measured here.
             head_bytes = len(request.target) + sum(len(k) + len(v) + 4 for k, v in request.headers)
-            if (
-                len(request.headers) > self.limits.max_header_count
-                or head_bytes > self.limits.max_header_bytes
-            ):
+            if len(request.headers) > self.limits.max_header_count or head_bytes > self.limits.max_header_bytes:
                 await self.refuse(stream, 431, "too many header fields")
                 return
             if request.method == b"CONNECT":
@@ -329,9 +326,7 @@ class Session:
             return
         await self.blind_tunnel(stream, host, port, decision.rule, leftover, t0)
 
-    async def blind_tunnel(
-        self, stream: Stream, host: str, port: int, rule: str, leftover: bytes, t0: float
-    ) -> None:
+    async def blind_tunnel(self, stream: Stream, host: str, port: int, rule: str, leftover: bytes, t0: float) -> None:
         assert isinstance(stream, PlainStream)
         gw = self.gw
         try:
@@ -376,9 +371,7 @@ class Session:
                 duration_ms=round((time.perf_counter() - t0) * 1000.0, 3),
             )
 
-    async def intercept(
-        self, stream: Stream, host: str, port: int, rule: str, leftover: bytes, t0: float
-    ) -> None:
+    async def intercept(self, stream: Stream, host: str, port: int, rule: str, leftover: bytes, t0: float) -> None:
         """Terminate the tunnel: TLS with our leaf (SNI must name host), or plain HTTP inside it."""
         assert isinstance(stream, PlainStream)
         gw = self.gw
@@ -494,9 +487,7 @@ class Session:
                         )
                         return False
             if host_header is not None:
-                h_host, h_port = parse_authority(
-                    host_header.decode("ascii", "replace"), DEFAULT_PORTS[scheme]
-                )
+                h_host, h_port = parse_authority(host_header.decode("ascii", "replace"), DEFAULT_PORTS[scheme])
                 if (h_host, h_port) != (host, port):
                     await self.refuse(
                         stream,
@@ -573,6 +564,14 @@ class Session:
             except (ConnectionError, OSError):
                 pass
             return False
+        except (ConnectionError, OSError, TimeoutError, h11.ProtocolError) as exc:
+            # The response had started when one side failed: record it, then drop the connection.
+            self.audit(
+                decision="error",
+                duration_ms=round((time.perf_counter() - t0) * 1000.0, 3),
+                **{**fields, "reason": f"broken mid-response: {type(exc).__name__}"},  # type: ignore[arg-type]
+            )
+            raise
         self.count("bytes_up", ex.bytes_up)
         self.count("bytes_down", ex.bytes_down)
         self.audit(

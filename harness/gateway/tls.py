@@ -105,9 +105,7 @@ def issue_leaf(
         .add_extension(x509.SubjectAlternativeName(sans), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
-        )
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
         .sign(ca_key, hashes.SHA256())
     )
 
@@ -190,9 +188,7 @@ class CertificateAuthority:
         self._lock = threading.Lock()
 
     @classmethod
-    def load_or_create(
-        cls, ca_dir: Path, common_name: str = "blastradius gateway CA"
-    ) -> CertificateAuthority:
+    def load_or_create(cls, ca_dir: Path, common_name: str = "blastradius gateway CA") -> CertificateAuthority:
         ca_dir.mkdir(parents=True, exist_ok=True)
         cert_path, key_path = ca_dir / CA_CERT_FILE, ca_dir / CA_KEY_FILE
         if cert_path.exists() and key_path.exists():

@@ -6,7 +6,7 @@ checks the credential a host expects, so tests can prove a key arrived where it 
 nowhere else. Runs its own event loop in a thread so a test (or a benchmark) can drive it
 while the gateway runs in its own process.
 
-Routes: /bytes/<n> (n bytes), /status/<code>, /redirect?to=<url>[&status=<code>],
+Routes: /bytes/<n> (n bytes), /status/<code>, /sleep/<seconds> (a slow upstream), /redirect?to=<url>[&status=<code>],
 /upload (counts the body), anything else echoes what was received as JSON.
 """
 
@@ -44,6 +44,7 @@ DEFAULT_NAMES = (
 BYTES_CHUNK = 1024 * 1024
 MAX_BYTES_ROUTE = 4 * 1024**3
 START_TIMEOUT_S = 10.0
+MAX_SLEEP_S = 10.0
 
 
 @dataclass
@@ -81,9 +82,7 @@ class UpstreamServer:
         tmp = Path(self._tmp.name)
         ca_key, ca_cert = make_ca("blastradius test upstream CA")
         leaf_key = ec.generate_private_key(ec.SECP256R1())
-        chain = issue_leaf(ca_key, ca_cert, leaf_key, list(self.names)).public_bytes(
-            serialization.Encoding.PEM
-        )
+        chain = issue_leaf(ca_key, ca_cert, leaf_key, list(self.names)).public_bytes(serialization.Encoding.PEM)
         key_pem = leaf_key.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
         )
@@ -240,6 +239,8 @@ class UpstreamServer:
             size = min(int(path.split("/")[2]), MAX_BYTES_ROUTE)
             await self._send_bytes(conn, writer, size)
             return
+        if path.startswith("/sleep/"):
+            await asyncio.sleep(min(float(path.split("/")[2]), MAX_SLEEP_S))
         if path.startswith("/status/"):
             status = int(path.split("/")[2])
         elif path == "/redirect":
@@ -288,9 +289,7 @@ class UpstreamServer:
         while remaining > 0:
             n = min(remaining, BYTES_CHUNK)
             # Passthrough: with a known length h11 frames nothing, so the chunk is not copied.
-            for piece in conn.send_with_data_passthrough(
-                h11.Data(data=chunk if n == BYTES_CHUNK else chunk[:n])
-            ):
+            for piece in conn.send_with_data_passthrough(h11.Data(data=chunk if n == BYTES_CHUNK else chunk[:n])):
                 writer.write(piece)
             remaining -= n
             await writer.drain()

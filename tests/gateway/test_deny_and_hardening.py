@@ -192,8 +192,7 @@ def _status(data: bytes) -> int:
         (b"GET http://pypi.org/ HTTP/1.1\r\nHost: pypi.org\r\nX-Big: " + b"b" * 5000 + b"\r\n\r\n", 431),
         (b"GET http://pypi.org/ HTTP/1.1\r\nHost: pypi.org\r\nContent-Length: -1\r\n\r\n", 400),
         (
-            b"GET http://pypi.org/ HTTP/1.1\r\nHost: pypi.org\r\n"
-            b"Content-Length: 1\r\nContent-Length: 2\r\n\r\n",
+            b"GET http://pypi.org/ HTTP/1.1\r\nHost: pypi.org\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
             400,
         ),
         (b"CONNECT example.com:443 HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello", 400),
@@ -323,9 +322,7 @@ def test_measure_overhead_smoke(tmp_path: Path, ca_dir: Path) -> None:
     assert result["gateway_errors"] == 0
 
 
-def test_gateway_exits_when_its_parent_is_killed(
-    tmp_path: Path, ca_dir: Path, test_policy_file: Path
-) -> None:
+def test_gateway_exits_when_its_parent_is_killed(tmp_path: Path, ca_dir: Path, test_policy_file: Path) -> None:
     script = tmp_path / "parent.py"
     script.write_text(
         "import sys, time\n"
@@ -358,3 +355,13 @@ def test_gateway_exits_when_its_parent_is_killed(
     if alive:
         os.killpg(child, 9)
     assert not alive
+
+
+def test_slow_upstream_gets_504(make_gateway: object) -> None:
+    gw = make_gateway(limits=Limits(upstream_response_timeout_s=0.5))  # type: ignore[operator]
+    port = gw.add_sandbox("sb-slow")
+    t0 = time.monotonic()
+    assert http_get(port, "http://pypi.org/sleep/3").status == 504
+    assert time.monotonic() - t0 < 2.5
+    [record] = [r for r in gw.audit_records() if r["event"] == "request"]
+    assert record["decision"] == "error" and record["status"] == 504

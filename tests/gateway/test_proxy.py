@@ -35,9 +35,7 @@ def anthropic_call(path: str = "/v1/messages", host: str = "api.anthropic.com") 
     ).encode() + body
 
 
-def test_credential_injected_over_intercepted_tls(
-    gateway: GatewayProcess, port: int, upstream: UpstreamServer
-) -> None:
+def test_credential_injected_over_intercepted_tls(gateway: GatewayProcess, port: int, upstream: UpstreamServer) -> None:
     upstream.clear()
     reply = tls_request(port, "api.anthropic.com:443", gateway.ca_cert_pem(), anthropic_call())
     assert reply.status == 200, reply
@@ -189,9 +187,7 @@ def test_method_and_path_rules_on_intercepted_host(gateway: GatewayProcess, port
     ca = gateway.ca_cert_pem()
 
     def call(method: str, path: str) -> int:
-        req = (
-            f"{method} {path} HTTP/1.1\r\nHost: files.pythonhosted.org\r\nConnection: close\r\n\r\n".encode()
-        )
+        req = f"{method} {path} HTTP/1.1\r\nHost: files.pythonhosted.org\r\nConnection: close\r\n\r\n".encode()
         return tls_request(port, "files.pythonhosted.org:443", ca, req).status
 
     assert call("GET", "/packages/ab/cd/requests.whl") == 200
@@ -338,9 +334,7 @@ def test_pipelined_requests_in_one_write(port: int, upstream: UpstreamServer) ->
     assert [r.target for r in upstream.received()] == ["/a", "/b"]
 
 
-def test_large_bodies_through_interception(
-    gateway: GatewayProcess, port: int, upstream: UpstreamServer
-) -> None:
+def test_large_bodies_through_interception(gateway: GatewayProcess, port: int, upstream: UpstreamServer) -> None:
     ca = gateway.ca_cert_pem()
     size = 5 * 1024 * 1024
     download = b"GET /bytes/%d HTTP/1.1\r\nHost: api.anthropic.com\r\nConnection: close\r\n\r\n" % size

@@ -106,9 +106,7 @@ def test_ports_are_enforced_by_default() -> None:
 
 
 def test_wildcards() -> None:
-    policy = policy_from_dict(
-        {"rules": [{"allow": "*.one.test"}, {"allow": "**.any.test"}, {"allow": "exact.test"}]}
-    )
+    policy = policy_from_dict({"rules": [{"allow": "*.one.test"}, {"allow": "**.any.test"}, {"allow": "exact.test"}]})
     assert policy.check_destination("a.one.test", 443).allowed
     assert not policy.check_destination("a.b.one.test", 443).allowed
     assert not policy.check_destination("one.test", 443).allowed
@@ -122,9 +120,7 @@ def test_wildcards() -> None:
 
 
 def test_ip_literals_match_only_cidr() -> None:
-    policy = policy_from_dict(
-        {"rules": [{"allow": "**"}, {"allow": "10.0.0.0/8:*"}, {"allow": "[fd00::/8]:443"}]}
-    )
+    policy = policy_from_dict({"rules": [{"allow": "**"}, {"allow": "10.0.0.0/8:*"}, {"allow": "[fd00::/8]:443"}]})
     assert policy.check_destination("anything.example", 443).allowed
     assert not policy.check_destination("1.2.3.4", 443).allowed  # ** never matches an IP
     assert policy.check_destination("10.1.2.3", 22).allowed
@@ -228,10 +224,7 @@ def test_loop_breaker_counts_within_window() -> None:
     key = ("sb", "GET", "http", "example.com", "80", "/")
     verdicts = [breaker.observe_denied(key, now=float(t)) for t in range(5)]
     assert verdicts == [LoopVerdict.UNDER] * 3 + [LoopVerdict.TRIPPED, LoopVerdict.LOOPING]
-    assert (
-        breaker.observe_denied(("sb", "GET", "http", "example.com", "80", "/other"), now=5.0)
-        is LoopVerdict.UNDER
-    )
+    assert breaker.observe_denied(("sb", "GET", "http", "example.com", "80", "/other"), now=5.0) is LoopVerdict.UNDER
     # A quiet window resets the key.
     assert breaker.observe_denied(key, now=100.0) is LoopVerdict.UNDER
     assert breaker.trips == 1
