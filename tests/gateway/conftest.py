@@ -32,6 +32,7 @@ rules:
   - allow: pypi.org
     ports: [80, 443]
   - allow: files.pythonhosted.org
+    ports: [80, 443]
     methods: [GET, HEAD]
     paths: ["/packages/**"]
   - allow: 127.0.0.1/32

@@ -351,3 +351,20 @@ def test_large_bodies_through_interception(gateway: GatewayProcess, port: int, u
     assert b"HTTP/1.1 100" in reply.raw or reply.status == 200
     assert upstream.received()[-1].body_len == 16 * 65536
     assert upstream.received()[-1].credential == "ok"
+
+
+def test_plain_http_inside_connect_is_intercepted_when_rules_need_it(port: int) -> None:
+    """Locust-style CONNECT for plain http to a host with path rules: each request is checked."""
+
+    def call(method: str, path: str) -> int:
+        sock, answer = connect_tunnel(port, "files.pythonhosted.org:80")
+        assert answer.startswith(b"HTTP/1.1 200")
+        with sock:
+            sock.sendall(
+                f"{method} {path} HTTP/1.1\r\nHost: files.pythonhosted.org\r\nConnection: close\r\n\r\n".encode()
+            )
+            return parse_reply(recv_all(sock)).status
+
+    assert call("GET", "/packages/x.whl") == 200
+    assert call("DELETE", "/packages/x.whl") == 403
+    assert call("GET", "/elsewhere") == 403
