@@ -53,3 +53,11 @@ def _int(value):
     from harness import cli
 
     return cli.parse_int(value)
+
+
+@task
+def image(c):
+    """Fetch the Debian guest kernel and build (or reuse) the busybox initramfs."""
+    from harness import cli
+
+    cli.image()

@@ -158,9 +158,9 @@ def run_round(run: BenchRun, backend: Backend, supervisor: Supervisor, round_ind
                                   "ok": len(ok), "failed": len(records) - len(ok)}
     if ok:
         time.sleep(config.idle_settle_s)
-        round_info["mem_available_before_bytes"] = mem_before
-        round_info["mem_available_idle_bytes"] = mem_available_bytes()
-        round_info["mem_available_delta_bytes_per_sandbox"] = (mem_before - round_info["mem_available_idle_bytes"]) // len(ok)
+        mem_idle = mem_available_bytes()
+        round_info.update(mem_available_before_bytes=mem_before, mem_available_idle_bytes=mem_idle,
+                          mem_available_delta_bytes_per_sandbox=(mem_before - mem_idle) // len(ok))
         for record in ok:
             sandbox = run.live[record["id"]]
             totals = {"rss": 0, "pss": 0, "uss": 0}

@@ -17,11 +17,12 @@ from harness.errors import HarnessError
 from harness.report.format import mib, ms
 from harness.supervisor import Interrupted, reap_leftovers
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)
 
 EXIT_ERROR = 2
 """Bad flags or a missing prerequisite."""
 EXIT_INTERRUPTED = 130
+"""128 + SIGINT; SIGTERM exits 143."""
 
 T = TypeVar("T")
 
@@ -36,7 +37,7 @@ def user_errors() -> Iterator[None]:
         sys.exit(EXIT_ERROR)
     except (KeyboardInterrupt, Interrupted) as exc:
         console.print(f"[yellow]interrupted ({exc or 'SIGINT'}); partial results were written[/]")
-        sys.exit(EXIT_INTERRUPTED)
+        sys.exit(128 + exc.signum if isinstance(exc, Interrupted) else EXIT_INTERRUPTED)
 
 
 class ProgressEvents(BenchEvents):
@@ -124,3 +125,14 @@ def report(run_dir: Path) -> Path:
         path = render_report(run_dir)
     console.print(f"report: {path}")
     return path
+
+
+def image() -> None:
+    from harness.image import build_image
+    from harness.paths import cache_dir
+
+    with user_errors():
+        built = build_image(cache_dir())
+    console.print(f"guest kernel {built.kernel_release}: {built.kernel}\n"
+                  f"initramfs ({built.initrd.stat().st_size // 1024} KiB, modules {', '.join(built.modules)}): "
+                  f"{built.initrd}")

@@ -17,7 +17,7 @@ def section(data: dict[str, Any], run_dir: Path) -> Section:
         ["backend", backend.get("name")],
         ["accelerator", f"{data['accel']} — {backend.get('accel_reason', '')}"],
         ["VMM", backend.get("vmm", "—")],
-        ["host CPU", f"{host['cpu_model']} × {host['cores']} cores"],
+        ["host CPU", f"{host['cpu_model']}, {host['cores']} cores"],
         ["host memory", mib(host["memory_bytes"])],
         ["host kernel / python", f"{host['kernel']} / {host['python']}"],
         ["sandboxes per round (N)", config.get("sandboxes")],

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Installs blastradius on Debian 12: system packages, a venv with the pinned Python deps, and the
+# guest image (Debian cloud kernel + busybox initramfs). Safe to run again; each step is idempotent.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+SUDO=""
+if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
+
+SYSTEM_PACKAGES=(
+    qemu-system-x86   # the VMM of the embedded default (microvm machine type)
+    busybox-static    # guest userland
+    cpio              # packs the initramfs
+    socat             # relays each guest connection to its gateway listener
+    python3 python3-venv python3-pip
+    ca-certificates
+)
+
+export DEBIAN_FRONTEND=noninteractive
+$SUDO apt-get update -q
+$SUDO apt-get install -y -q --no-install-recommends "${SYSTEM_PACKAGES[@]}"
+
+if [ ! -x .venv/bin/python ]; then
+    python3 -m venv .venv
+fi
+.venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
+
+# Fetch the guest kernel with apt and build the initramfs now, so the first bench measures boots, not downloads.
+.venv/bin/invoke image

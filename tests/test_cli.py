@@ -1,0 +1,56 @@
+"""Bad input gets one clear line naming the fix, and a non-zero exit."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from harness.image import GuestImage
+from harness.paths import cache_dir
+from harness.sandbox.accel import decide_accel, kvm_device_problem
+from tests.conftest import REPO, invoke_cmd
+
+
+def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(invoke_cmd(*args), cwd=REPO, capture_output=True, text=True, timeout=120,
+                          env=env or os.environ.copy())
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--sandboxes", "0"], "--sandboxes must be between 1 and"),
+    (["--sandboxes", "two"], "expected a whole number, got 'two'"),
+    (["--backend", "nope"], "unknown backend 'nope'; choose one of: qemu"),
+    (["--accel", "hvf"], "--accel must be one of auto, kvm, tcg"),
+    (["--mem-mib", "32"], "--mem-mib must be at least 96"),
+])
+def test_bad_flags(tmp_path: Path, args: list[str], message: str) -> None:
+    result = run("bench", "--out", str(tmp_path / "x"), *args)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_missing_qemu_names_the_package(tmp_path: Path) -> None:
+    env = os.environ.copy()
+    env["PATH"] = str(Path(sys.executable).parent)  # the venv only: no qemu, no apt
+    result = run("bench", "--out", str(tmp_path / "x"), env=env)
+    assert result.returncode == 2
+    assert "apt-get install qemu-system-x86" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.qemu
+def test_broken_kvm_forced_is_a_clear_error(image: GuestImage, tmp_path: Path) -> None:
+    if kvm_device_problem() is None and decide_accel("auto", image, cache_dir() / "accel-verdicts.json").accel == "kvm":
+        pytest.skip("KVM works on this host")
+    result = run("bench", "--accel", "kvm", "--out", str(tmp_path / "x"))
+    assert result.returncode == 2
+    assert "--accel tcg" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_report_of_missing_run_dir(tmp_path: Path) -> None:
+    result = run("report", str(tmp_path))
+    assert result.returncode == 2 and "results.json not found" in result.stderr

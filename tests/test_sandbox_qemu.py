@@ -1,0 +1,97 @@
+"""Boot and exec on a real TCG guest through the guest agent."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import psutil
+import pytest
+
+from harness.image import GuestImage
+from harness.sandbox.base import BootFailed, SandboxSpec
+from harness.sandbox.qemu import Microvm
+from harness.supervisor import Supervisor
+from tests.conftest import HOST_SECRET
+
+pytestmark = pytest.mark.qemu
+
+
+def test_exec_returns_exit_code_stdout_and_stderr(guest: Microvm) -> None:
+    result = guest.exec("echo out; echo err >&2; exit 7")
+    assert (result.rc, result.stdout, result.stderr, result.timed_out) == (7, b"out\n", b"err\n", False)
+
+
+def test_exec_passes_stdin_and_binary_output(guest: Microvm) -> None:
+    payload = bytes(range(256)) * 400
+    result = guest.exec("cat > /tmp/blob && sha256sum /tmp/blob && cat /tmp/blob", stdin=payload)
+    assert result.rc == 0
+    import hashlib
+
+    digest = hashlib.sha256(payload).hexdigest().encode()
+    assert result.stdout.startswith(digest) and result.stdout.endswith(payload)
+
+
+def test_exec_timeout_kills_the_whole_command(guest: Microvm) -> None:
+    result = guest.exec("sleep 30 & sleep 30; echo never", timeout=1)
+    assert result.timed_out and result.rc == 137 and b"never" not in result.stdout
+    assert result.duration_s < 5, "a straggler kept the agent connection open"
+    assert guest.exec("pgrep -f 'sleep 30' || echo none").text.strip() == "none"
+
+
+def test_guest_identity_and_separate_kernel(guest: Microvm) -> None:
+    assert guest.exec("hostname").text.strip() == "guest0"
+    guest_boot_id = guest.exec("cat /proc/sys/kernel/random/boot_id").text.strip()
+    assert guest_boot_id and guest_boot_id != Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+
+
+def test_guest_sees_only_the_gateway_proxy_and_no_host_secret(guest: Microvm) -> None:
+    env = guest.exec("env").text
+    assert "HTTP_PROXY=http://10.0.2.100:3128" in env and "HTTPS_PROXY=http://10.0.2.100:3128" in env
+    assert HOST_SECRET not in env
+    assert HOST_SECRET not in guest.exec("grep -r -l -s br-host-secret / --exclude-dir=proc --exclude-dir=sys "
+                                         "|| true", timeout=20).text
+
+
+def test_guest_has_no_host_home(guest: Microvm) -> None:
+    assert guest.exec("ls -A /root /work").text.strip() in ("/root:\n\n/work:", "")
+    host_home_files = [p.name for p in Path.home().iterdir()][:20]
+    listing = guest.exec("ls -A /").text.split()
+    assert ".ssh" not in listing and not set(host_home_files) & set(guest.exec("ls -A /root").text.split())
+
+
+def test_boot_record_phases_add_up(guest: Microvm) -> None:
+    boot = guest.boot
+    assert boot.boot_ms and boot.boot_ms > 0
+    assert set(boot.phases_ms) == {"vmm", "kernel", "userspace", "agent"}
+    assert sum(boot.phases_ms.values()) == pytest.approx(boot.boot_ms, abs=1.0)
+    assert boot.marks_ms["kernel_start"] < boot.marks_ms["init"] < boot.marks_ms["network"]
+    assert guest.guest_meminfo["MemTotal"] > 64 << 20
+
+
+def test_direct_egress_is_blocked(guest: Microvm) -> None:
+    result = guest.exec("nc -w 2 10.0.2.2 22 </dev/null; echo rc=$?; nc -w 2 1.1.1.1 80 </dev/null; echo rc=$?")
+    assert result.text.count("rc=1") == 2, result.text
+
+
+def test_stop_leaves_no_process(image: GuestImage, supervisor: Supervisor, tmp_path: Path) -> None:
+    vm = Microvm(SandboxSpec(id="stopme", workdir=tmp_path, accel="tcg"), image, supervisor)
+    vm.spawn()
+    vm.wait_ready()
+    pid = vm.pids()[0]
+    vm.stop()
+    vm.stop()  # idempotent
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    assert vm.pids() == [] and supervisor.live() == []
+
+
+def test_guest_that_never_becomes_ready_fails_within_timeout(image: GuestImage, supervisor: Supervisor,
+                                                              tmp_path: Path) -> None:
+    vm = Microvm(SandboxSpec(id="hung", workdir=tmp_path, accel="tcg", boot_timeout_s=2), image, supervisor,
+                 extra_args=("-S",))  # -S: QEMU starts with the CPU stopped, a guest that hangs for ever
+    vm.spawn()
+    with pytest.raises(BootFailed, match="did not answer within 2 s") as failure:
+        vm.wait_ready()
+    vm.stop()
+    assert failure.value.boot.boot_ms is None
+    assert supervisor.live() == [] and os.path.exists(tmp_path / "qemu.log")
