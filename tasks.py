@@ -61,3 +61,29 @@ def image(c):
     from harness import cli
 
     cli.image()
+
+
+@task(help={
+    "name": "scenario folder under scenarios/ (isolation, retry-403, proxy-chaos, payments-service, ram-pressure)",
+    "sandboxes": "sandboxes to run the scenario in",
+    "out": "run directory (default results/<run-id>)",
+    "backend": "sandbox backend module (default qemu)",
+    "accel": "auto | kvm | tcg",
+    "mem_mib": "guest RAM in MiB",
+    "leaky": "isolation: deliberately weaken the setup so the probes must turn red",
+    "file": "proxy-chaos: timeline YAML",
+    "agent": "run this agent command inside the sandbox instead of the built-in reference client/fixer",
+    "fixer": "payments-service: reference | memory-only | probe-only",
+    "kube_context": "payments-service: a real cluster context instead of the embedded pod runtime",
+    "max_sandboxes": "ram-pressure: cap on sandboxes",
+    "duration": "seconds of load where the scenario runs load",
+})
+def scenario(c, name, sandboxes=None, out=None, backend=None, accel=None, mem_mib=None, leaky=False, file=None,
+             agent=None, fixer=None, kube_context=None, max_sandboxes=None, duration=None):
+    """Run one scenario and write results.json + report.html; exits non-zero when the scenario fails."""
+    from harness import cli
+
+    cli.scenario(name, out=Path(out) if out else None, sandboxes=_int(sandboxes), backend=backend, accel=accel,
+                 mem_mib=_int(mem_mib), leaky=leaky or None, file=file, agent=agent, fixer=fixer,
+                 kube_context=kube_context, max_sandboxes=_int(max_sandboxes),
+                 duration_s=float(duration) if duration else None)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -14,6 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from harness.errors import ConfigError
+from harness.fleet import Fleet, open_fleet
+from harness.gateway.audit import summarise as summarise_audit
+from harness.gateway.process import GatewayConfig
 from harness.metrics.memory import MemorySampler, mem_available_bytes, process_memory
 from harness.metrics.stats import summarize
 from harness.paths import cache_dir
@@ -26,12 +28,13 @@ from harness.results import (
     new_run_id,
     write_results,
 )
-from harness.sandbox import BackendOptions, BootFailed, Sandbox, SandboxSpec, available_backends, create_backend
-from harness.sandbox.base import Backend
+from harness.sandbox import BackendOptions, BootFailed, SandboxSpec, available_backends, create_backend
 from harness.supervisor import Interrupted, Supervisor, signals_raise
 
 IDLE_SETTLE_S = 2.0
 """Wait after the last boot of a round before reading idle memory."""
+
+GATEWAY_AUDIT_FILE = "gateway-audit.jsonl"
 
 MAX_SANDBOXES = 256
 """Sanity bound on --sandboxes; ram-pressure finds the real limit."""
@@ -61,6 +64,8 @@ class BenchConfig:
     """A sandbox not ready by then counts as a failed boot."""
     idle_settle_s: float = IDLE_SETTLE_S
     """Idle time before memory is read."""
+    policy: str = "balanced"
+    """Gateway policy preset or file."""
 
     def validate(self) -> None:
         if not 1 <= self.sandboxes <= MAX_SANDBOXES:
@@ -94,8 +99,6 @@ class BenchRun:
     run_dir: Path
     run_id: str
     data: dict[str, Any]
-    live: dict[str, Sandbox] = field(default_factory=dict)
-    lock: threading.Lock = field(default_factory=threading.Lock)
 
     def save(self) -> Path:
         return write_results(self.run_dir, self.data)
@@ -108,30 +111,26 @@ def _config_dict(config: BenchConfig) -> dict[str, Any]:
 def _sandbox_record(sandbox_id: str, round_index: int) -> dict[str, Any]:
     return {
         "id": sandbox_id, "round": round_index, "ok": False, "error": None, "boot_ms": None,
-        "phases_ms": {}, "marks_ms": {}, "host_rss_bytes": None, "host_pss_bytes": None,
+        "phases_ms": {}, "marks_ms": {}, "provision_ms": None, "host_rss_bytes": None, "host_pss_bytes": None,
         "host_uss_bytes": None, "guest_mem_total_bytes": None, "guest_mem_free_bytes": None,
     }
 
 
-def boot_one(backend: Backend, spec: SandboxSpec, supervisor: Supervisor, run: BenchRun,
-             record: dict[str, Any]) -> Sandbox | None:
+def boot_one(fleet: Fleet, record: dict[str, Any]) -> None:
     """Boot one sandbox into `record`; a failed boot is recorded with its reason, never retried."""
     try:
-        sandbox = backend.boot(spec, supervisor)
+        sandbox = fleet.boot(record["id"])
     except BootFailed as exc:
         record.update(error=exc.reason, phases_ms=exc.boot.phases_ms, marks_ms=exc.boot.marks_ms)
-        return None
-    record.update(ok=True, boot_ms=sandbox.boot.boot_ms, phases_ms=sandbox.boot.phases_ms,
-                  marks_ms=sandbox.boot.marks_ms)
+        return
     meminfo = getattr(sandbox, "guest_meminfo", {})
-    record.update(guest_mem_total_bytes=meminfo.get("MemTotal"), guest_mem_free_bytes=meminfo.get("MemFree"))
-    with run.lock:
-        run.live[spec.id] = sandbox
-    return sandbox
+    record.update(ok=True, boot_ms=sandbox.boot.boot_ms, phases_ms=sandbox.boot.phases_ms,
+                  marks_ms=sandbox.boot.marks_ms, provision_ms=fleet.provision_ms.get(record["id"]),
+                  guest_mem_total_bytes=meminfo.get("MemTotal"), guest_mem_free_bytes=meminfo.get("MemFree"))
 
 
-def run_round(run: BenchRun, backend: Backend, supervisor: Supervisor, round_index: int,
-              measured: bool, events: BenchEvents) -> list[dict[str, Any]]:
+def run_round(run: BenchRun, fleet: Fleet, round_index: int, measured: bool,
+              events: BenchEvents) -> list[dict[str, Any]]:
     """Boot N at once, read idle memory, stop them all, and check no VMM is left."""
     config = run.config
     label = f"round {round_index}" if measured else f"warm-up {-round_index}"
@@ -142,11 +141,7 @@ def run_round(run: BenchRun, backend: Backend, supervisor: Supervisor, round_ind
     started = time.monotonic()
     pool = ThreadPoolExecutor(max_workers=config.concurrency, thread_name_prefix="boot")
     try:
-        futures = {}
-        for record in records:
-            spec = SandboxSpec(id=record["id"], workdir=run.run_dir / "sandboxes" / record["id"],
-                               accel=backend.accel, mem_mib=config.mem_mib, boot_timeout_s=config.boot_timeout_s)
-            futures[pool.submit(boot_one, backend, spec, supervisor, run, record)] = record
+        futures = {pool.submit(boot_one, fleet, record): record for record in records}
         for future in as_completed(futures):
             future.result()
             events.sandbox_done(futures[future])
@@ -162,37 +157,15 @@ def run_round(run: BenchRun, backend: Backend, supervisor: Supervisor, round_ind
         round_info.update(mem_available_before_bytes=mem_before, mem_available_idle_bytes=mem_idle,
                           mem_available_delta_bytes_per_sandbox=(mem_before - mem_idle) // len(ok))
         for record in ok:
-            sandbox = run.live[record["id"]]
             totals = {"rss": 0, "pss": 0, "uss": 0}
-            for pid in sandbox.pids():
+            for pid in fleet.live[record["id"]].pids():
                 for key, value in process_memory(pid).items():
                     totals[key] += value
             record.update(host_rss_bytes=totals["rss"], host_pss_bytes=totals["pss"], host_uss_bytes=totals["uss"])
-    stop_all(run)
+    run.data["leftover_vmm_pids"] += fleet.stop_all()
     events.round_finished(label)
     run.data["rounds"].append(round_info)
     return records
-
-
-def stop_all(run: BenchRun) -> list[int]:
-    """Stop every live sandbox; return VMM pids still alive afterwards (should be none)."""
-    with run.lock:
-        sandboxes = list(run.live.values())
-        run.live.clear()
-    left = []
-    for sandbox in sandboxes:
-        pids = sandbox.pids()
-        sandbox.stop()
-        left += [pid for pid in pids if _alive(pid)]
-    return left
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def summarize_run(data: dict[str, Any]) -> dict[str, Any]:
@@ -233,8 +206,8 @@ def run_bench(config: BenchConfig, events: BenchEvents | None = None,
     })
     run.save()
     supervisor = Supervisor(run_id)
-    sampler = MemorySampler(run_dir / MEMORY_SAMPLES_FILE,
-                            lambda: {sid: sb.pids() for sid, sb in list(run.live.items())})
+    fleet: Fleet | None = None
+    sampler = MemorySampler(run_dir / MEMORY_SAMPLES_FILE, lambda: fleet.pids() if fleet else {})
     try:
         with signals_raise():
             events.stage(f"preparing backend {config.backend} (image, accelerator)")
@@ -244,20 +217,27 @@ def run_bench(config: BenchConfig, events: BenchEvents | None = None,
             run.data["accel"] = backend.accel
             events.stage(f"accelerator: {backend.accel} — {run.data['backend'].get('accel_reason', '')}")
             run.save()
-            if after_setup:
-                after_setup(run)
-            sampler.start()
-            for warm in range(1, config.warmup + 1):
-                run_round(run, backend, supervisor, -warm, measured=False, events=events)
-                run.save()
-            with (run_dir / BOOT_SAMPLES_FILE).open("a") as boot_samples:
-                for round_index in range(config.repeat):
-                    records = run_round(run, backend, supervisor, round_index, measured=True, events=events)
-                    run.data["sandboxes"] += records
-                    for record in records:
-                        boot_samples.write(json.dumps(record) + "\n")
-                    run.data["summary"] = summarize_run(run.data)
+            template = SandboxSpec(id="", workdir=run_dir, accel=backend.accel, mem_mib=config.mem_mib,
+                                   boot_timeout_s=config.boot_timeout_s)
+            gateway_config = GatewayConfig(policy=config.policy, audit_path=run_dir / GATEWAY_AUDIT_FILE,
+                                           state_dir=run_dir / "gateway")
+            events.stage(f"starting the gateway (policy {config.policy}); every sandbox egresses through it")
+            with open_fleet(backend, supervisor, run_dir, template, gateway_config) as fleet:
+                run.data["gateway"] = {"policy": config.policy, "audit_file": GATEWAY_AUDIT_FILE}
+                if after_setup:
+                    after_setup(run)
+                sampler.start()
+                for warm in range(1, config.warmup + 1):
+                    run_round(run, fleet, -warm, measured=False, events=events)
                     run.save()
+                with (run_dir / BOOT_SAMPLES_FILE).open("a") as boot_samples:
+                    for round_index in range(config.repeat):
+                        records = run_round(run, fleet, round_index, measured=True, events=events)
+                        run.data["sandboxes"] += records
+                        for record in records:
+                            boot_samples.write(json.dumps(record) + "\n")
+                        run.data["summary"] = summarize_run(run.data)
+                        run.save()
             run.data["partial"] = False
     except (KeyboardInterrupt, Interrupted) as exc:
         run.data["interrupted_by"] = signal.Signals(exc.signum).name if isinstance(exc, Interrupted) else "SIGINT"
@@ -267,8 +247,11 @@ def run_bench(config: BenchConfig, events: BenchEvents | None = None,
         raise
     finally:
         sampler.stop()
-        run.data["leftover_vmm_pids"] = stop_all(run)
+        if fleet is not None:
+            run.data["leftover_vmm_pids"] += fleet.stop_all()
         supervisor.shutdown()
+        if (run_dir / GATEWAY_AUDIT_FILE).exists():
+            run.data.setdefault("gateway", {})["decisions"] = summarise_audit(run_dir / GATEWAY_AUDIT_FILE)
         run.data["summary"] = summarize_run(run.data)
         run.save()
         try:

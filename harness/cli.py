@@ -136,3 +136,13 @@ def image() -> None:
     console.print(f"guest kernel {built.kernel_release}: {built.kernel}\n"
                   f"initramfs ({built.initrd.stat().st_size // 1024} KiB, modules {', '.join(built.modules)}): "
                   f"{built.initrd}")
+
+
+def scenario(name: str, out: Path | None, **options: Any) -> None:
+    from harness.scenario import run_scenario
+
+    with user_errors():
+        exit_code, run_dir = run_scenario(name, options, out=out)
+    console.print(f"scenario {name}: exit {exit_code}\nresults: {run_dir / 'results.json'}\n"
+                  f"report:  {run_dir / 'report.html'}")
+    sys.exit(exit_code)

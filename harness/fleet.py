@@ -1,0 +1,120 @@
+"""A gateway and the sandboxes behind it: the unit that the bench and every scenario boot.
+
+The gateway starts first; each sandbox gets its own gateway listener (the only identity the
+gateway trusts) and, once its agent answers, the gateway's CA certificate in its trust store.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+
+from harness.gateway.process import GatewayConfig, GatewayProcess
+from harness.sandbox import Backend, Sandbox, SandboxSpec
+from harness.supervisor import Supervisor
+
+GUEST_CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
+"""Where OpenSSL-style clients in the guest look for trusted CAs."""
+
+
+class Fleet:
+    """Boots sandboxes behind one gateway and stops them, recording what it started."""
+
+    def __init__(self, backend: Backend, supervisor: Supervisor, run_dir: Path,
+                 gateway: GatewayProcess | None, template: SandboxSpec) -> None:
+        self.backend = backend
+        self.supervisor = supervisor
+        self.run_dir = run_dir
+        self.gateway = gateway
+        self.template = template
+        """Spec every sandbox starts from; id and workdir are filled in per sandbox."""
+        self.live: dict[str, Sandbox] = {}
+        self.provision_ms: dict[str, float] = {}
+        """Time spent after agent-ready installing the gateway CA, per sandbox."""
+        self._lock = threading.Lock()
+
+    def boot(self, sandbox_id: str, **overrides: object) -> Sandbox:
+        """Boot one sandbox behind its own gateway listener; raises BootFailed on failure."""
+        gateway_port = self.gateway.add_sandbox(sandbox_id) if self.gateway else None
+        spec = replace(self.template, id=sandbox_id, workdir=self.run_dir / "sandboxes" / sandbox_id,
+                       gateway_port=gateway_port, **overrides)  # type: ignore[arg-type]
+        try:
+            sandbox = self.backend.boot(spec, self.supervisor)
+        except BaseException:
+            self._forget_listener(sandbox_id)
+            raise
+        with self._lock:
+            self.live[sandbox_id] = sandbox
+        if self.gateway:
+            started = time.monotonic()
+            installed = sandbox.exec(f"mkdir -p {os.path.dirname(GUEST_CA_BUNDLE)} && cat > {GUEST_CA_BUNDLE}",
+                                     stdin=self.gateway.ca_cert_pem(), timeout=10)
+            if installed.rc != 0:
+                raise RuntimeError(f"installing the gateway CA in {sandbox_id} failed: {installed.stderr!r}")
+            self.provision_ms[sandbox_id] = round((time.monotonic() - started) * 1000, 2)
+        return sandbox
+
+    def stop(self, sandbox_id: str) -> list[int]:
+        """Stop one sandbox; return its host pids that are still alive afterwards."""
+        with self._lock:
+            sandbox = self.live.pop(sandbox_id, None)
+        left: list[int] = []
+        if sandbox is not None:
+            pids = sandbox.pids()
+            sandbox.stop()
+            left = [pid for pid in pids if _alive(pid)]
+        self._forget_listener(sandbox_id)
+        return left
+
+    def stop_all(self) -> list[int]:
+        left: list[int] = []
+        for sandbox_id in list(self.live):
+            left += self.stop(sandbox_id)
+        return left
+
+    def pids(self) -> dict[str, list[int]]:
+        with self._lock:
+            return {sandbox_id: sandbox.pids() for sandbox_id, sandbox in self.live.items()}
+
+    def _forget_listener(self, sandbox_id: str) -> None:
+        if self.gateway and self.gateway.running:
+            # A gateway that is going down takes its listeners with it.
+            with contextlib.suppress(Exception):
+                self.gateway.remove_sandbox(sandbox_id)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def start_gateway(config: GatewayConfig, supervisor: Supervisor) -> GatewayProcess:
+    """Start the gateway process and hand its process group to the supervisor."""
+    gateway = GatewayProcess(config).start()
+    supervisor.adopt(gateway.pid, "gateway")
+    return gateway
+
+
+@contextmanager
+def open_fleet(backend: Backend, supervisor: Supervisor, run_dir: Path, template: SandboxSpec,
+               gateway_config: GatewayConfig | None) -> Iterator[Fleet]:
+    """Gateway first, then sandboxes on demand; everything stopped on the way out, however it ends."""
+    gateway = start_gateway(gateway_config, supervisor) if gateway_config else None
+    fleet = Fleet(backend, supervisor, run_dir, gateway, template)
+    try:
+        yield fleet
+    finally:
+        fleet.stop_all()
+        if gateway:
+            pid = gateway.pid
+            gateway.stop()
+            supervisor.stop(pid)  # already gone; this drops its pid record

@@ -1,0 +1,121 @@
+"""Scenarios: one folder per scenario under scenarios/, each with a scenario.py exposing
+`create(options: dict) -> Scenario` and an optional `OPTIONS` dict documenting its flags.
+The runner owns the supervisor, the journal and results.json; the scenario only does its steps.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import signal
+import time
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from harness.bench import summarize_run
+from harness.errors import ConfigError
+from harness.paths import cache_dir
+from harness.report import render_report
+from harness.results import SCHEMA, host_info, new_run_id, write_results
+from harness.sandbox import BackendOptions, SandboxSpec, create_backend
+from harness.scenario.base import Scenario, ScenarioContext
+from harness.scenario.journal import Journal
+from harness.supervisor import Interrupted, Supervisor, signals_raise
+
+SCENARIOS_DIR = Path(__file__).resolve().parents[2] / "scenarios"
+"""Where scenario folders live (the repository's scenarios/)."""
+
+COMMON_DEFAULTS: dict[str, Any] = {"backend": "qemu", "accel": "auto", "mem_mib": 128, "boot_timeout_s": 60.0}
+
+
+def available_scenarios() -> list[str]:
+    return sorted(p.parent.name for p in SCENARIOS_DIR.glob("*/scenario.py"))
+
+
+def load_scenario_module(name: str) -> ModuleType:
+    path = SCENARIOS_DIR / name / "scenario.py"
+    if not path.exists():
+        raise ConfigError(f"unknown scenario {name!r}; choose one of: {', '.join(available_scenarios())}")
+    spec = importlib.util.spec_from_file_location(f"scenarios.{name.replace('-', '_')}", path)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_scenario(name: str, options: dict[str, Any], out: Path | None = None) -> tuple[int, Path]:
+    """Run scenario `name`; always writes results.json (partial if interrupted) and report.html."""
+    module = load_scenario_module(name)
+    options = {**COMMON_DEFAULTS, **{k: v for k, v in options.items() if v is not None}}
+    scenario: Scenario = module.create(options)
+    run_id = new_run_id()
+    run_dir = out or Path("results") / run_id
+    run_dir.mkdir(parents=True, exist_ok=True)
+    journal = Journal(scenario=name)
+    data: dict[str, Any] = {
+        "schema": SCHEMA, "run_id": run_id, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "partial": True,
+        "interrupted_by": None, "host": host_info(), "backend": {"name": options["backend"]}, "accel": None,
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in options.items()}, "rounds": [],
+        "sandboxes": [], "summary": summarize_run({"sandboxes": [], "rounds": []}),
+        "scenario": {"name": name, "journal": journal.to_dict(), "data": {}, "exit_code": None},
+    }
+    supervisor = Supervisor(run_id)
+    ctx: ScenarioContext | None = None
+
+    def save() -> None:
+        data["scenario"]["journal"] = journal.to_dict()
+        if ctx is not None:
+            data["scenario"]["data"] = ctx.data
+            data["sandboxes"] = list(ctx.boots)
+            data["summary"] = summarize_run(data)
+        write_results(run_dir, data)
+
+    save()
+    exit_code = 1
+    try:
+        with signals_raise():
+            backend = create_backend(options["backend"], BackendOptions(
+                cache=cache_dir(), accel=options["accel"], mem_mib=options["mem_mib"]))
+            data["backend"] = {"name": backend.name, **backend.describe()}
+            data["accel"] = backend.accel
+            template = SandboxSpec(id="", workdir=run_dir, accel=backend.accel, mem_mib=options["mem_mib"],
+                                   boot_timeout_s=options["boot_timeout_s"])
+            ctx = ScenarioContext(run_dir=run_dir, options=options, supervisor=supervisor, backend=backend,
+                                  template=template, journal=journal, save=save)
+            try:
+                scenario.setup(ctx)
+                save()
+                journal.steady_states["before"] = scenario.steady_state(ctx)
+                before = journal.steady_states["before"]
+                if before is not None and not before.get("met", True):
+                    journal.status = "aborted"
+                else:
+                    scenario.run(ctx)
+                    save()
+                    after = scenario.steady_state(ctx)
+                    journal.steady_states["after"] = after
+                    journal.deviated = after is not None and not after.get("met", True)
+                    journal.status = "completed"
+            finally:
+                scenario.rollback(ctx)
+            exit_code = scenario.exit_code(ctx)
+            data["partial"] = False
+    except (KeyboardInterrupt, Interrupted) as exc:
+        journal.status = "interrupted"
+        data["interrupted_by"] = signal.Signals(exc.signum).name if isinstance(exc, Interrupted) else "SIGINT"
+        raise
+    except Exception as exc:
+        journal.status = "failed"
+        data["interrupted_by"] = f"{type(exc).__name__}: {exc}"
+        raise
+    finally:
+        journal.end = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        supervisor.shutdown()
+        data["scenario"]["exit_code"] = exit_code
+        save()
+        try:
+            render_report(run_dir)
+        except Exception as exc:  # results.json is safe; a report bug must not hide the run's own outcome
+            data["report_error"] = f"{type(exc).__name__}: {exc}"
+            write_results(run_dir, data)
+    return exit_code, run_dir

@@ -1,0 +1,87 @@
+"""The protocol a scenario implements, and the context the runner hands it."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Protocol
+
+from harness.fleet import Fleet, open_fleet
+from harness.gateway.process import GatewayConfig
+from harness.sandbox import Backend, BootFailed, Sandbox, SandboxSpec
+from harness.scenario.journal import Journal
+from harness.supervisor import Supervisor
+
+
+class Scenario(Protocol):
+    """setup → steady state before → run → observe (steady state after) → rollback (always)."""
+
+    name: str
+    """CLI name, also the folder under scenarios/."""
+
+    def setup(self, ctx: ScenarioContext) -> None:
+        """Seed faults, plant honeytokens, boot what the run needs."""
+
+    def steady_state(self, ctx: ScenarioContext) -> dict[str, Any] | None:
+        """Probe the hypothesis; {"met": bool, ...}. None when the scenario has none."""
+
+    def run(self, ctx: ScenarioContext) -> None:
+        """The experiment itself."""
+
+    def rollback(self, ctx: ScenarioContext) -> None:
+        """Undo setup; runs on every exit path."""
+
+    def exit_code(self, ctx: ScenarioContext) -> int:
+        """0 when the scenario passed (e.g. no leak); non-zero gates CI."""
+
+
+@dataclass
+class ScenarioContext:
+    """What a scenario gets to work with. Everything it starts belongs to `supervisor`."""
+
+    run_dir: Path
+    options: dict[str, Any]
+    """Flags given on the command line (None where not given)."""
+    supervisor: Supervisor
+    backend: Backend
+    template: SandboxSpec
+    """Spec every sandbox starts from."""
+    journal: Journal
+    data: dict[str, Any] = field(default_factory=dict)
+    """Scenario-specific results, saved under results.json["scenario"]["data"]."""
+    boots: list[dict[str, Any]] = field(default_factory=list)
+    """Boot records of every sandbox the scenario booted (results.json["sandboxes"])."""
+    save: Callable[[], None] = lambda: None
+    """Write results.json now (the runner wires this); call it after each meaningful step."""
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def option(self, name: str, default: Any) -> Any:
+        value = self.options.get(name)
+        return default if value is None else value
+
+    @contextmanager
+    def fleet(self, gateway: GatewayConfig | None, **spec_overrides: Any) -> Iterator[Fleet]:
+        """A gateway (if given) plus sandboxes booted on demand, all stopped on exit."""
+        template = replace(self.template, **spec_overrides)
+        with open_fleet(self.backend, self.supervisor, self.run_dir, template, gateway) as fleet:
+            yield fleet
+
+    def boot(self, fleet: Fleet, sandbox_id: str, **overrides: Any) -> Sandbox:
+        """Boot one sandbox and record its boot like the bench does; raises BootFailed."""
+        record: dict[str, Any] = {"id": sandbox_id, "round": 0, "ok": False, "error": None, "boot_ms": None,
+                                  "phases_ms": {}, "host_rss_bytes": None, "host_pss_bytes": None,
+                                  "host_uss_bytes": None, "guest_mem_total_bytes": None}
+        with self._lock:
+            self.boots.append(record)
+        try:
+            sandbox = fleet.boot(sandbox_id, **overrides)
+        except BootFailed as exc:
+            record.update(error=exc.reason, phases_ms=exc.boot.phases_ms)
+            raise
+        meminfo = getattr(sandbox, "guest_meminfo", {})
+        record.update(ok=True, boot_ms=sandbox.boot.boot_ms, phases_ms=sandbox.boot.phases_ms,
+                      guest_mem_total_bytes=meminfo.get("MemTotal"))
+        return sandbox
