@@ -15,15 +15,17 @@ from invoke import task
     "repeat": "measured rounds (default 1)",
     "mem_mib": "guest RAM in MiB (default 128)",
     "boot_timeout": "seconds before a boot counts as failed (default 60)",
+    "boot_mode": "snapshot (restore a booted template, default) | cold (boot the kernel every time)",
+    "policy": "gateway policy: open | balanced | locked | path to a policy YAML (default balanced)",
 })
 def bench(c, sandboxes=None, backend=None, out=None, accel=None, concurrency=None, warmup=None, repeat=None,
-          mem_mib=None, boot_timeout=None):
+          mem_mib=None, boot_timeout=None, boot_mode=None, policy=None):
     """Boot N sandboxes, measure boot phases and host RAM, write results.json and report.html."""
     from harness import cli
 
     cli.bench(sandboxes=_int(sandboxes), backend=backend, out=Path(out) if out else None, accel=accel,
               concurrency=_int(concurrency), warmup=_int(warmup), repeat=_int(repeat), mem_mib=_int(mem_mib),
-              boot_timeout_s=float(boot_timeout) if boot_timeout else None)
+              boot_timeout_s=float(boot_timeout) if boot_timeout else None, boot_mode=boot_mode, policy=policy)
 
 
 @task
@@ -77,13 +79,14 @@ def image(c):
     "kube_context": "payments-service: a real cluster context instead of the embedded pod runtime",
     "max_sandboxes": "ram-pressure: cap on sandboxes",
     "duration": "seconds of load where the scenario runs load",
+    "boot_mode": "snapshot (default) | cold",
 })
 def scenario(c, name, sandboxes=None, out=None, backend=None, accel=None, mem_mib=None, leaky=False, file=None,
-             agent=None, fixer=None, kube_context=None, max_sandboxes=None, duration=None):
+             agent=None, fixer=None, kube_context=None, max_sandboxes=None, duration=None, boot_mode=None):
     """Run one scenario and write results.json + report.html; exits non-zero when the scenario fails."""
     from harness import cli
 
     cli.scenario(name, out=Path(out) if out else None, sandboxes=_int(sandboxes), backend=backend, accel=accel,
                  mem_mib=_int(mem_mib), leaky=leaky or None, file=file, agent=agent, fixer=fixer,
                  kube_context=kube_context, max_sandboxes=_int(max_sandboxes),
-                 duration_s=float(duration) if duration else None)
+                 duration_s=float(duration) if duration else None, boot_mode=boot_mode)

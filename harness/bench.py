@@ -29,6 +29,7 @@ from harness.results import (
     write_results,
 )
 from harness.sandbox import BackendOptions, BootFailed, SandboxSpec, available_backends, create_backend
+from harness.sandbox.qemu import BOOT_MODES
 from harness.supervisor import Interrupted, Supervisor, signals_raise
 
 IDLE_SETTLE_S = 2.0
@@ -66,6 +67,8 @@ class BenchConfig:
     """Idle time before memory is read."""
     policy: str = "balanced"
     """Gateway policy preset or file."""
+    boot_mode: str = "snapshot"
+    """snapshot: restore each sandbox from a booted template; cold: boot its kernel."""
 
     def validate(self) -> None:
         if not 1 <= self.sandboxes <= MAX_SANDBOXES:
@@ -78,6 +81,8 @@ class BenchConfig:
             raise ConfigError("--warmup must be >= 0 and --repeat >= 1")
         if self.mem_mib < 96:
             raise ConfigError(f"--mem-mib must be at least 96 (the guest kernel panics below), not {self.mem_mib}")
+        if self.boot_mode not in BOOT_MODES:
+            raise ConfigError(f"--boot-mode must be one of {', '.join(BOOT_MODES)}, not {self.boot_mode!r}")
         if self.boot_timeout_s <= 0:
             raise ConfigError("--boot-timeout must be positive")
 
@@ -212,7 +217,7 @@ def run_bench(config: BenchConfig, events: BenchEvents | None = None,
         with signals_raise():
             events.stage(f"preparing backend {config.backend} (image, accelerator)")
             backend = create_backend(config.backend, BackendOptions(
-                cache=cache_dir(), accel=config.accel, mem_mib=config.mem_mib))
+                cache=cache_dir(), accel=config.accel, mem_mib=config.mem_mib, boot_mode=config.boot_mode))
             run.data["backend"] = {"name": backend.name, **backend.describe()}
             run.data["accel"] = backend.accel
             events.stage(f"accelerator: {backend.accel} — {run.data['backend'].get('accel_reason', '')}")

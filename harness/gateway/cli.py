@@ -18,6 +18,7 @@ from harness.gateway.audit import ScrubFilter
 from harness.gateway.config import GatewayConfig
 from harness.gateway.control import ControlServer
 from harness.gateway.server import Gateway
+from harness.gateway.toxics import toxic_op
 
 log = logging.getLogger("harness.gateway")
 
@@ -46,6 +47,8 @@ async def serve(config: GatewayConfig, sandboxes: dict[str, int] | None = None, 
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    # SIGUSR1 removes every toxic: the way out of a chaos run when the control socket is unusable.
+    loop.add_signal_handler(signal.SIGUSR1, lambda: asyncio.ensure_future(toxic_op(gw, "toxic_clear", {})))
     control = ControlServer(gw, control_socket_path(config.state_dir), stop.set)
     await control.start()
     ports = {}

@@ -1,6 +1,9 @@
 """The control API: JSON lines over a unix socket that only the host user can open.
 
-Ops: health, add_sandbox {sandbox, port?}, remove_sandbox {sandbox}, stats, ca_cert, shutdown.
+Ops: health, add_sandbox {sandbox, port?}, remove_sandbox {sandbox}, stats, ca_cert, shutdown;
+toxics (toxics.py): toxic_add {toxic}, toxic_remove {name}, toxic_clear, toxic_list; and
+set_deny {deny_mode?, loop_breaker?, loop_threshold?, loop_window_s?} to switch the deny answer
+and the loop breaker between runs without restarting (the breaker's memory starts afresh).
 Guests can never reach it: it is not a TCP port, and their only path is their own listener.
 """
 
@@ -17,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.gateway.server import Gateway
+from harness.gateway.toxics import TOXIC_OPS, set_deny, toxic_op
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +86,10 @@ class ControlServer:
             return {"ok": True, "stats": gw.snapshot_stats()}
         if op == "ca_cert":
             return {"ok": True, "pem": gw.ca.cert_pem.decode()}
+        if op in TOXIC_OPS:
+            return await toxic_op(gw, op, request)
+        if op == "set_deny":
+            return set_deny(gw, request)
         if op == "shutdown":
             self._on_shutdown()
             return {"ok": True}

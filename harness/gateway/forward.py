@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import h11
@@ -72,10 +73,17 @@ class Upstream:
 class UpstreamPool:
     """Keep-alive upstream connections for one client connection (no cross-sandbox sharing)."""
 
-    def __init__(self, overrides: Overrides, tls: ssl.SSLContext, connect_timeout_s: float) -> None:
+    def __init__(
+        self,
+        overrides: Overrides,
+        tls: ssl.SSLContext,
+        connect_timeout_s: float,
+        wrap: Callable[[PlainStream, str, int], PlainStream] | None = None,
+    ) -> None:
         self._overrides = overrides
         self._tls = tls
         self._timeout = connect_timeout_s
+        self._wrap = wrap  # puts the gateway's toxics between this session and its upstreams
         self._idle: dict[tuple[str, str, int], Upstream] = {}
 
     async def get(self, scheme: str, host: str, port: int) -> Upstream:
@@ -86,6 +94,8 @@ class UpstreamPool:
         stream = await open_upstream(
             host, port, self._overrides, self._timeout, tls=self._tls if scheme == "https" else None
         )
+        if self._wrap is not None:
+            stream = self._wrap(stream, host, port)
         conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_RESPONSE_HEAD_BYTES)
         return Upstream(stream, conn)
 
@@ -195,7 +205,7 @@ async def _send_request(
             if isinstance(event, h11.Data):
                 ex.bytes_up += len(event.data)
                 up.stream.write(up.conn.send(event))
-                if up.stream.writer.transport.get_write_buffer_size() > WRITE_HIGH_WATER:
+                if up.stream.write_buffered() > WRITE_HIGH_WATER:
                     await up.stream.drain()
             elif isinstance(event, h11.EndOfMessage):
                 up.stream.write(up.conn.send(h11.EndOfMessage()))

@@ -170,6 +170,29 @@ class GatewayProcess:
         stats: dict[str, Any] = self._call("stats")["stats"]
         return stats
 
+    # ---- toxics (toxics.py) and deny switching -------------------------------------------
+    def add_toxic(self, toxic: dict[str, Any]) -> dict[str, Any]:
+        """Switch a toxic on: {"type": "latency", "attributes": {"latency": 300}, "upstream": "api.x.com"}."""
+        reply: dict[str, Any] = self._call("toxic_add", toxic=toxic)["toxic"]
+        return reply
+
+    def remove_toxic(self, name: str) -> bool:
+        return bool(self._call("toxic_remove", name=name)["removed"])
+
+    def clear_toxics(self) -> list[str]:
+        """Remove every toxic (the rollback of any chaos run). A stopped gateway has none."""
+        if not self.running:
+            return []
+        return list(self._call("toxic_clear")["removed"])
+
+    def toxics(self) -> dict[str, Any]:
+        """{"active": [toxic...], "applied": {name: connections or requests affected}}."""
+        return self._call("toxic_list")
+
+    def set_deny(self, **settings: Any) -> dict[str, Any]:
+        """deny_mode / loop_breaker / loop_threshold / loop_window_s at run time; resets the breaker."""
+        return self._call("set_deny", **{k: v for k, v in settings.items() if v is not None})
+
     def ca_cert_pem(self) -> bytes:
         """The CA certificate (public) that guests must trust. Never the key."""
         return str(self._call("ca_cert")["pem"]).encode()

@@ -20,6 +20,7 @@ from harness.gateway.policy import DENY_MODES, PolicyError, load_policy
 from harness.gateway.session import Session
 from harness.gateway.streams import STREAM_LIMIT
 from harness.gateway.tls import CertificateAuthority, upstream_client_context
+from harness.gateway.toxics import ToxicRegistry
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,8 @@ class Gateway:
         self.overrides = Overrides(config.upstream_overrides)
         self.dns_enabled = self.policy.dns if config.dns is None else config.dns
         self.listeners: dict[str, SandboxListener] = {}
+        self.toxics = ToxicRegistry()
+        self.down: set[str] = set()  # sandboxes whose listener a `down` toxic holds closed
         self.stats: Counter[str] = Counter()
         self.per_sandbox: dict[str, Counter[str]] = {}
         self._conn_ids = 0
@@ -75,14 +78,7 @@ class Gateway:
     async def add_sandbox(self, sandbox: str, port: int = 0) -> SandboxListener:
         if sandbox in self.listeners:
             return self.listeners[sandbox]
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((self.config.listen_host, port))
-
-        async def on_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            await self._on_client(sandbox, reader, writer)
-
-        server = await asyncio.start_server(on_client, sock=sock, limit=STREAM_LIMIT, backlog=LISTEN_BACKLOG)
+        server = await self._listen(sandbox, port)
         bound = server.sockets[0].getsockname()[1]
         listener = SandboxListener(sandbox, server, bound)
         if self.dns_enabled:
@@ -94,6 +90,37 @@ class Gateway:
         self.per_sandbox.setdefault(sandbox, Counter())
         log.info("sandbox %s: listening on %s:%d", sandbox, self.config.listen_host, bound)
         return listener
+
+    async def _listen(self, sandbox: str, port: int) -> asyncio.Server:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((self.config.listen_host, port))
+
+        async def on_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await self._on_client(sandbox, reader, writer)
+
+        return await asyncio.start_server(on_client, sock=sock, limit=STREAM_LIMIT, backlog=LISTEN_BACKLOG)
+
+    async def sync_down(self) -> None:
+        """Close or reopen listeners so they match the `down` toxics ("gateway down" for a sandbox).
+
+        Down: the listener closes (new connections are refused) and open connections are cut.
+        Back up: it listens again on the same port, which the guest's guestfwd still points at.
+        """
+        want = self.toxics.down_sandboxes(list(self.listeners))
+        for sandbox in want - self.down:
+            listener = self.listeners[sandbox]
+            listener.server.close()
+            for task in list(listener.active):
+                task.cancel()
+            await asyncio.gather(*listener.active, return_exceptions=True)
+            log.warning("sandbox %s: gateway down (toxic)", sandbox)
+        for sandbox in self.down - want:
+            listener = self.listeners.get(sandbox)
+            if listener is not None:
+                listener.server = await self._listen(sandbox, listener.port)
+                log.warning("sandbox %s: gateway back up", sandbox)
+        self.down = want
 
     async def remove_sandbox(self, sandbox: str) -> bool:
         listener = self.listeners.pop(sandbox, None)
@@ -165,6 +192,7 @@ class Gateway:
             "loop_trips": self.breaker.trips,
             "audit_records": self.audit.records,
             "audit_redactions": self.audit.redactions,
+            "toxics": self.toxics.snapshot(),
         }
 
     async def close(self) -> None:

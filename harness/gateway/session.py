@@ -34,6 +34,7 @@ from harness.gateway.loopbreaker import LoopVerdict
 from harness.gateway.names import DEFAULT_PORTS, HostError, parse_authority
 from harness.gateway.policy import normalise_path
 from harness.gateway.streams import PlainStream, Stream, TlsServerStream
+from harness.gateway.toxics import Toxic, ToxicStream
 from harness.gateway.tunnel import relay
 
 if TYPE_CHECKING:
@@ -102,7 +103,13 @@ class Session:
         self.client = PlainStream(reader, writer)
         self.limits = gw.limits
         self.counters = gw.per_sandbox.setdefault(sandbox, Counter())
-        self.pool = UpstreamPool(gw.overrides, gw.upstream_tls, gw.limits.connect_timeout_s)
+        self.pool = UpstreamPool(gw.overrides, gw.upstream_tls, gw.limits.connect_timeout_s, self._toxic_stream)
+
+    def _toxic_stream(self, upstream: PlainStream, host: str, port: int) -> PlainStream:
+        """Every forwarded upstream connection runs through the toxics (a no-op while there are none),
+        so a toxic switched on mid-run reaches keep-alive connections too."""
+        up, down = self.gw.toxics.links(self.sandbox, host, port, [self.client, upstream])
+        return ToxicStream(upstream, up, down)  # type: ignore[return-value]
 
     async def run(self) -> None:
         try:
@@ -329,6 +336,10 @@ class Session:
     async def blind_tunnel(self, stream: Stream, host: str, port: int, rule: str, leftover: bytes, t0: float) -> None:
         assert isinstance(stream, PlainStream)
         gw = self.gw
+        if gw.toxics.active and (toxic := gw.toxics.http_status(self.sandbox, host, port)) is not None:
+            # The gateway cannot speak inside a blind tunnel: the toxic answers the CONNECT itself.
+            await self.toxic_answer(None, stream, toxic, "CONNECT", None, host, port, None, rule, False, t0)
+            return
         try:
             upstream = await open_upstream(host, port, gw.overrides, self.limits.connect_timeout_s)
         except DialError as exc:
@@ -350,6 +361,7 @@ class Session:
                 upstream.writer,
                 self.limits.tunnel_idle_timeout_s,
                 counter,
+                gw.toxics.links(self.sandbox, host, port, [stream, upstream]),
             )
         except (ConnectionError, OSError, TimeoutError):
             pass
@@ -522,6 +534,9 @@ class Session:
                 rule=decision.rule,
                 intercepted=intercepted,
             )
+        if gw.toxics.active and (toxic := gw.toxics.http_status(self.sandbox, host, port)) is not None:
+            return await self.toxic_answer(conn, stream, toxic, method, scheme, host, port, norm_path, decision.rule,
+                                           intercepted, t0)
         cred = gw.credentials.for_dest(host, port)
         self.count("allowed", 1)
         fields = dict(
@@ -583,6 +598,42 @@ class Session:
             duration_ms=round((time.perf_counter() - t0) * 1000.0, 3),
             **fields,  # type: ignore[arg-type]
         )
+        return True
+
+    async def toxic_answer(
+        self,
+        conn: h11.Connection | None,
+        stream: Stream,
+        toxic: Toxic,
+        method: str,
+        scheme: str | None,
+        host: str,
+        port: int,
+        path: str | None,
+        rule: str,
+        intercepted: bool,
+        t0: float,
+    ) -> bool:
+        """An http_status toxic answers in the upstream's place (429 + Retry-After, 5xx). Audited
+        as an error with the toxic's name, so chaos traffic is never mistaken for a real answer."""
+        status = int(toxic.attributes["status"])
+        headers = [(b"content-type", b"text/plain; charset=utf-8"), (b"x-blastradius-toxic", toxic.name.encode())]
+        if toxic.attributes.get("retry_after") is not None:
+            headers.append((b"retry-after", str(int(toxic.attributes["retry_after"])).encode()))
+        answer = DenyAnswer(status, headers, f"blastradius toxic {toxic.name}: upstream answered {status}\n".encode())
+        self.count("toxic_answers", 1)
+        self.audit(event="connect" if conn is None else "request", decision="error", method=method, scheme=scheme,
+                   host=host, port=port, path=path, rule=rule, status=status, intercepted=intercepted,
+                   reason=f"toxic:{toxic.name}", duration_ms=round((time.perf_counter() - t0) * 1000.0, 3))
+        if conn is None or not await self._drain_request(conn, stream):
+            stream.write(raw_response(answer, close=True))
+            await stream.drain()
+            return False
+        headers.append((b"content-length", str(len(answer.body)).encode()))
+        stream.write(conn.send(h11.Response(status_code=status, headers=headers, reason=REASONS.get(status, b""))))
+        stream.write(conn.send(h11.Data(data=answer.body)))
+        stream.write(conn.send(h11.EndOfMessage()))
+        await stream.drain()
         return True
 
     @staticmethod

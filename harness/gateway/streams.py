@@ -40,6 +40,10 @@ class PlainStream:
     def write(self, data: bytes) -> None:
         self.writer.write(data)
 
+    def write_buffered(self) -> int:
+        """Bytes written but not yet handed to the kernel (the forwarder's back-pressure check)."""
+        return int(self.writer.transport.get_write_buffer_size())
+
     async def drain(self) -> None:
         await self.writer.drain()
 

@@ -103,7 +103,7 @@ class _ProxyUser(User):
         t0 = time.perf_counter()
         length, exc = 0, None
         try:
-            response = self.client.request(self.method, self.url, self.body(), self.headers, stream=stream)
+            response = self.client.request(self.method, self.url, self.body(), self.headers)
             length = response.length
             if response.status not in EXPECTED_STATUS[self.kind]:
                 exc = RequestFailed(f"http_{response.status}")

@@ -41,6 +41,8 @@ class BackendOptions:
     """Guest RAM per sandbox."""
     vcpus: int = 1
     """vCPUs per sandbox."""
+    boot_mode: str = "snapshot"
+    """snapshot (restore a booted template) or cold (boot the kernel each time), where the backend can."""
 
 
 @dataclass

@@ -25,7 +25,8 @@ from harness.supervisor import Interrupted, Supervisor, signals_raise
 SCENARIOS_DIR = Path(__file__).resolve().parents[2] / "scenarios"
 """Where scenario folders live (the repository's scenarios/)."""
 
-COMMON_DEFAULTS: dict[str, Any] = {"backend": "qemu", "accel": "auto", "mem_mib": 128, "boot_timeout_s": 60.0}
+COMMON_DEFAULTS: dict[str, Any] = {"backend": "qemu", "accel": "auto", "mem_mib": 128, "boot_timeout_s": 60.0,
+                                   "boot_mode": "snapshot"}
 
 
 def available_scenarios() -> list[str]:
@@ -75,7 +76,8 @@ def run_scenario(name: str, options: dict[str, Any], out: Path | None = None) ->
     try:
         with signals_raise():
             backend = create_backend(options["backend"], BackendOptions(
-                cache=cache_dir(), accel=options["accel"], mem_mib=options["mem_mib"]))
+                cache=cache_dir(), accel=options["accel"], mem_mib=options["mem_mib"],
+                boot_mode=options["boot_mode"]))
             data["backend"] = {"name": backend.name, **backend.describe()}
             data["accel"] = backend.accel
             template = SandboxSpec(id="", workdir=run_dir, accel=backend.accel, mem_mib=options["mem_mib"],

@@ -11,12 +11,14 @@ from harness.report.format import ms
 
 ORDER = 10
 
-PHASE_ORDER = ["vmm", "kernel", "userspace", "agent"]
+PHASE_ORDER = ["vmm", "kernel", "userspace", "agent", "restore", "identity"]
 PHASE_MEANING = {
     "vmm": "spawn → kernel start (VMM set-up, firmware, kernel decompression)",
     "kernel": "kernel start → /init (guest uptime at init)",
     "userspace": "/init → network up (modules, mounts, interfaces)",
     "agent": "network up → first answer from the guest agent",
+    "restore": "spawn → first agent answer of a guest restored from the template snapshot",
+    "identity": "rename the clone and mix host randomness into its entropy pool",
 }
 BOOT_TARGET_MS = 1500.0
 """Issue #2's p50 target under TCG on 2 cores."""

@@ -25,6 +25,9 @@ def section(data: dict[str, Any], run_dir: Path) -> Section:
         ["warm-up rounds (discarded)", config.get("warmup")],
         ["measured rounds", config.get("repeat")],
         ["guest RAM", f"{config.get('mem_mib')} MiB"],
+        ["boot mode", f"{backend.get('boot_mode', '—')} (snapshot: restored from a booted template, "
+                      f"{(backend.get('snapshot_bytes') or 0) // 2**20} MiB vmstate)"
+         if backend.get("boot_mode") == "snapshot" else backend.get("boot_mode", "—")],
         ["guest kernel", backend.get("kernel_release", "—")],
         ["kernel command line", backend.get("kernel_cmdline", "—")],
     ]
