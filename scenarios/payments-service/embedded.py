@@ -121,6 +121,12 @@ class EmbeddedCluster:
         return {name: self._exec(f"cat {GUEST_MANIFESTS}/{shlex.quote(name)}") for name in listing
                 if name.endswith((".yaml", ".yml"))}
 
+    def write(self, name: str, text: str) -> None:
+        """Save a manifest in the guest and `kubectl apply` it, as an agent would."""
+        path = f"{GUEST_MANIFESTS}/{name}"
+        self.push(path, text.encode())
+        self._exec(f"kubectl apply -f {shlex.quote(path)}")
+
     def apply(self, text: str) -> str:
         """Compile the manifests into a new generation and flip podrt to it; returns the new pod's name."""
         from_manifests = _sibling("manifests")
