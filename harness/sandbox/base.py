@@ -27,6 +27,9 @@ class SandboxSpec:
     """kvm or tcg, decided by the accel probe."""
     boot_timeout_s: float = 60.0
     """A guest whose agent has not answered by then is a failed boot."""
+    free_page_reporting: bool = True
+    """virtio-balloon free page reporting: the guest hands freed RAM back to the host (ram-pressure turns it
+    off to measure the difference; a snapshot template is made with it on, so restore only with it on)."""
 
 
 @dataclass(frozen=True)

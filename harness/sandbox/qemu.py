@@ -180,7 +180,7 @@ class Microvm:
             *self.kernel_args(),
             "-netdev", netdev,
             "-device", "virtio-net-device,netdev=n0",
-            "-device", "virtio-balloon-device,free-page-reporting=on",
+            "-device", f"virtio-balloon-device,free-page-reporting={'on' if spec.free_page_reporting else 'off'}",
             *self.extra_args,
         ]
 
