@@ -208,9 +208,7 @@ class PaymentsService:
     def _boot(self, ctx: Any) -> None:
         from harness.gateway.process import GatewayConfig
 
-        mem = int(ctx.option("mem_mib", GUEST_MEM_MIB))
-        if mem < MIN_GUEST_MEM_MIB:
-            mem = GUEST_MEM_MIB
+        mem = max(int(ctx.option("mem_mib", GUEST_MEM_MIB)), MIN_GUEST_MEM_MIB)
         ctx.data["guest_mem_mib"] = mem
         gateway = GatewayConfig(policy="balanced", audit_path=ctx.run_dir / "gateway-audit.jsonl",
                                 state_dir=ctx.run_dir / "gateway")
@@ -357,4 +355,8 @@ class PaymentsService:
 
 
 def create(options: dict[str, Any]) -> PaymentsService:
+    # The runner builds the backend (and its snapshot template, made at one RAM size) from this same dict
+    # after create(), so raising the guest RAM here sizes the template too.
+    if int(options.get("mem_mib") or 0) < MIN_GUEST_MEM_MIB:
+        options["mem_mib"] = GUEST_MEM_MIB
     return PaymentsService(options)
