@@ -14,6 +14,8 @@ from harness.metrics.stats import percentile
 
 PERCENTILES = {"p50": 50.0, "p90": 90.0, "p95": 95.0, "p99": 99.0, "p99.9": 99.9}
 TIMELINE_BIN_S = 1.0
+COMPARABLE_KINDS = ("model", "download")
+"""Kinds the direct path also carries; a target's aggregate added latency is over these only."""
 STREAM_SUFFIX = "-ttfb"
 """Extra sample names (time to first byte) that are not requests of their own."""
 
@@ -87,6 +89,7 @@ def summarise_phase(samples: list[Sample], warmup_s: float, duration_s: float) -
     for s in measured:
         by_kind[s.name].append(s)
     result = figures(requests, span)
+    result["comparable"] = figures([s for s in requests if s.name in COMPARABLE_KINDS], span)
     result["window_s"] = round(span, 2)
     result["window"] = [start, end]
     result["traffic"] = {kind: figures(group, span) for kind, group in sorted(by_kind.items())}

@@ -17,6 +17,8 @@ import psutil
 SAMPLE_INTERVAL_S = 0.5
 SATURATED_PCT = 90.0
 """A generator process above this share of one core (mean over the measured window) is saturated."""
+HOST = "host"
+"""Pseudo-group: the whole host's busy CPU, in % of one core (200 = both cores of a 2-core host)."""
 
 
 def _tree(pid: int) -> list[psutil.Process]:
@@ -39,6 +41,7 @@ class CpuSampler:
     _procs: dict[int, psutil.Process] = field(default_factory=dict)
 
     def start(self) -> CpuSampler:
+        psutil.cpu_percent(None)  # prime the host-wide counter
         self._thread = threading.Thread(target=self._run, name="cpu-sampler", daemon=True)
         self._thread.start()
         return self
@@ -67,13 +70,15 @@ class CpuSampler:
                     per_root[root] = share
                     total += share
                 per_group[group] = total
+            # Whole-host busy share in % of one core: other tenants of the host count against us too.
+            per_group[HOST] = psutil.cpu_percent(None) * (psutil.cpu_count() or 1)
             self.samples.append((time.time(), per_group, per_root))
 
     def summary(self, start: float, end: float, per_root_of: str | None = None) -> dict[str, Any]:
         """Mean and max % of one core per group inside [start, end]; per root pid for per_root_of."""
         window = [s for s in self.samples if start <= s[0] <= end] or self.samples[-2:]
         out: dict[str, Any] = {}
-        for group, roots in self.groups.items():
+        for group, roots in [*self.groups.items(), (HOST, [])]:
             values = [s[1].get(group, 0.0) for s in window]
             entry: dict[str, Any] = {
                 "mean_pct": round(sum(values) / len(values), 1) if values else None,
@@ -93,3 +98,9 @@ def generator_saturated(cpu: dict[str, Any], group: str = "generator") -> bool:
     """True when any single generator process averaged more than SATURATED_PCT of a core."""
     per = cpu.get(group, {}).get("per_process_mean_pct") or {}
     return any(v is not None and v > SATURATED_PCT for v in per.values())
+
+
+def host_saturated(cpu: dict[str, Any]) -> bool:
+    """True when the host as a whole was busier than SATURATED_PCT of all its cores."""
+    mean = cpu.get(HOST, {}).get("mean_pct")
+    return mean is not None and mean > SATURATED_PCT * (psutil.cpu_count() or 1)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import socket
 import subprocess
 import sys
@@ -20,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.load.analyse import read_history, read_samples, summarise_phase, timeline
-from harness.load.cpu import CpuSampler, generator_saturated
+from harness.load.cpu import CpuSampler, generator_saturated, host_saturated
 from harness.load.plan import USER_CLASS, LoadPlan
 from harness.supervisor import Supervisor
 
@@ -92,7 +93,8 @@ def run_phase(plan: LoadPlan, spec: PhaseSpec, out_dir: Path, supervisor: Superv
                  "--expect-workers", str(spec.workers + spec.remote_workers),
                  "--expect-workers-max-wait", str(EXPECT_WORKERS_MAX_WAIT_S)]
     argv += classes
-    cpu = CpuSampler(groups={"generator": [], "proxy": list(proxy_pids)})
+    # "upstream" is this process: the loopback upstream runs in a thread of the harness.
+    cpu = CpuSampler(groups={"generator": [], "proxy": list(proxy_pids), "upstream": [os.getpid()]})
     started: list[subprocess.Popen[bytes]] = []
     t_start = time.time()
     try:
@@ -133,6 +135,7 @@ def run_phase(plan: LoadPlan, spec: PhaseSpec, out_dir: Path, supervisor: Superv
         exit_code=master.returncode,
         cpu=cpu_figures,
         generator_saturated=generator_saturated(cpu_figures),
+        host_saturated=host_saturated(cpu_figures),
         timeline=timeline(samples, origin),
         history=read_history(out_dir / f"{CSV_PREFIX}_stats_history.csv", origin),
         files={"dir": str(out_dir), "csv_prefix": CSV_PREFIX},
