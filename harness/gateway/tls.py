@@ -122,10 +122,18 @@ def _write_private(path: Path, data: bytes) -> None:
         fh.write(data)
 
 
+GUEST_FACING_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:@SECLEVEL=0"
+"""Only forward-secret AEAD suites, but SECLEVEL 0: busybox's ssl_client (the embedded guests' TLS
+client) sends no signature_algorithms extension, so TLS 1.2 falls back to SHA-1 handshake
+signatures, which OpenSSL's default security level refuses. TLS 1.3 clients are unaffected, and the
+gateway's own upstream connections keep the default, strict context."""
+
+
 def server_context_from_pem(cert_chain_pem: bytes, key_pem: bytes, scratch_dir: Path) -> ssl.SSLContext:
     """ssl can only load a key from a file: write it privately, load it, delete it at once."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.set_ciphers(GUEST_FACING_CIPHERS)
     ctx.set_alpn_protocols(ALPN)
     scratch_dir.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(dir=scratch_dir, suffix=".pem")
