@@ -108,7 +108,8 @@ def grade(statuses: list[tuple[float, dict[str, Any]]], events: list[dict[str, A
     """statuses: (seconds since the rollout, status) of the rolled-out pod, in time order; events: its events."""
     static = static_problems(deployment)
     problems = observed_problems(statuses, events)
-    problems += [p for p in static if (p.what, p.container) not in {(q.what, q.container) for q in problems}]
+    # Both kinds are kept: what was seen says it is still broken, the manifest line says where.
+    problems += static
     if not changed:
         problems.insert(0, Problem("manifests-unchanged", None, "the fixer did not change the manifests"))
     for error in apply_errors or []:
