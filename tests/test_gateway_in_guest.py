@@ -127,7 +127,8 @@ def test_blocked_name_does_not_resolve_in_the_guest(guest: Sandbox) -> None:
 
 
 def test_every_decision_is_audited_without_the_secret(fleet: Fleet, guest: Sandbox) -> None:
-    http_request(guest, "GET http://blocked.evil.test/ HTTP/1.1\r\nHost: blocked.evil.test\r\nConnection: close\r\n\r\n")
+    http_request(guest, "GET http://blocked.evil.test/ HTTP/1.1\r\nHost: blocked.evil.test\r\n"
+                        "Connection: close\r\n\r\n")
     text = fleet.gateway.audit_path.read_text()
     records = [json.loads(line) for line in text.splitlines()]
     assert any(r["host"] == "blocked.evil.test" and r["decision"] == "deny" for r in records)

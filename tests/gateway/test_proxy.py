@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import socket
 import ssl
+import time
 
 import pytest
 
@@ -226,6 +227,9 @@ def test_intercepted_request_for_another_host_is_refused(gateway: GatewayProcess
     assert tls_request(port, "api.anthropic.com:443", ca, absolute).status == 400
 
 
+AUDIT_WAIT_S = 2.0
+
+
 @pytest.mark.parametrize("sni", [None, "evil.test"])
 def test_missing_or_wrong_sni_to_intercepted_host_is_refused(
     gateway: GatewayProcess, port: int, upstream: UpstreamServer, sni: str | None
@@ -239,8 +243,14 @@ def test_missing_or_wrong_sni_to_intercepted_host_is_refused(
         tls.sendall(anthropic_call())
         recv_all(tls)
     assert upstream.received() == []
-    reasons = [r["reason"] for r in gateway.audit_records() if r["event"] == "connect"]
-    assert ("tls-no-sni" if sni is None else "tls-sni-mismatch") in reasons
+    expected = "tls-no-sni" if sni is None else "tls-sni-mismatch"
+    # The client sees the handshake fail before the gateway has written its audit line.
+    deadline = time.monotonic() + AUDIT_WAIT_S
+    while expected not in (reasons := [r["reason"] for r in gateway.audit_records() if r["event"] == "connect"]):
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.02)
+    assert expected in reasons
 
 
 def test_intercepted_host_rejects_untrusted_ca(port: int) -> None:
