@@ -439,7 +439,8 @@ def recommend(cells: list[dict[str, Any]], collateral: dict[str, Any]) -> str:
     if not totals:
         return "no data"
     safe = {k: v for k, v in totals.items() if collateral.get(k[0], {}).get("allowed_ok", 2) == 2} or totals
-    best = min(safe, key=lambda k: (safe[k][0] + safe[k][1], safe[k][2]))
+    # Ties go to the breaker being on: it also guards clients that were not in this run.
+    best = min(safe, key=lambda k: (safe[k][0] + safe[k][1], not k[1], safe[k][2]))
     worst = max(totals, key=lambda k: (totals[k][0] + totals[k][1], totals[k][2]))
     hurt = sorted(m for m, c in collateral.items() if c.get("allowed_ok", 2) < 2)
 
