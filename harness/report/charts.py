@@ -85,3 +85,50 @@ def time_series(panels: list[tuple[str, dict[str, tuple[list[float], list[float]
         axes[0].set_title(title)
         axes[-1].set_xlabel(xlabel)
         return to_data_uri(fig)
+
+
+def heatmap(rows: list[str], columns: list[str], values: list[list[float | None]], title: str,
+            unit: str = "", fmt: str = "{:.0f}") -> str:
+    """A rows x columns matrix, each cell coloured by value and labelled with it (None: blank)."""
+    import numpy as np
+
+    grid = np.array([[np.nan if v is None else float(v) for v in row] for row in values], dtype=float)
+    with figure(height=max(2.4, 0.55 * len(rows) + 1.4)) as fig:
+        ax = fig.add_subplot()
+        image = ax.imshow(np.ma.masked_invalid(grid), cmap="OrRd", aspect="auto")
+        ax.set_xticks(range(len(columns)), columns, fontsize="small")
+        ax.set_yticks(range(len(rows)), rows, fontsize="small")
+        ax.tick_params(axis="x", labelrotation=30)
+        finite = grid[np.isfinite(grid)]
+        middle = float(finite.max()) / 2 if finite.size else 0.0
+        for i, row in enumerate(values):
+            for j, value in enumerate(row):
+                if value is not None:
+                    ax.text(j, i, fmt.format(value), ha="center", va="center", fontsize="small",
+                            color="white" if float(value) > middle else "black")
+        fig.colorbar(image, ax=ax, label=unit)
+        ax.set_title(title)
+        return to_data_uri(fig)
+
+
+def time_series_windows(panels: list[tuple[str, dict[str, tuple[list[float], list[float | None]]]]],
+                        windows: list[tuple[float, float, str]], xlabel: str, title: str,
+                        hlines: dict[int, tuple[float, str]] | None = None) -> str:
+    """Like time_series, with shaded (start, end, label) windows on every panel (fault windows)
+    and an optional dashed threshold line per panel index."""
+    with figure(height=2.4 * len(panels)) as fig:
+        axes = fig.subplots(len(panels), 1, sharex=True, squeeze=False)[:, 0]
+        for index, (ax, (ylabel, series)) in enumerate(zip(axes, panels, strict=True)):
+            for w_index, (start, end, label) in enumerate(windows):
+                ax.axvspan(start, end, color=PALETTE[(w_index + 3) % len(PALETTE)], alpha=0.15,
+                           label=label if index == 0 else None)
+            for color, (name, (xs, ys)) in zip(PALETTE, series.items(), strict=False):
+                ax.plot(xs, [float("nan") if y is None else y for y in ys], label=name, color=color, linewidth=1.2)
+            if hlines and index in hlines:
+                ax.axhline(hlines[index][0], color="#c44e52", linestyle="--", linewidth=1, label=hlines[index][1])
+            ax.set_ylabel(ylabel)
+            if index == 0 or len(series) > 1 or (hlines and index in hlines):
+                ax.legend(loc="upper right", fontsize="x-small")
+        axes[0].set_title(title)
+        axes[-1].set_xlabel(xlabel)
+        return to_data_uri(fig)
