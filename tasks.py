@@ -17,15 +17,29 @@ from invoke import task
     "boot_timeout": "seconds before a boot counts as failed (default 60)",
     "boot_mode": "snapshot (restore a booted template, default) | cold (boot the kernel every time)",
     "policy": "gateway policy: open | balanced | locked | path to a policy YAML (default balanced)",
+    "guest_samples": "timed requests through the gateway from inside each sandbox (default 10)",
+    "proxy": "run the Locust proxy-latency comparison (default on; --no-proxy skips it)",
+    "users": "Locust users per target",
+    "spawn_rate": "Locust users started per second",
+    "duration": "seconds of load per target",
+    "workers": "local Locust worker processes under one master",
+    "master_host": "bind the Locust master here and wait for remote workers (Locust distributed mode)",
+    "targets": "comma list: direct,gateway,gateway-intercept,squid,tinyproxy,mitmproxy",
+    "traffic": "comma list: model,download,blocked",
 })
 def bench(c, sandboxes=None, backend=None, out=None, accel=None, concurrency=None, warmup=None, repeat=None,
-          mem_mib=None, boot_timeout=None, boot_mode=None, policy=None):
+          mem_mib=None, boot_timeout=None, boot_mode=None, policy=None, guest_samples=None, proxy=True, users=None,
+          spawn_rate=None, duration=None, workers=None, master_host=None, targets=None, traffic=None):
     """Boot N sandboxes, measure boot phases and host RAM, write results.json and report.html."""
     from harness import cli
 
     cli.bench(sandboxes=_int(sandboxes), backend=backend, out=Path(out) if out else None, accel=accel,
               concurrency=_int(concurrency), warmup=_int(warmup), repeat=_int(repeat), mem_mib=_int(mem_mib),
-              boot_timeout_s=float(boot_timeout) if boot_timeout else None, boot_mode=boot_mode, policy=policy)
+              boot_timeout_s=_float(boot_timeout), boot_mode=boot_mode, policy=policy,
+              guest_samples=_int(guest_samples),
+              proxy=cli.proxy_config(proxy, users=_int(users), spawn_rate=_float(spawn_rate),
+                                     duration_s=_float(duration), workers=_int(workers), master_host=master_host,
+                                     targets=_list(targets), traffic=_list(traffic)))
 
 
 @task
@@ -54,7 +68,17 @@ def _int(value):
     """Flags arrive as strings; a bad number becomes a clear error in harness.cli."""
     from harness import cli
 
-    return cli.parse_int(value)
+    return cli.parse_number(value, int)
+
+
+def _float(value):
+    from harness import cli
+
+    return cli.parse_number(value, float)
+
+
+def _list(value):
+    return [item.strip() for item in value.split(",") if item.strip()] if value else None
 
 
 @task
@@ -89,4 +113,4 @@ def scenario(c, name, sandboxes=None, out=None, backend=None, accel=None, mem_mi
     cli.scenario(name, out=Path(out) if out else None, sandboxes=_int(sandboxes), backend=backend, accel=accel,
                  mem_mib=_int(mem_mib), leaky=leaky or None, file=file, agent=agent, fixer=fixer,
                  kube_context=kube_context, max_sandboxes=_int(max_sandboxes),
-                 duration_s=float(duration) if duration else None, boot_mode=boot_mode)
+                 duration_s=_float(duration), boot_mode=boot_mode)

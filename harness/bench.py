@@ -16,6 +16,10 @@ from harness.errors import ConfigError
 from harness.fleet import Fleet, open_fleet
 from harness.gateway.audit import summarise as summarise_audit
 from harness.gateway.process import GatewayConfig
+from harness.gateway.upstream import DEFAULT_NAMES as UPSTREAM_NAMES
+from harness.gateway.upstream import UpstreamServer
+from harness.load.bench import ProxyBenchConfig, load_partial, run_proxy_bench
+from harness.load.guest import sample_in_guest
 from harness.metrics.memory import MemorySampler, mem_available_bytes, process_memory
 from harness.metrics.stats import summarize
 from harness.paths import cache_dir
@@ -36,6 +40,10 @@ IDLE_SETTLE_S = 2.0
 """Wait after the last boot of a round before reading idle memory."""
 
 GATEWAY_AUDIT_FILE = "gateway-audit.jsonl"
+
+GUEST_SAMPLE_HOST = "deb.debian.org"
+"""A host the balanced policy allows on plain http :80; the gateway sends it to the local upstream."""
+GUEST_SAMPLE_URL = f"http://{GUEST_SAMPLE_HOST}/bytes/1024"
 
 MAX_SANDBOXES = 256
 """Sanity bound on --sandboxes; ram-pressure finds the real limit."""
@@ -69,8 +77,16 @@ class BenchConfig:
     """Gateway policy preset or file."""
     boot_mode: str = "snapshot"
     """snapshot: restore each sandbox from a booted template; cold: boot its kernel."""
+    guest_samples: int = 10
+    """Timed requests through the gateway from inside each sandbox of the last round (0 = none)."""
+    proxy: ProxyBenchConfig | None = field(default_factory=ProxyBenchConfig)
+    """The Locust latency comparison through the gateway and its peers; None skips it."""
 
     def validate(self) -> None:
+        if self.proxy is not None:
+            self.proxy.validate()
+        if self.guest_samples < 0:
+            raise ConfigError("--guest-samples must be >= 0")
         if not 1 <= self.sandboxes <= MAX_SANDBOXES:
             raise ConfigError(f"--sandboxes must be between 1 and {MAX_SANDBOXES}, not {self.sandboxes}")
         if self.backend not in available_backends():
@@ -134,8 +150,8 @@ def boot_one(fleet: Fleet, record: dict[str, Any]) -> None:
                   guest_mem_total_bytes=meminfo.get("MemTotal"), guest_mem_free_bytes=meminfo.get("MemFree"))
 
 
-def run_round(run: BenchRun, fleet: Fleet, round_index: int, measured: bool,
-              events: BenchEvents) -> list[dict[str, Any]]:
+def run_round(run: BenchRun, fleet: Fleet, round_index: int, measured: bool, events: BenchEvents,
+              while_live: Callable[[list[dict[str, Any]]], None] | None = None) -> list[dict[str, Any]]:
     """Boot N at once, read idle memory, stop them all, and check no VMM is left."""
     config = run.config
     label = f"round {round_index}" if measured else f"warm-up {-round_index}"
@@ -167,10 +183,22 @@ def run_round(run: BenchRun, fleet: Fleet, round_index: int, measured: bool,
                 for key, value in process_memory(pid).items():
                     totals[key] += value
             record.update(host_rss_bytes=totals["rss"], host_pss_bytes=totals["pss"], host_uss_bytes=totals["uss"])
+        if while_live:
+            while_live(ok)
     run.data["leftover_vmm_pids"] += fleet.stop_all()
     events.round_finished(label)
     run.data["rounds"].append(round_info)
     return records
+
+
+def sample_guests(run: BenchRun, fleet: Fleet, ok: list[dict[str, Any]], events: BenchEvents) -> None:
+    """The latency an agent inside actually sees: timed requests through its gateway listener."""
+    events.stage(f"timing {run.config.guest_samples} requests through the gateway from inside each sandbox")
+    samples = {}
+    for record in ok:
+        samples[record["id"]] = sample_in_guest(fleet.live[record["id"]], GUEST_SAMPLE_URL,
+                                                n=run.config.guest_samples)
+    run.data["guest_latency"] = {"url": GUEST_SAMPLE_URL, "accel": run.data["accel"], "sandboxes": samples}
 
 
 def summarize_run(data: dict[str, Any]) -> dict[str, Any]:
@@ -212,6 +240,7 @@ def run_bench(config: BenchConfig, events: BenchEvents | None = None,
     run.save()
     supervisor = Supervisor(run_id)
     fleet: Fleet | None = None
+    upstream: UpstreamServer | None = None
     sampler = MemorySampler(run_dir / MEMORY_SAMPLES_FILE, lambda: fleet.pids() if fleet else {})
     try:
         with signals_raise():
@@ -224,8 +253,10 @@ def run_bench(config: BenchConfig, events: BenchEvents | None = None,
             run.save()
             template = SandboxSpec(id="", workdir=run_dir, accel=backend.accel, mem_mib=config.mem_mib,
                                    boot_timeout_s=config.boot_timeout_s)
+            upstream = UpstreamServer(names=(*UPSTREAM_NAMES, GUEST_SAMPLE_HOST)).start()
             gateway_config = GatewayConfig(policy=config.policy, audit_path=run_dir / GATEWAY_AUDIT_FILE,
-                                           state_dir=run_dir / "gateway")
+                                           state_dir=run_dir / "gateway", upstream_overrides=upstream.overrides(),
+                                           upstream_ca_file=upstream.ca_file)
             events.stage(f"starting the gateway (policy {config.policy}); every sandbox egresses through it")
             with open_fleet(backend, supervisor, run_dir, template, gateway_config) as fleet:
                 run.data["gateway"] = {"policy": config.policy, "audit_file": GATEWAY_AUDIT_FILE}
@@ -237,12 +268,19 @@ def run_bench(config: BenchConfig, events: BenchEvents | None = None,
                     run.save()
                 with (run_dir / BOOT_SAMPLES_FILE).open("a") as boot_samples:
                     for round_index in range(config.repeat):
-                        records = run_round(run, fleet, round_index, measured=True, events=events)
+                        last = round_index == config.repeat - 1
+                        records = run_round(run, fleet, round_index, measured=True, events=events,
+                                            while_live=(lambda ok: sample_guests(run, fleet, ok, events))
+                                            if last and config.guest_samples else None)
                         run.data["sandboxes"] += records
                         for record in records:
                             boot_samples.write(json.dumps(record) + "\n")
                         run.data["summary"] = summarize_run(run.data)
                         run.save()
+            if config.proxy is not None:
+                events.stage("proxy latency under load: Locust through direct, gateway and peer proxies")
+                run.data["proxy"] = run_proxy_bench(config.proxy, run_dir, supervisor)
+                run.save()
             run.data["partial"] = False
     except (KeyboardInterrupt, Interrupted) as exc:
         run.data["interrupted_by"] = signal.Signals(exc.signum).name if isinstance(exc, Interrupted) else "SIGINT"
@@ -252,6 +290,10 @@ def run_bench(config: BenchConfig, events: BenchEvents | None = None,
         raise
     finally:
         sampler.stop()
+        if upstream is not None:
+            upstream.stop()
+        if config.proxy is not None and "proxy" not in run.data and (partial_proxy := load_partial(run_dir)):
+            run.data["proxy"] = partial_proxy
         if fleet is not None:
             run.data["leftover_vmm_pids"] += fleet.stop_all()
         supervisor.shutdown()

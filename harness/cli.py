@@ -14,6 +14,7 @@ from rich.table import Table
 
 from harness.bench import BenchConfig, BenchEvents, run_bench
 from harness.errors import HarnessError
+from harness.load.bench import ProxyBenchConfig
 from harness.report.format import mib, ms
 from harness.supervisor import Interrupted, reap_leftovers
 
@@ -106,14 +107,21 @@ def clean() -> list[str]:
     return removed
 
 
-def parse_int(value: str | int | None) -> int | None:
-    if value is None or isinstance(value, int):
+def parse_number(value: str | float | None, kind: type[int] | type[float]) -> Any:
+    if value is None or isinstance(value, kind):
         return value
     with user_errors():
         try:
-            return int(value)
+            return kind(value)
         except ValueError:
-            raise HarnessError(f"expected a whole number, got {value!r}") from None
+            raise HarnessError(f"expected a {'whole ' if kind is int else ''}number, got {value!r}") from None
+
+
+def proxy_config(enabled: bool, **flags: Any) -> ProxyBenchConfig | None:
+    """The Locust comparison's settings from bench flags; None when --no-proxy."""
+    if not enabled:
+        return None
+    return ProxyBenchConfig(**{k: v for k, v in flags.items() if v is not None})
 
 
 def report(run_dir: Path) -> Path:

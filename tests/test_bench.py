@@ -23,17 +23,22 @@ pytestmark = pytest.mark.qemu
 def test_bench_two_sandboxes_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(HOST_SECRET_ENV, HOST_SECRET)
     out = tmp_path / "smoke"
-    run = run_bench(BenchConfig(sandboxes=2, out=out, warmup=0, accel="auto", idle_settle_s=0.5))
+    run = run_bench(BenchConfig(sandboxes=2, out=out, warmup=0, accel="auto", idle_settle_s=0.5, proxy=None,
+                                      guest_samples=3))
     data = load_results(out)
     assert data["partial"] is False and data["accel"] in ("kvm", "tcg")
+    assert data["backend"]["boot_mode"] == "snapshot" and data["backend"]["snapshot_bytes"] > 0
     assert [s["ok"] for s in data["sandboxes"]] == [True, True]
     for sandbox in data["sandboxes"]:
         assert sandbox["boot_ms"] > 0 and sandbox["host_pss_bytes"] > 0 and sandbox["guest_mem_total_bytes"] > 0
-        assert set(sandbox["phases_ms"]) == {"vmm", "kernel", "userspace", "agent"}
+        assert set(sandbox["phases_ms"]) == {"restore", "identity"}  # the default boot mode restores a snapshot
+        assert sum(sandbox["phases_ms"].values()) == pytest.approx(sandbox["boot_ms"], abs=1.0)
     summary = data["summary"]
     assert summary["success_rate"] == 1.0 and summary["boot_ms"]["n"] == 2
     assert summary["mem_available_delta_bytes_per_sandbox"] is not None
     assert data["leftover_vmm_pids"] == [] and qemu_pids_of(run.run_id) == []
+    for figures in data["guest_latency"]["sandboxes"].values():  # measured from inside, through the gateway
+        assert figures["ok"] == 3 and figures["latency_ms"]["p50"] > 0, figures
     html = (out / "report.html").read_text()
     assert html.count("data:image/png;base64,") >= 3
     assert (out / "memory-samples.jsonl").stat().st_size > 0
@@ -50,7 +55,7 @@ class FailAfterFirstBoot(BenchEvents):
 def test_exception_mid_round_writes_partial_results_and_stops_everything(tmp_path: Path) -> None:
     out = tmp_path / "exc"
     with pytest.raises(RuntimeError, match="injected"):
-        run_bench(BenchConfig(sandboxes=2, out=out, warmup=0, accel="tcg"), FailAfterFirstBoot())
+        run_bench(BenchConfig(sandboxes=2, out=out, warmup=0, accel="tcg", proxy=None), FailAfterFirstBoot())
     data = load_results(out)
     assert data["partial"] is True and "injected" in data["interrupted_by"]
     assert qemu_pids_of(data["run_id"]) == []
@@ -60,7 +65,7 @@ def test_exception_mid_round_writes_partial_results_and_stops_everything(tmp_pat
 
 def test_guest_that_never_becomes_ready_is_a_counted_failure(tmp_path: Path) -> None:
     out = tmp_path / "slow"
-    run_bench(BenchConfig(sandboxes=1, out=out, warmup=0, accel="tcg", boot_timeout_s=0.3))
+    run_bench(BenchConfig(sandboxes=1, out=out, warmup=0, accel="tcg", boot_timeout_s=0.3, proxy=None))
     data = load_results(out)
     assert data["partial"] is False
     assert data["summary"]["success_rate"] == 0.0
@@ -69,9 +74,9 @@ def test_guest_that_never_becomes_ready_is_a_counted_failure(tmp_path: Path) -> 
 
 
 def start_bench(out: Path, sandboxes: int = 2) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(invoke_cmd("bench", "--sandboxes", str(sandboxes), "--out", str(out), "--warmup", "0",
-                                       "--accel", "tcg"), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    argv = invoke_cmd("bench", "--sandboxes", str(sandboxes), "--out", str(out), "--warmup", "0", "--accel", "tcg",
+                      "--no-proxy")
+    return subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def wait_for_qemu(out: Path, proc: subprocess.Popen[bytes], timeout_s: float = 60) -> str:

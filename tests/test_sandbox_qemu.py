@@ -95,3 +95,21 @@ def test_guest_that_never_becomes_ready_fails_within_timeout(image: GuestImage, 
     vm.stop()
     assert failure.value.boot.boot_ms is None
     assert supervisor.live() == [] and os.path.exists(tmp_path / "qemu.log")
+
+
+def test_snapshot_clones_are_renamed_and_independent(supervisor: Supervisor, tmp_path: Path) -> None:
+    from harness.paths import cache_dir
+    from harness.sandbox import BackendOptions, create_backend
+
+    backend = create_backend("qemu", BackendOptions(cache=cache_dir(), accel="tcg", boot_mode="snapshot"))
+    clones = [backend.boot(SandboxSpec(id=f"clone{i}", workdir=tmp_path / str(i), accel=backend.accel), supervisor)
+              for i in range(2)]
+    try:
+        assert [c.exec("hostname").text.strip() for c in clones] == ["clone0", "clone1"]
+        clones[0].exec("echo only-here > /work/mark")
+        assert clones[1].exec("cat /work/mark 2>/dev/null || echo absent").text.strip() == "absent"
+        assert all(set(c.boot.phases_ms) == {"restore", "identity"} for c in clones)
+    finally:
+        for clone in clones:
+            clone.stop()
+    assert supervisor.live() == []
