@@ -9,8 +9,7 @@ can show the difference side by side. Every sandbox is stopped at the end of eac
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import psutil
 
@@ -56,8 +55,9 @@ DEFAULTS: dict[str, Any] = {
 OPTIONS = {k: f"default {v}" for k, v in DEFAULTS.items()}
 
 
-@dataclass(frozen=True)
-class Thresholds:
+class Thresholds(NamedTuple):
+    """(A NamedTuple: the runner loads this module without registering it, which dataclasses need.)"""
+
     min_mem_available_bytes: int
     max_psi_some_avg10: float
     cap: int
