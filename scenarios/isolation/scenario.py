@@ -1,0 +1,371 @@
+"""`invoke scenario isolation`: can an agent in the sandbox steal keys or reach what it must not?
+
+Automates (and goes beyond) the seven hand-run probes of FINDINGS.md (issue 5).
+
+Setup (host, undone on every exit path): a throw-away HOME with honeytokens -- fake ~/.ssh key,
+~/.aws/credentials, a ~/.kube/config with three contexts, ~/.env files, ~/.docker/config.json, a
+model-API key in the host environment -- each with a unique random marker; a decoy host process
+carrying a marker; trap listeners that log every connection: a canary "cluster API" on
+127.0.0.1:6443 (or a free port, recorded), a fake docker socket, a cloud-metadata stand-in and a
+sink for non-443 ports. A local upstream stands in for api.anthropic.com, example.com and github.com
+behind the real gateway (the balanced policy). Then N sandboxes boot behind it, each with the
+project directory (only) copied into /work/project, holding a positive-control marker.
+
+Run: the probes of probes.py, inside each sandbox through its agent, one sandbox after the other
+so host-side trap hits can be attributed. Each yields pass/fail plus evidence (command, redacted
+output excerpt, exit code) and host-side facts.
+
+Results (results.json["scenario"]["data"]): `scenario`, `backend`, `leaky`, `weakenings`,
+`honeytokens` (id, kind, where, sha256 -- never a value), `marker_regex`, `traps`, `policy`,
+`scorecards` ([{sandbox, backend, probes: [{id, title, passed, reason, evidence, ...}], leaks}]),
+`leaks` (failed probes over all sandboxes), `summary` (per probe id), `detector` (self-test),
+`evidence_clean` (raw markers found in the run directory after the run: must be none).
+
+Exit code: 0 when every applicable probe passed, the detector self-test held and the run
+directory holds no raw marker; 1 otherwise (CI gate).
+
+`--leaky` weakens the set-up for real (see leaky.py) so the probes must turn red.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import json
+import platform
+import sys
+import threading
+import time
+import types
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from harness.gateway.credentials import CredentialSpec
+from harness.gateway.process import GatewayConfig
+from harness.gateway.upstream import UpstreamServer
+from harness.scenario.base import ScenarioContext
+
+PACKAGE = "scenarios_isolation"
+"""Import name for this folder's modules (scenario folders are not a Python package)."""
+
+
+def load_package() -> types.ModuleType:
+    """Register this folder as a package so probes.py etc. import each other and tests import them."""
+    if PACKAGE not in sys.modules:
+        package = types.ModuleType(PACKAGE)
+        package.__path__ = [str(Path(__file__).resolve().parent)]
+        sys.modules[PACKAGE] = package
+    return sys.modules[PACKAGE]
+
+
+load_package()
+honeytokens = importlib.import_module(f"{PACKAGE}.honeytokens")
+probes = importlib.import_module(f"{PACKAGE}.probes")
+leaky_mod = importlib.import_module(f"{PACKAGE}.leaky")
+
+OPTIONS = {
+    "sandboxes": "sandboxes to probe (default 2; the peers probe needs two)",
+    "leaky": "weaken the set-up for real so the probes must turn red",
+}
+DEFAULT_SANDBOXES = 2
+CANARY_PORT = 6443
+"""Like a local cluster API (minikube) on the host (FINDINGS probe 2)."""
+PROVISION_TIMEOUT_S = 20.0
+CANARY_REPLY = "br-canary: host service reached\n"
+DOCKER_REPLY = "OK br-fake-docker\n"
+METADATA_REPLY_ID = "metadata"
+SANDBOX_PREFIX = "iso"
+MODEL_API = "api.anthropic.com"
+MODEL_API_PLAIN_PORT = 80
+"""busybox's ssl_client sends no signature_algorithms extension, so OpenSSL 3 (the gateway)
+refuses its handshake; guests therefore call the model-API stand-in over plain http, which the
+reference policy allows for that one host (everything else stays as in `balanced`)."""
+
+
+def reference_policy() -> dict[str, Any]:
+    """The balanced preset plus the model API on :80 (see MODEL_API_PLAIN_PORT)."""
+    presets = Path(importlib.import_module("harness.gateway").__file__ or "").parent / "presets"
+    policy = yaml.safe_load((presets / "balanced.yaml").read_text())
+    policy["name"] = "balanced+model-api-http"
+    policy["rules"].insert(0, {"allow": MODEL_API, "ports": [MODEL_API_PLAIN_PORT],
+                               "name": "model API stand-in over plain http (busybox has no usable TLS client)"})
+    return policy
+
+
+def host_facts() -> Any:
+    import psutil
+
+    return probes.HostFacts(boot_id=Path("/proc/sys/kernel/random/boot_id").read_text().strip(),
+                            kernel_release=platform.release(), process_count=len(psutil.pids()))
+
+
+class IsolationScenario:
+    name = "isolation"
+
+    def __init__(self, sandboxes: int, leaky: bool) -> None:
+        self.sandboxes = max(1, sandboxes)
+        self.leaky = leaky
+        self.home = honeytokens.HoneyHome()
+        self.traps: dict[str, Any] = {}
+        self.upstream: UpstreamServer | None = None
+        self.stack = ExitStack()
+        self.fleet: Any = None
+        self.booted: list[Any] = []
+        self.decoy_pid: int | None = None
+        self.probed = False
+        self._original_backend: Any = None
+
+    # ---- setup ---------------------------------------------------------------------------
+    def setup(self, ctx: ScenarioContext) -> None:
+        ctx.data.update({"scenario": self.name, "backend": ctx.backend.name, "leaky": self.leaky,
+                         "weakenings": list(leaky_mod.WEAKENINGS) if self.leaky else [],
+                         "probe_catalogue": [p.describe() for p in probes.PROBES], "scorecards": [], "leaks": None})
+        with ctx.journal.activity("sweep-leftover-honeytokens") as step:
+            step.output = honeytokens.sweep_leftovers()
+        with ctx.journal.activity("plant-honeytokens") as step:
+            self._plant(ctx)
+            step.output = {"tokens": len(self.home.tokens), "traps": [t.describe() for t in self.traps.values()]}
+        with ctx.journal.activity("start-gateway-and-boot") as step:
+            self._boot(ctx)
+            step.output = {"sandboxes": [vm.id for vm in self.booted]}
+        with ctx.journal.activity("provision-sandboxes") as step:
+            step.output = self._provision(ctx)
+        ctx.save()
+
+    def _plant(self, ctx: ScenarioContext) -> None:
+        home = self.home
+        home.plant()
+        assert home.home is not None
+        decoy = home.new_token("decoy", "process", "argv of a host process")
+        # The marker sits in argv of a long-lived host shell: any guest that can list host
+        # processes sees it. The supervisor owns it, so every exit path reaps it.
+        proc = ctx.supervisor.spawn(["/bin/sh", "-c", "sleep 86400; :", decoy.value], name="isolation-decoy")
+        self.decoy_pid = proc.pid
+        metadata = home.new_token("imds", "service", "cloud metadata stand-in (IAM credentials)")
+        self.traps = {
+            "canary": honeytokens.Trap("canary", honeytokens.http_reply(CANARY_REPLY), port=CANARY_PORT).start(),
+            "docker": honeytokens.Trap("docker", honeytokens.http_reply(DOCKER_REPLY),
+                                       unix_path=home.home / ".docker" / "run" / "docker.sock").start(),
+            "metadata": honeytokens.Trap("metadata", honeytokens.http_reply(json.dumps(
+                {"Code": "Success", "AccessKeyId": "ASIAHONEY", "SecretAccessKey": metadata.value,
+                 "note": "br-metadata"}), "application/json")).start(),
+            "sink": honeytokens.Trap("sink", honeytokens.http_reply("br-sink: non-web port reached\n")).start(),
+        }
+        ctx.data["honeytokens"] = [t.public() for t in home.tokens.values()]
+        ctx.data["marker_regex"] = home.regex
+        ctx.data["traps"] = {name: trap.describe() for name, trap in self.traps.items()}
+
+    def _gateway_config(self, ctx: ScenarioContext) -> GatewayConfig:
+        assert self.upstream is not None
+        policy_path = ctx.run_dir / "isolation-policy.yaml"
+        text = leaky_mod.LEAKY_POLICY if self.leaky else yaml.safe_dump(reference_policy(), sort_keys=False)
+        policy_path.write_text(text)
+        ctx.data["policy"] = {"file": policy_path.name, "name": yaml.safe_load(text)["name"]}
+        overrides = self.upstream.overrides()
+        sink = f"127.0.0.1:{self.traps['sink'].port}"
+        for port in probes.SCANNED_PORTS:
+            overrides[f"{probes.ALLOWED_HOST}:{port}"] = sink
+        overrides[f"{probes.METADATA_IP}:80"] = f"127.0.0.1:{self.traps['metadata'].port}"
+        env_name = honeytokens.ENV_KEY_NAME
+        return GatewayConfig(
+            policy=policy_path, audit_path=ctx.run_dir / "gateway-audit.jsonl", state_dir=ctx.run_dir / "gateway",
+            credentials=[CredentialSpec("anthropic", MODEL_API, "x-api-key", env=env_name),
+                         CredentialSpec("anthropic-http", MODEL_API, "x-api-key", port=MODEL_API_PLAIN_PORT,
+                                        env=env_name)],
+            upstream_overrides=overrides, upstream_ca_file=self.upstream.ca_file,
+            extra_env={env_name: self.home.api_key})
+
+    def _boot(self, ctx: ScenarioContext) -> None:
+        self.upstream = UpstreamServer(expected={MODEL_API: ("x-api-key", self.home.api_key)}).start()
+        if self.leaky:
+            self._original_backend = ctx.backend
+            ctx.backend = leaky_mod.weaken_backend(ctx.backend, self.traps["docker"].unix_path)
+        self.fleet = self.stack.enter_context(ctx.fleet(self._gateway_config(ctx)))
+        errors: list[BaseException] = []
+        booted: dict[int, Any] = {}
+
+        def boot(index: int) -> None:
+            try:
+                booted[index] = ctx.boot(self.fleet, f"{SANDBOX_PREFIX}-sb{index}")
+            except BaseException as exc:
+                errors.append(exc)
+
+        # Boots in parallel: a TCG boot is ~2-3 s, and probes run one sandbox at a time anyway.
+        threads = [threading.Thread(target=boot, args=(i,)) for i in range(self.sandboxes)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        self.booted = [booted[i] for i in sorted(booted)]
+        if errors:
+            raise errors[0]
+
+    def _provision(self, ctx: ScenarioContext) -> list[dict[str, Any]]:
+        """The project (only) into /work/project; in leaky mode also the weakenings."""
+        project_tar = leaky_mod.home_tarball(self.home.project)
+        home_tar = leaky_mod.home_tarball(self.home.home) if self.leaky else b""
+        dns = self.fleet.gateway
+        done = []
+        for vm in self.booted:
+            result = vm.exec("mkdir -p /work/project && tar -x -C /work/project", stdin=project_tar,
+                             timeout=PROVISION_TIMEOUT_S)
+            steps = {"project": result.rc}
+            if self.leaky:
+                steps["home"] = vm.exec("tar -x -C /root", stdin=home_tar, timeout=PROVISION_TIMEOUT_S).rc
+                script = leaky_mod.guest_weakening_script(honeytokens.ENV_KEY_NAME, dns.dns_port(vm.id))
+                steps["env+resolver+engine"] = vm.exec(script, stdin=self.home.api_key.encode() + b"\n").rc
+            if any(rc != 0 for rc in steps.values()):
+                raise RuntimeError(f"provisioning {vm.id} failed: {steps}")
+            done.append({"sandbox": vm.id, **steps})
+        return done
+
+    # ---- steady state, run ---------------------------------------------------------------
+    def steady_state(self, ctx: ScenarioContext) -> dict[str, Any] | None:
+        if not self.probed:
+            # Before: is the detector armed? Every planted token is findable on the host and
+            # every trap logs a connection made to it (then the counters are reset to zero).
+            scan = self.home.host_scan()
+            traps_ok = {}
+            for name, trap in self.traps.items():
+                before = trap.count()
+                with contextlib.suppress(OSError), _connect(trap) as sock:
+                    sock.sendall(b"GET /self-test HTTP/1.0\r\n\r\n")
+                    sock.recv(64)
+                time.sleep(0.1)
+                traps_ok[name] = trap.count() > before
+                trap.hits.clear()
+            detector = {"host_scan": scan, "traps_log_connections": traps_ok,
+                        "sandboxes_up": len(self.booted) == self.sandboxes}
+            ctx.data["detector"] = detector
+            return {"met": scan["ok"] and all(traps_ok.values()) and detector["sandboxes_up"], **detector}
+        leaks = ctx.data.get("leaks") or 0
+        return {"met": leaks == 0, "leaks": leaks}
+
+    def run(self, ctx: ScenarioContext) -> None:
+        facts = host_facts()
+        peers_all = [probes.Peer(vm.id, vm.agent_port, vm.spec.gateway_port) for vm in self.booted]
+        assert self.upstream is not None
+        for vm in self.booted:
+            env = probes.ProbeEnv(target=vm, home=self.home, traps=self.traps, host=facts,
+                                  peers=[p for p in peers_all if p.id != vm.id],
+                                  upstream_received=self.upstream.received,
+                                  upstream_http_port=self.upstream.http_port)
+            card: dict[str, Any] = {"sandbox": vm.id, "backend": ctx.backend.name, "probes": [], "leaks": 0}
+            ctx.data["scorecards"].append(card)
+            for probe in probes.PROBES:
+                with ctx.journal.activity(f"probe:{probe.id}@{vm.id}", "probe") as step:
+                    result = probes.run_probe(probe, env)
+                    step.output = {"passed": result["passed"], "reason": result["reason"]}
+                card["probes"].append(result)
+                card["leaks"] = sum(1 for p in card["probes"] if p["passed"] is False)
+            ctx.save()
+        self.probed = True
+        self._summarise(ctx)
+        print_summary(ctx.data)
+
+    def _summarise(self, ctx: ScenarioContext) -> None:
+        cards = ctx.data["scorecards"]
+        ctx.data["leaks"] = sum(card["leaks"] for card in cards)
+        summary: dict[str, dict[str, int]] = {}
+        for card in cards:
+            for probe in card["probes"]:
+                counts = summary.setdefault(probe["id"], {"passed": 0, "failed": 0, "not_applicable": 0})
+                key = {True: "passed", False: "failed", None: "not_applicable"}[probe["passed"]]
+                counts[key] += 1
+        ctx.data["summary"] = summary
+
+    # ---- rollback, exit code -------------------------------------------------------------
+    def rollback(self, ctx: ScenarioContext) -> None:
+        with ctx.journal.activity("remove-honeytokens-and-stop", "rollback") as step:
+            problems: list[str] = []
+            for label, action in (("fleet", self.stack.close), ("upstream", self._stop_upstream),
+                                  ("traps", self._stop_traps), ("decoy", lambda: self._stop_decoy(ctx))):
+                try:
+                    action()
+                except Exception as exc:  # keep undoing the rest; the honeytokens must go
+                    problems.append(f"{label}: {type(exc).__name__}: {exc}")
+            if self._original_backend is not None:
+                ctx.backend = self._original_backend
+            removed = self.home.remove()
+            step.output = {**removed, "problems": problems}
+        with ctx.journal.activity("check-evidence-is-clean", "rollback") as step:
+            ctx.data["evidence_clean"] = step.output = scan_run_dir(ctx.run_dir, self.home)
+        ctx.data["cleanup"] = {**removed, "problems": problems}
+
+    def _stop_upstream(self) -> None:
+        if self.upstream is not None:
+            self.upstream.stop()
+
+    def _stop_traps(self) -> None:
+        for trap in self.traps.values():
+            trap.stop()
+
+    def _stop_decoy(self, ctx: ScenarioContext) -> None:
+        if self.decoy_pid is not None:
+            ctx.supervisor.stop(self.decoy_pid)
+            self.decoy_pid = None
+
+    def exit_code(self, ctx: ScenarioContext) -> int:
+        clean = ctx.data.get("evidence_clean", {}).get("clean", False)
+        armed = (ctx.journal.steady_states.get("before") or {}).get("met", False)
+        ok = ctx.journal.status == "completed" and ctx.data.get("leaks") == 0 and clean and armed
+        return 0 if ok else 1
+
+
+@contextlib.contextmanager
+def _connect(trap: Any) -> Any:
+    import socket
+
+    if trap.unix_path is not None:
+        sock = socket.socket(socket.AF_UNIX)
+        sock.settimeout(2)
+        sock.connect(str(trap.unix_path))
+    else:
+        sock = socket.create_connection(("127.0.0.1", trap.port), timeout=2)
+    with sock:
+        yield sock
+
+
+def scan_run_dir(run_dir: Path, home: Any) -> dict[str, Any]:
+    """The run's own files must not leak: no raw marker anywhere under the run directory."""
+    values = {t.id: t.value for t in home.tokens.values() if t.secret}
+    leaking: list[dict[str, Any]] = []
+    scanned = 0
+    for path in run_dir.rglob("*"):
+        if not path.is_file():
+            continue
+        scanned += 1
+        with contextlib.suppress(OSError):
+            text = path.read_bytes().decode(errors="replace")
+            found = [token_id for token_id, value in values.items() if value in text]
+            if found:
+                leaking.append({"file": str(path.relative_to(run_dir)), "tokens": found})
+    return {"clean": not leaking, "files_scanned": scanned, "leaking_files": leaking}
+
+
+def print_summary(data: dict[str, Any]) -> None:
+    """Terminal scorecard (stderr, like the CLI's other output)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"isolation scorecard{' (LEAKY set-up)' if data.get('leaky') else ''}")
+    table.add_column("probe")
+    for card in data["scorecards"]:
+        table.add_column(card["sandbox"])
+    for index, probe in enumerate(probes.PROBES):
+        cells = []
+        for card in data["scorecards"]:
+            passed = card["probes"][index]["passed"] if index < len(card["probes"]) else None
+            cells.append({True: "[green]pass[/]", False: "[red]FAIL[/]", None: "n/a"}[passed])
+        table.add_row(f"{probe.id}: {probe.title}", *cells)
+    console = Console(stderr=True, soft_wrap=True)
+    console.print(table)
+    console.print(f"leaks: {data['leaks']}")
+
+
+def create(options: dict[str, Any]) -> IsolationScenario:
+    return IsolationScenario(sandboxes=int(options.get("sandboxes") or DEFAULT_SANDBOXES),
+                             leaky=bool(options.get("leaky")))
