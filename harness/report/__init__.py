@@ -33,6 +33,9 @@ class Section:
     """Plain sentences shown above the charts (conditions, caveats)."""
     anchor: str = ""
     """HTML id."""
+    html: str = ""
+    """Optional pre-built HTML shown after the tables (e.g. <details> evidence); the section module
+    must escape everything it puts in it. Empty for sections that only use notes/charts/tables."""
 
 
 def _sections(data: dict[str, Any], run_dir: Path) -> list[Section]:
