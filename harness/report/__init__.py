@@ -18,6 +18,9 @@ from harness.results import load_results
 
 REPORT_FILE = "report.html"
 
+SECTION_ERROR_ORDER = 1000
+"""Sections that could not even be imported go last."""
+
 
 @dataclass
 class Section:
@@ -39,17 +42,27 @@ class Section:
 
 
 def _sections(data: dict[str, Any], run_dir: Path) -> list[Section]:
+    """Every section module's part; one that fails is shown as its error, so the rest still render."""
     from harness.report import sections as package
 
-    modules = [importlib.import_module(f"{package.__name__}.{info.name}")
-               for info in pkgutil.iter_modules(package.__path__)]
     built = []
-    for module in sorted(modules, key=lambda m: m.ORDER):
-        section = module.section(data, run_dir)
+    modules = []
+    for info in pkgutil.iter_modules(package.__path__):
+        try:
+            modules.append(importlib.import_module(f"{package.__name__}.{info.name}"))
+        except Exception as exc:
+            built.append((SECTION_ERROR_ORDER, Section(title=f"Section {info.name} failed to load",
+                                                       notes=[f"{type(exc).__name__}: {exc}"])))
+    for module in modules:
+        try:
+            section = module.section(data, run_dir)
+        except Exception as exc:
+            section = Section(title=f"Section {module.__name__.rsplit('.', 1)[-1]} failed",
+                              notes=[f"{type(exc).__name__}: {exc}"])
         if section is not None:
             section.anchor = section.anchor or module.__name__.rsplit(".", 1)[-1]
-            built.append(section)
-    return built
+            built.append((module.ORDER, section))
+    return [section for _, section in sorted(built, key=lambda pair: pair[0])]
 
 
 def render_report(run_dir: Path) -> Path:
