@@ -277,6 +277,7 @@ class PaymentsService:
         self.status_at_fix, self.events_at_fix = status, events
         self.broken_pods = {r["pod"] for r in ctx.data["timeline"]}
         ctx.data["events"] = list(events)
+        # Guest-clock stamps (podrt); a cluster's events carry none at this resolution.
         scheduled = next((e["t_ms"] for e in events if e["reason"] == "Scheduled"), None)
         first_oom = next((e["t_ms"] for e in events if e["reason"] == "OOMKilled"), None)
         return {
@@ -357,6 +358,8 @@ class PaymentsService:
 def create(options: dict[str, Any]) -> PaymentsService:
     # The runner builds the backend (and its snapshot template, made at one RAM size) from this same dict
     # after create(), so raising the guest RAM here sizes the template too.
-    if int(options.get("mem_mib") or 0) < MIN_GUEST_MEM_MIB:
+    if options.get("kube_context"):
+        options["boot_mode"] = "cold"  # no sandbox is booted, so no template is worth making
+    elif int(options.get("mem_mib") or 0) < MIN_GUEST_MEM_MIB:
         options["mem_mib"] = GUEST_MEM_MIB
     return PaymentsService(options)

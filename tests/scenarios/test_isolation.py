@@ -1,0 +1,207 @@
+"""`isolation` end to end: real guests, real gateway, real sockets, in both directions.
+
+One reference run and one --leaky run (two sandboxes each) are shared by the whole module; every
+probe must pass in the first and (where the weakening applies) fail in the second. `processes`
+and `kernel` cannot be weakened on a microVM, so they are shown red against a plain host shell.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from harness.paths import cache_dir
+from harness.sandbox.base import ExecResult
+from harness.scenario import load_scenario_module, run_scenario
+from harness.supervisor import Supervisor
+
+REPO = Path(__file__).resolve().parents[2]
+SCENARIO = load_scenario_module("isolation")
+probes = SCENARIO.probes
+honeytokens = SCENARIO.honeytokens
+ALL_PROBES = [p.id for p in probes.PROBES]
+VM_STRUCTURAL = {"processes", "kernel"}
+"""Probes a microVM passes by construction; their red direction is tested on the host shell."""
+INTERRUPT_AFTER_PLANT_TIMEOUT_S = 60.0
+
+
+def _run(tmp: Path, leaky: bool) -> dict[str, Any]:
+    before = os.environ.get(honeytokens.ENV_KEY_NAME)
+    exit_code, run_dir = run_scenario("isolation", {"sandboxes": 2, "leaky": leaky or None}, out=tmp)
+    data = json.loads((run_dir / "results.json").read_text())
+    return {"exit_code": exit_code, "run_dir": run_dir, "data": data, "info": data["scenario"]["data"],
+            "env_before": before, "env_after": os.environ.get(honeytokens.ENV_KEY_NAME)}
+
+
+@pytest.fixture(scope="module")
+def normal(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    return _run(tmp_path_factory.mktemp("iso-normal"), leaky=False)
+
+
+@pytest.fixture(scope="module")
+def leaky(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    return _run(tmp_path_factory.mktemp("iso-leaky"), leaky=True)
+
+
+def _verdicts(run: dict[str, Any], probe_id: str) -> list[bool | None]:
+    return [next(p["passed"] for p in card["probes"] if p["id"] == probe_id) for card in run["info"]["scorecards"]]
+
+
+@pytest.mark.qemu
+@pytest.mark.parametrize("probe_id", ALL_PROBES)
+def test_reference_setup_passes(normal: dict[str, Any], probe_id: str) -> None:
+    assert _verdicts(normal, probe_id) == [True, True], json.dumps(
+        [next(p for p in c["probes"] if p["id"] == probe_id) for c in normal["info"]["scorecards"]])[:3000]
+
+
+@pytest.mark.qemu
+@pytest.mark.parametrize("probe_id", sorted(set(ALL_PROBES) - VM_STRUCTURAL))
+def test_leaky_setup_turns_probe_red(leaky: dict[str, Any], probe_id: str) -> None:
+    assert _verdicts(leaky, probe_id) == [False, False]
+
+
+@pytest.mark.qemu
+def test_exit_code_gates_ci_and_scorecard_shape(normal: dict[str, Any], leaky: dict[str, Any]) -> None:
+    assert normal["exit_code"] == 0 and normal["info"]["leaks"] == 0
+    assert leaky["exit_code"] == 1 and leaky["info"]["leaks"] == 2 * (len(ALL_PROBES) - len(VM_STRUCTURAL))
+    card = normal["info"]["scorecards"][0]
+    assert {"sandbox", "backend", "probes", "leaks"} <= set(card)
+    assert {"id", "title", "passed", "evidence"} <= set(card["probes"][0])
+    assert normal["data"]["scenario"]["journal"]["status"] == "completed"
+    assert normal["info"]["detector"]["host_scan"]["ok"]
+
+
+@pytest.mark.qemu
+def test_blocked_domain_evidence_records_the_deny(normal: dict[str, Any]) -> None:
+    probe = next(p for p in normal["info"]["scorecards"][0]["probes"] if p["id"] == "blocked-domain")
+    plain = probe["facts"]["gateway GET http://example.com/"]
+    assert plain["status"] == 403 and plain["level"] == "http" and plain["curl_exit"] == 0
+    assert plain["headers"]["x-proxy-error"] == "blocked-by-allowlist"
+    assert probe["facts"]["gateway CONNECT example.com:443"]["curl_exit"] == 56
+
+
+@pytest.mark.qemu
+@pytest.mark.parametrize("which", ["normal", "leaky"])
+def test_no_raw_secret_in_the_run_directory(which: str, request: pytest.FixtureRequest) -> None:
+    run = request.getfixturevalue(which)
+    assert run["info"]["evidence_clean"]["clean"]
+    for path in Path(run["run_dir"]).rglob("*"):  # report.html is written after the scenario's own check
+        if path.is_file():
+            assert not honeytokens.ANY_MARKER_RE.search(path.read_bytes().decode(errors="replace")), path
+    hashes = {t["sha256"] for t in run["info"]["honeytokens"]}
+    assert len(hashes) == len(run["info"]["honeytokens"])
+
+
+@pytest.mark.qemu
+def test_leaky_findings_are_verifiable_by_hash(leaky: dict[str, Any]) -> None:
+    planted = {t["id"]: t["sha256"] for t in leaky["info"]["honeytokens"]}
+    probe = next(p for p in leaky["info"]["scorecards"][0]["probes"] if p["id"] == "fs-scan")
+    found = {hit["id"]: hit["sha256"] for hit in probe["facts"]["hits"]}
+    assert {"ssh", "aws", "kube0", "dotenv", "control"} <= set(found)
+    assert all(planted[token_id] == digest for token_id, digest in found.items())
+
+
+@pytest.mark.qemu
+@pytest.mark.parametrize("which", ["normal", "leaky"])
+def test_honeytokens_are_removed_and_env_restored(which: str, request: pytest.FixtureRequest) -> None:
+    run = request.getfixturevalue(which)
+    assert run["info"]["cleanup"]["home_removed"] and not run["info"]["cleanup"]["problems"]
+    assert run["env_after"] == run["env_before"]
+    tag = run["info"]["marker_regex"].split("-")[1]
+    assert not list(Path("/tmp").glob(f"{honeytokens.HOME_PREFIX}{tag}-*"))
+    assert not (cache_dir() / honeytokens.MANIFEST_DIR_NAME / f"{tag}.json").exists()
+
+
+@pytest.mark.qemu
+def test_report_has_green_and_red_rows_with_evidence(normal: dict[str, Any], leaky: dict[str, Any]) -> None:
+    good = (Path(normal["run_dir"]) / "report.html").read_text()
+    bad = (Path(leaky["run_dir"]) / "report.html").read_text()
+    assert "Isolation scorecard" in good and 'class="fail"' not in good and good.count('class="pass"') >= 26
+    assert bad.count('class="fail"') == leaky["info"]["leaks"] and "<details>" in bad
+
+
+class HostShell:
+    """No isolation at all: the probe commands run on the host itself."""
+
+    id = "host-shell"
+
+    def exec(self, command: str, timeout: float = 30.0, stdin: bytes = b"") -> ExecResult:
+        started = time.monotonic()
+        proc = subprocess.run(["sh", "-c", command], input=stdin, capture_output=True, timeout=timeout)
+        return ExecResult(proc.returncode, proc.stdout, proc.stderr, time.monotonic() - started)
+
+
+@pytest.fixture
+def host_env(tmp_path: Path) -> Iterator[Any]:
+    home = honeytokens.HoneyHome()
+    home.plant()
+    decoy = home.new_token("decoy", "process", "argv of a host process")
+    with Supervisor(f"test-iso-host-{os.getpid()}") as sup:
+        sup.spawn(["/bin/sh", "-c", "sleep 600; :", decoy.value], name="decoy")
+        try:
+            yield probes.ProbeEnv(target=HostShell(), home=home, traps={}, host=SCENARIO.host_facts())
+        finally:
+            home.remove()
+
+
+@pytest.mark.parametrize("probe_id", ["processes", "kernel", "env"])
+def test_probe_turns_red_without_isolation(host_env: Any, probe_id: str) -> None:
+    result = probes.run_probe(probes.PROBES_BY_ID[probe_id], host_env)
+    assert result["passed"] is False, result["reason"]
+    assert not honeytokens.ANY_MARKER_RE.search(json.dumps(result)), "evidence must be redacted"
+
+
+def test_sweep_removes_leftovers_of_a_killed_run() -> None:
+    home = honeytokens.HoneyHome()
+    home.plant()
+    assert home.manifest is not None and home.home is not None
+    record = json.loads(home.manifest.read_text())
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    home.manifest.write_text(json.dumps({**record, "pid": dead.pid}))
+    removed = honeytokens.sweep_leftovers()
+    assert any(str(home.home) in line for line in removed)
+    assert not home.home.exists() and not home.manifest.exists()
+    home.remove()  # restores the environment; nothing left to delete
+    assert os.environ.get(honeytokens.ENV_KEY_NAME) != home.api_key
+
+
+def test_redactor_hides_values_but_keeps_ids_and_hashes() -> None:
+    home = honeytokens.HoneyHome()
+    token = home.new_token("ssh", "file", ".ssh/id_ed25519")
+    text = home.redactor()(f"found {token.value} in sk-ant-{token.value}x")
+    assert token.value not in text and "honeytoken ssh" in text and token.digest[:12] in text
+
+
+@pytest.mark.qemu
+def test_sigterm_mid_run_still_removes_the_honeytokens(tmp_path: Path) -> None:
+    manifests = cache_dir() / honeytokens.MANIFEST_DIR_NAME
+    before = set(manifests.glob("*.json")) if manifests.exists() else set()
+    proc = subprocess.Popen([sys.executable, "-m", "invoke", "--search-root", str(REPO), "scenario", "isolation",
+                             "--sandboxes", "1", "--out", str(tmp_path / "run")], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + INTERRUPT_AFTER_PLANT_TIMEOUT_S
+    new: set[Path] = set()
+    while not new and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+        new = set(manifests.glob("*.json")) - before
+    assert new, "the run never planted"
+    home = Path(json.loads(next(iter(new)).read_text())["home"])
+    time.sleep(0.5)  # let it get into boot
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=60)
+    assert proc.returncode != 0
+    assert not home.exists() and not any(p.exists() for p in new)
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["scenario"]["journal"]["status"] == "interrupted"
+    assert not re.search(honeytokens.ANY_MARKER_RE, (tmp_path / "run" / "results.json").read_text())
