@@ -14,6 +14,8 @@ SYSTEM_PACKAGES=(
     socat             # relays each guest connection to its gateway listener
     python3 python3-venv python3-pip
     ca-certificates
+    squid             # peer proxy the gateway is benchmarked against (our own instance per run)
+    tinyproxy         # peer proxy, likewise
 )
 
 export DEBIAN_FRONTEND=noninteractive

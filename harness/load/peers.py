@@ -14,7 +14,9 @@ import pwd
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -124,8 +126,14 @@ class Peer:
     def address(self) -> tuple[str, int]:
         return (LOOPBACK, self.port)
 
+    on_stop: list[Callable[[], None]] = field(default_factory=list)
+    """Run after the process is gone (e.g. copy logs back into the run dir)."""
+
     def stop(self) -> None:
         self.supervisor.stop(self.proc.pid)
+        for hook in self.on_stop:
+            hook()
+        self.on_stop.clear()
 
 
 def _chown_for(user: str, path: Path) -> None:
@@ -178,16 +186,27 @@ def start_squid(workdir: Path, supervisor: Supervisor) -> Peer:
         raise PeerMissing("squid")
     workdir.mkdir(parents=True, exist_ok=True)
     port = free_port()
+    # Run as root, squid drops to the `proxy` user before opening its logs, and a run dir below a
+    # private directory (pytest's, a home) is not reachable for that user. So squid's live files go
+    # to a fresh directory of its own under the system temp dir, copied into the run dir on stop.
+    live = Path(tempfile.mkdtemp(prefix="br-squid-"))
+    os.chmod(live, 0o755)
     conf = workdir / "squid.conf"
-    conf.write_text(squid_config(workdir, port))
+    conf.write_text(squid_config(live, port))
+    _chown_for(SQUID_USER, live)
     log = workdir / "squid.out"
-    log.touch()
-    _chown_for(SQUID_USER, workdir)
+
+    def collect() -> None:
+        for name in ("cache.log", "access.log"):
+            if (live / name).exists():
+                shutil.copyfile(live / name, workdir / name)
+        shutil.rmtree(live, ignore_errors=True)
+
     # -N: foreground, no kid processes (one process to supervise and to sample), -f: our config only.
     with open(log, "ab") as out:
         proc = supervisor.spawn([exe, "-N", "-f", str(conf)], f"squid:{port}", stdin=subprocess.DEVNULL,
                                 stdout=out, stderr=subprocess.STDOUT)
-    peer = Peer("squid", port, workdir, proc, supervisor)
+    peer = Peer("squid", port, workdir, proc, supervisor, on_stop=[collect])
     _await(peer, log)
     return peer
 

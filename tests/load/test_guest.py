@@ -1,0 +1,66 @@
+"""sample_in_guest: the busybox-only script, run by real busybox through the real gateway.
+
+Here the "guest" is busybox sh on the host (same busybox-static the guest image ships), talking
+to a real gateway listener on loopback; QEMU-booted guests use the same code through
+Sandbox.exec (see tests marked qemu)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from harness.load.guest import parse, request_bytes, sample_in_guest
+from harness.load.targets import GATEWAY, Upstream, start_target
+from harness.sandbox.base import ExecResult
+from harness.supervisor import Supervisor
+
+BUSYBOX = shutil.which("busybox")
+
+
+class HostBusybox:
+    """Runs a command the way the guest agent does: busybox sh -c, stdin fed, timeout enforced."""
+
+    def exec(self, command: str, timeout: float = 30.0, stdin: bytes = b"") -> ExecResult:
+        t0 = time.monotonic()
+        try:
+            r = subprocess.run([str(BUSYBOX), "sh", "-c", command], input=stdin, capture_output=True,
+                               timeout=timeout, env={"PATH": "/nonexistent"})
+        except subprocess.TimeoutExpired as exc:
+            return ExecResult(137, exc.stdout or b"", exc.stderr or b"", time.monotonic() - t0, True)
+        return ExecResult(r.returncode, r.stdout, r.stderr, time.monotonic() - t0)
+
+
+@pytest.mark.skipif(BUSYBOX is None, reason="busybox-static is installed by install.sh")
+def test_sample_in_guest_through_gateway(upstream: Upstream, load_supervisor: Supervisor, tmp_path: Path,
+                                         gateway_ca_dir: Path) -> None:
+    endpoint = start_target(GATEWAY, tmp_path / "gw", load_supervisor, upstream, ("download", "blocked"),
+                            download_bytes=2048, stream_bytes=0, gateway_ca_dir=gateway_ca_dir)
+    try:
+        proxy = f"127.0.0.1:{endpoint.proxy[1]}"
+        # PATH points nowhere: only busybox applets (which busybox sh runs itself) can work.
+        ok = sample_in_guest(HostBusybox(), endpoint.urls["download"], n=4, proxy=proxy)
+        denied = sample_in_guest(HostBusybox(), endpoint.urls["blocked"], n=3, proxy=proxy)
+        refused = sample_in_guest(HostBusybox(), endpoint.urls["blocked"], n=2, proxy=proxy)
+    finally:
+        endpoint.stop()
+    assert (ok["n"], ok["ok"], ok["failures"], ok["statuses"]) == (4, 4, {}, {"200": 4})
+    assert 0 < ok["latency_ms"]["p50"] <= ok["raw_latency_ms"]["p50"]
+    assert ok["clock_overhead_ms"] > 0 and ok["proxy"] == proxy and "TCG" in ok["note"]
+    assert denied["failures"] == {"http_403": 3} and denied["ok"] == 0  # a 403 is not what a download expects
+    assert refused["statuses"] == {"403": 2}
+
+
+def test_parse_and_request_shape() -> None:
+    assert request_bytes("http://h:8080/x?y=1").startswith(b"GET http://h:8080/x?y=1 HTTP/1.1\r\nHost: h:8080\r\n")
+    with pytest.raises(ValueError):
+        request_bytes("https://h/")
+    out = "C 10 0 10 500\nC 10 0 10 700\nR 10 0 10 5000 0 200 99\nR 11 0 11 1 1 none 0\nR 12 0 12 2000 0 502 10\n"
+    figures = parse(out, (200,))
+    assert figures["clock_overhead_ms"] == 0.6
+    assert figures["n"] == 3 and figures["ok"] == 1
+    assert figures["failures"] == {"nc_rc_1": 1, "http_502": 1}
+    assert figures["latency_ms"]["p50"] == pytest.approx(4.4)
