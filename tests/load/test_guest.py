@@ -13,9 +13,11 @@ from pathlib import Path
 
 import pytest
 
+from harness.image import GuestImage
 from harness.load.guest import parse, request_bytes, sample_in_guest
 from harness.load.targets import GATEWAY, Upstream, start_target
-from harness.sandbox.base import ExecResult
+from harness.sandbox.base import ExecResult, SandboxSpec
+from harness.sandbox.qemu import Microvm
 from harness.supervisor import Supervisor
 
 BUSYBOX = shutil.which("busybox")
@@ -64,3 +66,22 @@ def test_parse_and_request_shape() -> None:
     assert figures["n"] == 3 and figures["ok"] == 1
     assert figures["failures"] == {"nc_rc_1": 1, "http_502": 1}
     assert figures["latency_ms"]["p50"] == pytest.approx(4.4)
+
+
+@pytest.mark.qemu
+@pytest.mark.slow
+def test_sample_in_real_guest(image: GuestImage, upstream: Upstream, load_supervisor: Supervisor, tmp_path: Path,
+                              gateway_ca_dir: Path) -> None:
+    endpoint = start_target(GATEWAY, tmp_path / "gw", load_supervisor, upstream, ("download",),
+                            download_bytes=2048, stream_bytes=0, gateway_ca_dir=gateway_ca_dir)
+    vm = Microvm(SandboxSpec(id="load-guest", workdir=tmp_path / "vm", accel="tcg",
+                             gateway_port=endpoint.proxy[1]), image, load_supervisor)
+    try:
+        vm.spawn()
+        vm.wait_ready()
+        figures = sample_in_guest(vm, endpoint.urls["download"], n=3)
+    finally:
+        vm.stop()
+        endpoint.stop()
+    assert (figures["ok"], figures["failures"]) == (3, {}), figures
+    assert figures["proxy"] == "10.0.2.100:3128" and figures["latency_ms"]["p50"] > 0
