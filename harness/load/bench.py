@@ -75,6 +75,8 @@ class ProxyBenchConfig:
     """Address the Locust master binds for workers; None = 127.0.0.1."""
     remote_workers: int = 0
     """Workers the master also waits for, started by hand on other machines (see README)."""
+    master_port: int = 0
+    """Port the Locust master binds; 0 = a free one per phase."""
     targets: list[str] = field(default_factory=lambda: list(ALL_TARGETS))
     traffic: list[str] = field(default_factory=lambda: list(TRAFFIC_KINDS))
     warmup_s: float = 3.0
@@ -115,7 +117,8 @@ class ProxyBenchConfig:
 
 
 def _phase_specs(cfg: ProxyBenchConfig, traffic: tuple[str, ...]) -> list[PhaseSpec]:
-    common = {"workers": cfg.workers, "master_host": cfg.master_host, "remote_workers": cfg.remote_workers}
+    common = {"workers": cfg.workers, "master_host": cfg.master_host, "remote_workers": cfg.remote_workers,
+              "master_port": cfg.master_port}
     specs = [PhaseSpec("paced", cfg.users, cfg.spawn_rate, cfg.warmup_s, cfg.duration_s, traffic, **common)]
     sat = tuple(k for k in cfg.saturation_traffic if k in traffic)
     if cfg.saturation_s > 0 and sat:

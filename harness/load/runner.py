@@ -55,6 +55,8 @@ class PhaseSpec:
     """Address the master binds for workers; loopback unless the user asks for another."""
     remote_workers: int = 0
     """Workers the master also waits for, started by the user on other machines."""
+    master_port: int = 0
+    """Port the master binds for workers; 0 picks a free one (fix it when workers run elsewhere)."""
 
 
 def _free_port(host: str) -> int:
@@ -86,7 +88,10 @@ def run_phase(plan: LoadPlan, spec: PhaseSpec, out_dir: Path, supervisor: Superv
               "--br-plan", plan.to_json()]
     distributed = spec.workers > 0 or spec.remote_workers > 0
     bind = spec.master_host or LOOPBACK
-    master_port = _free_port(bind) if distributed else 0
+    master_port = (spec.master_port or _free_port(bind)) if distributed else 0
+    if distributed:
+        # What a worker on another machine runs to join this phase.
+        (out_dir / "worker-command.txt").write_text(" ".join(worker_command(bind, master_port)) + "\n")
     argv = _locust(*common)
     if distributed:
         argv += ["--master", "--master-bind-host", bind, "--master-bind-port", str(master_port),
