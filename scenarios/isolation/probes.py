@@ -31,10 +31,6 @@ GATEWAY_PORT = 3128
 HOST_ALIAS = "10.0.2.2"
 """slirp's address for the host: reaching it means reaching host loopback (blocked by restrict=on)."""
 SLIRP_DNS = "10.0.2.3"
-PUBLIC_RESOLVER = "8.8.8.8"
-"""E2B auto-allows it (FINDINGS); a guest must not reach it either."""
-PUBLIC_IP = "93.184.215.14"
-"""A public address for a direct-egress attempt (an example.com address)."""
 METADATA_IP = "169.254.169.254"
 BLOCKED_HOST = "example.com"
 """A name the reference policy (balanced) blocks, as in FINDINGS probes 4 and 5."""
@@ -387,7 +383,6 @@ def check_blocked_domain(env: ProbeEnv) -> Verdict:
         f"gateway GET http://{BLOCKED_HOST}/": via_gateway_get(f"http://{BLOCKED_HOST}/"),
         f"direct to the {BLOCKED_HOST} stand-in ({HOST_ALIAS}:{env.upstream_http_port})":
             send(head, HOST_ALIAS, env.upstream_http_port),
-        f"direct to {PUBLIC_IP}:80": send(head, PUBLIC_IP, 80),
     })
     facts: dict[str, Any] = {}
     allowed = []
@@ -415,7 +410,6 @@ def check_dns(env: ProbeEnv) -> Verdict:
     parts = env.parallel({
         "system resolver": lookup,
         f"slirp resolver {SLIRP_DNS}": f"{lookup} {SLIRP_DNS}",
-        f"public resolver {PUBLIC_RESOLVER}": f"{lookup} {PUBLIC_RESOLVER}",
     })
     resolved = {}
     for name, (_, out) in parts.items():
