@@ -91,6 +91,8 @@ def bench(**flags: Any) -> Path:
     console.print(table)
     console.print(f"success rate {summary['success_rate']:.0%} ({summary['failures']} failed of {summary['boots']}); "
                   f"MemAvailable Δ per idle sandbox {mib(summary['mem_available_delta_bytes_per_sandbox'])}")
+    if run.data.get("proxy"):
+        console.print(proxy_table(run.data["proxy"]))
     console.print(f"results: {run.run_dir / 'results.json'}\nreport:  {run.run_dir / 'report.html'}")
     if run.data["leftover_vmm_pids"]:
         console.print(f"[red]VMM processes survived stop: {run.data['leftover_vmm_pids']}[/]")
@@ -98,8 +100,28 @@ def bench(**flags: Any) -> Path:
     return run.run_dir
 
 
+def proxy_table(proxy: dict[str, Any]) -> Table:
+    """One row per proxy target: load, latency, what it adds over direct, and whether the generator saturated."""
+    conditions = proxy.get("conditions", {})
+    table = Table(title=f"proxy latency under load — {conditions.get('users')} users, "
+                        f"{conditions.get('duration_s')} s per target, {conditions.get('workers')} worker(s)")
+    for column in ("target", "status", "rps", "p50", "p95", "p99", "added p50", "failures", "generator"):
+        table.add_column(column)
+    for name, target in sorted(proxy.get("targets", {}).items()):
+        latency = target.get("latency_ms") or {}
+        added = (target.get("added_latency_ms") or {}).get("p50")
+        failures = sum((target.get("failures") or {}).values()) if isinstance(target.get("failures"), dict) \
+            else target.get("failures")
+        table.add_row(name, str(target.get("status")), str(target.get("rps", "—")), ms(latency.get("p50")),
+                      ms(latency.get("p95")), ms(latency.get("p99")), ms(added), str(failures),
+                      "saturated" if target.get("generator_saturated") else "ok")
+    return table
+
+
 def clean() -> list[str]:
-    removed = reap_leftovers()
+    from harness.scenario import sweep_leftovers
+
+    removed = reap_leftovers() + sweep_leftovers()
     for line in removed:
         console.print(line)
     if not removed:

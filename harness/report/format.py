@@ -10,4 +10,7 @@ def mib(value: float | None) -> str:
 
 
 def ms(value: float | None) -> str:
-    return "—" if value is None else f"{value:.0f} ms"
+    """Whole milliseconds, or two decimals below 10 ms where the difference matters (proxy latency)."""
+    if value is None:
+        return "—"
+    return f"{value:.2f} ms" if abs(value) < 10 else f"{value:.0f} ms"

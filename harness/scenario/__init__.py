@@ -1,5 +1,6 @@
 """Scenarios: one folder per scenario under scenarios/, each with a scenario.py exposing
-`create(options: dict) -> Scenario` and an optional `OPTIONS` dict documenting its flags.
+`create(options: dict) -> Scenario`, an optional `OPTIONS` dict documenting its flags, and an
+optional `sweep_leftovers() -> list[str]` that `invoke clean` calls.
 The runner owns the supervisor, the journal and results.json; the scenario only does its steps.
 """
 
@@ -42,6 +43,17 @@ def load_scenario_module(name: str) -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def sweep_leftovers() -> list[str]:
+    """Ask every scenario that plants things on the host (a module-level `sweep_leftovers()`) to remove
+    what a killed run left; return a line per thing removed."""
+    removed: list[str] = []
+    for name in available_scenarios():
+        sweep = getattr(load_scenario_module(name), "sweep_leftovers", None)
+        if callable(sweep):
+            removed += [f"{name}: {line}" for line in sweep()]
+    return removed
 
 
 def run_scenario(name: str, options: dict[str, Any], out: Path | None = None) -> tuple[int, Path]:

@@ -369,3 +369,9 @@ def print_summary(data: dict[str, Any]) -> None:
 def create(options: dict[str, Any]) -> IsolationScenario:
     return IsolationScenario(sandboxes=int(options.get("sandboxes") or DEFAULT_SANDBOXES),
                              leaky=bool(options.get("leaky")))
+
+
+def sweep_leftovers() -> list[str]:
+    """For `invoke clean`: remove honeytoken homes that a SIGKILLed run could not roll back."""
+    load_package()
+    return importlib.import_module(f"{PACKAGE}.honeytokens").sweep_leftovers()
