@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.gateway.credentials import CredentialSpec
+from harness.gateway.loopbreaker import check_loop_answer
 
 # Hardening defaults. Generous enough for real agents and package managers, tight enough that a
 # misbehaving guest cannot hold the gateway's memory or sockets.
@@ -52,7 +53,9 @@ class GatewayConfig:
 
     policy: a preset name ("open", "balanced", "locked") or a path to a policy YAML file.
     deny_mode: None keeps the policy's own; else "403", "403-explained" or "reset".
-    loop_breaker: enable the retry-loop breaker; threshold/window default to the policy's.
+    loop_breaker: enable the retry-loop breaker; threshold/window/answer default to the policy's.
+    loop_answer: once tripped, "429" (HTTP-correct) or "200-terminal" (200 + the same permanent-block
+        explanation, which ends the loop of a client that retries every non-2xx); None: the policy's.
     audit_path: JSONL audit log; None means <state_dir>/gateway-audit.jsonl.
     state_dir: control socket, ready file, gateway.log, config.json. None: a fresh temp dir.
     ca_dir: the per-install CA (ca.pem public, ca-key.pem private); None: ~/.local/state/...
@@ -73,6 +76,7 @@ class GatewayConfig:
     loop_breaker: bool = True
     loop_threshold: int | None = None
     loop_window_s: float | None = None
+    loop_answer: str | None = None
     audit_path: Path | None = None
     state_dir: Path | None = None
     ca_dir: Path | None = None
@@ -86,6 +90,11 @@ class GatewayConfig:
     exit_with_parent: bool = True
     extra_env: dict[str, str] = field(default_factory=dict, repr=False)
     startup_timeout_s: float = 15.0
+
+    def __post_init__(self) -> None:
+        # Fail in the harness, not later in a gateway process whose log nobody is reading.
+        if self.loop_answer is not None:
+            check_loop_answer(self.loop_answer)
 
     def to_json(self) -> str:
         data: dict[str, Any] = {}

@@ -2,8 +2,9 @@
 
 Ops: health, add_sandbox {sandbox, port?}, remove_sandbox {sandbox}, stats, ca_cert, shutdown;
 toxics (toxics.py): toxic_add {toxic}, toxic_remove {name}, toxic_clear, toxic_list; and
-set_deny {deny_mode?, loop_breaker?, loop_threshold?, loop_window_s?} to switch the deny answer
-and the loop breaker between runs without restarting (the breaker's memory starts afresh).
+set_deny {deny_mode?, loop_breaker?, loop_threshold?, loop_window_s?, loop_answer?} to switch the
+deny answer and the loop breaker (and its answer, "429" or "200-terminal") between runs without
+restarting (the breaker's memory starts afresh).
 Guests can never reach it: it is not a TCP port, and their only path is their own listener.
 """
 

@@ -4,7 +4,9 @@
 403-explained the same status plus X-Blastradius-Decision (and sandbox-runtime's X-Proxy-Error)
               and a JSON body an agent can parse: it says the block is a policy, not an outage.
 reset         no HTTP answer: the connection is reset (RST), failing fast.
-The loop breaker's 429 is always an HTTP answer, whatever the mode: it exists to be read.
+The loop breaker's answer is always an HTTP answer, whatever the mode: it exists to be read.
+It is 429 by default, or 200 ("200-terminal", see loopbreaker.py) so that a client which retries
+every non-2xx stops; either way the headers and JSON body say the block is permanent.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ PROXY_ERROR_HEADER = b"x-proxy-error"
 MODE_403 = "403"
 MODE_EXPLAINED = "403-explained"
 MODE_RESET = "reset"
+LOOP_STATUS = 429  # Too Many Requests: the HTTP-correct loop answer
+TERMINAL_STATUS = 200  # "200-terminal": ends a loop that only a 2xx ends
 
 
 @dataclass(frozen=True)
@@ -62,7 +66,10 @@ def deny_answer(mode: str, host: str, port: int, rule: str, sandbox: str, reason
     return DenyAnswer(403, headers, json.dumps(body).encode() + b"\n")
 
 
-def loop_answer(host: str, port: int, rule: str, sandbox: str, count: int, window_s: float) -> DenyAnswer:
+def loop_answer(
+    host: str, port: int, rule: str, sandbox: str, count: int, window_s: float, terminal: bool = False
+) -> DenyAnswer:
+    """The breaker's answer: 429, or 200 when `terminal`; headers and body identical either way."""
     where = format_authority(host, port)
     body = {
         "error": "retry_loop_detected",
@@ -80,10 +87,10 @@ def loop_answer(host: str, port: int, rule: str, sandbox: str, count: int, windo
     }
     headers = [
         (b"content-type", b"application/json"),
-        (DECISION_HEADER, f"deny; rule={_header_safe(rule)}; host={host}; port={port}; loop=1".encode()),
+        (DECISION_HEADER, f"deny; rule={_header_safe(rule)}; host={host}; port={port}; loop=1; permanent".encode()),
         (PROXY_ERROR_HEADER, b"retry-loop-detected"),
     ]
-    return DenyAnswer(429, headers, json.dumps(body).encode() + b"\n")
+    return DenyAnswer(TERMINAL_STATUS if terminal else LOOP_STATUS, headers, json.dumps(body).encode() + b"\n")
 
 
 def error_answer(status: int, message: str) -> DenyAnswer:
@@ -91,6 +98,7 @@ def error_answer(status: int, message: str) -> DenyAnswer:
 
 
 REASONS = {
+    200: b"OK",
     400: b"Bad Request",
     403: b"Forbidden",
     408: b"Request Timeout",

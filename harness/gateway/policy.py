@@ -27,6 +27,7 @@ from typing import Any, Literal
 
 import yaml
 
+from harness.gateway.loopbreaker import DEFAULT_LOOP_ANSWER, LOOP_ANSWERS
 from harness.gateway.names import HostError, is_ip, normalise_host, parse_port
 
 Action = Literal["allow", "deny"]
@@ -204,6 +205,7 @@ class Policy:
     deny_mode: str = DEFAULT_DENY_MODE
     loop_threshold: int = DEFAULT_LOOP_THRESHOLD
     loop_window_s: float = DEFAULT_LOOP_WINDOW_S
+    loop_answer: str = DEFAULT_LOOP_ANSWER  # "429" | "200-terminal" (loopbreaker.py)
     dns: bool = False
     credentials: list[dict[str, Any]] | None = None
     source: str = ""
@@ -313,12 +315,17 @@ def policy_from_dict(data: dict[str, Any], source: str = "") -> Policy:
     if deny_mode not in DENY_MODES:
         raise PolicyError(f"deny_mode must be one of {DENY_MODES}, got {deny_mode!r}")
     loop = data.get("loop_breaker") or {}
+    # YAML reads a bare 429 as an int: accept it as the string it names.
+    loop_answer = str(loop.get("answer", DEFAULT_LOOP_ANSWER))
+    if loop_answer not in LOOP_ANSWERS:
+        raise PolicyError(f"loop_breaker answer must be one of {LOOP_ANSWERS}, got {loop_answer!r}")
     return Policy(
         name=str(data.get("name", source or "policy")),
         rules=rules,
         deny_mode=deny_mode,
         loop_threshold=int(loop.get("threshold", DEFAULT_LOOP_THRESHOLD)),
         loop_window_s=float(loop.get("window_s", DEFAULT_LOOP_WINDOW_S)),
+        loop_answer=loop_answer,
         dns=bool((data.get("dns") or {}).get("enabled", False)),
         credentials=data.get("credentials"),
         source=source,

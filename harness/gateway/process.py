@@ -190,7 +190,8 @@ class GatewayProcess:
         return self._call("toxic_list")
 
     def set_deny(self, **settings: Any) -> dict[str, Any]:
-        """deny_mode / loop_breaker / loop_threshold / loop_window_s at run time; resets the breaker."""
+        """deny_mode / loop_breaker / loop_threshold / loop_window_s / loop_answer ("429" or
+        "200-terminal") at run time; resets the breaker's memory. Unset settings stay as they were."""
         return self._call("set_deny", **{k: v for k, v in settings.items() if v is not None})
 
     def ca_cert_pem(self) -> bytes:

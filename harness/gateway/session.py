@@ -30,7 +30,7 @@ from harness.gateway.deny import (
 )
 from harness.gateway.dial import DialError, open_upstream
 from harness.gateway.forward import ClientGone, UpstreamPool, forward, next_event
-from harness.gateway.loopbreaker import LoopVerdict
+from harness.gateway.loopbreaker import ANSWER_200_TERMINAL, LoopVerdict, resolve_answer
 from harness.gateway.names import DEFAULT_PORTS, HostError, parse_authority
 from harness.gateway.policy import normalise_path
 from harness.gateway.streams import PlainStream, Stream, TlsServerStream
@@ -248,9 +248,13 @@ class Session:
         answer: DenyAnswer
         if verdict is not LoopVerdict.UNDER:
             self.count("loop_blocks", 1)
+            # A 200 to CONNECT would open a tunnel, not explain anything: CONNECT always gets 429.
+            terminal = conn is not None and self._loop_answer() == ANSWER_200_TERMINAL
+            answer = loop_answer(host, port, rule, self.sandbox, gw.breaker.threshold, gw.breaker.window_s,
+                                 terminal=terminal)
             if verdict is LoopVerdict.TRIPPED:
-                self.audit(event="retry_loop_detected", decision="deny", deny_mode=mode, status=429, **fields)
-            answer = loop_answer(host, port, rule, self.sandbox, gw.breaker.threshold, gw.breaker.window_s)
+                self.audit(event="retry_loop_detected", decision="deny", deny_mode=mode, status=answer.status,
+                           **fields)
         elif mode == MODE_RESET:
             self.audit(event=event, decision="deny", deny_mode=mode, **fields)
             stream.abort_with_reset()
@@ -269,6 +273,12 @@ class Session:
         stream.write(conn.send(h11.EndOfMessage()))
         await stream.drain()
         return True
+
+    def _loop_answer(self) -> str:
+        """The breaker's answer style: set at run time (set_deny), else GatewayConfig, else the policy.
+        Read only once a loop has tripped."""
+        gw = self.gw
+        return resolve_answer(gw.breaker.answer, gw.config.loop_answer, gw.policy.loop_answer)
 
     async def _drain_request(self, conn: h11.Connection, stream: Stream) -> bool:
         """Read and drop a small request body; False if it is too big to bother."""

@@ -526,13 +526,17 @@ async def toxic_op(gw: Gateway, op: str, request: dict[str, Any]) -> dict[str, A
 
 
 def set_deny(gw: Gateway, request: dict[str, Any]) -> dict[str, Any]:
-    from harness.gateway.loopbreaker import LoopBreaker
+    from harness.gateway.loopbreaker import LOOP_ANSWERS, LoopBreaker, resolve_answer
     from harness.gateway.policy import DENY_MODES
 
     mode = request.get("deny_mode")
+    if mode is not None and mode not in DENY_MODES:
+        raise ToxicError(f"deny_mode must be one of {DENY_MODES}")
+    answer = request.get("loop_answer")
+    if answer is not None and str(answer) not in LOOP_ANSWERS:
+        raise ToxicError(f"loop_answer must be one of {LOOP_ANSWERS}")
+    # Everything is checked before anything changes: a refused call leaves the gateway as it was.
     if mode is not None:
-        if mode not in DENY_MODES:
-            raise ToxicError(f"deny_mode must be one of {DENY_MODES}")
         gw.deny_mode = mode
     old = gw.breaker
     threshold = request.get("loop_threshold")
@@ -542,7 +546,10 @@ def set_deny(gw: Gateway, request: dict[str, Any]) -> dict[str, Any]:
         int(threshold) if threshold is not None else old.threshold,
         float(window) if window is not None else old.window_s,
         enabled=bool(enabled) if enabled is not None else old.enabled,
+        answer=str(answer) if answer is not None else old.answer,
     )
     gw.breaker.trips = old.trips  # stats keep counting across reconfigurations
+    effective = resolve_answer(gw.breaker.answer, gw.config.loop_answer, gw.policy.loop_answer)
     return {"ok": True, "deny_mode": gw.deny_mode, "loop_breaker": gw.breaker.enabled,
-            "loop_threshold": gw.breaker.threshold, "loop_window_s": gw.breaker.window_s}
+            "loop_threshold": gw.breaker.threshold, "loop_window_s": gw.breaker.window_s,
+            "loop_answer": effective}

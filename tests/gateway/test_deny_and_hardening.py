@@ -115,6 +115,62 @@ def test_loop_breaker_can_be_disabled(make_gateway: object) -> None:
     assert {http_get(port, "http://example.com/").status for _ in range(4)} == {403}
 
 
+TERMINAL_POLICY = """
+name: terminal
+deny_mode: 403-explained
+loop_breaker: {threshold: 2, window_s: 30, answer: 200-terminal}
+rules:
+  - allow: pypi.org
+    ports: [80]
+"""
+
+
+def test_loop_breaker_200_terminal_from_policy(make_gateway: object, tmp_path: Path) -> None:
+    """answer: 200-terminal in the policy YAML: the looping request gets 200 with the same
+    permanent-block explanation; audited as a deny, with status 200."""
+    policy = tmp_path / "terminal.yaml"
+    policy.write_text(TERMINAL_POLICY)
+    gw = make_gateway(policy=policy, deny_mode=None)  # type: ignore[operator]
+    port = gw.add_sandbox("sb-term")
+    statuses = [http_get(port, "http://example.com/term").status for _ in range(4)]
+    assert statuses == [403, 403, 200, 200]
+    reply = http_get(port, "http://example.com/term")
+    assert reply.status == 200
+    assert reply.headers["x-proxy-error"] == "retry-loop-detected"
+    assert reply.headers["x-blastradius-decision"] == (
+        "deny; rule=default-deny; host=example.com; port=80; loop=1; permanent")
+    body = reply.json()
+    assert (body["error"], body["permanent"], body["retryable"]) == ("retry_loop_detected", True, False)
+    assert "stop retrying" in str(body["message"])
+    # Keep-alive survives the 200: an allowed request on the same connection still goes through.
+    with connect(port) as sock:
+        reader = sock.makefile("rb")
+        for url, host, want in (("http://example.com/term", "example.com", 200),
+                                ("http://pypi.org/after", "pypi.org", 200)):
+            sock.sendall(f"GET {url} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+            status = int(reader.readline().split()[1])
+            length = 0
+            while (line := reader.readline()) not in (b"\r\n", b""):
+                if line.lower().startswith(b"content-length:"):
+                    length = int(line.split(b":")[1])
+            reader.read(length)
+            assert status == want
+    # A CONNECT loop still gets 429: a 200 would mean "tunnel open".
+    for _ in range(2):
+        sock, _ = connect_tunnel(port, "example.com:443")
+        sock.close()
+    sock, answer = connect_tunnel(port, "example.com:443")
+    sock.close()
+    assert parse_reply(answer).status == 429
+    records = [r for r in gw.audit_records() if r["sandbox"] == "sb-term" and r["host"] == "example.com"]
+    trip = [r for r in records if r["event"] == "retry_loop_detected"]
+    assert [(r["method"], r["status"], r["decision"]) for r in trip] == [("GET", 200, "deny"), ("CONNECT", 429, "deny")]
+    term = [r for r in records if r["event"] == "request" and r["path"] == "/term"]
+    assert [r["status"] for r in term] == [403, 403, 200, 200, 200, 200]
+    assert {(r["decision"], r["deny_mode"], r["rule"]) for r in term} == {("deny", "403-explained", "default-deny")}
+    assert gw.stats()["loop_trips"] == 2
+
+
 # ---- DNS -------------------------------------------------------------------------------------
 def _udp_dns(port: int, name: str) -> bytes:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:

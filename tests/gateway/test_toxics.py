@@ -236,3 +236,24 @@ def test_loop_breaker_threshold(gw: GatewayProcess, port: int, threshold: int) -
     gw.set_deny(loop_breaker=False)
     assert {http_get(port, f"http://example.com{path}-off").status for _ in range(threshold + 3)} == {403}
     gw.set_deny(deny_mode="403-explained", loop_breaker=True, loop_threshold=50)
+
+
+def test_set_deny_switches_the_loop_answer(gw: GatewayProcess, port: int) -> None:
+    """429 <-> 200-terminal at run time, keeping the other settings; a bad value changes nothing."""
+    reply = gw.set_deny(deny_mode="403", loop_breaker=True, loop_threshold=2, loop_window_s=60,
+                        loop_answer="200-terminal")
+    assert reply["loop_answer"] == "200-terminal"
+    statuses = [http_get(port, "http://example.com/switch-200").status for _ in range(4)]
+    assert statuses == [403, 403, 200, 200]
+    trips = [r for r in gw.audit_records() if r["event"] == "retry_loop_detected" and r["path"] == "/switch-200"]
+    assert [(r["status"], r["decision"]) for r in trips] == [(200, "deny")]
+    with pytest.raises(RuntimeError, match="loop_answer"):
+        gw.set_deny(deny_mode="reset", loop_answer="200")
+    # Unset settings stay: still 403 and 200-terminal (the refused call changed nothing).
+    assert gw.set_deny(loop_threshold=2)["loop_answer"] == "200-terminal"
+    statuses = [http_get(port, "http://example.com/switch-again").status for _ in range(3)]
+    assert statuses == [403, 403, 200]
+    assert gw.set_deny(loop_answer="429")["loop_answer"] == "429"
+    statuses = [http_get(port, "http://example.com/switch-429").status for _ in range(3)]
+    assert statuses == [403, 403, 429]
+    gw.set_deny(deny_mode="403-explained", loop_breaker=True, loop_threshold=50)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from harness.gateway.config import GatewayConfig
 from harness.gateway.credentials import (
     SENTINEL,
     CredentialError,
@@ -19,8 +20,15 @@ from harness.gateway.credentials import (
     inject,
     read_secret,
 )
+from harness.gateway.deny import loop_answer
 from harness.gateway.dns import QTYPE_A, RCODE_REFUSED, build_response, parse_query
-from harness.gateway.loopbreaker import LoopBreaker, LoopVerdict
+from harness.gateway.loopbreaker import (
+    ANSWER_200_TERMINAL,
+    ANSWER_429,
+    LoopBreaker,
+    LoopVerdict,
+    resolve_answer,
+)
 from harness.gateway.names import HostError, normalise_host, parse_authority
 from harness.gateway.policy import (
     PolicyError,
@@ -234,6 +242,36 @@ def test_loop_breaker_spread_out_retries_never_trip() -> None:
     breaker = LoopBreaker(threshold=3, window_s=10.0)
     key = ("sb", "GET", "http", "example.com", "80", "/")
     assert all(breaker.observe_denied(key, now=t * 6.0) is LoopVerdict.UNDER for t in range(20))
+
+
+def test_loop_answer_styles_differ_only_in_status() -> None:
+    plain = loop_answer("example.com", 80, "default-deny", "sb", 3, 60.0)
+    terminal = loop_answer("example.com", 80, "default-deny", "sb", 3, 60.0, terminal=True)
+    assert (plain.status, terminal.status) == (429, 200)
+    assert plain.headers == terminal.headers and plain.body == terminal.body
+    headers = dict(terminal.headers)
+    assert headers[b"x-blastradius-decision"].endswith(b"; loop=1; permanent")
+    assert headers[b"x-proxy-error"] == b"retry-loop-detected"
+
+
+def test_loop_answer_setting_is_parsed_and_checked() -> None:
+    base = {"rules": [{"allow": "api.anthropic.com"}]}
+    assert policy_from_dict(base).loop_answer == ANSWER_429
+    answer = policy_from_dict({**base, "loop_breaker": {"threshold": 2, "answer": "200-terminal"}}).loop_answer
+    assert answer == ANSWER_200_TERMINAL
+    # YAML reads `answer: 429` as an int; it still names the 429 style.
+    assert policy_from_dict({**base, "loop_breaker": {"answer": 429}}).loop_answer == ANSWER_429
+    with pytest.raises(PolicyError, match="answer"):
+        policy_from_dict({**base, "loop_breaker": {"answer": "200"}})
+    with pytest.raises(ValueError, match="answer"):
+        GatewayConfig(loop_answer="418")
+    with pytest.raises(ValueError, match="answer"):
+        LoopBreaker(3, 10.0, answer="terminal")
+    # Most specific first: run time, then GatewayConfig, then the policy; default 429.
+    assert resolve_answer(None, ANSWER_200_TERMINAL, ANSWER_429) == ANSWER_200_TERMINAL
+    assert resolve_answer(ANSWER_429, ANSWER_200_TERMINAL, ANSWER_200_TERMINAL) == ANSWER_429
+    assert resolve_answer(None, None) == ANSWER_429
+    assert GatewayConfig.from_json(GatewayConfig(loop_answer="200-terminal").to_json()).loop_answer == "200-terminal"
 
 
 # ---- credentials -----------------------------------------------------------------------------
