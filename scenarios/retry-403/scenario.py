@@ -3,9 +3,10 @@
 FINDINGS probe 4: a proxy that answers a blocked domain with HTTP 403 (not a TCP reject) can keep
 an agent that retries on 403 looping for ever, burning time and model tokens. This scenario runs
 four reference clients against a host the policy denies, under every deny mode (403,
-403-explained, reset) with the loop breaker off and on, and counts -- from the gateway's audit
-log, never from the client's word -- the requests sent to the blocked host, the model calls
-wasted, and how each client ended:
+403-explained, reset) with the loop breaker off, on answering 429 (HTTP-correct) and on answering
+200-terminal (200 + the same permanent-block explanation, the only answer that ends a loop which
+stops on nothing but a 2xx), and counts -- from the gateway's audit log, never from the client's
+word -- the requests sent to the blocked host, the model calls wasted, and how each client ended:
 
     naive       retries every non-2xx (and every reset) at once, up to a cap
     backoff     the same with exponential backoff and jitter
@@ -43,7 +44,11 @@ GUEST_PROXY = "10.0.2.100 3128"
 
 CLIENTS = ("naive", "backoff", "reads-body", "llm-loop")
 DENY_MODES = ("403", "403-explained", "reset")
-BREAKER = (False, True)
+# Loop breaker settings: off, or on with its answer once tripped (harness/gateway/loopbreaker.py).
+BREAKER_OFF = "off"
+BREAKER_429 = "429"
+BREAKER_TERMINAL = "200-terminal"
+BREAKER = (BREAKER_OFF, BREAKER_429, BREAKER_TERMINAL)
 BLOCKED_HOST = "example.com"
 MODEL_HOST = "api.anthropic.com"
 MODEL_KEY_ENV = "BR_RETRY403_MODEL_KEY"
@@ -53,7 +58,7 @@ OPTIONS = {
     "sandboxes": "guests running the in-guest clients (default 1; 0 = host clients only)",
     "scale": "host-side clients per cell, each behind its own gateway listener (default 16)",
     "agent": "your own agent command, run in each sandbox per deny mode and breaker setting",
-    "threshold": "loop breaker: identical denied requests before it answers 429 (default 5)",
+    "threshold": "loop breaker: identical denied requests before it answers 429 / 200-terminal (default 5)",
 }
 DEFAULTS: dict[str, Any] = {"sandboxes": 1, "scale": 16, "threshold": 5}
 LOOP_WINDOW_S = 60.0
@@ -263,14 +268,18 @@ class RetryScenario:
         threshold = int(self.opt(ctx, "threshold"))
         data: dict[str, Any] = {"threshold": threshold, "window_s": LOOP_WINDOW_S,
                                 "caps": {"guest": GUEST_CAP, "host": HOST_CAP, "backoff": BACKOFF_CAP},
-                                "clients": list(CLIENTS), "deny_modes": list(DENY_MODES), "cells": self.cells,
-                                "collateral": {}, "agent": None}
+                                "clients": list(CLIENTS), "deny_modes": list(DENY_MODES),
+                                "breakers": list(BREAKER), "cells": self.cells, "collateral": {},
+                                "breaker_ends_naive": [], "agent": None}
         ctx.data["retry403"] = data
         for mode in DENY_MODES:
+            data["collateral"][mode] = {}
             for breaker in BREAKER:
-                self.gateway.set_deny(deny_mode=mode, loop_breaker=breaker, loop_threshold=threshold,
-                                      loop_window_s=LOOP_WINDOW_S)
-                setting = f"{mode}/{'breaker' if breaker else 'no-breaker'}"
+                # Off keeps the answer at 429 so the next "on" setting starts from the default.
+                self.gateway.set_deny(deny_mode=mode, loop_breaker=breaker != BREAKER_OFF, loop_threshold=threshold,
+                                      loop_window_s=LOOP_WINDOW_S,
+                                      loop_answer=BREAKER_429 if breaker == BREAKER_OFF else breaker)
+                setting = f"{mode}/breaker-{breaker}"
                 for client in CLIENTS:
                     for where in ("guest", "host") if self.guests else ("host",):
                         with ctx.journal.activity(f"{where}:{client}@{setting}") as act:
@@ -279,14 +288,15 @@ class RetryScenario:
                         ctx.save()
                 if ctx.options.get("agent"):
                     self.run_agent(ctx, mode, breaker, tail)
-            with ctx.journal.activity(f"probe:collateral@{mode}", "probe") as act:
-                data["collateral"][mode] = act.output = self.collateral(mode)
+                with ctx.journal.activity(f"probe:collateral@{setting}", "probe") as act:
+                    data["collateral"][mode][breaker] = act.output = self.collateral(mode, breaker, threshold)
+        data["breaker_ends_naive"] = breaker_ends_naive(self.cells, threshold)
         data["checks"] = self.checks = self.check(threshold)
         data["recommendation"] = recommend(self.cells, data["collateral"])
         ctx.save()
 
-    def run_cell(self, where: str, client: str, mode: str, breaker: bool, tail: AuditTail) -> dict[str, Any]:
-        cell_id = f"{where}-{client}-{mode}-{'on' if breaker else 'off'}"
+    def run_cell(self, where: str, client: str, mode: str, breaker: str, tail: AuditTail) -> dict[str, Any]:
+        cell_id = f"{where}-{client}-{mode}-{breaker}"
         cap = cap_for(client, where)
         started = time.monotonic()
         if where == "guest":
@@ -312,6 +322,9 @@ class RetryScenario:
             "wall_s": round(max((r["wall_s"] for r in runs), default=wall), 3),
             "gave_up": gave_up,
             "stopped_before_cap": all(r["reason"] != "cap" for r in runs),
+            # The blocked host never answers 2xx on its own: a client that stopped on "ok" took the
+            # breaker's 200-terminal answer (the audit log's "200" answers confirm it was sent).
+            "ended_by_breaker": gave_up.get("ok", 0) if counts["answers"].get("200") else 0,
         }
         self.cells.append(cell)
         return cell
@@ -330,13 +343,13 @@ class RetryScenario:
         with ThreadPoolExecutor(max_workers=len(self.guests)) as pool:
             return list(pool.map(one, self.guests))
 
-    def run_agent(self, ctx: ScenarioContext, mode: str, breaker: bool, tail: AuditTail) -> None:
+    def run_agent(self, ctx: ScenarioContext, mode: str, breaker: str, tail: AuditTail) -> None:
         """The user's own agent, inside each sandbox; counted per sandbox from the audit log."""
-        cell_id = f"agent-{mode}-{'on' if breaker else 'off'}"
+        cell_id = f"agent-{mode}-{breaker}"
         command = str(ctx.options["agent"])
         env = (f"BLOCKED_URL=http://{BLOCKED_HOST}/retry403/{cell_id} MODEL_URL=http://{MODEL_HOST}/v1/messages/"
                f"{cell_id} HTTP_PROXY=http://10.0.2.100:3128 http_proxy=http://10.0.2.100:3128")
-        with ctx.journal.activity(f"agent@{mode}/{'breaker' if breaker else 'no-breaker'}") as act:
+        with ctx.journal.activity(f"agent@{mode}/breaker-{breaker}") as act:
             started = time.monotonic()
             results = [g.exec(f"{env} sh -c {shell_quote(command)}", timeout=AGENT_TIMEOUT_S) for g in self.guests]
             counts = count_cell(tail.new(), None, {g.id for g in self.guests})
@@ -347,28 +360,31 @@ class RetryScenario:
                     "client_attempts": None, "wall_s": round(time.monotonic() - started, 3),
                     "gave_up": {"exited": sum(1 for r in results if not r.timed_out),
                                 "timeout": sum(1 for r in results if r.timed_out)},
-                    "stopped_before_cap": all(not r.timed_out for r in results),
+                    "stopped_before_cap": all(not r.timed_out for r in results), "ended_by_breaker": None,
                     "exit_codes": [r.rc for r in results]}
             self.cells.append(cell)
             act.output = {k: cell[k] for k in ("blocked_requests", "model_calls", "gave_up")}
 
-    def collateral(self, mode: str) -> dict[str, Any]:
-        """Allowed, denied, allowed on one keep-alive connection: does the deny take the allowed call after it
-        down with it? (Legitimate traffic hurt by the deny mode.)"""
+    def collateral(self, mode: str, breaker: str, threshold: int) -> dict[str, Any]:
+        """Allowed, the same denied request threshold+1 times (so the breaker's answer is among them when
+        it is on), allowed, all on one keep-alive connection: does the deny or the loop answer take the
+        allowed call after it down with it? (Legitimate traffic hurt by the setting.)"""
         port = next(iter(self.host_ports.values()))
         allowed = (f"GET http://{MODEL_HOST}/v1/models HTTP/1.1\r\nHost: {MODEL_HOST}\r\n\r\n").encode()
-        denied = (f"GET http://{BLOCKED_HOST}/collateral-{mode} HTTP/1.1\r\nHost: {BLOCKED_HOST}\r\n\r\n").encode()
+        denied = (f"GET http://{BLOCKED_HOST}/collateral-{mode}-{breaker} HTTP/1.1\r\n"
+                  f"Host: {BLOCKED_HOST}\r\n\r\n").encode()
+        sequence = [allowed, *[denied] * (threshold + 1), allowed]
         statuses: list[int] = []
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=CLIENT_SOCKET_TIMEOUT_S) as sock:
                 reader = sock.makefile("rb")
-                for raw in (allowed, denied, allowed):
+                for raw in sequence:
                     sock.sendall(raw)
                     statuses.append(read_one_response(reader))
         except OSError:
             pass
-        statuses += [0] * (3 - len(statuses))
-        return {"statuses": statuses, "allowed_ok": sum(1 for s in (statuses[0], statuses[2]) if s == 200),
+        statuses += [0] * (len(sequence) - len(statuses))
+        return {"statuses": statuses, "allowed_ok": sum(1 for s in (statuses[0], statuses[-1]) if s == 200),
                 "allowed_sent": 2}
 
     def check(self, threshold: int) -> list[str]:
@@ -378,14 +394,19 @@ class RetryScenario:
             if cell["client"] == "custom-agent":
                 continue
             looped = cell["blocked_requests"] > threshold * cell["instances"]
-            if cell["breaker"] and looped and cell["loop_trips"] < cell["instances"]:
+            if cell["breaker"] != BREAKER_OFF and looped and cell["loop_trips"] < cell["instances"]:
                 failures.append(f"{cell['cell']}: looped past the threshold but the breaker tripped "
                                 f"{cell['loop_trips']} times for {cell['instances']} clients")
-            if not cell["breaker"] and cell["loop_trips"]:
+            if cell["breaker"] == BREAKER_OFF and cell["loop_trips"]:
                 failures.append(f"{cell['cell']}: the breaker was off but tripped")
             if (cell["client"] == "reads-body" and cell["deny_mode"] != "reset"
                     and cell["blocked_per_client"] != 1):
                 failures.append(f"{cell['cell']}: reads-body should stop after one explained deny")
+        for row in breaker_ends_naive(self.cells, threshold):
+            if row["breaker"] == BREAKER_TERMINAL and row["expected"] and not row["ended"]:
+                failures.append(f"{row['where']}-naive-{row['deny_mode']}-{BREAKER_TERMINAL}: the breaker did not end "
+                                f"the naive loop ({row['blocked_per_client']} requests per client, expected "
+                                f"{threshold + 1}; gave up: {row['gave_up']})")
         return failures
 
     def rollback(self, ctx: ScenarioContext) -> None:
@@ -424,10 +445,34 @@ def shell_quote(text: str) -> str:
     return "'" + text.replace("'", "'\"'\"'") + "'"
 
 
+def breaker_ends_naive(cells: list[dict[str, Any]], threshold: int) -> list[dict[str, Any]]:
+    """The naive client per breaker setting: did the breaker end its loop? "Ended" means every client
+    stopped before its cap, on the breaker's answer, after exactly threshold+1 requests (threshold
+    plain denies, then one loop answer). Expected only for 200-terminal: the naive client retries any
+    non-2xx, 429 included, so 429 cannot end it. `expected` is False when the cap is too small for
+    the breaker to trip at all."""
+    rows = []
+    for cell in cells:
+        if cell["client"] != "naive":
+            continue
+        ended = (cell["stopped_before_cap"] and cell["ended_by_breaker"] == cell["instances"]
+                 and cell["blocked_per_client"] == threshold + 1)
+        rows.append({"where": cell["where"], "deny_mode": cell["deny_mode"], "breaker": cell["breaker"],
+                     "blocked_per_client": cell["blocked_per_client"], "cap": cell["cap"],
+                     "gave_up": cell["gave_up"], "stopped_before_cap": cell["stopped_before_cap"],
+                     "ended": ended,
+                     "expected": cell["breaker"] == BREAKER_TERMINAL and threshold + 1 <= cell["cap"]})
+    return rows
+
+
+def breaker_label(breaker: str) -> str:
+    return "the loop breaker off" if breaker == BREAKER_OFF else f"the loop breaker answering {breaker}"
+
+
 def recommend(cells: list[dict[str, Any]], collateral: dict[str, Any]) -> str:
-    """One line from the data: the setting with the fewest wasted requests + model calls, among those
-    that did not break an allowed call on the same connection."""
-    totals: dict[tuple[str, bool], list[float]] = {}
+    """One line from the data: the setting with the fewest wasted requests + model calls (then time), among
+    those that did not break an allowed call on the same keep-alive connection."""
+    totals: dict[tuple[str, str], list[float]] = {}
     for cell in cells:
         if cell["client"] == "custom-agent":
             continue
@@ -438,20 +483,25 @@ def recommend(cells: list[dict[str, Any]], collateral: dict[str, Any]) -> str:
         acc[2] += cell["wall_s"]
     if not totals:
         return "no data"
-    safe = {k: v for k, v in totals.items() if collateral.get(k[0], {}).get("allowed_ok", 2) == 2} or totals
-    # Ties go to the breaker being on: it also guards clients that were not in this run.
-    best = min(safe, key=lambda k: (safe[k][0] + safe[k][1], not k[1], safe[k][2]))
-    worst = max(totals, key=lambda k: (totals[k][0] + totals[k][1], totals[k][2]))
-    hurt = sorted(m for m, c in collateral.items() if c.get("allowed_ok", 2) < 2)
 
-    def label(k: tuple[str, bool]) -> str:
-        return f"deny mode {k[0]} with the loop breaker {'on' if k[1] else 'off'}"
+    def unhurt(key: tuple[str, str]) -> bool:
+        return bool(collateral.get(key[0], {}).get(key[1], {}).get("allowed_ok", 2) == 2)
+
+    safe = {k: v for k, v in totals.items() if unhurt(k)} or totals
+    # Ties go to a breaker being on (it also guards clients that were not in this run), then to 429
+    # (HTTP-correct: no client can mistake it for content).
+    best = min(safe, key=lambda k: (safe[k][0] + safe[k][1], k[1] == BREAKER_OFF, k[1] == BREAKER_TERMINAL,
+                                    safe[k][2]))
+    worst = max(totals, key=lambda k: (totals[k][0] + totals[k][1], totals[k][2]))
+    hurt = sorted(f"{m} (breaker {b})" for m, b in totals if not unhurt((m, b)))
+
+    def label(k: tuple[str, str]) -> str:
+        return f"deny mode {k[0]} with {breaker_label(k[1])}"
 
     line = (f"Use {label(best)}: summed over the four reference clients it cost "
-            f"{safe[best][0]:.0f} blocked requests and {safe[best][1]:.0f} model calls per client, against "
-            f"{totals[worst][0]:.0f} and {totals[worst][1]:.0f} for {label(worst)}")
+            f"{safe[best][0]:.0f} blocked requests, {safe[best][1]:.0f} model calls per client and "
+            f"{safe[best][2]:.1f} s, against {totals[worst][0]:.0f}, {totals[worst][1]:.0f} and "
+            f"{totals[worst][2]:.1f} s for {label(worst)}")
     if hurt:
         line += f"; {', '.join(hurt)} also broke an allowed request on the same connection"
     return line + "."
-
-
