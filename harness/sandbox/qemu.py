@@ -298,19 +298,39 @@ class Microvm:
 
 
 class QemuBackend:
-    """Boots Microvms from one guest image under one accelerator, cold or from a template snapshot."""
+    """Boots Microvms from one guest image under one accelerator, cold or from template snapshots."""
 
     name = "qemu"
 
-    def __init__(self, image: GuestImage, accel: str, accel_reason: str = "", snapshot: Path | None = None) -> None:
+    def __init__(self, image: GuestImage, accel: str, accel_reason: str = "", boot_mode: str = "snapshot",
+                 cache: Path | None = None) -> None:
         self.image = image
         self.accel = accel
         self.accel_reason = accel_reason
-        self.snapshot = snapshot
-        """Template snapshot each sandbox is restored from; None boots every kernel cold."""
+        self.boot_mode = boot_mode
+        """snapshot: restore each sandbox from a template booted with the same device set; cold: boot it."""
+        self.cache = cache
+        self._templates: dict[tuple[int, int, bool], Path] = {}
+        self._template_lock = threading.Lock()
+
+    def template_for(self, spec: SandboxSpec) -> Path | None:
+        """The snapshot a sandbox of this shape restores from, made on first use; None when booting cold.
+
+        A restore needs the same RAM size and devices as its template, so there is one per shape."""
+        if self.boot_mode != "snapshot":
+            return None
+        from harness.sandbox.snapshot import make_template, snapshot_path
+
+        assert self.cache is not None, "snapshot boots need a cache directory"
+        shape = (spec.mem_mib, spec.vcpus, spec.free_page_reporting)
+        with self._template_lock:
+            if shape not in self._templates:
+                path = snapshot_path(self.cache, self.image, self.accel, spec, qemu_version())
+                self._templates[shape] = make_template(path, self.image, spec)
+            return self._templates[shape]
 
     def boot(self, spec: SandboxSpec, supervisor: Supervisor) -> Microvm:
-        vm = Microvm(spec, self.image, supervisor, restore_from=self.snapshot)
+        vm = Microvm(spec, self.image, supervisor, restore_from=self.template_for(spec))
         vm.spawn()
         try:
             vm.wait_ready()
@@ -327,8 +347,9 @@ class QemuBackend:
             "machine": MACHINE,
             "accel": self.accel,
             "accel_reason": self.accel_reason,
-            "boot_mode": "snapshot" if self.snapshot else "cold",
-            "snapshot_bytes": self.snapshot.stat().st_size if self.snapshot else None,
+            "boot_mode": self.boot_mode,
+            "snapshot_bytes": {f"{mem}MiB/{cpus}cpu/fpr={'on' if fpr else 'off'}": path.stat().st_size
+                               for (mem, cpus, fpr), path in self._templates.items()},
             "tcg_tb_size_mib": TCG_TB_SIZE_MIB if self.accel == "tcg" else None,
             "kernel_cmdline": KERNEL_CMDLINE,
             "kernel_release": self.image.kernel_release,
@@ -339,19 +360,17 @@ class QemuBackend:
 
 
 def create_backend(options: BackendOptions) -> QemuBackend:
-    """Build (or reuse) the guest image, decide the accelerator, and make the template snapshot."""
+    """Build (or reuse) the guest image, decide the accelerator, and make the default template snapshot
+    now, so that the first measured boot is a restore like every other one."""
     from harness.image import build_image
     from harness.sandbox.accel import decide_accel
-    from harness.sandbox.snapshot import make_template, snapshot_path
 
     qemu_binary()
     socat_binary()
     image = build_image(options.cache)
     verdict = decide_accel(options.accel, image, options.cache / "accel-verdicts.json")
-    snapshot = None
-    if options.boot_mode == "snapshot":
-        snapshot = snapshot_path(options.cache, image, verdict.accel, options.mem_mib, qemu_version())
-        make_template(snapshot, image, SandboxSpec(id="template", workdir=options.cache, accel=verdict.accel,
-                                                   mem_mib=options.mem_mib))
     reason = verdict.reason + (" (cached verdict)" if verdict.cached else "")
-    return QemuBackend(image, verdict.accel, reason, snapshot)
+    backend = QemuBackend(image, verdict.accel, reason, options.boot_mode, options.cache)
+    backend.template_for(SandboxSpec(id="template", workdir=options.cache, accel=verdict.accel,
+                                     mem_mib=options.mem_mib, vcpus=options.vcpus))
+    return backend

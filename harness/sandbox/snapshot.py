@@ -17,6 +17,7 @@ import hashlib
 import os
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from harness.errors import EnvironmentMissing
@@ -38,8 +39,10 @@ SETTLE_S = 1.0
 DROP_CACHES = "sync; echo 3 > /proc/sys/vm/drop_caches; echo 1 > /proc/sys/vm/compact_memory"
 
 
-def snapshot_path(cache: Path, image: GuestImage, accel: str, mem_mib: int, qemu_version: str) -> Path:
-    key = hashlib.sha256(f"{SNAPSHOT_FORMAT}|{image.digest}|{accel}|{mem_mib}|{qemu_version}".encode()).hexdigest()
+def snapshot_path(cache: Path, image: GuestImage, accel: str, spec: SandboxSpec, qemu_version: str) -> Path:
+    """Content-addressed: image, accelerator, QEMU and every part of the shape a restore must match."""
+    shape = f"{spec.mem_mib}|{spec.vcpus}|{spec.free_page_reporting}"
+    key = hashlib.sha256(f"{SNAPSHOT_FORMAT}|{image.digest}|{accel}|{shape}|{qemu_version}".encode()).hexdigest()
     return cache / "snapshots" / f"{key[:16]}.vmstate"
 
 
@@ -54,8 +57,7 @@ def make_template(path: Path, image: GuestImage, spec: SandboxSpec, timeout_s: f
         qmp_socket = Path(tmp) / "qmp.sock"
         partial = path.with_suffix(".partial")
         template = Microvm(
-            SandboxSpec(id="template", workdir=Path(tmp), accel=spec.accel, mem_mib=spec.mem_mib,
-                        boot_timeout_s=spec.boot_timeout_s),
+            replace(spec, id="template", workdir=Path(tmp), gateway_port=None),
             image, sup, extra_cmdline=TEMPLATE_CMDLINE,
             extra_args=("-qmp", f"unix:{qmp_socket},server=on,wait=off"),
         )

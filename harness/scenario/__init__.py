@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import signal
+import sys
 import time
 from pathlib import Path
 from types import ModuleType
@@ -41,6 +42,8 @@ def load_scenario_module(name: str) -> ModuleType:
     spec = importlib.util.spec_from_file_location(f"scenarios.{name.replace('-', '_')}", path)
     assert spec and spec.loader
     module = importlib.util.module_from_spec(spec)
+    # Registered before it runs, as a normal import would be: dataclasses and pickling look it up.
+    sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
 

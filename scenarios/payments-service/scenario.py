@@ -356,8 +356,8 @@ class PaymentsService:
 
 
 def create(options: dict[str, Any]) -> PaymentsService:
-    # The runner builds the backend (and its snapshot template, made at one RAM size) from this same dict
-    # after create(), so raising the guest RAM here sizes the template too.
+    # The runner builds the backend (and its default snapshot template) from this same dict after
+    # create(), so raising the guest RAM here makes that template the one this scenario restores from.
     if options.get("kube_context"):
         options["boot_mode"] = "cold"  # no sandbox is booted, so no template is worth making
     elif int(options.get("mem_mib") or 0) < MIN_GUEST_MEM_MIB:

@@ -25,9 +25,7 @@ def section(data: dict[str, Any], run_dir: Path) -> Section:
         ["warm-up rounds (discarded)", config.get("warmup")],
         ["measured rounds", config.get("repeat")],
         ["guest RAM", f"{config.get('mem_mib')} MiB"],
-        ["boot mode", f"{backend.get('boot_mode', '—')} (snapshot: restored from a booted template, "
-                      f"{(backend.get('snapshot_bytes') or 0) // 2**20} MiB vmstate)"
-         if backend.get("boot_mode") == "snapshot" else backend.get("boot_mode", "—")],
+        ["boot mode", _boot_mode(backend)],
         ["guest kernel", backend.get("kernel_release", "—")],
         ["kernel command line", backend.get("kernel_cmdline", "—")],
     ]
@@ -41,3 +39,10 @@ def section(data: dict[str, Any], run_dir: Path) -> Section:
         notes.append("All guests ran under TCG (software emulation): boot times and VMM memory are far "
                      "above what the same guest costs under KVM.")
     return Section(title="Conditions", tables=[("", ["", ""], rows)], notes=notes)
+
+
+def _boot_mode(backend: dict[str, Any]) -> str:
+    if backend.get("boot_mode") != "snapshot":
+        return str(backend.get("boot_mode", "—"))
+    sizes = ", ".join(f"{shape}: {size // 2**20} MiB" for shape, size in (backend.get("snapshot_bytes") or {}).items())
+    return f"snapshot: each sandbox restored from a booted template of its shape (vmstate {sizes or '—'})"
