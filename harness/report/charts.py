@@ -18,6 +18,9 @@ FIGSIZE = (9.0, 3.6)
 
 DPI = 110
 
+LEGEND_OUTSIDE = {"loc": "upper left", "bbox_to_anchor": (1.01, 1.0), "fontsize": "small", "frameon": False}
+"""Beside the axes, so a legend never hides a bar."""
+
 PALETTE = ["#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860", "#da8bc3", "#8c8c8c"]
 
 
@@ -47,7 +50,7 @@ def stacked_bars(labels: list[str], series: dict[str, list[float]], ylabel: str,
             bottoms = [b + v for b, v in zip(bottoms, values, strict=True)]
         ax.set_ylabel(ylabel)
         ax.set_title(title)
-        ax.legend(loc="upper left", fontsize="small", ncols=len(series))
+        ax.legend(**LEGEND_OUTSIDE)
         ax.tick_params(axis="x", labelrotation=60, labelsize="small")
         return to_data_uri(fig)
 
@@ -66,7 +69,7 @@ def grouped_bars(labels: list[str], series: dict[str, list[float]], ylabel: str,
             ax.axhline(hline[0], color="#c44e52", linestyle="--", linewidth=1, label=hline[1])
         ax.set_ylabel(ylabel)
         ax.set_title(title)
-        ax.legend(loc="upper left", fontsize="small")
+        ax.legend(**LEGEND_OUTSIDE)
         ax.tick_params(axis="x", labelrotation=60, labelsize="small")
         return to_data_uri(fig)
 
@@ -81,7 +84,7 @@ def time_series(panels: list[tuple[str, dict[str, tuple[list[float], list[float]
                 ax.plot(xs, ys, label=name, color=color, linewidth=1.2)
             ax.set_ylabel(ylabel)
             if len(series) > 1:
-                ax.legend(loc="upper right", fontsize="small")
+                ax.legend(**LEGEND_OUTSIDE)
         axes[0].set_title(title)
         axes[-1].set_xlabel(xlabel)
         return to_data_uri(fig)

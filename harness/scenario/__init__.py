@@ -114,7 +114,11 @@ def run_scenario(name: str, options: dict[str, Any], out: Path | None = None) ->
                     journal.deviated = after is not None and not after.get("met", True)
                     journal.status = "completed"
             finally:
-                scenario.rollback(ctx)
+                try:
+                    scenario.rollback(ctx)
+                finally:
+                    with journal.activity("release-resources", "rollback"):
+                        ctx.resources.close()
             exit_code = scenario.exit_code(ctx)
             data["partial"] = False
     except (KeyboardInterrupt, Interrupted) as exc:

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from harness.fleet import Fleet, open_fleet
 from harness.gateway.process import GatewayConfig
 from harness.sandbox import Backend, BootFailed, Sandbox, SandboxSpec
 from harness.scenario.journal import Journal
 from harness.supervisor import Supervisor
+
+T = TypeVar("T")
 
 
 class Scenario(Protocol):
@@ -56,7 +58,13 @@ class ScenarioContext:
     """Boot records of every sandbox the scenario booted (results.json["sandboxes"])."""
     save: Callable[[], None] = lambda: None
     """Write results.json now (the runner wires this); call it after each meaningful step."""
+    resources: ExitStack = field(default_factory=ExitStack)
+    """Closed by the runner after rollback, on every exit path, last in first out."""
     _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def keep(self, resource: AbstractContextManager[T]) -> T:
+        """Enter a context manager (a fleet, a stand-in server) for the rest of the run."""
+        return self.resources.enter_context(resource)
 
     def option(self, name: str, default: Any) -> Any:
         value = self.options.get(name)

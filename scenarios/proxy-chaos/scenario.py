@@ -152,7 +152,6 @@ class ChaosScenario:
         self.spec = load_timeline(self.file)
         self.upstream: UpstreamServer | None = None
         self.fleet: Fleet | None = None
-        self._fleet_cm: Any = None
         self.load_thread: threading.Thread | None = None
         self.load_result: dict[str, Any] = {}
         self.t0: float | None = None  # wall clock when the fault timeline started
@@ -171,7 +170,7 @@ class ChaosScenario:
     # ---- setup: stand-in model API, gateway, Locust load ---------------------------------------
     def setup(self, ctx: ScenarioContext) -> None:
         with ctx.journal.activity("start-model-api-stand-in") as act:
-            self.upstream = UpstreamServer(expected={MODEL_HOST: ("x-api-key", MODEL_KEY)}).start()
+            self.upstream = ctx.keep(UpstreamServer(expected={MODEL_HOST: ("x-api-key", MODEL_KEY)}))
             act.output = {"https_port": self.upstream.https_port}
         policy = ctx.run_dir / "proxy-chaos-policy.yaml"
         policy.write_text(POLICY)
@@ -181,8 +180,7 @@ class ChaosScenario:
             upstream_overrides=self.upstream.overrides((MODEL_HOST,)), upstream_ca_file=self.upstream.ca_file,
             extra_env={MODEL_KEY_ENV: MODEL_KEY},
         )
-        self._fleet_cm = ctx.fleet(config)
-        self.fleet = self._fleet_cm.__enter__()
+        self.fleet = ctx.keep(ctx.fleet(config))
         with ctx.journal.activity("start-locust-load") as act:
             act.output = self.start_load(ctx)
 
@@ -290,25 +288,15 @@ class ChaosScenario:
         ctx.data["chaos"] = {"title": self.spec["title"], "file": str(self.file), "faults": windows}
 
     def rollback(self, ctx: ScenarioContext) -> None:
-        try:
-            with ctx.journal.activity("clear-toxics", "rollback") as act:
-                act.output = {"removed": self.gateway.clear_toxics() if self.fleet else [],
-                              "applied": self.gateway.toxics()["applied"] if self.fleet else {}}
-                applied = act.output["applied"]
-            with ctx.journal.activity("wait-for-load", "rollback"):
-                if self.load_thread is not None:
-                    self.load_thread.join(timeout=self.timeline_s() + 120)
-            self.collect(ctx, applied)
-        finally:
-            with ctx.journal.activity("stop-fleet-and-stand-in", "rollback"):
-                try:
-                    if self._fleet_cm is not None:
-                        self._fleet_cm.__exit__(None, None, None)
-                finally:
-                    self._fleet_cm = None
-                    if self.upstream is not None:
-                        self.upstream.stop()
-                        self.upstream = None
+        """Clear every toxic, let the load finish, and collect; the runner then stops the fleet and stand-in."""
+        with ctx.journal.activity("clear-toxics", "rollback") as act:
+            act.output = {"removed": self.gateway.clear_toxics() if self.fleet else [],
+                          "applied": self.gateway.toxics()["applied"] if self.fleet else {}}
+            applied = act.output["applied"]
+        with ctx.journal.activity("wait-for-load", "rollback"):
+            if self.load_thread is not None:
+                self.load_thread.join(timeout=self.timeline_s() + 120)
+        self.collect(ctx, applied)
 
     def collect(self, ctx: ScenarioContext, applied: dict[str, int]) -> None:
         """Per-second series from Locust's samples (client view) and the audit log (gateway view)."""

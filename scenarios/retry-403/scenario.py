@@ -209,7 +209,6 @@ class RetryScenario:
         self.fleet: Fleet | None = None
         self.guests: list[Sandbox] = []
         self.host_ports: dict[str, int] = {}
-        self._fleet_cm: Any = None
         self.cells: list[dict[str, Any]] = []
         self.checks: list[str] = []
 
@@ -223,7 +222,7 @@ class RetryScenario:
 
     def setup(self, ctx: ScenarioContext) -> None:
         with ctx.journal.activity("start-model-api-stand-in") as act:
-            self.upstream = UpstreamServer(expected={MODEL_HOST: ("x-api-key", MODEL_KEY)}).start()
+            self.upstream = ctx.keep(UpstreamServer(expected={MODEL_HOST: ("x-api-key", MODEL_KEY)}))
             act.output = {"http_port": self.upstream.http_port}
         policy = ctx.run_dir / "retry-403-policy.yaml"
         policy.write_text(POLICY)
@@ -236,8 +235,7 @@ class RetryScenario:
             upstream_overrides=self.upstream.overrides((MODEL_HOST, BLOCKED_HOST)),
             upstream_ca_file=self.upstream.ca_file, extra_env={MODEL_KEY_ENV: MODEL_KEY},
         )
-        self._fleet_cm = ctx.fleet(config)
-        self.fleet = self._fleet_cm.__enter__()
+        self.fleet = ctx.keep(ctx.fleet(config))
         with ctx.journal.activity("open-host-client-listeners") as act:
             for i in range(int(self.opt(ctx, "scale"))):
                 self.host_ports[f"host-{i}"] = self.gateway.add_sandbox(f"host-{i}")
@@ -410,15 +408,7 @@ class RetryScenario:
         return failures
 
     def rollback(self, ctx: ScenarioContext) -> None:
-        with ctx.journal.activity("stop-fleet-and-stand-in", "rollback"):
-            try:
-                if self._fleet_cm is not None:
-                    self._fleet_cm.__exit__(None, None, None)
-            finally:
-                self._fleet_cm = None
-                if self.upstream is not None:
-                    self.upstream.stop()
-                    self.upstream = None
+        """Nothing of its own: the fleet and the stand-in upstream are run resources the runner releases."""
 
     def exit_code(self, ctx: ScenarioContext) -> int:
         return 1 if self.checks or not self.cells else 0

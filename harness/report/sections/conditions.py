@@ -44,5 +44,8 @@ def section(data: dict[str, Any], run_dir: Path) -> Section:
 def _boot_mode(backend: dict[str, Any]) -> str:
     if backend.get("boot_mode") != "snapshot":
         return str(backend.get("boot_mode", "—"))
-    sizes = ", ".join(f"{shape}: {size // 2**20} MiB" for shape, size in (backend.get("snapshot_bytes") or {}).items())
+    snapshots = backend.get("snapshot_bytes") or {}
+    if isinstance(snapshots, int):  # results written before templates were kept per shape
+        snapshots = {"default": snapshots}
+    sizes = ", ".join(f"{shape}: {size // 2**20} MiB" for shape, size in snapshots.items())
     return f"snapshot: each sandbox restored from a booted template of its shape (vmstate {sizes or '—'})"
