@@ -42,6 +42,20 @@ def bench(c, sandboxes=None, backend=None, out=None, accel=None, concurrency=Non
                                      targets=_list(targets), traffic=_list(traffic)))
 
 
+@task(help={
+    "policy": "open | balanced | locked | path to a policy YAML",
+    "listen": "address to listen on (default 127.0.0.1)",
+    "port": "port to listen on (default 3128)",
+    "deny_mode": "override the policy's deny mode: 403 | 403-explained | reset",
+    "audit": "JSONL audit log path",
+})
+def gateway(c, policy="balanced", listen="127.0.0.1", port=3128, deny_mode=None, audit=None):
+    """Run the egress gateway in the foreground, in front of sandboxes of your own."""
+    from harness import cli
+
+    cli.gateway(policy, listen, _int(port), deny_mode, Path(audit) if audit else None)
+
+
 @task
 def clean(c):
     """Reap processes (qemu, gateway, locust) that a killed run left behind."""

@@ -15,6 +15,7 @@ from typing import Any
 from harness.errors import ConfigError
 from harness.fleet import Fleet, open_fleet
 from harness.gateway.audit import summarise as summarise_audit
+from harness.gateway.policy import PolicyError, load_policy
 from harness.gateway.process import GatewayConfig
 from harness.gateway.upstream import DEFAULT_NAMES as UPSTREAM_NAMES
 from harness.gateway.upstream import UpstreamServer
@@ -33,7 +34,7 @@ from harness.results import (
     write_results,
 )
 from harness.sandbox import BackendOptions, BootFailed, SandboxSpec, available_backends, create_backend
-from harness.sandbox.qemu import BOOT_MODES
+from harness.sandbox.base import BOOT_MODES
 from harness.supervisor import Interrupted, Supervisor, signals_raise
 
 IDLE_SETTLE_S = 2.0
@@ -97,6 +98,10 @@ class BenchConfig:
             raise ConfigError("--warmup must be >= 0 and --repeat >= 1")
         if self.mem_mib < 96:
             raise ConfigError(f"--mem-mib must be at least 96 (the guest kernel panics below), not {self.mem_mib}")
+        try:
+            load_policy(self.policy)
+        except PolicyError as exc:
+            raise ConfigError(f"--policy: {exc}") from None
         if self.boot_mode not in BOOT_MODES:
             raise ConfigError(f"--boot-mode must be one of {', '.join(BOOT_MODES)}, not {self.boot_mode!r}")
         if self.boot_timeout_s <= 0:

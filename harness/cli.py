@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -34,7 +35,7 @@ def user_errors() -> Iterator[None]:
     try:
         yield
     except HarnessError as exc:
-        console.print(f"[bold red]error:[/] {exc}")
+        console.print(f"[bold red]error:[/] {escape(' '.join(str(exc).split()))}", highlight=False)
         sys.exit(EXIT_ERROR)
     except (KeyboardInterrupt, Interrupted) as exc:
         console.print(f"[yellow]interrupted ({exc or 'SIGINT'}); partial results were written[/]")
@@ -176,3 +177,17 @@ def scenario(name: str, out: Path | None, **options: Any) -> None:
     console.print(f"scenario {name}: exit {exit_code}\nresults: {run_dir / 'results.json'}\n"
                   f"report:  {run_dir / 'report.html'}")
     sys.exit(exit_code)
+
+
+def gateway(policy: str, listen: str, port: int, deny_mode: str | None, audit: Path | None) -> None:
+    """Run the gateway in the foreground for sandboxes of the user's own; a bad policy is one line."""
+    from harness.gateway.cli import run_gateway
+    from harness.gateway.policy import PolicyError, load_policy
+
+    with user_errors():
+        try:
+            load_policy(policy)
+        except PolicyError as exc:
+            raise HarnessError(f"--policy: {exc}") from None
+        console.print(f"gateway on {listen}:{port}, policy {policy}; audit log {audit or '(in its state dir)'}")
+        run_gateway(policy, listen_host=listen, port=port, deny_mode=deny_mode, audit_path=audit)

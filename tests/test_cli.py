@@ -54,3 +54,13 @@ def test_broken_kvm_forced_is_a_clear_error(image: GuestImage, tmp_path: Path) -
 def test_report_of_missing_run_dir(tmp_path: Path) -> None:
     result = run("report", str(tmp_path))
     assert result.returncode == 2 and "results.json not found" in result.stderr
+
+
+@pytest.mark.parametrize("task", ["bench", "gateway"])
+def test_policy_that_does_not_parse(tmp_path: Path, task: str) -> None:
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("rules:\n  - allow: [\n")
+    result = run(task, "--policy", str(policy))
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: --policy: cannot read policy"), result.stderr

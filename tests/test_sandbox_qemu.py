@@ -118,3 +118,24 @@ def test_snapshot_clones_are_renamed_and_independent(supervisor: Supervisor, tmp
         for clone in clones:
             clone.stop()
     assert supervisor.live() == []
+
+
+def test_agent_port_taken_before_qemu_binds_it_is_retried(image: GuestImage, supervisor: Supervisor, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket
+
+    from harness.sandbox import qemu
+
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        taken = squatter.getsockname()[1]
+        handed_out = iter([taken])
+        real_free_port = qemu.free_port
+        monkeypatch.setattr(qemu, "free_port", lambda: next(handed_out, None) or real_free_port())
+        backend = qemu.QemuBackend(image, "tcg", boot_mode="cold")
+        vm = backend.boot(SandboxSpec(id="clash", workdir=tmp_path, accel="tcg"), supervisor)
+        try:
+            assert vm.agent_port != taken and vm.exec("true").rc == 0
+        finally:
+            vm.stop()

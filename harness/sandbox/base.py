@@ -8,6 +8,9 @@ from typing import Protocol, runtime_checkable
 
 from harness.supervisor import Supervisor
 
+BOOT_MODES = ("snapshot", "cold")
+"""snapshot: restore a booted template (default, where the backend can); cold: boot from scratch every time."""
+
 
 @dataclass(frozen=True)
 class SandboxSpec:

@@ -30,26 +30,6 @@ KERNEL_CMDLINE = (
 )
 """Measured to cut guest time to init from ~1.2 s to ~0.9 s under TCG."""
 
-def host_tsc_khz() -> int | None:
-    """The host TSC rate, which a TCG guest's rdtsc runs at; None if it is not constant."""
-    try:
-        cpuinfo = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return None
-    mhz = re.search(r"^cpu MHz\s*:\s*([\d.]+)", cpuinfo, re.M)
-    flags = re.search(r"^flags\s*:(.*)$", cpuinfo, re.M)
-    if not mhz or not flags or "constant_tsc" not in flags.group(1).split():
-        return None
-    return round(float(mhz.group(1)) * 1000)
-
-
-def tcg_cmdline() -> str:
-    """Under TCG on a busy host the kernel's PIT calibration of the TSC fails and boot hangs
-    (seen in 3 of 10 boots two at a time); handing it the host's TSC rate skips that calibration."""
-    khz = host_tsc_khz()
-    return f" tsc_early_khz={khz}" if khz else ""
-
-
 TCG_TB_SIZE_MIB = 64
 """Translation-block cache; QEMU's default (1 GiB) lets RSS grow with code translated."""
 
@@ -78,10 +58,33 @@ RESTORE_PHASES = [("agent_ready", "restore"), ("identity", "identity")]
 RESEED_BYTES = 64
 """Host randomness written into each restored clone's entropy pool."""
 
-BOOT_MODES = ("snapshot", "cold")
-"""snapshot: restore a booted template (default); cold: boot the kernel every time."""
-
 MEMINFO_RE = re.compile(rb"^(MemTotal|MemFree|MemAvailable):\s+(\d+) kB", re.M)
+
+PORT_CLASH_ATTEMPTS = 3
+"""Spawns tried when another process takes the agent port between our bind test and QEMU's bind."""
+
+PR_SET_THP_DISABLE = 41
+"""prctl option; inherited across fork and execve."""
+
+
+def host_tsc_khz() -> int | None:
+    """The host TSC rate, which a TCG guest's rdtsc runs at; None if it is not constant."""
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    mhz = re.search(r"^cpu MHz\s*:\s*([\d.]+)", cpuinfo, re.M)
+    flags = re.search(r"^flags\s*:(.*)$", cpuinfo, re.M)
+    if not mhz or not flags or "constant_tsc" not in flags.group(1).split():
+        return None
+    return round(float(mhz.group(1)) * 1000)
+
+
+def tcg_cmdline() -> str:
+    """Under TCG on a busy host the kernel's PIT calibration of the TSC fails and boot hangs
+    (seen in 3 of 10 boots two at a time); handing it the host's TSC rate skips that calibration."""
+    khz = host_tsc_khz()
+    return f" tsc_early_khz={khz}" if khz else ""
 
 
 def qemu_binary() -> str:
@@ -97,14 +100,11 @@ def qemu_version() -> str:
 
 
 def free_port() -> int:
-    """An ephemeral loopback port; QEMU binds it a moment later, so a clash is retried by the caller."""
+    """An ephemeral loopback port; QEMU binds it a moment later (a clash is retried, see QemuBackend.boot)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 
-
-PR_SET_THP_DISABLE = 41
-"""prctl option; inherited across fork and execve."""
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -330,16 +330,24 @@ class QemuBackend:
             return self._templates[shape]
 
     def boot(self, spec: SandboxSpec, supervisor: Supervisor) -> Microvm:
-        vm = Microvm(spec, self.image, supervisor, restore_from=self.template_for(spec))
-        vm.spawn()
-        try:
-            vm.wait_ready()
-            if vm.restored:
-                vm.reidentify()
-        except BaseException:
-            vm.stop()
-            raise
-        return vm
+        template = self.template_for(spec)
+        for attempt in range(1, PORT_CLASH_ATTEMPTS + 1):
+            vm = Microvm(spec, self.image, supervisor, restore_from=template)
+            vm.spawn()
+            try:
+                vm.wait_ready()
+                if vm.restored:
+                    vm.reidentify()
+                return vm
+            except BootFailed as failure:
+                vm.stop()
+                # Not a retried boot: QEMU never started the guest because its agent port was taken.
+                if "host forwarding rule" not in failure.reason or attempt == PORT_CLASH_ATTEMPTS:
+                    raise
+            except BaseException:
+                vm.stop()
+                raise
+        raise AssertionError("unreachable")
 
     def describe(self) -> dict[str, object]:
         return {
@@ -351,7 +359,7 @@ class QemuBackend:
             "snapshot_bytes": {f"{mem}MiB/{cpus}cpu/fpr={'on' if fpr else 'off'}": path.stat().st_size
                                for (mem, cpus, fpr), path in self._templates.items()},
             "tcg_tb_size_mib": TCG_TB_SIZE_MIB if self.accel == "tcg" else None,
-            "kernel_cmdline": KERNEL_CMDLINE,
+            "kernel_cmdline": KERNEL_CMDLINE + (tcg_cmdline() if self.accel == "tcg" else ""),
             "kernel_release": self.image.kernel_release,
             "initramfs_bytes": self.image.initrd.stat().st_size,
             "image_digest": self.image.digest,
