@@ -100,8 +100,10 @@ class UpstreamPool:
         return Upstream(stream, conn)
 
     def put_back(self, scheme: str, host: str, port: int, up: Upstream) -> None:
-        if up.conn.our_state is h11.DONE and up.conn.their_state is h11.DONE:
-            up.conn.start_next_cycle()
+        fresh = up.conn.our_state is h11.IDLE and up.conn.their_state is h11.IDLE  # see _relay_fixed_body
+        if fresh or (up.conn.our_state is h11.DONE and up.conn.their_state is h11.DONE):
+            if not fresh:
+                up.conn.start_next_cycle()
             if len(self._idle) < MAX_POOLED_PER_SESSION and (scheme, host, port) not in self._idle:
                 self._idle[(scheme, host, port)] = up
                 return
@@ -163,7 +165,8 @@ async def forward(
         try:
             await _send_request(up, out, client_conn, client, has_body, expects_continue, idle_timeout_s, ex)
             t_sent = time.perf_counter()
-            await _relay_response(up, client_conn, client, idle_timeout_s, response_timeout_s, ex, t_sent)
+            await _relay_response(up, client_conn, client, idle_timeout_s, response_timeout_s, ex, t_sent,
+                                  out.method)
         except TimeoutError as exc:
             up.stream.close()
             if ex.status is None:
@@ -225,6 +228,7 @@ async def _relay_response(
     response_timeout_s: float,
     ex: Exchange,
     t_sent: float,
+    method: bytes = b"GET",
 ) -> None:
     timeout = response_timeout_s
     while True:
@@ -246,13 +250,77 @@ async def _relay_response(
                     )
                 )
             )
+            length = _fixed_body_length(event, method)
+            if length is not None and up.conn.their_state is h11.SEND_BODY:
+                await _relay_fixed_body(up, event, length, client_conn, client, idle_timeout_s, ex)
+                return
         elif isinstance(event, h11.Data):
             ex.bytes_down += len(event.data)
             client.write(client_conn.send(event))
-            await client.drain()
+            # Waiting on every chunk costs a loop round-trip each; wait only when the client lags.
+            if client.write_buffered() > WRITE_HIGH_WATER:
+                await client.drain()
         elif isinstance(event, h11.EndOfMessage):
             client.write(client_conn.send(h11.EndOfMessage()))
             await client.drain()
             return
         else:
             raise ConnectionError("upstream closed before the response ended")
+
+
+def _fixed_body_length(response: h11.Response, method: bytes) -> int | None:
+    """The body length of a response framed by Content-Length alone, else None (h11 frames it)."""
+    if method == b"HEAD" or response.status_code < 200 or response.status_code in (204, 304):
+        return None
+    length = None
+    for key, value in response.headers:
+        if key == b"transfer-encoding":
+            return None
+        if key == b"content-length":
+            length = int(value)
+    return length
+
+
+def _keeps_alive(response: h11.Response) -> bool:
+    if response.http_version != b"1.1":
+        return False
+    return not any(k == b"connection" and b"close" in v.lower() for k, v in response.headers)
+
+
+async def _relay_fixed_body(
+    up: Upstream,
+    response: h11.Response,
+    length: int,
+    client_conn: h11.Connection,
+    client: Stream,
+    idle_timeout_s: float,
+    ex: Exchange,
+) -> None:
+    """Relay a Content-Length body without running it through h11's receive buffer.
+
+    h11 copies every body byte twice on the way in; for package downloads that was most of the
+    gateway's time per request. h11 still checked the head and frames the client side; the bytes
+    it had already buffered past the head are sent first, then the rest straight from the socket.
+    """
+    buffered, _ = up.conn.trailing_data
+    first, extra = bytes(buffered[:length]), buffered[length:]
+    remaining = length - len(first)
+    if first:
+        client.write(client_conn.send(h11.Data(data=first)))
+    ex.bytes_down += len(first)
+    while remaining > 0:
+        async with asyncio.timeout(idle_timeout_s):
+            data = await up.stream.read(min(READ_CHUNK, remaining))
+        if not data:
+            raise ConnectionError("upstream closed before the response ended")
+        remaining -= len(data)
+        ex.bytes_down += len(data)
+        client.write(client_conn.send(h11.Data(data=data)))
+        if client.write_buffered() > WRITE_HIGH_WATER:
+            await client.drain()
+    client.write(client_conn.send(h11.EndOfMessage()))
+    await client.drain()
+    # The upstream parser never saw the body, so it cannot start a next cycle: a fresh one takes
+    # over this connection, unless the upstream closes it or sent bytes nobody asked for.
+    if _keeps_alive(response) and not extra:
+        up.conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_RESPONSE_HEAD_BYTES)

@@ -116,6 +116,9 @@ class TlsServerStream:
         if out:
             self.raw.write(out)
 
+    def write_buffered(self) -> int:
+        return self.raw.write_buffered()
+
     async def drain(self) -> None:
         await self.raw.drain()
 

@@ -378,3 +378,39 @@ def test_plain_http_inside_connect_is_intercepted_when_rules_need_it(port: int) 
     assert call("GET", "/packages/x.whl") == 200
     assert call("DELETE", "/packages/x.whl") == 403
     assert call("GET", "/elsewhere") == 403
+
+
+def read_one_response(sock: socket.socket, head_only: bool = False) -> tuple[bytes, bytes]:
+    """(head, body) of one Content-Length framed response on a kept-alive connection."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += sock.recv(65536)
+    head, _, body = data.partition(b"\r\n\r\n")
+    if head_only:
+        return head, body
+    lines = head.split(b"\r\n")
+    length = int(next(line.split(b":")[1] for line in lines if line.lower().startswith(b"content-length")))
+    while len(body) < length:
+        body += sock.recv(262144)
+    return head, body
+
+
+def test_keepalive_mixes_large_bodies_head_and_status_without_desync(port: int, upstream: UpstreamServer) -> None:
+    """Content-Length bodies skip h11's receive buffer; the pooled upstream connection must stay in
+    step for whatever comes next on it: another large body, a HEAD, an empty 204."""
+    upstream.clear()
+    with connect(port) as sock:
+        for size in (300_000, 1, 0, 300_000):
+            sock.sendall(f"GET http://pypi.org/bytes/{size} HTTP/1.1\r\nHost: pypi.org\r\n\r\n".encode())
+            head, body = read_one_response(sock)
+            assert head.startswith(b"HTTP/1.1 200") and len(body) == size
+        sock.sendall(b"HEAD http://pypi.org/bytes/5000 HTTP/1.1\r\nHost: pypi.org\r\n\r\n")
+        head, rest = read_one_response(sock, head_only=True)
+        assert head.startswith(b"HTTP/1.1 200") and rest == b""
+        sock.sendall(b"GET http://pypi.org/status/204 HTTP/1.1\r\nHost: pypi.org\r\n\r\n")
+        head, rest = read_one_response(sock, head_only=True)
+        assert head.startswith(b"HTTP/1.1 204") and rest == b""
+        sock.sendall(b"GET http://pypi.org/bytes/70000 HTTP/1.1\r\nHost: pypi.org\r\nConnection: close\r\n\r\n")
+        head, body = read_one_response(sock)
+        assert len(body) == 70000
+    assert len(upstream.received()) == 7
