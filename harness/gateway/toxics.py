@@ -400,7 +400,9 @@ def _slice(pieces: list[tuple[float, bytes]], attrs: dict[str, Any], rng: random
         first = True
         while i < len(data):
             size = max(MIN_SLICE_BYTES, average + (rng.randint(-variation, variation) if variation else 0))
-            out.append((delay if first else gap, data[i : i + size]))
+            # The gap also goes before the first slice of a read, as Toxiproxy sleeps after every slice:
+            # without it a short read (a response head) and the next slice leave back to back.
+            out.append((delay + gap if first else gap, data[i : i + size]))
             i += size
             first = False
     return out
