@@ -10,7 +10,7 @@ import json
 import logging
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
@@ -57,7 +57,9 @@ class AuditLog:
             self._fh = open(path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115
 
     def write(self, record: AuditRecord) -> None:
-        data: dict[str, Any] = {"v": SCHEMA_VERSION, "ts": round(time.time(), 6), **asdict(record)}
+        # Every field is a scalar, so the instance dict is the record; asdict's deep copy was a
+        # measurable share of the gateway's time per request.
+        data: dict[str, Any] = {"v": SCHEMA_VERSION, "ts": round(time.time(), 6), **vars(record)}
         line = json.dumps(data, separators=(",", ":"), ensure_ascii=True)
         line = self.scrub(line)
         self.records += 1
