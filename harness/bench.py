@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -13,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.errors import ConfigError
-from harness.fleet import Fleet, open_fleet
+from harness.fleet import Fleet, boot_into, boot_record, open_fleet
 from harness.gateway.audit import summarise as summarise_audit
 from harness.gateway.policy import PolicyError, load_policy
 from harness.gateway.process import GatewayConfig
@@ -134,25 +135,10 @@ def _config_dict(config: BenchConfig) -> dict[str, Any]:
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()}
 
 
-def _sandbox_record(sandbox_id: str, round_index: int) -> dict[str, Any]:
-    return {
-        "id": sandbox_id, "round": round_index, "ok": False, "error": None, "boot_ms": None,
-        "phases_ms": {}, "marks_ms": {}, "provision_ms": None, "host_rss_bytes": None, "host_pss_bytes": None,
-        "host_uss_bytes": None, "guest_mem_total_bytes": None, "guest_mem_free_bytes": None,
-    }
-
-
 def boot_one(fleet: Fleet, record: dict[str, Any]) -> None:
     """Boot one sandbox into `record`; a failed boot is recorded with its reason, never retried."""
-    try:
-        sandbox = fleet.boot(record["id"])
-    except BootFailed as exc:
-        record.update(error=exc.reason, phases_ms=exc.boot.phases_ms, marks_ms=exc.boot.marks_ms)
-        return
-    meminfo = getattr(sandbox, "guest_meminfo", {})
-    record.update(ok=True, boot_ms=sandbox.boot.boot_ms, phases_ms=sandbox.boot.phases_ms,
-                  marks_ms=sandbox.boot.marks_ms, provision_ms=fleet.provision_ms.get(record["id"]),
-                  guest_mem_total_bytes=meminfo.get("MemTotal"), guest_mem_free_bytes=meminfo.get("MemFree"))
+    with contextlib.suppress(BootFailed):
+        boot_into(fleet, record)
 
 
 def run_round(run: BenchRun, fleet: Fleet, round_index: int, measured: bool, events: BenchEvents,
@@ -161,7 +147,7 @@ def run_round(run: BenchRun, fleet: Fleet, round_index: int, measured: bool, eve
     config = run.config
     label = f"round {round_index}" if measured else f"warm-up {-round_index}"
     prefix = f"r{round_index}" if measured else f"w{-round_index}"
-    records = [_sandbox_record(f"{prefix}-sb{i}", round_index) for i in range(config.sandboxes)]
+    records = [boot_record(f"{prefix}-sb{i}", round_index) for i in range(config.sandboxes)]
     mem_before = mem_available_bytes()
     events.round_started(label, config.sandboxes)
     started = time.monotonic()

@@ -14,9 +14,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from harness.gateway.process import GatewayConfig, GatewayProcess
-from harness.sandbox import Backend, Sandbox, SandboxSpec
+from harness.sandbox import Backend, BootFailed, Sandbox, SandboxSpec
 from harness.supervisor import Supervisor
 
 GUEST_CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
@@ -87,6 +88,29 @@ class Fleet:
             # A gateway that is going down takes its listeners with it.
             with contextlib.suppress(Exception):
                 self.gateway.remove_sandbox(sandbox_id)
+
+
+def boot_record(sandbox_id: str, round_index: int = 0) -> dict[str, Any]:
+    """The results.json entry of one boot, before it has happened."""
+    return {
+        "id": sandbox_id, "round": round_index, "ok": False, "error": None, "boot_ms": None,
+        "phases_ms": {}, "marks_ms": {}, "provision_ms": None, "host_rss_bytes": None, "host_pss_bytes": None,
+        "host_uss_bytes": None, "guest_mem_total_bytes": None, "guest_mem_free_bytes": None,
+    }
+
+
+def boot_into(fleet: Fleet, record: dict[str, Any], **overrides: object) -> Sandbox:
+    """Boot record["id"] and fill `record` in, failure included; re-raises BootFailed."""
+    try:
+        sandbox = fleet.boot(record["id"], **overrides)
+    except BootFailed as exc:
+        record.update(error=exc.reason, phases_ms=exc.boot.phases_ms, marks_ms=exc.boot.marks_ms)
+        raise
+    meminfo = getattr(sandbox, "guest_meminfo", {})
+    record.update(ok=True, boot_ms=sandbox.boot.boot_ms, phases_ms=sandbox.boot.phases_ms,
+                  marks_ms=sandbox.boot.marks_ms, provision_ms=fleet.provision_ms.get(record["id"]),
+                  guest_mem_total_bytes=meminfo.get("MemTotal"), guest_mem_free_bytes=meminfo.get("MemFree"))
+    return sandbox
 
 
 def _alive(pid: int) -> bool:

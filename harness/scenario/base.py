@@ -9,9 +9,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-from harness.fleet import Fleet, open_fleet
+from harness.fleet import Fleet, boot_into, boot_record, open_fleet
 from harness.gateway.process import GatewayConfig
-from harness.sandbox import Backend, BootFailed, Sandbox, SandboxSpec
+from harness.sandbox import Backend, Sandbox, SandboxSpec
 from harness.scenario.journal import Journal
 from harness.supervisor import Supervisor
 
@@ -79,17 +79,7 @@ class ScenarioContext:
 
     def boot(self, fleet: Fleet, sandbox_id: str, **overrides: Any) -> Sandbox:
         """Boot one sandbox and record its boot like the bench does; raises BootFailed."""
-        record: dict[str, Any] = {"id": sandbox_id, "round": 0, "ok": False, "error": None, "boot_ms": None,
-                                  "phases_ms": {}, "host_rss_bytes": None, "host_pss_bytes": None,
-                                  "host_uss_bytes": None, "guest_mem_total_bytes": None}
+        record = boot_record(sandbox_id)
         with self._lock:
             self.boots.append(record)
-        try:
-            sandbox = fleet.boot(sandbox_id, **overrides)
-        except BootFailed as exc:
-            record.update(error=exc.reason, phases_ms=exc.boot.phases_ms)
-            raise
-        meminfo = getattr(sandbox, "guest_meminfo", {})
-        record.update(ok=True, boot_ms=sandbox.boot.boot_ms, phases_ms=sandbox.boot.phases_ms,
-                      guest_mem_total_bytes=meminfo.get("MemTotal"))
-        return sandbox
+        return boot_into(fleet, record, **overrides)
