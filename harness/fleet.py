@@ -39,6 +39,7 @@ class Fleet:
         self.provision_ms: dict[str, float] = {}
         """Time spent after agent-ready installing the gateway CA, per sandbox."""
         self._lock = threading.Lock()
+        self._ca_cache: bytes | None = None
 
     def boot(self, sandbox_id: str, **overrides: object) -> Sandbox:
         """Boot one sandbox behind its own gateway listener; raises BootFailed on failure."""
@@ -55,11 +56,20 @@ class Fleet:
         if self.gateway:
             started = time.monotonic()
             installed = sandbox.exec(f"mkdir -p {os.path.dirname(GUEST_CA_BUNDLE)} && cat > {GUEST_CA_BUNDLE}",
-                                     stdin=self.gateway.ca_cert_pem(), timeout=10)
+                                     stdin=self._ca_pem(), timeout=10)
             if installed.rc != 0:
-                raise RuntimeError(f"installing the gateway CA in {sandbox_id} failed: {installed.stderr!r}")
+                self.stop(sandbox_id)
+                raise BootFailed(f"installing the gateway CA failed: {installed.stderr.decode(errors='replace')}",
+                                 sandbox.boot)
             self.provision_ms[sandbox_id] = round((time.monotonic() - started) * 1000, 2)
         return sandbox
+
+    def _ca_pem(self) -> bytes:
+        """The gateway CA's public certificate, asked for once per fleet."""
+        if self._ca_cache is None:
+            assert self.gateway is not None
+            self._ca_cache = self.gateway.ca_cert_pem()
+        return self._ca_cache
 
     def stop(self, sandbox_id: str) -> list[int]:
         """Stop one sandbox; return its host pids that are still alive afterwards."""
