@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
-from rich.console import Console
+from rich.console import Console, RenderableType
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -174,9 +175,20 @@ def scenario(name: str, out: Path | None, **options: Any) -> None:
 
     with user_errors():
         exit_code, run_dir = run_scenario(name, options, out=out)
+    summary = scenario_summary(name, json.loads((run_dir / "results.json").read_text()))
+    if summary is not None:
+        console.print(summary)
     console.print(f"scenario {name}: exit {exit_code}\nresults: {run_dir / 'results.json'}\n"
                   f"report:  {run_dir / 'report.html'}")
     sys.exit(exit_code)
+
+
+def scenario_summary(name: str, results: dict[str, Any]) -> RenderableType | None:
+    """What the scenario's own `terminal_summary(data)` makes of its saved data, if it has one."""
+    from harness.scenario import load_scenario_module
+
+    render = getattr(load_scenario_module(name), "terminal_summary", None)
+    return render(results["scenario"]["data"]) if callable(render) else None
 
 
 def gateway(policy: str, listen: str, port: int, deny_mode: str | None, audit: Path | None) -> None:

@@ -1,6 +1,7 @@
 """Scenarios: one folder per scenario under scenarios/, each with a scenario.py exposing
 `create(options: dict) -> Scenario`, an optional `OPTIONS` dict documenting its flags, and an
-optional `sweep_leftovers() -> list[str]` that `invoke clean` calls.
+optional `sweep_leftovers() -> list[str]` that `invoke clean` calls, and an optional
+`terminal_summary(data) -> rich renderable` that `invoke scenario` prints from the saved results.
 The runner owns the supervisor, the journal and results.json; the scenario only does its steps.
 """
 

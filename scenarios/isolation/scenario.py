@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from rich.console import RenderableType
 
 from harness.gateway.credentials import CredentialSpec
 from harness.gateway.process import GatewayConfig
@@ -264,7 +265,6 @@ class IsolationScenario:
             ctx.save()
         self.probed = True
         self._summarise(ctx)
-        print_summary(ctx.data)
 
     def _summarise(self, ctx: ScenarioContext) -> None:
         cards = ctx.data["scorecards"]
@@ -346,24 +346,22 @@ def scan_run_dir(run_dir: Path, home: Any) -> dict[str, Any]:
     return {"clean": not leaking, "files_scanned": scanned, "leaking_files": leaking}
 
 
-def print_summary(data: dict[str, Any]) -> None:
-    """Terminal scorecard (stderr, like the CLI's other output)."""
-    from rich.console import Console
+def terminal_summary(data: dict[str, Any]) -> RenderableType:
+    """The scorecard for the terminal, from the run's saved data (see harness.scenario)."""
+    from rich.console import Group
     from rich.table import Table
 
     table = Table(title=f"isolation scorecard{' (LEAKY set-up)' if data.get('leaky') else ''}")
     table.add_column("probe")
-    for card in data["scorecards"]:
+    for card in data.get("scorecards", []):
         table.add_column(card["sandbox"])
     for index, probe in enumerate(probes.PROBES):
         cells = []
-        for card in data["scorecards"]:
+        for card in data.get("scorecards", []):
             passed = card["probes"][index]["passed"] if index < len(card["probes"]) else None
             cells.append({True: "[green]pass[/]", False: "[red]FAIL[/]", None: "n/a"}[passed])
         table.add_row(f"{probe.id}: {probe.title}", *cells)
-    console = Console(stderr=True, soft_wrap=True)
-    console.print(table)
-    console.print(f"leaks: {data['leaks']}")
+    return Group(table, f"leaks: {data.get('leaks')}")
 
 
 def create(options: dict[str, Any]) -> IsolationScenario:

@@ -338,3 +338,11 @@ class ChaosScenario:
         if "chaos" in ctx.data:
             ctx.data["chaos"]["steady_state_held"] = held
         return 0 if held else 1
+
+
+def terminal_summary(data: dict[str, Any]) -> str:
+    """Whether the steady state held, and the faults that ran, from the run's saved data."""
+    chaos = data.get("chaos") or {}
+    faults = ", ".join(f"{f['name']} ({f['type']}, {f['on_s']} to {f['off_s']} s)" for f in chaos.get("faults", []))
+    return f"{chaos.get('title', 'proxy-chaos')}: faults {faults or 'none'}; " \
+           f"steady state held: {chaos.get('steady_state_held')}"

@@ -197,3 +197,14 @@ def create(options: dict[str, Any]) -> RamPressure:
     # Both arms boot the same way (--boot-mode, snapshot by default): the backend keeps one template per
     # device set, so a guest with free page reporting off restores from a template made with it off.
     return RamPressure(options)
+
+
+def terminal_summary(data: dict[str, Any]) -> str:
+    """Each arm's density limit and why it stopped, from the run's saved data."""
+    lines = []
+    for arm in data.get("arms", []):
+        stop = arm.get("stop") or {}
+        lines.append(f"reclaim {arm.get('reclaim')}: stopped at N={stop.get('n')} ({stop.get('reason')}: "
+                     f"{stop.get('detail')}); marginal {arm.get('marginal_mib_per_sandbox')} MiB per sandbox, "
+                     f"PSS {arm.get('pss_mib_per_sandbox')} MiB per sandbox")
+    return "\n".join(lines) or "no arm ran"

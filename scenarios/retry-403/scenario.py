@@ -495,3 +495,12 @@ def recommend(cells: list[dict[str, Any]], collateral: dict[str, Any]) -> str:
     if hurt:
         line += f"; {', '.join(hurt)} also broke an allowed request on the same connection"
     return line + "."
+
+
+def terminal_summary(data: dict[str, Any]) -> str:
+    """The recommendation and the self-checks, from the run's saved data."""
+    retry = data.get("retry403") or {}
+    checks = retry.get("checks") or []
+    lines = [f"recommendation: {retry.get('recommendation', '—')}"]
+    lines += [f"check failed: {failure}" for failure in checks] or ["all self-checks passed"]
+    return "\n".join(lines)
