@@ -38,6 +38,8 @@ def section(data: dict[str, Any], run_dir: Path) -> Section:
     if data["accel"] == "tcg":
         notes.append("All guests ran under TCG (software emulation): boot times and VMM memory are far "
                      "above what the same guest costs under KVM.")
+    # A scenario run has no rounds or warm-ups: leave out what does not apply rather than print None.
+    rows = [row for row in rows if row[1] is not None]
     return Section(title="Conditions", tables=[("", ["", ""], rows)], notes=notes)
 
 
