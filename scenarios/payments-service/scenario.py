@@ -369,7 +369,8 @@ def terminal_summary(data: dict[str, Any]) -> str:
     """The grade with what is still broken, and the timings, from the run's saved data."""
     grade, broken, fix = data.get("grade") or {}, data.get("broken") or {}, data.get("fix") or {}
     lines = [f"grade: {grade.get('verdict')} — {grade.get('summary', '')}"]
-    lines += [f"still broken: {item}" for item in grade.get("still_broken", [])]
+    lines += [f"still broken: {item['detail'] if isinstance(item, dict) else item}"
+              for item in grade.get("still_broken", [])]
     lines.append(f"first OOM kill after {broken.get('time_to_first_oom_kill_s')} s; restarts before the fix "
                  f"{broken.get('restarts_before_fix')}; healthy {fix.get('time_to_healthy_s')} s after the fixer "
                  f"started; model calls {fix.get('model_calls')}")
