@@ -21,6 +21,7 @@ import tarfile
 from pathlib import Path
 from typing import Any
 
+from harness.errors import ConfigError
 from harness.sandbox.base import SandboxSpec
 from harness.sandbox.qemu import Microvm, QemuBackend, socat_binary
 from harness.supervisor import Supervisor
@@ -89,7 +90,7 @@ def weaken_backend(backend: Any, engine_socket: Path) -> Any:
     """The leaky variant of a backend; only QEMU has one so far."""
     if isinstance(backend, QemuBackend):
         return LeakyQemuBackend(backend, engine_socket)
-    raise NotImplementedError(f"--leaky has no weakening for backend {backend.name!r} yet")
+    raise ConfigError(f"--leaky can only weaken the qemu backend, not {backend.name!r}; run it with --backend qemu")
 
 
 def home_tarball(home: Path) -> bytes:
