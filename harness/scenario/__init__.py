@@ -22,7 +22,7 @@ from harness.report import render_report
 from harness.results import SCHEMA, host_info, new_run_id, write_results
 from harness.sandbox import BackendOptions, SandboxSpec, create_backend
 from harness.scenario.base import Scenario, ScenarioContext
-from harness.scenario.journal import Journal
+from harness.scenario.journal import Journal, now
 from harness.supervisor import Interrupted, Supervisor, signals_raise
 
 SCENARIOS_DIR = Path(__file__).resolve().parents[2] / "scenarios"
@@ -131,7 +131,7 @@ def run_scenario(name: str, options: dict[str, Any], out: Path | None = None) ->
         data["interrupted_by"] = f"{type(exc).__name__}: {exc}"
         raise
     finally:
-        journal.end = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        journal.end = now()
         supervisor.shutdown()
         data["scenario"]["exit_code"] = exit_code
         save()
