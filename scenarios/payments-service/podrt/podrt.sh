@@ -156,14 +156,16 @@ stop_pod() {
         i=$((i + 1))
     done
     event Normal Killing "pod/$POD" "Stopping pod $POD (rollout of a new ReplicaSet)"
-    # Give the shims a moment to reap, then drop the cgroups (rmdir fails while a task remains).
-    for _ in 1 2 3 4 5 6 7 8 9 10; do
+    # Wait until the killed tasks are gone, then drop the cgroups (rmdir fails while a task remains).
+    # cgroupfs files always report size 0, so emptiness is read, not stat'ed.
+    for _ in $(seq 50); do
         busy=0
-        for procs in "$CGROOT/$POD"/*/cgroup.procs; do [ -s "$procs" ] && busy=1; done
+        for procs in "$CGROOT/$POD"/*/cgroup.procs; do [ -n "$(cat "$procs" 2>/dev/null)" ] && busy=1; done
         [ "$busy" -eq 0 ] && break
-        sleep 1
+        sleep 0.2
     done
-    rmdir "$CGROOT/$POD"/* "$CGROOT/$POD" 2>/dev/null
+    for dir in "$CGROOT/$POD"/*/; do rmdir "$dir" 2>/dev/null; done
+    rmdir "$CGROOT/$POD" 2>/dev/null
 }
 
 write_status() {
