@@ -18,7 +18,7 @@ from typing import Any
 
 from harness.gateway.process import GatewayConfig, GatewayProcess
 from harness.sandbox import Backend, BootFailed, Sandbox, SandboxSpec
-from harness.supervisor import Supervisor
+from harness.supervisor import Supervisor, pid_alive
 
 GUEST_CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
 """Where OpenSSL-style clients in the guest look for trusted CAs."""
@@ -79,7 +79,7 @@ class Fleet:
         if sandbox is not None:
             pids = sandbox.pids()
             sandbox.stop()
-            left = [pid for pid in pids if _alive(pid)]
+            left = [pid for pid in pids if pid_alive(pid)]
         self._forget_listener(sandbox_id)
         return left
 
@@ -122,13 +122,6 @@ def boot_into(fleet: Fleet, record: dict[str, Any], **overrides: object) -> Sand
                   guest_mem_total_bytes=meminfo.get("MemTotal"), guest_mem_free_bytes=meminfo.get("MemFree"))
     return sandbox
 
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def start_gateway(config: GatewayConfig, supervisor: Supervisor) -> GatewayProcess:

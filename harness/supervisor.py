@@ -52,6 +52,17 @@ def _create_time(pid: int) -> float:
         return 0.0
 
 
+def pid_alive(pid: int) -> bool:
+    """True while a process with this pid exists (one we may not signal counts as alive)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def kill_group(pid: int, grace_s: float = TERMINATE_GRACE_S) -> bool:
     """SIGTERM the process group led by pid, then SIGKILL it. True if anything was signalled."""
     try:

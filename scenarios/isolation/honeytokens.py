@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.paths import cache_dir
+from harness.supervisor import pid_alive
 
 MARKER_PREFIX = "brht"
 """Every honeytoken marker starts with this, then the run tag."""
@@ -115,15 +116,6 @@ def _manifest_dir() -> Path:
     return path
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
 
 def sweep_leftovers() -> list[str]:
     """Remove fake homes whose planting process is gone (a SIGKILLed run). Returns what was removed."""
@@ -134,7 +126,7 @@ def sweep_leftovers() -> list[str]:
         except (OSError, ValueError):
             manifest.unlink(missing_ok=True)
             continue
-        if _pid_alive(int(record.get("pid", 0))):
+        if pid_alive(int(record.get("pid", 0))):
             continue
         home = Path(record.get("home", ""))
         # Only ever delete what we created: a temp dir with our prefix.
