@@ -141,8 +141,14 @@ def boot_one(fleet: Fleet, record: dict[str, Any]) -> None:
         boot_into(fleet, record)
 
 
-def run_round(run: BenchRun, fleet: Fleet, round_index: int, measured: bool, events: BenchEvents,
-              while_live: Callable[[list[dict[str, Any]]], None] | None = None) -> list[dict[str, Any]]:
+def run_round(
+    run: BenchRun,
+    fleet: Fleet,
+    round_index: int,
+    measured: bool,
+    events: BenchEvents,
+    while_live: Callable[[list[dict[str, Any]]], None] | None = None,
+) -> list[dict[str, Any]]:
     """Boot N at once, read idle memory, stop them all, and check no VMM is left."""
     config = run.config
     label = f"round {round_index}" if measured else f"warm-up {-round_index}"
@@ -161,13 +167,21 @@ def run_round(run: BenchRun, fleet: Fleet, round_index: int, measured: bool, eve
         pool.shutdown(wait=False, cancel_futures=True)
     wall_ms = (time.monotonic() - started) * 1000
     ok = [r for r in records if r["ok"]]
-    round_info: dict[str, Any] = {"index": round_index, "measured": measured, "wall_ms": round(wall_ms, 1),
-                                  "ok": len(ok), "failed": len(records) - len(ok)}
+    round_info: dict[str, Any] = {
+        "index": round_index,
+        "measured": measured,
+        "wall_ms": round(wall_ms, 1),
+        "ok": len(ok),
+        "failed": len(records) - len(ok),
+    }
     if ok:
         time.sleep(config.idle_settle_s)
         mem_idle = mem_available_bytes()
-        round_info.update(mem_available_before_bytes=mem_before, mem_available_idle_bytes=mem_idle,
-                          mem_available_delta_bytes_per_sandbox=(mem_before - mem_idle) // len(ok))
+        round_info.update(
+            mem_available_before_bytes=mem_before,
+            mem_available_idle_bytes=mem_idle,
+            mem_available_delta_bytes_per_sandbox=(mem_before - mem_idle) // len(ok),
+        )
         for record in ok:
             totals = {"rss": 0, "pss": 0, "uss": 0}
             for pid in fleet.live[record["id"]].pids():
@@ -187,22 +201,25 @@ def sample_guests(run: BenchRun, fleet: Fleet, ok: list[dict[str, Any]], events:
     events.stage(f"timing {run.config.guest_samples} requests through the gateway from inside each sandbox")
     samples = {}
     for record in ok:
-        samples[record["id"]] = sample_in_guest(fleet.live[record["id"]], GUEST_SAMPLE_URL,
-                                                n=run.config.guest_samples)
+        samples[record["id"]] = sample_in_guest(fleet.live[record["id"]], GUEST_SAMPLE_URL, n=run.config.guest_samples)
     run.data["guest_latency"] = {"url": GUEST_SAMPLE_URL, "accel": run.data["accel"], "sandboxes": samples}
 
 
 def summarize_run(data: dict[str, Any]) -> dict[str, Any]:
     sandboxes = data["sandboxes"]
     ok = [s for s in sandboxes if s["ok"]]
-    deltas = [r["mem_available_delta_bytes_per_sandbox"] for r in data["rounds"]
-              if r["measured"] and "mem_available_delta_bytes_per_sandbox" in r]
+    deltas = [
+        r["mem_available_delta_bytes_per_sandbox"]
+        for r in data["rounds"]
+        if r["measured"] and "mem_available_delta_bytes_per_sandbox" in r
+    ]
     pss = [s["host_pss_bytes"] for s in ok if s["host_pss_bytes"] is not None]
     phase_names = sorted({name for s in ok for name in s["phases_ms"]})
     return {
         "boot_ms": summarize([s["boot_ms"] for s in ok]),
-        "phases_ms": {name: summarize([s["phases_ms"][name] for s in ok if name in s["phases_ms"]])
-                      for name in phase_names},
+        "phases_ms": {
+            name: summarize([s["phases_ms"][name] for s in ok if name in s["phases_ms"]]) for name in phase_names
+        },
         "success_rate": round(len(ok) / len(sandboxes), 4) if sandboxes else None,
         "boots": len(sandboxes),
         "failures": len(sandboxes) - len(ok),
@@ -213,21 +230,36 @@ def summarize_run(data: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def run_bench(config: BenchConfig, events: BenchEvents | None = None,
-              after_setup: Callable[[BenchRun], None] | None = None) -> BenchRun:
+def run_bench(
+    config: BenchConfig, events: BenchEvents | None = None, after_setup: Callable[[BenchRun], None] | None = None
+) -> BenchRun:
     """Run the whole bench; always writes results.json (partial when interrupted) and the report."""
     config.validate()
     events = events or BenchEvents()
     run_id = new_run_id()
     run_dir = config.out or Path("results") / run_id
     run_dir.mkdir(parents=True, exist_ok=True)
-    run = BenchRun(config=config, run_dir=run_dir, run_id=run_id, data={
-        "schema": SCHEMA, "run_id": run_id, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "partial": True, "interrupted_by": None, "host": host_info(), "backend": {"name": config.backend},
-        "accel": None, "config": _config_dict(config), "rounds": [], "sandboxes": [],
-        "summary": summarize_run({"sandboxes": [], "rounds": []}), "leftover_vmm_pids": [],
-        "files": {"memory_samples": MEMORY_SAMPLES_FILE, "boot_samples": BOOT_SAMPLES_FILE},
-    })
+    run = BenchRun(
+        config=config,
+        run_dir=run_dir,
+        run_id=run_id,
+        data={
+            "schema": SCHEMA,
+            "run_id": run_id,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "partial": True,
+            "interrupted_by": None,
+            "host": host_info(),
+            "backend": {"name": config.backend},
+            "accel": None,
+            "config": _config_dict(config),
+            "rounds": [],
+            "sandboxes": [],
+            "summary": summarize_run({"sandboxes": [], "rounds": []}),
+            "leftover_vmm_pids": [],
+            "files": {"memory_samples": MEMORY_SAMPLES_FILE, "boot_samples": BOOT_SAMPLES_FILE},
+        },
+    )
     run.save()
     supervisor = Supervisor(run_id)
     fleet: Fleet | None = None
@@ -236,18 +268,31 @@ def run_bench(config: BenchConfig, events: BenchEvents | None = None,
     try:
         with signals_raise():
             events.stage(f"preparing backend {config.backend} (image, accelerator)")
-            backend = create_backend(config.backend, BackendOptions(
-                cache=cache_dir(), accel=config.accel, mem_mib=config.mem_mib, boot_mode=config.boot_mode))
+            backend = create_backend(
+                config.backend,
+                BackendOptions(
+                    cache=cache_dir(), accel=config.accel, mem_mib=config.mem_mib, boot_mode=config.boot_mode
+                ),
+            )
             run.data["backend"] = {"name": backend.name, **backend.describe()}
             run.data["accel"] = backend.accel
             events.stage(f"accelerator: {backend.accel} — {run.data['backend'].get('accel_reason', '')}")
             run.save()
-            template = SandboxSpec(id="", workdir=run_dir, accel=backend.accel, mem_mib=config.mem_mib,
-                                   boot_timeout_s=config.boot_timeout_s)
+            template = SandboxSpec(
+                id="",
+                workdir=run_dir,
+                accel=backend.accel,
+                mem_mib=config.mem_mib,
+                boot_timeout_s=config.boot_timeout_s,
+            )
             upstream = UpstreamServer(names=(*UPSTREAM_NAMES, GUEST_SAMPLE_HOST)).start()
-            gateway_config = GatewayConfig(policy=config.policy, audit_path=run_dir / GATEWAY_AUDIT_FILE,
-                                           state_dir=run_dir / "gateway", upstream_overrides=upstream.overrides(),
-                                           upstream_ca_file=upstream.ca_file)
+            gateway_config = GatewayConfig(
+                policy=config.policy,
+                audit_path=run_dir / GATEWAY_AUDIT_FILE,
+                state_dir=run_dir / "gateway",
+                upstream_overrides=upstream.overrides(),
+                upstream_ca_file=upstream.ca_file,
+            )
             events.stage(f"starting the gateway (policy {config.policy}); every sandbox egresses through it")
             with open_fleet(backend, supervisor, run_dir, template, gateway_config) as fleet:
                 run.data["gateway"] = {"policy": config.policy, "audit_file": GATEWAY_AUDIT_FILE}
@@ -260,9 +305,16 @@ def run_bench(config: BenchConfig, events: BenchEvents | None = None,
                 with (run_dir / BOOT_SAMPLES_FILE).open("a") as boot_samples:
                     for round_index in range(config.repeat):
                         last = round_index == config.repeat - 1
-                        records = run_round(run, fleet, round_index, measured=True, events=events,
-                                            while_live=(lambda ok: sample_guests(run, fleet, ok, events))
-                                            if last and config.guest_samples else None)
+                        records = run_round(
+                            run,
+                            fleet,
+                            round_index,
+                            measured=True,
+                            events=events,
+                            while_live=(lambda ok: sample_guests(run, fleet, ok, events))
+                            if last and config.guest_samples
+                            else None,
+                        )
                         run.data["sandboxes"] += records
                         for record in records:
                             boot_samples.write(json.dumps(record) + "\n")

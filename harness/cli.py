@@ -80,8 +80,10 @@ def bench(**flags: Any) -> Path:
         config.validate()
         run = with_progress(lambda events: run_bench(config, events))
     summary = run.data["summary"]
-    table = Table(title=f"blastradius bench — {run.data['backend']['name']} under {run.data['accel']}, "
-                        f"N={config.sandboxes}, rounds={config.repeat}, warm-ups={config.warmup}")
+    table = Table(
+        title=f"blastradius bench — {run.data['backend']['name']} under {run.data['accel']}, "
+        f"N={config.sandboxes}, rounds={config.repeat}, warm-ups={config.warmup}"
+    )
     for column in ("metric", "p50", "p95", "p99", "min", "max", "stdev"):
         table.add_column(column)
     boot = summary["boot_ms"]
@@ -91,8 +93,10 @@ def bench(**flags: Any) -> Path:
     pss = summary["pss_bytes_per_sandbox"]
     table.add_row("host PSS / sandbox", *(mib(pss[k]) for k in ("p50", "p95", "p99", "min", "max", "stdev")))
     console.print(table)
-    console.print(f"success rate {summary['success_rate']:.0%} ({summary['failures']} failed of {summary['boots']}); "
-                  f"MemAvailable Δ per idle sandbox {mib(summary['mem_available_delta_bytes_per_sandbox'])}")
+    console.print(
+        f"success rate {summary['success_rate']:.0%} ({summary['failures']} failed of {summary['boots']}); "
+        f"MemAvailable Δ per idle sandbox {mib(summary['mem_available_delta_bytes_per_sandbox'])}"
+    )
     if run.data.get("proxy"):
         console.print(proxy_table(run.data["proxy"]))
     console.print(f"results: {run.run_dir / 'results.json'}\nreport:  {run.run_dir / 'report.html'}")
@@ -105,18 +109,31 @@ def bench(**flags: Any) -> Path:
 def proxy_table(proxy: dict[str, Any]) -> Table:
     """One row per proxy target: load, latency, what it adds over direct, and whether the generator saturated."""
     conditions = proxy.get("conditions", {})
-    table = Table(title=f"proxy latency under load — {conditions.get('users')} users, "
-                        f"{conditions.get('duration_s')} s per target, {conditions.get('workers')} worker(s)")
+    table = Table(
+        title=f"proxy latency under load — {conditions.get('users')} users, "
+        f"{conditions.get('duration_s')} s per target, {conditions.get('workers')} worker(s)"
+    )
     for column in ("target", "status", "rps", "p50", "p95", "p99", "added p50", "failures", "generator"):
         table.add_column(column)
     for name, target in sorted(proxy.get("targets", {}).items()):
         latency = target.get("latency_ms") or {}
         added = (target.get("added_latency_ms") or {}).get("p50")
-        failures = sum((target.get("failures") or {}).values()) if isinstance(target.get("failures"), dict) \
+        failures = (
+            sum((target.get("failures") or {}).values())
+            if isinstance(target.get("failures"), dict)
             else target.get("failures")
-        table.add_row(name, str(target.get("status")), str(target.get("rps", "—")), ms(latency.get("p50")),
-                      ms(latency.get("p95")), ms(latency.get("p99")), ms(added), str(failures),
-                      "saturated" if target.get("generator_saturated") else "ok")
+        )
+        table.add_row(
+            name,
+            str(target.get("status")),
+            str(target.get("rps", "—")),
+            ms(latency.get("p50")),
+            ms(latency.get("p95")),
+            ms(latency.get("p99")),
+            ms(added),
+            str(failures),
+            "saturated" if target.get("generator_saturated") else "ok",
+        )
     return table
 
 
@@ -165,9 +182,11 @@ def image() -> None:
 
     with user_errors():
         built = build_image(cache_dir())
-    console.print(f"guest kernel {built.kernel_release}: {built.kernel}\n"
-                  f"initramfs ({built.initrd.stat().st_size // 1024} KiB, modules {', '.join(built.modules)}): "
-                  f"{built.initrd}")
+    console.print(
+        f"guest kernel {built.kernel_release}: {built.kernel}\n"
+        f"initramfs ({built.initrd.stat().st_size // 1024} KiB, modules {', '.join(built.modules)}): "
+        f"{built.initrd}"
+    )
 
 
 def scenario(name: str, out: Path | None, **options: Any) -> None:
@@ -178,8 +197,9 @@ def scenario(name: str, out: Path | None, **options: Any) -> None:
     summary = scenario_summary(name, json.loads((run_dir / "results.json").read_text()))
     if summary is not None:
         console.print(summary)
-    console.print(f"scenario {name}: exit {exit_code}\nresults: {run_dir / 'results.json'}\n"
-                  f"report:  {run_dir / 'report.html'}")
+    console.print(
+        f"scenario {name}: exit {exit_code}\nresults: {run_dir / 'results.json'}\nreport:  {run_dir / 'report.html'}"
+    )
     sys.exit(exit_code)
 
 

@@ -27,8 +27,14 @@ GUEST_CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
 class Fleet:
     """Boots sandboxes behind one gateway and stops them, recording what it started."""
 
-    def __init__(self, backend: Backend, supervisor: Supervisor, run_dir: Path,
-                 gateway: GatewayProcess | None, template: SandboxSpec) -> None:
+    def __init__(
+        self,
+        backend: Backend,
+        supervisor: Supervisor,
+        run_dir: Path,
+        gateway: GatewayProcess | None,
+        template: SandboxSpec,
+    ) -> None:
         self.backend = backend
         self.supervisor = supervisor
         self.run_dir = run_dir
@@ -44,8 +50,13 @@ class Fleet:
     def boot(self, sandbox_id: str, **overrides: object) -> Sandbox:
         """Boot one sandbox behind its own gateway listener; raises BootFailed on failure."""
         gateway_port = self.gateway.add_sandbox(sandbox_id) if self.gateway else None
-        spec = replace(self.template, id=sandbox_id, workdir=self.run_dir / "sandboxes" / sandbox_id,
-                       gateway_port=gateway_port, **overrides)  # type: ignore[arg-type]
+        spec = replace(
+            self.template,
+            id=sandbox_id,
+            workdir=self.run_dir / "sandboxes" / sandbox_id,
+            gateway_port=gateway_port,
+            **overrides,
+        )  # type: ignore[arg-type]
         try:
             sandbox = self.backend.boot(spec, self.supervisor)
         except BaseException:
@@ -55,12 +66,16 @@ class Fleet:
             self.live[sandbox_id] = sandbox
         if self.gateway:
             started = time.monotonic()
-            installed = sandbox.exec(f"mkdir -p {os.path.dirname(GUEST_CA_BUNDLE)} && cat > {GUEST_CA_BUNDLE}",
-                                     stdin=self._ca_pem(), timeout=10)
+            installed = sandbox.exec(
+                f"mkdir -p {os.path.dirname(GUEST_CA_BUNDLE)} && cat > {GUEST_CA_BUNDLE}",
+                stdin=self._ca_pem(),
+                timeout=10,
+            )
             if installed.rc != 0:
                 self.stop(sandbox_id)
-                raise BootFailed(f"installing the gateway CA failed: {installed.stderr.decode(errors='replace')}",
-                                 sandbox.boot)
+                raise BootFailed(
+                    f"installing the gateway CA failed: {installed.stderr.decode(errors='replace')}", sandbox.boot
+                )
             self.provision_ms[sandbox_id] = round((time.monotonic() - started) * 1000, 2)
         return sandbox
 
@@ -103,9 +118,19 @@ class Fleet:
 def boot_record(sandbox_id: str, round_index: int = 0) -> dict[str, Any]:
     """The results.json entry of one boot, before it has happened."""
     return {
-        "id": sandbox_id, "round": round_index, "ok": False, "error": None, "boot_ms": None,
-        "phases_ms": {}, "marks_ms": {}, "provision_ms": None, "host_rss_bytes": None, "host_pss_bytes": None,
-        "host_uss_bytes": None, "guest_mem_total_bytes": None, "guest_mem_free_bytes": None,
+        "id": sandbox_id,
+        "round": round_index,
+        "ok": False,
+        "error": None,
+        "boot_ms": None,
+        "phases_ms": {},
+        "marks_ms": {},
+        "provision_ms": None,
+        "host_rss_bytes": None,
+        "host_pss_bytes": None,
+        "host_uss_bytes": None,
+        "guest_mem_total_bytes": None,
+        "guest_mem_free_bytes": None,
     }
 
 
@@ -117,11 +142,16 @@ def boot_into(fleet: Fleet, record: dict[str, Any], **overrides: object) -> Sand
         record.update(error=exc.reason, phases_ms=exc.boot.phases_ms, marks_ms=exc.boot.marks_ms)
         raise
     meminfo = getattr(sandbox, "guest_meminfo", {})
-    record.update(ok=True, boot_ms=sandbox.boot.boot_ms, phases_ms=sandbox.boot.phases_ms,
-                  marks_ms=sandbox.boot.marks_ms, provision_ms=fleet.provision_ms.get(record["id"]),
-                  guest_mem_total_bytes=meminfo.get("MemTotal"), guest_mem_free_bytes=meminfo.get("MemFree"))
+    record.update(
+        ok=True,
+        boot_ms=sandbox.boot.boot_ms,
+        phases_ms=sandbox.boot.phases_ms,
+        marks_ms=sandbox.boot.marks_ms,
+        provision_ms=fleet.provision_ms.get(record["id"]),
+        guest_mem_total_bytes=meminfo.get("MemTotal"),
+        guest_mem_free_bytes=meminfo.get("MemFree"),
+    )
     return sandbox
-
 
 
 def start_gateway(config: GatewayConfig, supervisor: Supervisor) -> GatewayProcess:
@@ -132,8 +162,9 @@ def start_gateway(config: GatewayConfig, supervisor: Supervisor) -> GatewayProce
 
 
 @contextmanager
-def open_fleet(backend: Backend, supervisor: Supervisor, run_dir: Path, template: SandboxSpec,
-               gateway_config: GatewayConfig | None) -> Iterator[Fleet]:
+def open_fleet(
+    backend: Backend, supervisor: Supervisor, run_dir: Path, template: SandboxSpec, gateway_config: GatewayConfig | None
+) -> Iterator[Fleet]:
     """Gateway first, then sandboxes on demand; everything stopped on the way out, however it ends."""
     gateway = start_gateway(gateway_config, supervisor) if gateway_config else None
     fleet = Fleet(backend, supervisor, run_dir, gateway, template)

@@ -19,13 +19,21 @@ RESULTS_FILE = "results.json"
 MEMORY_SAMPLES_FILE = "memory-samples.jsonl"
 BOOT_SAMPLES_FILE = "boot-samples.jsonl"
 
-REQUIRED_TOP = ("schema", "run_id", "created", "partial", "host", "backend", "accel", "config",
-                "sandboxes", "summary")
+REQUIRED_TOP = ("schema", "run_id", "created", "partial", "host", "backend", "accel", "config", "sandboxes", "summary")
 REQUIRED_HOST = ("cpu_model", "cores", "memory_bytes", "kernel", "python")
-REQUIRED_SANDBOX = ("id", "round", "ok", "error", "boot_ms", "phases_ms", "host_rss_bytes",
-                    "host_pss_bytes", "host_uss_bytes", "guest_mem_total_bytes")
-REQUIRED_SUMMARY = ("boot_ms", "success_rate", "mem_available_delta_bytes_per_sandbox",
-                    "pss_bytes_per_sandbox_p50")
+REQUIRED_SANDBOX = (
+    "id",
+    "round",
+    "ok",
+    "error",
+    "boot_ms",
+    "phases_ms",
+    "host_rss_bytes",
+    "host_pss_bytes",
+    "host_uss_bytes",
+    "guest_mem_total_bytes",
+)
+REQUIRED_SUMMARY = ("boot_ms", "success_rate", "mem_available_delta_bytes_per_sandbox", "pss_bytes_per_sandbox_p50")
 PERCENTILE_KEYS = ("p50", "p95", "p99", "min", "max", "mean")
 
 

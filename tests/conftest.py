@@ -53,8 +53,9 @@ def qemu_pids_of(run_id: str) -> list[int]:
 
 
 def all_blastradius_qemu() -> list[int]:
-    out = subprocess.run(["pgrep", "-f", "qemu-system-x86_64 -name blastradius-"], capture_output=True,
-                         text=True).stdout
+    out = subprocess.run(
+        ["pgrep", "-f", "qemu-system-x86_64 -name blastradius-"], capture_output=True, text=True
+    ).stdout
     return [int(p) for p in out.split()]
 
 

@@ -28,8 +28,9 @@ def test_tcg_request_needs_no_canary(image: GuestImage, tmp_path: Path) -> None:
     assert verdict.accel == "tcg" and not (tmp_path / "cache.json").exists()
 
 
-def test_kvm_without_device_falls_back_or_errors(image: GuestImage, tmp_path: Path,
-                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_kvm_without_device_falls_back_or_errors(
+    image: GuestImage, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(accel, "kvm_device_problem", lambda: "/dev/kvm does not exist")
     assert decide_accel("auto", image, tmp_path / "c.json").accel == "tcg"
     with pytest.raises(EnvironmentMissing, match="--accel tcg"):

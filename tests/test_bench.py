@@ -23,8 +23,9 @@ pytestmark = pytest.mark.qemu
 def test_bench_two_sandboxes_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(HOST_SECRET_ENV, HOST_SECRET)
     out = tmp_path / "smoke"
-    run = run_bench(BenchConfig(sandboxes=2, out=out, warmup=0, accel="auto", idle_settle_s=0.5, proxy=None,
-                                      guest_samples=3))
+    run = run_bench(
+        BenchConfig(sandboxes=2, out=out, warmup=0, accel="auto", idle_settle_s=0.5, proxy=None, guest_samples=3)
+    )
     data = load_results(out)
     assert data["partial"] is False and data["accel"] in ("kvm", "tcg")
     assert data["backend"]["boot_mode"] == "snapshot"
@@ -75,8 +76,9 @@ def test_guest_that_never_becomes_ready_is_a_counted_failure(tmp_path: Path) -> 
 
 
 def start_bench(out: Path, sandboxes: int = 2) -> subprocess.Popen[bytes]:
-    argv = invoke_cmd("bench", "--sandboxes", str(sandboxes), "--out", str(out), "--warmup", "0", "--accel", "tcg",
-                      "--no-proxy")
+    argv = invoke_cmd(
+        "bench", "--sandboxes", str(sandboxes), "--out", str(out), "--warmup", "0", "--accel", "tcg", "--no-proxy"
+    )
     return subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
 
 
@@ -94,8 +96,7 @@ def wait_for_qemu(out: Path, proc: subprocess.Popen[bytes], timeout_s: float = 6
 
 
 @pytest.mark.parametrize(("signum", "status"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_signal_mid_boot_writes_partial_results_and_leaves_nothing(tmp_path: Path, signum: int,
-                                                                   status: int) -> None:
+def test_signal_mid_boot_writes_partial_results_and_leaves_nothing(tmp_path: Path, signum: int, status: int) -> None:
     out = tmp_path / "sig"
     proc = start_bench(out)
     run_id = wait_for_qemu(out, proc)

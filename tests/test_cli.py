@@ -16,17 +16,21 @@ from tests.conftest import REPO, invoke_cmd
 
 
 def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(invoke_cmd(*args), cwd=REPO, capture_output=True, text=True, timeout=120,
-                          env=env or os.environ.copy())
+    return subprocess.run(
+        invoke_cmd(*args), cwd=REPO, capture_output=True, text=True, timeout=120, env=env or os.environ.copy()
+    )
 
 
-@pytest.mark.parametrize(("args", "message"), [
-    (["--sandboxes", "0"], "--sandboxes must be between 1 and"),
-    (["--sandboxes", "two"], "expected a whole number, got 'two'"),
-    (["--backend", "nope"], "unknown backend 'nope'; choose one of: qemu"),
-    (["--accel", "hvf"], "--accel must be one of auto, kvm, tcg"),
-    (["--mem-mib", "32"], "--mem-mib must be at least 96"),
-])
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--sandboxes", "0"], "--sandboxes must be between 1 and"),
+        (["--sandboxes", "two"], "expected a whole number, got 'two'"),
+        (["--backend", "nope"], "unknown backend 'nope'; choose one of: qemu"),
+        (["--accel", "hvf"], "--accel must be one of auto, kvm, tcg"),
+        (["--mem-mib", "32"], "--mem-mib must be at least 96"),
+    ],
+)
 def test_bad_flags(tmp_path: Path, args: list[str], message: str) -> None:
     result = run("bench", "--out", str(tmp_path / "x"), *args)
     assert result.returncode == 2, result.stderr

@@ -29,8 +29,10 @@ while read -r line <&3; do [ "${#line}" -le 1 ] && break; done
 ssl_client -s 3 -n "$HOST" </tmp/request >/tmp/response 2>/tmp/ssl-error
 """
 
-MODEL_REQUEST = ('POST /v1/messages HTTP/1.1\r\nHost: api.anthropic.com\r\nx-api-key: proxy-managed\r\n'
-                 'content-type: application/json\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}')
+MODEL_REQUEST = (
+    "POST /v1/messages HTTP/1.1\r\nHost: api.anthropic.com\r\nx-api-key: proxy-managed\r\n"
+    "content-type: application/json\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}"
+)
 
 
 @pytest.fixture(scope="module")
@@ -46,12 +48,22 @@ def fleet(upstream: UpstreamServer, tmp_path_factory: pytest.TempPathFactory) ->
     policy = run_dir / "policy.yaml"
     policy.write_text(TEST_POLICY)
     backend = create_backend("qemu", BackendOptions(cache=cache_dir(), accel="tcg"))
-    config = GatewayConfig(policy=policy, state_dir=run_dir / "gateway", audit_path=run_dir / "audit.jsonl",
-                           ca_dir=run_dir / "ca", credentials=credentials(), upstream_overrides=upstream.overrides(),
-                           upstream_ca_file=upstream.ca_file, extra_env=dict(SECRET_ENV))
-    with Supervisor("test-gw-guest") as supervisor, open_fleet(
-        backend, supervisor, run_dir, SandboxSpec(id="", workdir=run_dir, accel=backend.accel), config
-    ) as opened:
+    config = GatewayConfig(
+        policy=policy,
+        state_dir=run_dir / "gateway",
+        audit_path=run_dir / "audit.jsonl",
+        ca_dir=run_dir / "ca",
+        credentials=credentials(),
+        upstream_overrides=upstream.overrides(),
+        upstream_ca_file=upstream.ca_file,
+        extra_env=dict(SECRET_ENV),
+    )
+    with (
+        Supervisor("test-gw-guest") as supervisor,
+        open_fleet(
+            backend, supervisor, run_dir, SandboxSpec(id="", workdir=run_dir, accel=backend.accel), config
+        ) as opened,
+    ):
         yield opened
 
 
@@ -63,8 +75,9 @@ def guest(fleet: Fleet) -> Sandbox:
 def https_request(guest: Sandbox, host: str, port: int, request: str) -> tuple[str, bytes]:
     guest.exec("cat > /tmp/https && chmod +x /tmp/https", stdin=HTTPS_VIA_PROXY.encode())
     guest.exec("cat > /tmp/request", stdin=request.encode())
-    guest.exec(f"rm -f /tmp/response /tmp/connect-status; HOST={host} PORT={port} nc 10.0.2.100 3128 -e /tmp/https",
-               timeout=30)
+    guest.exec(
+        f"rm -f /tmp/response /tmp/connect-status; HOST={host} PORT={port} nc 10.0.2.100 3128 -e /tmp/https", timeout=30
+    )
     status = guest.exec("cat /tmp/connect-status").text.strip()
     return status, guest.exec("cat /tmp/response 2>/dev/null").stdout
 
@@ -73,8 +86,9 @@ def http_request(guest: Sandbox, request: str) -> bytes:
     return guest.exec("nc 10.0.2.100 3128", stdin=request.encode(), timeout=20).stdout
 
 
-def test_allowed_request_gets_the_key_injected_while_the_guest_has_none(guest: Sandbox, fleet: Fleet,
-                                                                       upstream: UpstreamServer) -> None:
+def test_allowed_request_gets_the_key_injected_while_the_guest_has_none(
+    guest: Sandbox, fleet: Fleet, upstream: UpstreamServer
+) -> None:
     upstream.clear()
     status, response = https_request(guest, "api.anthropic.com", 443, MODEL_REQUEST)
     assert status == "200", "CONNECT to the model API was refused"
@@ -95,14 +109,27 @@ def test_blocked_host_gets_each_deny_mode(fleet: Fleet, mode: str, tmp_path: Pat
     text = policy.read_text()
     mode_policy = tmp_path / f"policy-{mode}.yaml"
     mode_policy.write_text(text.replace("deny_mode: 403-explained", f"deny_mode: {mode}"))
-    with Supervisor(f"test-deny-{mode}") as supervisor, open_fleet(
-        fleet.backend, supervisor, tmp_path, fleet.template,
-        GatewayConfig(policy=mode_policy, state_dir=tmp_path / "gw", audit_path=tmp_path / "audit.jsonl",
-                      ca_dir=Path(str(config.ca_dir)), credentials=credentials(), extra_env=dict(SECRET_ENV)),
-    ) as deny_fleet:
+    with (
+        Supervisor(f"test-deny-{mode}") as supervisor,
+        open_fleet(
+            fleet.backend,
+            supervisor,
+            tmp_path,
+            fleet.template,
+            GatewayConfig(
+                policy=mode_policy,
+                state_dir=tmp_path / "gw",
+                audit_path=tmp_path / "audit.jsonl",
+                ca_dir=Path(str(config.ca_dir)),
+                credentials=credentials(),
+                extra_env=dict(SECRET_ENV),
+            ),
+        ) as deny_fleet,
+    ):
         guest = deny_fleet.boot(f"deny-{mode.replace('-', '')}")
-        reply = http_request(guest, "GET http://example.com/ HTTP/1.1\r\nHost: example.com\r\n"
-                                    "Connection: close\r\n\r\n")
+        reply = http_request(
+            guest, "GET http://example.com/ HTTP/1.1\r\nHost: example.com\r\nConnection: close\r\n\r\n"
+        )
         audit = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
     if mode == "reset":
         assert reply == b""  # a TCP-level refusal, not an HTTP answer
@@ -127,8 +154,9 @@ def test_blocked_name_does_not_resolve_in_the_guest(guest: Sandbox) -> None:
 
 
 def test_every_decision_is_audited_without_the_secret(fleet: Fleet, guest: Sandbox) -> None:
-    http_request(guest, "GET http://blocked.evil.test/ HTTP/1.1\r\nHost: blocked.evil.test\r\n"
-                        "Connection: close\r\n\r\n")
+    http_request(
+        guest, "GET http://blocked.evil.test/ HTTP/1.1\r\nHost: blocked.evil.test\r\nConnection: close\r\n\r\n"
+    )
     text = fleet.gateway.audit_path.read_text()
     records = [json.loads(line) for line in text.splitlines()]
     assert any(r["host"] == "blocked.evil.test" and r["decision"] == "deny" for r in records)

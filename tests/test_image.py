@@ -17,8 +17,9 @@ from harness.paths import cache_dir
 def fake_module(directory: Path, name: str, depends: str) -> None:
     """A file shaped like a .ko's .modinfo section: NUL-separated key=value strings."""
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / f"{name}.ko").write_bytes(b"\x7fELF junk\0license=GPL\0depends=" + depends.encode()
-                                           + b"\0name=" + name.encode() + b"\0vermagic=6.1\0")
+    (directory / f"{name}.ko").write_bytes(
+        b"\x7fELF junk\0license=GPL\0depends=" + depends.encode() + b"\0name=" + name.encode() + b"\0vermagic=6.1\0"
+    )
 
 
 def test_order_follows_depends_fields(tmp_path: Path) -> None:
@@ -40,8 +41,13 @@ def test_missing_module_and_cycle_are_clear_errors(tmp_path: Path) -> None:
 
 def test_real_kernel_virtio_order(image: GuestImage) -> None:
     order = list(image.modules)
-    for before, after in [("virtio_ring", "virtio"), ("virtio", "virtio_mmio"), ("failover", "net_failover"),
-                          ("net_failover", "virtio_net"), ("virtio_ring", "virtio_net")]:
+    for before, after in [
+        ("virtio_ring", "virtio"),
+        ("virtio", "virtio_mmio"),
+        ("failover", "net_failover"),
+        ("net_failover", "virtio_net"),
+        ("virtio_ring", "virtio_net"),
+    ]:
         assert order.index(before) < order.index(after), order
 
 

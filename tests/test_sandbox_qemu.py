@@ -52,8 +52,7 @@ def test_guest_sees_only_the_gateway_proxy_and_no_host_secret(guest: Microvm) ->
     # busybox grep has no --exclude-dir: name the guest's trees instead of / (not /proc, /sys, nor /bin and
     # /sbin, which are hundreds of links to busybox). The pattern is built at run time so the agent's own
     # copy of this command does not match it.
-    scan = guest.exec('p=br-host; grep -r -l -s "$p-secret" /etc /lib /root /tmp /work /init; echo rc=$?',
-                      timeout=60)
+    scan = guest.exec('p=br-host; grep -r -l -s "$p-secret" /etc /lib /root /tmp /work /init; echo rc=$?', timeout=60)
     assert "rc=1" in scan.text, scan.text  # grep's 1: searched everything, found nothing
 
 
@@ -90,10 +89,12 @@ def test_stop_leaves_no_process(image: GuestImage, supervisor: Supervisor, tmp_p
     assert vm.pids() == [] and supervisor.live() == []
 
 
-def test_guest_that_never_becomes_ready_fails_within_timeout(image: GuestImage, supervisor: Supervisor,
-                                                              tmp_path: Path) -> None:
-    vm = Microvm(SandboxSpec(id="hung", workdir=tmp_path, accel="tcg", boot_timeout_s=2), image, supervisor,
-                 extra_args=("-S",))  # -S: QEMU starts with the CPU stopped, a guest that hangs for ever
+def test_guest_that_never_becomes_ready_fails_within_timeout(
+    image: GuestImage, supervisor: Supervisor, tmp_path: Path
+) -> None:
+    vm = Microvm(
+        SandboxSpec(id="hung", workdir=tmp_path, accel="tcg", boot_timeout_s=2), image, supervisor, extra_args=("-S",)
+    )  # -S: QEMU starts with the CPU stopped, a guest that hangs for ever
     vm.spawn()
     with pytest.raises(BootFailed, match="did not answer within 2 s") as failure:
         vm.wait_ready()
@@ -107,8 +108,10 @@ def test_snapshot_clones_are_renamed_and_independent(supervisor: Supervisor, tmp
     from harness.sandbox import BackendOptions, create_backend
 
     backend = create_backend("qemu", BackendOptions(cache=cache_dir(), accel="tcg", boot_mode="snapshot"))
-    clones = [backend.boot(SandboxSpec(id=f"clone{i}", workdir=tmp_path / str(i), accel=backend.accel), supervisor)
-              for i in range(2)]
+    clones = [
+        backend.boot(SandboxSpec(id=f"clone{i}", workdir=tmp_path / str(i), accel=backend.accel), supervisor)
+        for i in range(2)
+    ]
     try:
         assert [c.exec("hostname").text.strip() for c in clones] == ["clone0", "clone1"]
         clones[0].exec("echo only-here > /work/mark")
@@ -120,8 +123,9 @@ def test_snapshot_clones_are_renamed_and_independent(supervisor: Supervisor, tmp
     assert supervisor.live() == []
 
 
-def test_agent_port_taken_before_qemu_binds_it_is_retried(image: GuestImage, supervisor: Supervisor, tmp_path: Path,
-                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+def test_agent_port_taken_before_qemu_binds_it_is_retried(
+    image: GuestImage, supervisor: Supervisor, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import socket
 
     from harness.sandbox import qemu

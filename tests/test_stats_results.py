@@ -30,22 +30,35 @@ def test_summarize_spread() -> None:
 
 def sandbox(i: int, ok: bool = True) -> dict:
     return {
-        "id": f"r0-sb{i}", "round": 0, "ok": ok, "error": None if ok else "agent did not answer within 1 s",
+        "id": f"r0-sb{i}",
+        "round": 0,
+        "ok": ok,
+        "error": None if ok else "agent did not answer within 1 s",
         "boot_ms": 1000.0 + i * 100 if ok else None,
         "phases_ms": {"vmm": 400.0, "kernel": 400.0, "userspace": 100.0, "agent": 100.0 + i * 100} if ok else {},
-        "marks_ms": {}, "host_rss_bytes": 150 << 20 if ok else None, "host_pss_bytes": (140 + i) << 20 if ok else None,
-        "host_uss_bytes": 130 << 20 if ok else None, "guest_mem_total_bytes": 97 << 20 if ok else None,
+        "marks_ms": {},
+        "host_rss_bytes": 150 << 20 if ok else None,
+        "host_pss_bytes": (140 + i) << 20 if ok else None,
+        "host_uss_bytes": 130 << 20 if ok else None,
+        "guest_mem_total_bytes": 97 << 20 if ok else None,
         "guest_mem_free_bytes": 60 << 20 if ok else None,
     }
 
 
 def results(partial: bool = False) -> dict:
     data = {
-        "schema": SCHEMA, "run_id": "test", "created": "now", "partial": partial, "interrupted_by": "SIGTERM" if partial
-        else None, "host": host_info(), "backend": {"name": "qemu", "accel_reason": "test"}, "accel": "tcg",
+        "schema": SCHEMA,
+        "run_id": "test",
+        "created": "now",
+        "partial": partial,
+        "interrupted_by": "SIGTERM" if partial else None,
+        "host": host_info(),
+        "backend": {"name": "qemu", "accel_reason": "test"},
+        "accel": "tcg",
         "config": {"sandboxes": 3, "concurrency": 2, "warmup": 0, "repeat": 1, "mem_mib": 128, "idle_settle_s": 2},
         "rounds": [{"index": 0, "measured": True, "mem_available_delta_bytes_per_sandbox": 150 << 20}],
-        "sandboxes": [sandbox(0), sandbox(1), sandbox(2, ok=False)], "files": {"memory_samples": "mem.jsonl"},
+        "sandboxes": [sandbox(0), sandbox(1), sandbox(2, ok=False)],
+        "files": {"memory_samples": "mem.jsonl"},
     }
     data["summary"] = summarize_run(data)
     return data
@@ -74,9 +87,15 @@ def test_validate_names_what_is_missing() -> None:
 
 def test_report_renders_from_results_only(tmp_path: Path) -> None:
     write_results(tmp_path, results(partial=True))
-    samples = [{"t_s": t * 0.5, "mem_available_bytes": (20000 - t) << 20,
-                "psi": {"some_avg10": 0.0, "full_avg10": 0.0, "some_total": 0, "full_total": 0},
-                "sandbox_rss_bytes": {"r0-sb0": 1}} for t in range(10)]
+    samples = [
+        {
+            "t_s": t * 0.5,
+            "mem_available_bytes": (20000 - t) << 20,
+            "psi": {"some_avg10": 0.0, "full_avg10": 0.0, "some_total": 0, "full_total": 0},
+            "sandbox_rss_bytes": {"r0-sb0": 1},
+        }
+        for t in range(10)
+    ]
     (tmp_path / "mem.jsonl").write_text("\n".join(json.dumps(s) for s in samples) + "\n{torn")
     html = render_report(tmp_path).read_text()
     assert load_results(tmp_path)["partial"] is True

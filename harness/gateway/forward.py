@@ -165,8 +165,7 @@ async def forward(
         try:
             await _send_request(up, out, client_conn, client, has_body, expects_continue, idle_timeout_s, ex)
             t_sent = time.perf_counter()
-            await _relay_response(up, client_conn, client, idle_timeout_s, response_timeout_s, ex, t_sent,
-                                  out.method)
+            await _relay_response(up, client_conn, client, idle_timeout_s, response_timeout_s, ex, t_sent, out.method)
         except TimeoutError as exc:
             up.stream.close()
             if ex.status is None:

@@ -45,9 +45,7 @@ class LoopVerdict(Enum):
 
 
 class LoopBreaker:
-    def __init__(
-        self, threshold: int, window_s: float, enabled: bool = True, answer: str | None = None
-    ) -> None:
+    def __init__(self, threshold: int, window_s: float, enabled: bool = True, answer: str | None = None) -> None:
         self.threshold = threshold
         self.window_s = window_s
         self.enabled = enabled and threshold > 0

@@ -250,11 +250,11 @@ class Session:
             self.count("loop_blocks", 1)
             # A 200 to CONNECT would open a tunnel, not explain anything: CONNECT always gets 429.
             terminal = conn is not None and self._loop_answer() == ANSWER_200_TERMINAL
-            answer = loop_answer(host, port, rule, self.sandbox, gw.breaker.threshold, gw.breaker.window_s,
-                                 terminal=terminal)
+            answer = loop_answer(
+                host, port, rule, self.sandbox, gw.breaker.threshold, gw.breaker.window_s, terminal=terminal
+            )
             if verdict is LoopVerdict.TRIPPED:
-                self.audit(event="retry_loop_detected", decision="deny", deny_mode=mode, status=answer.status,
-                           **fields)
+                self.audit(event="retry_loop_detected", decision="deny", deny_mode=mode, status=answer.status, **fields)
         elif mode == MODE_RESET:
             self.audit(event=event, decision="deny", deny_mode=mode, **fields)
             stream.abort_with_reset()
@@ -545,8 +545,9 @@ class Session:
                 intercepted=intercepted,
             )
         if gw.toxics.active and (toxic := gw.toxics.http_status(self.sandbox, host, port)) is not None:
-            return await self.toxic_answer(conn, stream, toxic, method, scheme, host, port, norm_path, decision.rule,
-                                           intercepted, t0)
+            return await self.toxic_answer(
+                conn, stream, toxic, method, scheme, host, port, norm_path, decision.rule, intercepted, t0
+            )
         cred = gw.credentials.for_dest(host, port)
         self.count("allowed", 1)
         fields = dict(
@@ -632,9 +633,20 @@ class Session:
             headers.append((b"retry-after", str(int(toxic.attributes["retry_after"])).encode()))
         answer = DenyAnswer(status, headers, f"blastradius toxic {toxic.name}: upstream answered {status}\n".encode())
         self.count("toxic_answers", 1)
-        self.audit(event="connect" if conn is None else "request", decision="error", method=method, scheme=scheme,
-                   host=host, port=port, path=path, rule=rule, status=status, intercepted=intercepted,
-                   reason=f"toxic:{toxic.name}", duration_ms=round((time.perf_counter() - t0) * 1000.0, 3))
+        self.audit(
+            event="connect" if conn is None else "request",
+            decision="error",
+            method=method,
+            scheme=scheme,
+            host=host,
+            port=port,
+            path=path,
+            rule=rule,
+            status=status,
+            intercepted=intercepted,
+            reason=f"toxic:{toxic.name}",
+            duration_ms=round((time.perf_counter() - t0) * 1000.0, 3),
+        )
         if conn is None or not await self._drain_request(conn, stream):
             stream.write(raw_response(answer, close=True))
             await stream.drain()

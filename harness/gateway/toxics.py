@@ -286,11 +286,29 @@ class ConnControl:
 class Link:
     """One direction of one connection: turns each chunk into a Plan under the live toxics."""
 
-    __slots__ = ("_limited", "_rolled", "_timed", "_toxics", "_version", "ctl", "direction", "host", "port",
-                 "registry", "sandbox")
+    __slots__ = (
+        "_limited",
+        "_rolled",
+        "_timed",
+        "_toxics",
+        "_version",
+        "ctl",
+        "direction",
+        "host",
+        "port",
+        "registry",
+        "sandbox",
+    )
 
-    def __init__(self, registry: ToxicRegistry, ctl: ConnControl, sandbox: str, host: str | None,
-                 port: int | None, direction: str) -> None:
+    def __init__(
+        self,
+        registry: ToxicRegistry,
+        ctl: ConnControl,
+        sandbox: str,
+        host: str | None,
+        port: int | None,
+        direction: str,
+    ) -> None:
         self.registry = registry
         self.ctl = ctl
         self.sandbox = sandbox
@@ -408,8 +426,9 @@ def _slice(pieces: list[tuple[float, bytes]], attrs: dict[str, Any], rng: random
     return out
 
 
-async def send_plan(plan: Plan, write: Callable[[bytes], None], drain: Callable[[], Awaitable[None]],
-                    ctl: ConnControl) -> bool:
+async def send_plan(
+    plan: Plan, write: Callable[[bytes], None], drain: Callable[[], Awaitable[None]], ctl: ConnControl
+) -> bool:
     """Play a plan onto a writer. False when the connection has been ended by a toxic."""
     for delay, piece in plan.pieces:
         if delay > 0:
@@ -552,6 +571,11 @@ def set_deny(gw: Gateway, request: dict[str, Any]) -> dict[str, Any]:
     )
     gw.breaker.trips = old.trips  # stats keep counting across reconfigurations
     effective = resolve_answer(gw.breaker.answer, gw.config.loop_answer, gw.policy.loop_answer)
-    return {"ok": True, "deny_mode": gw.deny_mode, "loop_breaker": gw.breaker.enabled,
-            "loop_threshold": gw.breaker.threshold, "loop_window_s": gw.breaker.window_s,
-            "loop_answer": effective}
+    return {
+        "ok": True,
+        "deny_mode": gw.deny_mode,
+        "loop_breaker": gw.breaker.enabled,
+        "loop_threshold": gw.breaker.threshold,
+        "loop_window_s": gw.breaker.window_s,
+        "loop_answer": effective,
+    }

@@ -34,9 +34,7 @@ def _run(cmd: list[str], cwd: Path) -> str:
     proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=APT_TIMEOUT_S)
     if proc.returncode != 0:
         detail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        raise EnvironmentMissing(
-            f"`{' '.join(cmd)}` failed ({detail}); run `apt-get update` and check the apt sources"
-        )
+        raise EnvironmentMissing(f"`{' '.join(cmd)}` failed ({detail}); run `apt-get update` and check the apt sources")
     return proc.stdout
 
 

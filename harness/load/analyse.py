@@ -106,8 +106,14 @@ def timeline(samples: list[Sample], origin: float, bin_s: float = TIMELINE_BIN_S
     for index in sorted(bins):
         group = bins[index]
         ok = [s.ms for s in group if not s.failure]
-        rows.append([round(index * bin_s, 2), round(len(group) / bin_s, 1),
-                     round(percentile(ok, 50), 3) if ok else None, round(percentile(ok, 95), 3) if ok else None])
+        rows.append(
+            [
+                round(index * bin_s, 2),
+                round(len(group) / bin_s, 1),
+                round(percentile(ok, 50), 3) if ok else None,
+                round(percentile(ok, 95), 3) if ok else None,
+            ]
+        )
     return rows
 
 
@@ -121,8 +127,13 @@ def read_history(csv_path: Path, origin: float) -> list[list[float]]:
             if row.get("Name") != "Aggregated":
                 continue
             try:
-                rows.append([round(float(row["Timestamp"]) - origin, 1), float(row["User Count"]),
-                             round(float(row["Requests/s"]), 2)])
+                rows.append(
+                    [
+                        round(float(row["Timestamp"]) - origin, 1),
+                        float(row["User Count"]),
+                        round(float(row["Requests/s"]), 2),
+                    ]
+                )
             except (KeyError, ValueError):
                 continue
     return rows

@@ -117,14 +117,21 @@ class ProxyBenchConfig:
 
 
 def _phase_specs(cfg: ProxyBenchConfig, traffic: tuple[str, ...]) -> list[PhaseSpec]:
-    common = {"workers": cfg.workers, "master_host": cfg.master_host, "remote_workers": cfg.remote_workers,
-              "master_port": cfg.master_port}
+    common = {
+        "workers": cfg.workers,
+        "master_host": cfg.master_host,
+        "remote_workers": cfg.remote_workers,
+        "master_port": cfg.master_port,
+    }
     specs = [PhaseSpec("paced", cfg.users, cfg.spawn_rate, cfg.warmup_s, cfg.duration_s, traffic, **common)]
     sat = tuple(k for k in cfg.saturation_traffic if k in traffic)
     if cfg.saturation_s > 0 and sat:
         rate = max(cfg.spawn_rate, cfg.saturation_users / max(cfg.saturation_warmup_s, 1.0))
-        specs.append(PhaseSpec("saturation", cfg.saturation_users, rate, cfg.saturation_warmup_s,
-                               cfg.saturation_s, sat, **common))
+        specs.append(
+            PhaseSpec(
+                "saturation", cfg.saturation_users, rate, cfg.saturation_warmup_s, cfg.saturation_s, sat, **common
+            )
+        )
     return specs
 
 
@@ -133,9 +140,18 @@ def _plan(endpoint: Endpoint, cfg: ProxyBenchConfig, ca_file: Path, user_rps: fl
     if "model" in endpoint.urls:
         # Every target's model request carries the same header; only the gateway swaps it for the key.
         headers.setdefault("model", {KEY_HEADER: SENTINEL})
-    return LoadPlan(target=endpoint.name, proxy=endpoint.proxy, urls=endpoint.urls, ca_file=str(ca_file),
-                    samples_dir="", user_rps=user_rps, model_body_bytes=cfg.model_body_bytes,
-                    stream=cfg.stream_bytes > 0, headers=headers, timeout_s=cfg.timeout_s)
+    return LoadPlan(
+        target=endpoint.name,
+        proxy=endpoint.proxy,
+        urls=endpoint.urls,
+        ca_file=str(ca_file),
+        samples_dir="",
+        user_rps=user_rps,
+        model_body_bytes=cfg.model_body_bytes,
+        stream=cfg.stream_bytes > 0,
+        headers=headers,
+        timeout_s=cfg.timeout_s,
+    )
 
 
 def _conditions(cfg: ProxyBenchConfig, seed: int, order: list[str]) -> dict[str, Any]:
@@ -167,13 +183,22 @@ def _target_result(name: str, endpoint: Endpoint | None, phases: dict[str, dict[
         "phases": {k: {kk: vv for kk, vv in v.items() if kk not in ("timeline", "history")} for k, v in phases.items()},
     }
     sat = phases.get("saturation")
-    result["saturation"] = None if sat is None else {
-        "rps": sat.get("rps"), "requests": sat.get("requests"), "failures": sat.get("failures"),
-        "latency_ms": sat.get("latency_ms"), "users": sat["spec"]["users"], "cpu": sat.get("cpu"),
-        "generator_saturated": bool(sat.get("generator_saturated")),
-        "host_saturated": bool(sat.get("host_saturated")), "timeline": sat.get("timeline", []),
-        "traffic": list(sat["spec"]["traffic"]),
-    }
+    result["saturation"] = (
+        None
+        if sat is None
+        else {
+            "rps": sat.get("rps"),
+            "requests": sat.get("requests"),
+            "failures": sat.get("failures"),
+            "latency_ms": sat.get("latency_ms"),
+            "users": sat["spec"]["users"],
+            "cpu": sat.get("cpu"),
+            "generator_saturated": bool(sat.get("generator_saturated")),
+            "host_saturated": bool(sat.get("host_saturated")),
+            "timeline": sat.get("timeline", []),
+            "traffic": list(sat["spec"]["traffic"]),
+        }
+    )
     return result
 
 
@@ -190,10 +215,11 @@ def finalise(data: dict[str, Any]) -> dict[str, Any]:
             fig["added_latency_ms"] = added(fig["latency_ms"], base["latency_ms"]) if base else None
         comp = t.get("phases", {}).get("paced", {}).get("comparable")
         base_comp = direct.get("phases", {}).get("paced", {}).get("comparable") if direct_ok else None
-        t["added_latency_ms"] = (added(comp["latency_ms"], base_comp["latency_ms"])
-                                 if comp and base_comp and name != DIRECT else
-                                 ({k: 0.0 for k in ("p50", "p90", "p95", "p99", "p99.9")} if name == DIRECT
-                                  else None))
+        t["added_latency_ms"] = (
+            added(comp["latency_ms"], base_comp["latency_ms"])
+            if comp and base_comp and name != DIRECT
+            else ({k: 0.0 for k in ("p50", "p90", "p95", "p99", "p99.9")} if name == DIRECT else None)
+        )
     data["checks"] = _checks(targets)
     data["generator_saturated_any"] = any(t.get("generator_saturated") for t in targets.values())
     return data
@@ -234,9 +260,13 @@ def _checks(targets: dict[str, Any]) -> list[dict[str, Any]]:
             check.update(status="skipped", reason=mitm.get("reason") or "mitmproxy was not in the run")
         else:
             g, m = t["saturation"]["rps"], mitm["saturation"]["rps"]
-            check.update(gateway_rps=g, mitmproxy_rps=m, ratio=_ratio(g, m),
-                         status="pass" if g is not None and m and g >= THROUGHPUT_VS_MITMPROXY * m else "fail",
-                         generator_bound=bool(t["saturation"]["generator_saturated"]))
+            check.update(
+                gateway_rps=g,
+                mitmproxy_rps=m,
+                ratio=_ratio(g, m),
+                status="pass" if g is not None and m and g >= THROUGHPUT_VS_MITMPROXY * m else "fail",
+                generator_bound=bool(t["saturation"]["generator_saturated"]),
+            )
         checks.append(check)
     return checks
 
@@ -253,8 +283,9 @@ def load_partial(run_dir: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def run_proxy_bench(cfg: ProxyBenchConfig, run_dir: Path, supervisor: Supervisor,
-                    events: ProxyEvents | None = None) -> dict[str, Any]:
+def run_proxy_bench(
+    cfg: ProxyBenchConfig, run_dir: Path, supervisor: Supervisor, events: ProxyEvents | None = None
+) -> dict[str, Any]:
     """Run every target in cfg.targets (randomised order); return the dict for results.json["proxy"]."""
     cfg.validate()
     events = events or ProxyEvents()
@@ -265,11 +296,16 @@ def run_proxy_bench(cfg: ProxyBenchConfig, run_dir: Path, supervisor: Supervisor
     random.Random(seed).shuffle(order)
     traffic = tuple(k for k in TRAFFIC_KINDS if k in cfg.traffic)
     data: dict[str, Any] = {
-        "schema": SCHEMA, "partial": False, "interrupted_by": None, "conditions": _conditions(cfg, seed, order),
-        "targets": {}, "peers": {name: {"installed": binary(name) is not None, "install": INSTALL[name]}
-                                 for name in PEERS},
-        "notes": ["Loopback only: generator, proxy and upstream share this host's cores.",
-                  "Latency is of successful requests; every failure is counted by kind, never retried."],
+        "schema": SCHEMA,
+        "partial": False,
+        "interrupted_by": None,
+        "conditions": _conditions(cfg, seed, order),
+        "targets": {},
+        "peers": {name: {"installed": binary(name) is not None, "install": INSTALL[name]} for name in PEERS},
+        "notes": [
+            "Loopback only: generator, proxy and upstream share this host's cores.",
+            "Latency is of successful requests; every failure is counted by kind, never retried.",
+        ],
         "dir": PROXY_DIR,
     }
     upstream: Upstream | None = None
@@ -281,8 +317,16 @@ def run_proxy_bench(cfg: ProxyBenchConfig, run_dir: Path, supervisor: Supervisor
             workdir = proxy_dir / name
             phases: dict[str, dict[str, Any]] = {}
             try:
-                endpoint = start_target(name, workdir, supervisor, upstream, traffic, cfg.download_bytes,
-                                        cfg.stream_bytes, cfg.gateway_ca_dir)
+                endpoint = start_target(
+                    name,
+                    workdir,
+                    supervisor,
+                    upstream,
+                    traffic,
+                    cfg.download_bytes,
+                    cfg.stream_bytes,
+                    cfg.gateway_ca_dir,
+                )
             except PeerMissing as missing:
                 data["targets"][name] = {"status": "skipped", "reason": str(missing), "install": missing.install}
                 _save(proxy_dir, data)
@@ -296,8 +340,9 @@ def run_proxy_bench(cfg: ProxyBenchConfig, run_dir: Path, supervisor: Supervisor
             try:
                 for spec in _phase_specs(cfg, tuple(k for k in traffic if k in endpoint.urls)):
                     rate = cfg.user_rps if spec.name == "paced" else 0.0
-                    phases[spec.name] = run_phase(_plan(endpoint, cfg, ca_file, rate), spec, workdir / spec.name,
-                                                  supervisor, endpoint.pids)
+                    phases[spec.name] = run_phase(
+                        _plan(endpoint, cfg, ca_file, rate), spec, workdir / spec.name, supervisor, endpoint.pids
+                    )
                 data["targets"][name] = _target_result(name, endpoint, phases)
             except Exception as error:
                 result = _target_result(name, endpoint, phases)

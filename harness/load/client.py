@@ -205,7 +205,8 @@ class ProxyClient:
             conn.close()
             raise
         keep = resp_headers.get("connection", "").lower() != "close" and not (
-            version == "HTTP/1.0" and resp_headers.get("connection", "").lower() != "keep-alive")
+            version == "HTTP/1.0" and resp_headers.get("connection", "").lower() != "keep-alive"
+        )
         if keep:
             self._conns[key] = conn
         else:

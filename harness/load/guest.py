@@ -21,8 +21,10 @@ DEFAULT_SAMPLES = 10
 MAX_SAMPLES = 200
 PER_REQUEST_BUDGET_S = 3.0
 """Exec timeout per request under TCG, generous: a timed-out exec loses all samples."""
-TCG_NOTE = ("Measured inside the guest with busybox nc; under TCG every guest instruction is emulated, so "
-            "these figures are far above the host-side ones and say more about the accelerator than the gateway.")
+TCG_NOTE = (
+    "Measured inside the guest with busybox nc; under TCG every guest instruction is emulated, so "
+    "these figures are far above the host-side ones and say more about the accelerator than the gateway."
+)
 
 SCRIPT = """\
 req=/tmp/.br-req.$$; out=/tmp/.br-out.$$
@@ -87,8 +89,13 @@ def parse(output: str, expect_status: tuple[int, ...]) -> dict[str, Any]:
     }
 
 
-def sample_in_guest(sandbox: Execs, url: str, n: int = DEFAULT_SAMPLES, proxy: str = GATEWAY_IN_GUEST,
-                    expect_status: tuple[int, ...] = (200,)) -> dict[str, Any]:
+def sample_in_guest(
+    sandbox: Execs,
+    url: str,
+    n: int = DEFAULT_SAMPLES,
+    proxy: str = GATEWAY_IN_GUEST,
+    expect_status: tuple[int, ...] = (200,),
+) -> dict[str, Any]:
     """n timed plain-http requests for `url` through the gateway, from inside `sandbox`.
 
     Returns n, ok, failures (by kind), statuses, latency_ms (p50..max, clock overhead
@@ -102,6 +109,6 @@ def sample_in_guest(sandbox: Execs, url: str, n: int = DEFAULT_SAMPLES, proxy: s
     figures = parse(result.text, expect_status)
     if result.timed_out or (result.rc != 0 and figures["n"] == 0):
         figures["failures"]["exec"] = 1
-        figures["exec_error"] = (result.stderr.decode(errors="replace")[-300:] or f"rc {result.rc}")
+        figures["exec_error"] = result.stderr.decode(errors="replace")[-300:] or f"rc {result.rc}"
     figures.update(url=url, proxy=proxy, exec_s=round(result.duration_s, 3), note=TCG_NOTE)
     return figures

@@ -28,8 +28,7 @@ NO_WAIT = between(0, 0)
 
 @events.init_command_line_parser.add_listener
 def _add_arguments(parser: Any) -> None:
-    parser.add_argument("--br-plan", type=str, default="", help="blastradius LoadPlan as JSON",
-                        include_in_web_ui=False)
+    parser.add_argument("--br-plan", type=str, default="", help="blastradius LoadPlan as JSON", include_in_web_ui=False)
 
 
 @events.init.add_listener
@@ -54,8 +53,14 @@ def _samples() -> IO[str]:
 
 
 @events.request.add_listener
-def _record(request_type: str, name: str, response_time: float, response_length: int,
-            exception: BaseException | None = None, **_kw: Any) -> None:
+def _record(
+    request_type: str,
+    name: str,
+    response_time: float,
+    response_length: int,
+    exception: BaseException | None = None,
+    **_kw: Any,
+) -> None:
     kind = "" if exception is None else failure_kind(exception)
     _samples().write(f"{time.time():.6f},{name},{response_time:.3f},{response_length},{kind}\n")
 
@@ -108,12 +113,24 @@ class _ProxyUser(User):
             if response.status not in EXPECTED_STATUS[self.kind]:
                 exc = RequestFailed(f"http_{response.status}")
             elif stream:
-                fire(request_type=self.method, name=f"{self.kind}-ttfb", response_time=response.ttfb_ms,
-                     response_length=0, exception=None, context={})
+                fire(
+                    request_type=self.method,
+                    name=f"{self.kind}-ttfb",
+                    response_time=response.ttfb_ms,
+                    response_length=0,
+                    exception=None,
+                    context={},
+                )
         except Exception as error:  # every failure is counted, by kind, never retried
             exc = error if isinstance(error, RequestFailed) else RequestFailed(failure_kind(error), str(error))
-        fire(request_type=self.method, name=self.kind, response_time=(time.perf_counter() - t0) * 1000.0,
-             response_length=length, exception=exc, context={})
+        fire(
+            request_type=self.method,
+            name=self.kind,
+            response_time=(time.perf_counter() - t0) * 1000.0,
+            response_length=length,
+            exception=exc,
+            context={},
+        )
 
 
 class ModelUser(_ProxyUser):
@@ -126,8 +143,9 @@ class ModelUser(_ProxyUser):
     def on_start(self) -> None:
         super().on_start()
         filler = "x" * max(0, plan().model_body_bytes - 120)
-        self._body = json.dumps({"model": "bench", "max_tokens": 16,
-                                 "messages": [{"role": "user", "content": filler}]}).encode()
+        self._body = json.dumps(
+            {"model": "bench", "max_tokens": 16, "messages": [{"role": "user", "content": filler}]}
+        ).encode()
 
     def body(self) -> bytes:
         return self._body

@@ -84,7 +84,8 @@ def binary(name: str) -> str | None:
         return shutil.which("squid") or next((p for p in ("/usr/sbin/squid",) if os.access(p, os.X_OK)), None)
     if name == "tinyproxy":
         return shutil.which("tinyproxy") or next(
-            (p for p in ("/usr/bin/tinyproxy", "/usr/sbin/tinyproxy") if os.access(p, os.X_OK)), None)
+            (p for p in ("/usr/bin/tinyproxy", "/usr/sbin/tinyproxy") if os.access(p, os.X_OK)), None
+        )
     if name == "mitmproxy":
         override = os.environ.get(MITMDUMP_ENV)
         if override:
@@ -204,8 +205,13 @@ def start_squid(workdir: Path, supervisor: Supervisor) -> Peer:
 
     # -N: foreground, no kid processes (one process to supervise and to sample), -f: our config only.
     with open(log, "ab") as out:
-        proc = supervisor.spawn([exe, "-N", "-f", str(conf)], f"squid:{port}", stdin=subprocess.DEVNULL,
-                                stdout=out, stderr=subprocess.STDOUT)
+        proc = supervisor.spawn(
+            [exe, "-N", "-f", str(conf)],
+            f"squid:{port}",
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     peer = Peer("squid", port, workdir, proc, supervisor, on_stop=[collect])
     _await(peer, log)
     return peer
@@ -240,8 +246,13 @@ def start_tinyproxy(workdir: Path, supervisor: Supervisor) -> Peer:
     log = workdir / "tinyproxy.out"
     # -d: foreground; -c: our config only.
     with open(log, "ab") as out:
-        proc = supervisor.spawn([exe, "-d", "-c", str(conf)], f"tinyproxy:{port}", stdin=subprocess.DEVNULL,
-                                stdout=out, stderr=subprocess.STDOUT)
+        proc = supervisor.spawn(
+            [exe, "-d", "-c", str(conf)],
+            f"tinyproxy:{port}",
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     peer = Peer("tinyproxy", port, workdir, proc, supervisor)
     _await(peer, log)
     return peer
@@ -255,17 +266,37 @@ def start_mitmproxy(workdir: Path, supervisor: Supervisor, upstream_ca: Path | N
     port = free_port()
     confdir = workdir / "confdir"
     confdir.mkdir(exist_ok=True)
-    argv = [exe, "--listen-host", LOOPBACK, "--listen-port", str(port), "--set", f"confdir={confdir}",
-            "--set", f"block_list=:~d {BLOCKED_HOST}:403", "--set", "flow_detail=0",
-            "--set", "termlog_verbosity=warn"]
+    argv = [
+        exe,
+        "--listen-host",
+        LOOPBACK,
+        "--listen-port",
+        str(port),
+        "--set",
+        f"confdir={confdir}",
+        "--set",
+        f"block_list=:~d {BLOCKED_HOST}:403",
+        "--set",
+        "flow_detail=0",
+        "--set",
+        "termlog_verbosity=warn",
+    ]
     if upstream_ca is not None:
         argv += ["--set", f"ssl_verify_upstream_trusted_ca={upstream_ca}"]
     log = workdir / "mitmdump.out"
     with open(log, "ab") as out:
-        proc = supervisor.spawn(argv, f"mitmproxy:{port}", stdin=subprocess.DEVNULL, stdout=out,
-                                stderr=subprocess.STDOUT)
-    peer = Peer("mitmproxy", port, workdir, proc, supervisor, ca_file=confdir / "mitmproxy-ca-cert.pem",
-                notes=["mitmproxy intercepts TLS (its default): it decrypts and re-encrypts every model request."])
+        proc = supervisor.spawn(
+            argv, f"mitmproxy:{port}", stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT
+        )
+    peer = Peer(
+        "mitmproxy",
+        port,
+        workdir,
+        proc,
+        supervisor,
+        ca_file=confdir / "mitmproxy-ca-cert.pem",
+        notes=["mitmproxy intercepts TLS (its default): it decrypts and re-encrypts every model request."],
+    )
     _await(peer, log)
     return peer
 

@@ -74,18 +74,36 @@ def worker_command(master_host: str, master_port: int) -> list[str]:
     return _locust("--worker", "--master-host", master_host, "--master-port", str(master_port))
 
 
-def run_phase(plan: LoadPlan, spec: PhaseSpec, out_dir: Path, supervisor: Supervisor,
-              proxy_pids: list[int]) -> dict[str, Any]:
+def run_phase(
+    plan: LoadPlan, spec: PhaseSpec, out_dir: Path, supervisor: Supervisor, proxy_pids: list[int]
+) -> dict[str, Any]:
     """Run Locust for spec.warmup_s + spec.duration_s; return the phase's figures and conditions."""
     out_dir.mkdir(parents=True, exist_ok=True)
     samples_dir = out_dir / "samples"
     plan.samples_dir = str(samples_dir)
     run_time = math.ceil(spec.warmup_s + spec.duration_s)
     classes = [USER_CLASS[k] for k in spec.traffic]
-    common = ["--headless", "-u", str(spec.users), "-r", str(spec.spawn_rate), "-t", f"{run_time}s",
-              "--csv", str(out_dir / CSV_PREFIX), "--csv-full-history", "--only-summary",
-              "--stop-timeout", str(STOP_TIMEOUT_S), "--exit-code-on-error", "0", "--loglevel", "WARNING",
-              "--br-plan", plan.to_json()]
+    common = [
+        "--headless",
+        "-u",
+        str(spec.users),
+        "-r",
+        str(spec.spawn_rate),
+        "-t",
+        f"{run_time}s",
+        "--csv",
+        str(out_dir / CSV_PREFIX),
+        "--csv-full-history",
+        "--only-summary",
+        "--stop-timeout",
+        str(STOP_TIMEOUT_S),
+        "--exit-code-on-error",
+        "0",
+        "--loglevel",
+        "WARNING",
+        "--br-plan",
+        plan.to_json(),
+    ]
     distributed = spec.workers > 0 or spec.remote_workers > 0
     bind = spec.master_host or LOOPBACK
     master_port = (spec.master_port or _free_port(bind)) if distributed else 0
@@ -94,9 +112,17 @@ def run_phase(plan: LoadPlan, spec: PhaseSpec, out_dir: Path, supervisor: Superv
         (out_dir / "worker-command.txt").write_text(" ".join(worker_command(bind, master_port)) + "\n")
     argv = _locust(*common)
     if distributed:
-        argv += ["--master", "--master-bind-host", bind, "--master-bind-port", str(master_port),
-                 "--expect-workers", str(spec.workers + spec.remote_workers),
-                 "--expect-workers-max-wait", str(EXPECT_WORKERS_MAX_WAIT_S)]
+        argv += [
+            "--master",
+            "--master-bind-host",
+            bind,
+            "--master-bind-port",
+            str(master_port),
+            "--expect-workers",
+            str(spec.workers + spec.remote_workers),
+            "--expect-workers-max-wait",
+            str(EXPECT_WORKERS_MAX_WAIT_S),
+        ]
     argv += classes
     # "upstream" is this process: the loopback upstream runs in a thread of the harness.
     cpu = CpuSampler(groups={"generator": [], "proxy": list(proxy_pids), "upstream": [os.getpid()]})
@@ -104,16 +130,32 @@ def run_phase(plan: LoadPlan, spec: PhaseSpec, out_dir: Path, supervisor: Superv
     t_start = time.time()
     try:
         with open(out_dir / "locust-master.log", "ab") as log:
-            master = supervisor.spawn(argv, f"locust-master:{plan.target}:{spec.name}", stdin=subprocess.DEVNULL,
-                                      stdout=log, stderr=subprocess.STDOUT)
+            master = supervisor.spawn(
+                argv,
+                f"locust-master:{plan.target}:{spec.name}",
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
         started.append(master)
         cpu.add("generator-master" if distributed else "generator", master.pid)
         for index in range(spec.workers):
             with open(out_dir / f"locust-worker-{index}.log", "ab") as log:
-                worker = supervisor.spawn(_locust("--worker", "--master-host", LOOPBACK, "--master-port",
-                                                  str(master_port), "--loglevel", "WARNING"),
-                                          f"locust-worker:{plan.target}:{spec.name}:{index}",
-                                          stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+                worker = supervisor.spawn(
+                    _locust(
+                        "--worker",
+                        "--master-host",
+                        LOOPBACK,
+                        "--master-port",
+                        str(master_port),
+                        "--loglevel",
+                        "WARNING",
+                    ),
+                    f"locust-worker:{plan.target}:{spec.name}:{index}",
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                )
             started.append(worker)
             cpu.add("generator", worker.pid)
         cpu.start()

@@ -82,28 +82,58 @@ class Endpoint:
     describe: dict[str, Any] = field(default_factory=dict)
 
 
-def start_target(name: str, workdir: Path, supervisor: Supervisor, upstream: Upstream, traffic: tuple[str, ...],
-                 download_bytes: int, stream_bytes: int, gateway_ca_dir: Path | None = None) -> Endpoint:
+def start_target(
+    name: str,
+    workdir: Path,
+    supervisor: Supervisor,
+    upstream: Upstream,
+    traffic: tuple[str, ...],
+    download_bytes: int,
+    stream_bytes: int,
+    gateway_ca_dir: Path | None = None,
+) -> Endpoint:
     """Start `name`; raises peers.PeerMissing for an uninstalled peer."""
     workdir.mkdir(parents=True, exist_ok=True)
     urls = {k: upstream.url(k, download_bytes, stream_bytes) for k in traffic}
     if name == DIRECT:
         urls.pop("blocked", None)  # nothing on the direct path can block: that kind does not apply
-        return Endpoint(name, None, urls, {}, [upstream.server.ca_file.read_bytes()], [], lambda: None,
-                        {"kind": "none", "intercepts_tls": False})
+        return Endpoint(
+            name,
+            None,
+            urls,
+            {},
+            [upstream.server.ca_file.read_bytes()],
+            [],
+            lambda: None,
+            {"kind": "none", "intercepts_tls": False},
+        )
     if name in (GATEWAY, GATEWAY_INTERCEPT):
         return _start_gateway(name, workdir, supervisor, upstream, urls, gateway_ca_dir)
     peer = peers.start_peer(name, workdir, supervisor, upstream.server.ca_file)
     pems = [upstream.server.ca_file.read_bytes()]
     if peer.ca_file is not None:
         pems.append(peer.ca_file.read_bytes())
-    return Endpoint(name, peer.address, urls, {}, pems, [peer.pid], peer.stop,
-                    {"kind": "peer", "version": peers.version(name), "intercepts_tls": peer.ca_file is not None,
-                     "config_dir": str(workdir), "notes": peer.notes})
+    return Endpoint(
+        name,
+        peer.address,
+        urls,
+        {},
+        pems,
+        [peer.pid],
+        peer.stop,
+        {
+            "kind": "peer",
+            "version": peers.version(name),
+            "intercepts_tls": peer.ca_file is not None,
+            "config_dir": str(workdir),
+            "notes": peer.notes,
+        },
+    )
 
 
-def _start_gateway(name: str, workdir: Path, supervisor: Supervisor, upstream: Upstream, urls: dict[str, str],
-                   ca_dir: Path | None) -> Endpoint:
+def _start_gateway(
+    name: str, workdir: Path, supervisor: Supervisor, upstream: Upstream, urls: dict[str, str], ca_dir: Path | None
+) -> Endpoint:
     policy = workdir / "policy.yaml"
     policy.write_text(GATEWAY_POLICY)
     cfg = GatewayConfig(
@@ -141,8 +171,21 @@ def _start_gateway(name: str, workdir: Path, supervisor: Supervisor, upstream: U
     except BaseException:
         stop()
         raise
-    return Endpoint(name, ("127.0.0.1", port), urls, headers, pems, [pid], stop,
-                    {"kind": "gateway", "intercepts_tls": intercepts, "policy": GATEWAY_POLICY,
-                     "state_dir": str(workdir / "state"),
-                     "notes": ["model requests are TLS-terminated and get the key injected"] if intercepts else
-                              ["allowed https is a blind CONNECT tunnel; plain http is parsed and forwarded"]})
+    return Endpoint(
+        name,
+        ("127.0.0.1", port),
+        urls,
+        headers,
+        pems,
+        [pid],
+        stop,
+        {
+            "kind": "gateway",
+            "intercepts_tls": intercepts,
+            "policy": GATEWAY_POLICY,
+            "state_dir": str(workdir / "state"),
+            "notes": ["model requests are TLS-terminated and get the key injected"]
+            if intercepts
+            else ["allowed https is a blind CONNECT tunnel; plain http is parsed and forwarded"],
+        },
+    )

@@ -49,8 +49,9 @@ def memory_pressure() -> dict[str, float] | None:
 class MemorySampler(threading.Thread):
     """Samples host MemAvailable, PSI and the memory of tracked pids to a JSONL file."""
 
-    def __init__(self, path: Path, pids: Callable[[], dict[str, list[int]]],
-                 interval_s: float = SAMPLE_INTERVAL_S) -> None:
+    def __init__(
+        self, path: Path, pids: Callable[[], dict[str, list[int]]], interval_s: float = SAMPLE_INTERVAL_S
+    ) -> None:
         super().__init__(name="memory-sampler", daemon=True)
         self.path = path
         self.pids = pids

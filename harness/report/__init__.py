@@ -51,14 +51,19 @@ def _sections(data: dict[str, Any], run_dir: Path) -> list[Section]:
         try:
             modules.append(importlib.import_module(f"{package.__name__}.{info.name}"))
         except Exception as exc:
-            built.append((SECTION_ERROR_ORDER, Section(title=f"Section {info.name} failed to load",
-                                                       notes=[f"{type(exc).__name__}: {exc}"])))
+            built.append(
+                (
+                    SECTION_ERROR_ORDER,
+                    Section(title=f"Section {info.name} failed to load", notes=[f"{type(exc).__name__}: {exc}"]),
+                )
+            )
     for module in modules:
         try:
             section = module.section(data, run_dir)
         except Exception as exc:
-            section = Section(title=f"Section {module.__name__.rsplit('.', 1)[-1]} failed",
-                              notes=[f"{type(exc).__name__}: {exc}"])
+            section = Section(
+                title=f"Section {module.__name__.rsplit('.', 1)[-1]} failed", notes=[f"{type(exc).__name__}: {exc}"]
+            )
         if section is not None:
             section.anchor = section.anchor or module.__name__.rsplit(".", 1)[-1]
             built.append((module.ORDER, section))

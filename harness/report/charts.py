@@ -55,8 +55,9 @@ def stacked_bars(labels: list[str], series: dict[str, list[float]], ylabel: str,
         return to_data_uri(fig)
 
 
-def grouped_bars(labels: list[str], series: dict[str, list[float]], ylabel: str, title: str,
-                 hline: tuple[float, str] | None = None) -> str:
+def grouped_bars(
+    labels: list[str], series: dict[str, list[float]], ylabel: str, title: str, hline: tuple[float, str] | None = None
+) -> str:
     """Bars side by side per label, with an optional target line."""
     with figure() as fig:
         ax = fig.add_subplot()
@@ -74,8 +75,7 @@ def grouped_bars(labels: list[str], series: dict[str, list[float]], ylabel: str,
         return to_data_uri(fig)
 
 
-def time_series(panels: list[tuple[str, dict[str, tuple[list[float], list[float]]]]], xlabel: str,
-                title: str) -> str:
+def time_series(panels: list[tuple[str, dict[str, tuple[list[float], list[float]]]]], xlabel: str, title: str) -> str:
     """Stacked panels sharing the x axis; each panel maps a series name to (xs, ys)."""
     with figure(height=2.4 * len(panels)) as fig:
         axes = fig.subplots(len(panels), 1, sharex=True, squeeze=False)[:, 0]
@@ -90,8 +90,14 @@ def time_series(panels: list[tuple[str, dict[str, tuple[list[float], list[float]
         return to_data_uri(fig)
 
 
-def heatmap(rows: list[str], columns: list[str], values: list[list[float | None]], title: str,
-            unit: str = "", fmt: str = "{:.0f}") -> str:
+def heatmap(
+    rows: list[str],
+    columns: list[str],
+    values: list[list[float | None]],
+    title: str,
+    unit: str = "",
+    fmt: str = "{:.0f}",
+) -> str:
     """A rows x columns matrix, each cell coloured by value and labelled with it (None: blank)."""
     import numpy as np
 
@@ -107,24 +113,40 @@ def heatmap(rows: list[str], columns: list[str], values: list[list[float | None]
         for i, row in enumerate(values):
             for j, value in enumerate(row):
                 if value is not None:
-                    ax.text(j, i, fmt.format(value), ha="center", va="center", fontsize="small",
-                            color="white" if float(value) > middle else "black")
+                    ax.text(
+                        j,
+                        i,
+                        fmt.format(value),
+                        ha="center",
+                        va="center",
+                        fontsize="small",
+                        color="white" if float(value) > middle else "black",
+                    )
         fig.colorbar(image, ax=ax, label=unit)
         ax.set_title(title)
         return to_data_uri(fig)
 
 
-def time_series_windows(panels: list[tuple[str, dict[str, tuple[list[float], list[float | None]]]]],
-                        windows: list[tuple[float, float, str]], xlabel: str, title: str,
-                        hlines: dict[int, tuple[float, str]] | None = None) -> str:
+def time_series_windows(
+    panels: list[tuple[str, dict[str, tuple[list[float], list[float | None]]]]],
+    windows: list[tuple[float, float, str]],
+    xlabel: str,
+    title: str,
+    hlines: dict[int, tuple[float, str]] | None = None,
+) -> str:
     """Like time_series, with shaded (start, end, label) windows on every panel (fault windows)
     and an optional dashed threshold line per panel index."""
     with figure(height=2.4 * len(panels)) as fig:
         axes = fig.subplots(len(panels), 1, sharex=True, squeeze=False)[:, 0]
         for index, (ax, (ylabel, series)) in enumerate(zip(axes, panels, strict=True)):
             for w_index, (start, end, label) in enumerate(windows):
-                ax.axvspan(start, end, color=PALETTE[(w_index + 3) % len(PALETTE)], alpha=0.15,
-                           label=label if index == 0 else None)
+                ax.axvspan(
+                    start,
+                    end,
+                    color=PALETTE[(w_index + 3) % len(PALETTE)],
+                    alpha=0.15,
+                    label=label if index == 0 else None,
+                )
             for color, (name, (xs, ys)) in zip(PALETTE, series.items(), strict=False):
                 ax.plot(xs, [float("nan") if y is None else y for y in ys], label=name, color=color, linewidth=1.2)
             if hlines and index in hlines:

@@ -8,8 +8,16 @@ import pkgutil
 from harness.errors import ConfigError
 from harness.sandbox.base import Backend, BackendOptions, BootFailed, ExecResult, Sandbox, SandboxSpec
 
-__all__ = ["Backend", "BackendOptions", "BootFailed", "ExecResult", "Sandbox", "SandboxSpec",
-           "available_backends", "create_backend"]
+__all__ = [
+    "Backend",
+    "BackendOptions",
+    "BootFailed",
+    "ExecResult",
+    "Sandbox",
+    "SandboxSpec",
+    "available_backends",
+    "create_backend",
+]
 
 
 def available_backends() -> list[str]:

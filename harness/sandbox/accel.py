@@ -75,8 +75,9 @@ def _cache_key(image: GuestImage) -> str:
     return f"{qemu_version()}|{platform.release()}|{image.digest}"
 
 
-def decide_accel(requested: str, image: GuestImage, cache_file: Path,
-                 timeout_s: float = CANARY_TIMEOUT_S) -> AccelVerdict:
+def decide_accel(
+    requested: str, image: GuestImage, cache_file: Path, timeout_s: float = CANARY_TIMEOUT_S
+) -> AccelVerdict:
     """Resolve --accel auto|kvm|tcg into kvm or tcg, booting a KVM canary unless cached."""
     if requested not in ACCELS:
         raise ConfigError(f"--accel must be one of {', '.join(ACCELS)}, not {requested!r}")
@@ -100,8 +101,10 @@ def decide_accel(requested: str, image: GuestImage, cache_file: Path,
             verdict = AccelVerdict("kvm", reason, canary_ms=boot_ms)
         else:
             waited = time.monotonic() - started
-            verdict = AccelVerdict("tcg", f"/dev/kvm opens but a KVM canary guest failed ({reason}, "
-                                          f"gave up after {waited:.1f} s); using TCG")
+            verdict = AccelVerdict(
+                "tcg",
+                f"/dev/kvm opens but a KVM canary guest failed ({reason}, gave up after {waited:.1f} s); using TCG",
+            )
         cache[key] = asdict(verdict)
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         cache_file.write_text(json.dumps(cache, indent=2))

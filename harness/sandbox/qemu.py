@@ -166,21 +166,33 @@ class Microvm:
             f"guestfwd=tcp:{guest_ip}:{guest_port}-cmd:{relay},"
             f"hostfwd=tcp:127.0.0.1:{self.agent_port}-:{GUEST_AGENT_PORT}"
         )
-        accel = ["-accel", "kvm", "-cpu", "host"] if spec.accel == "kvm" else [
-            "-accel", f"tcg,tb-size={TCG_TB_SIZE_MIB}"]
+        accel = (
+            ["-accel", "kvm", "-cpu", "host"] if spec.accel == "kvm" else ["-accel", f"tcg,tb-size={TCG_TB_SIZE_MIB}"]
+        )
         return [
             qemu_binary(),
-            "-name", f"blastradius-{self.supervisor.run_id}-{spec.id}",
-            "-M", MACHINE,
+            "-name",
+            f"blastradius-{self.supervisor.run_id}-{spec.id}",
+            "-M",
+            MACHINE,
             *accel,
-            "-m", str(spec.mem_mib),
-            "-smp", str(spec.vcpus),
-            "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
-            "-serial", "stdio",
+            "-m",
+            str(spec.mem_mib),
+            "-smp",
+            str(spec.vcpus),
+            "-nodefaults",
+            "-no-user-config",
+            "-nographic",
+            "-no-reboot",
+            "-serial",
+            "stdio",
             *self.kernel_args(),
-            "-netdev", netdev,
-            "-device", "virtio-net-device,netdev=n0",
-            "-device", f"virtio-balloon-device,free-page-reporting={'on' if spec.free_page_reporting else 'off'}",
+            "-netdev",
+            netdev,
+            "-device",
+            "virtio-net-device,netdev=n0",
+            "-device",
+            f"virtio-balloon-device,free-page-reporting={'on' if spec.free_page_reporting else 'off'}",
             *self.extra_args,
         ]
 
@@ -302,8 +314,14 @@ class QemuBackend:
 
     name = "qemu"
 
-    def __init__(self, image: GuestImage, accel: str, accel_reason: str = "", boot_mode: str = "snapshot",
-                 cache: Path | None = None) -> None:
+    def __init__(
+        self,
+        image: GuestImage,
+        accel: str,
+        accel_reason: str = "",
+        boot_mode: str = "snapshot",
+        cache: Path | None = None,
+    ) -> None:
         self.image = image
         self.accel = accel
         self.accel_reason = accel_reason
@@ -356,8 +374,10 @@ class QemuBackend:
             "accel": self.accel,
             "accel_reason": self.accel_reason,
             "boot_mode": self.boot_mode,
-            "snapshot_bytes": {f"{mem}MiB/{cpus}cpu/fpr={'on' if fpr else 'off'}": path.stat().st_size
-                               for (mem, cpus, fpr), path in self._templates.items()},
+            "snapshot_bytes": {
+                f"{mem}MiB/{cpus}cpu/fpr={'on' if fpr else 'off'}": path.stat().st_size
+                for (mem, cpus, fpr), path in self._templates.items()
+            },
             "tcg_tb_size_mib": TCG_TB_SIZE_MIB if self.accel == "tcg" else None,
             "kernel_cmdline": KERNEL_CMDLINE + (tcg_cmdline() if self.accel == "tcg" else ""),
             "kernel_release": self.image.kernel_release,
@@ -379,6 +399,9 @@ def create_backend(options: BackendOptions) -> QemuBackend:
     verdict = decide_accel(options.accel, image, options.cache / "accel-verdicts.json")
     reason = verdict.reason + (" (cached verdict)" if verdict.cached else "")
     backend = QemuBackend(image, verdict.accel, reason, options.boot_mode, options.cache)
-    backend.template_for(SandboxSpec(id="template", workdir=options.cache, accel=verdict.accel,
-                                     mem_mib=options.mem_mib, vcpus=options.vcpus))
+    backend.template_for(
+        SandboxSpec(
+            id="template", workdir=options.cache, accel=verdict.accel, mem_mib=options.mem_mib, vcpus=options.vcpus
+        )
+    )
     return backend

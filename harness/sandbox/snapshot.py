@@ -58,7 +58,9 @@ def make_template(path: Path, image: GuestImage, spec: SandboxSpec, timeout_s: f
         partial = path.with_suffix(".partial")
         template = Microvm(
             replace(spec, id="template", workdir=Path(tmp), gateway_port=None),
-            image, sup, extra_cmdline=TEMPLATE_CMDLINE,
+            image,
+            sup,
+            extra_cmdline=TEMPLATE_CMDLINE,
             extra_args=("-qmp", f"unix:{qmp_socket},server=on,wait=off"),
         )
         template.spawn()

@@ -28,8 +28,13 @@ from harness.supervisor import Interrupted, Supervisor, signals_raise
 SCENARIOS_DIR = Path(__file__).resolve().parents[2] / "scenarios"
 """Where scenario folders live (the repository's scenarios/)."""
 
-COMMON_DEFAULTS: dict[str, Any] = {"backend": "qemu", "accel": "auto", "mem_mib": 128, "boot_timeout_s": 60.0,
-                                   "boot_mode": "snapshot"}
+COMMON_DEFAULTS: dict[str, Any] = {
+    "backend": "qemu",
+    "accel": "auto",
+    "mem_mib": 128,
+    "boot_timeout_s": 60.0,
+    "boot_mode": "snapshot",
+}
 
 
 def available_scenarios() -> list[str]:
@@ -70,10 +75,18 @@ def run_scenario(name: str, options: dict[str, Any], out: Path | None = None) ->
     run_dir.mkdir(parents=True, exist_ok=True)
     journal = Journal(scenario=name)
     data: dict[str, Any] = {
-        "schema": SCHEMA, "run_id": run_id, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "partial": True,
-        "interrupted_by": None, "host": host_info(), "backend": {"name": options["backend"]}, "accel": None,
-        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in options.items()}, "rounds": [],
-        "sandboxes": [], "summary": summarize_run({"sandboxes": [], "rounds": []}),
+        "schema": SCHEMA,
+        "run_id": run_id,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "partial": True,
+        "interrupted_by": None,
+        "host": host_info(),
+        "backend": {"name": options["backend"]},
+        "accel": None,
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in options.items()},
+        "rounds": [],
+        "sandboxes": [],
+        "summary": summarize_run({"sandboxes": [], "rounds": []}),
         "scenario": {"name": name, "journal": journal.to_dict(), "data": {}, "exit_code": None},
     }
     supervisor = Supervisor(run_id)
@@ -91,15 +104,33 @@ def run_scenario(name: str, options: dict[str, Any], out: Path | None = None) ->
     exit_code = 1
     try:
         with signals_raise():
-            backend = create_backend(options["backend"], BackendOptions(
-                cache=cache_dir(), accel=options["accel"], mem_mib=options["mem_mib"],
-                boot_mode=options["boot_mode"]))
+            backend = create_backend(
+                options["backend"],
+                BackendOptions(
+                    cache=cache_dir(),
+                    accel=options["accel"],
+                    mem_mib=options["mem_mib"],
+                    boot_mode=options["boot_mode"],
+                ),
+            )
             data["backend"] = {"name": backend.name, **backend.describe()}
             data["accel"] = backend.accel
-            template = SandboxSpec(id="", workdir=run_dir, accel=backend.accel, mem_mib=options["mem_mib"],
-                                   boot_timeout_s=options["boot_timeout_s"])
-            ctx = ScenarioContext(run_dir=run_dir, options=options, supervisor=supervisor, backend=backend,
-                                  template=template, journal=journal, save=save)
+            template = SandboxSpec(
+                id="",
+                workdir=run_dir,
+                accel=backend.accel,
+                mem_mib=options["mem_mib"],
+                boot_timeout_s=options["boot_timeout_s"],
+            )
+            ctx = ScenarioContext(
+                run_dir=run_dir,
+                options=options,
+                supervisor=supervisor,
+                backend=backend,
+                template=template,
+                journal=journal,
+                save=save,
+            )
             try:
                 scenario.setup(ctx)
                 save()

@@ -93,8 +93,12 @@ class Redactor:
     def identify(self, found: str) -> dict[str, Any]:
         """Which honeytoken a found marker is (by value), without the value."""
         token = self._by_value.get(found)
-        return {"id": token.id if token else "unknown", "sha256": sha256(found),
-                "known": token is not None, "secret": token.secret if token else True}
+        return {
+            "id": token.id if token else "unknown",
+            "sha256": sha256(found),
+            "known": token is not None,
+            "secret": token.secret if token else True,
+        }
 
     def find(self, text: str) -> list[dict[str, Any]]:
         return [self.identify(m) for m in dict.fromkeys(self._re.findall(text))]
@@ -114,7 +118,6 @@ def _manifest_dir() -> Path:
     path = cache_dir() / MANIFEST_DIR_NAME
     path.mkdir(parents=True, exist_ok=True)
     return path
-
 
 
 def sweep_leftovers() -> list[str]:
@@ -168,8 +171,9 @@ class HoneyHome:
             return
         self.home = Path(tempfile.mkdtemp(prefix=f"{HOME_PREFIX}{self.tag}-"))
         self.manifest = _manifest_dir() / f"{self.tag}.json"
-        self.manifest.write_text(json.dumps({"pid": os.getpid(), "home": str(self.home), "run_tag": self.tag,
-                                             "created": time.time()}))
+        self.manifest.write_text(
+            json.dumps({"pid": os.getpid(), "home": str(self.home), "run_tag": self.tag, "created": time.time()})
+        )
         home = self.home
         api_key = self.new_token("envkey", "env", f"env:{ENV_KEY_NAME} (host), ~/.env")
         dotenv = self.new_token("dotenv", "file", ".env")
@@ -182,12 +186,16 @@ class HoneyHome:
         files = {
             ".env": f"ANTHROPIC_API_KEY=sk-ant-api03-{api_key.value}\nDATABASE_PASSWORD={dotenv.value}\n",
             "code/other-service/.env": f"STRIPE_SECRET_KEY=sk_live_{other.value}\n",
-            ".ssh/id_ed25519": ("-----BEGIN OPENSSH PRIVATE KEY-----\n"
-                                f"b3BlbnNzaC1rZXktdjEAAAAABG5vbmUAAAAEbm9uZQ{ssh.value}\n"
-                                "-----END OPENSSH PRIVATE KEY-----\n"),
+            ".ssh/id_ed25519": (
+                "-----BEGIN OPENSSH PRIVATE KEY-----\n"
+                f"b3BlbnNzaC1rZXktdjEAAAAABG5vbmUAAAAEbm9uZQ{ssh.value}\n"
+                "-----END OPENSSH PRIVATE KEY-----\n"
+            ),
             ".ssh/id_ed25519.pub": "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFakeFakeFake honeytoken@host\n",
-            ".aws/credentials": (f"[default]\naws_access_key_id = AKIAHONEYTOKEN{self.tag.upper()}\n"
-                                 f"aws_secret_access_key = {aws.value}\n"),
+            ".aws/credentials": (
+                f"[default]\naws_access_key_id = AKIAHONEYTOKEN{self.tag.upper()}\n"
+                f"aws_secret_access_key = {aws.value}\n"
+            ),
             ".kube/config": _kubeconfig(kube),
             ".docker/config.json": json.dumps({"auths": {"registry.example": {"auth": dockercfg.value}}}),
             f"{PROJECT_REL}/README.md": f"# project\nPositive control for the filesystem scan: {control.value}\n",
@@ -237,8 +245,10 @@ class HoneyHome:
             removed = not self.home.exists()
         if self.manifest is not None:
             self.manifest.unlink(missing_ok=True)
-        return {"home_removed": removed, "env_restored": os.environ.get(ENV_KEY_NAME, "") != self.api_key
-                if "envkey" in self.tokens else True}
+        return {
+            "home_removed": removed,
+            "env_restored": os.environ.get(ENV_KEY_NAME, "") != self.api_key if "envkey" in self.tokens else True,
+        }
 
 
 def _kubeconfig(tokens: list[Honeytoken]) -> str:
@@ -246,8 +256,10 @@ def _kubeconfig(tokens: list[Honeytoken]) -> str:
     contexts = "".join(f"- context: {{cluster: {n}, user: {n}-admin}}\n  name: {n}\n" for n in names)
     clusters = "".join(f"- cluster: {{server: 'https://127.0.0.1:6443'}}\n  name: {n}\n" for n in names)
     users = "".join(f"- name: {n}-admin\n  user: {{token: {t.value}}}\n" for n, t in zip(names, tokens, strict=True))
-    return (f"apiVersion: v1\nkind: Config\ncurrent-context: {names[0]}\nclusters:\n{clusters}"
-            f"contexts:\n{contexts}users:\n{users}")
+    return (
+        f"apiVersion: v1\nkind: Config\ncurrent-context: {names[0]}\nclusters:\n{clusters}"
+        f"contexts:\n{contexts}users:\n{users}"
+    )
 
 
 # ---- host-side traps: services that log every connection ---------------------------------
@@ -325,8 +337,9 @@ class Trap:
                         break
                     head += chunk
             with self._lock:
-                self.hits.append(TrapHit(time.time(), str(peer), head.split(b"\n", 1)[0][:200].decode(
-                    errors="replace").strip()))
+                self.hits.append(
+                    TrapHit(time.time(), str(peer), head.split(b"\n", 1)[0][:200].decode(errors="replace").strip())
+                )
             with contextlib.suppress(OSError):
                 conn.sendall(self.reply)
 
@@ -354,5 +367,6 @@ class Trap:
 
 def http_reply(body: str, content_type: str = "text/plain") -> bytes:
     data = body.encode()
-    return (f"HTTP/1.0 200 OK\r\nContent-Type: {content_type}\r\nContent-Length: {len(data)}\r\n"
-            f"Connection: close\r\n\r\n").encode() + data
+    return (
+        f"HTTP/1.0 200 OK\r\nContent-Type: {content_type}\r\nContent-Length: {len(data)}\r\nConnection: close\r\n\r\n"
+    ).encode() + data

@@ -29,9 +29,14 @@ from harness.supervisor import Supervisor
 ENGINE_GUEST_ADDR = "10.0.2.50:2375"
 """Where the leaky guest finds the forwarded docker socket (a guestfwd must lie inside 10.0.2.0/24)."""
 
-WEAKENINGS = ("network: slirp restrict=off", "policy: allow everything on every port, DNS on",
-              "home: planted HOME copied into the guest's /root", "env: host ANTHROPIC_API_KEY exported in the guest",
-              "resolver: guest resolv.conf -> gateway DNS", f"engine: host docker socket -> {ENGINE_GUEST_ADDR}")
+WEAKENINGS = (
+    "network: slirp restrict=off",
+    "policy: allow everything on every port, DNS on",
+    "home: planted HOME copied into the guest's /root",
+    "env: host ANTHROPIC_API_KEY exported in the guest",
+    "resolver: guest resolv.conf -> gateway DNS",
+    f"engine: host docker socket -> {ENGINE_GUEST_ADDR}",
+)
 
 LEAKY_POLICY = """\
 # leaky: what not to do. Every host and every address on every port, DNS answering every name.
@@ -107,7 +112,7 @@ def guest_weakening_script(api_key_env: str, dns_port: int | None) -> str:
     guest_ip, guest_port = ENGINE_GUEST_ADDR.split(":")
     lines = [
         "read -r key",
-        f"echo \"export {api_key_env}=$key\" >>/etc/profile",
+        f'echo "export {api_key_env}=$key" >>/etc/profile',
         f"echo 'export DOCKER_HOST=tcp://{guest_ip}:{guest_port}' >>/etc/profile",
     ]
     if dns_port:

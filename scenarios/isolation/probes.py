@@ -38,8 +38,15 @@ ALLOWED_HOST = "github.com"
 """A name the reference policy allows on :443 only (FINDINGS probe 6)."""
 SCANNED_PORTS = (22, 9999)
 SENTINEL = "proxy-managed"
-KEY_VARS = ("ANTHROPIC_API_KEY", "OPENAI_API_KEY", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "GITHUB_TOKEN",
-            "KUBECONFIG", "DOCKER_AUTH_CONFIG")
+KEY_VARS = (
+    "ANTHROPIC_API_KEY",
+    "OPENAI_API_KEY",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "GITHUB_TOKEN",
+    "KUBECONFIG",
+    "DOCKER_AUTH_CONFIG",
+)
 NC_WAIT_S = 2
 """busybox nc -w: connect and idle timeout; a dropped SYN (restrict=on) costs this much."""
 NSLOOKUP_TIMEOUT_S = 3
@@ -93,8 +100,14 @@ class ProbeEnv:
 
     def record(self, what: str, command: str, result: ExecResult, **extra: Any) -> dict[str, Any]:
         output = result.stdout.decode(errors="replace") + result.stderr.decode(errors="replace")
-        item = {"what": what, "command": self.redact(command), "rc": result.rc, "timed_out": result.timed_out,
-                "output": self.redact(output)[:EXCERPT_CHARS], **extra}
+        item = {
+            "what": what,
+            "command": self.redact(command),
+            "rc": result.rc,
+            "timed_out": result.timed_out,
+            "output": self.redact(output)[:EXCERPT_CHARS],
+            **extra,
+        }
         self.evidence.append(item)
         return item
 
@@ -127,9 +140,15 @@ class ProbeEnv:
         for i, (name, command) in enumerate(commands.items()):
             rc, body = parts.get(i, (-1, "(no output: the probe command timed out)" if result.timed_out else ""))
             out[name] = (rc, body)
-            self.evidence.append({"what": name, "command": self.redact(command), "rc": rc,
-                                  "timed_out": result.timed_out and i not in parts,
-                                  "output": self.redact(body)[:EXCERPT_CHARS]})
+            self.evidence.append(
+                {
+                    "what": name,
+                    "command": self.redact(command),
+                    "rc": rc,
+                    "timed_out": result.timed_out and i not in parts,
+                    "output": self.redact(body)[:EXCERPT_CHARS],
+                }
+            )
         return out
 
 
@@ -155,8 +174,13 @@ class Probe:
     check: Callable[[ProbeEnv], Verdict]
 
     def describe(self) -> dict[str, str]:
-        return {"id": self.id, "title": self.title, "proves": self.proves, "fails_when": self.fails_when,
-                "finding": self.finding}
+        return {
+            "id": self.id,
+            "title": self.title,
+            "proves": self.proves,
+            "fails_when": self.fails_when,
+            "finding": self.finding,
+        }
 
 
 def run_probe(probe: Probe, env: ProbeEnv) -> dict[str, Any]:
@@ -166,8 +190,14 @@ def run_probe(probe: Probe, env: ProbeEnv) -> dict[str, Any]:
         verdict = probe.check(env)
     except Exception as exc:  # a probe that cannot run cannot vouch for isolation: it is red
         verdict = Verdict(False, f"probe error: {type(exc).__name__}: {exc}")
-    result = {**probe.describe(), "passed": verdict.passed, "reason": verdict.reason, "facts": verdict.facts,
-              "evidence": env.evidence, "duration_s": round(time.monotonic() - started, 2)}
+    result = {
+        **probe.describe(),
+        "passed": verdict.passed,
+        "reason": verdict.reason,
+        "facts": verdict.facts,
+        "evidence": env.evidence,
+        "duration_s": round(time.monotonic() - started, 2),
+    }
     # Facts quote guest output too (response bodies): redact the whole record, not just evidence.
     # Markers are [a-z0-9-] only, so JSON escaping cannot split one.
     redacted: dict[str, Any] = json.loads(env.redact(json.dumps(result, default=str)))
@@ -191,8 +221,7 @@ def via_gateway_connect(authority: str, inner_fmt: str = "") -> str:
 
 def via_gateway_get(url: str, *headers: str) -> str:
     host = url.split("/")[2]
-    return send(crlf(f"GET {url} HTTP/1.1", f"Host: {host}", *headers, "Connection: close"), GATEWAY_HOST,
-                GATEWAY_PORT)
+    return send(crlf(f"GET {url} HTTP/1.1", f"Host: {host}", *headers, "Connection: close"), GATEWAY_HOST, GATEWAY_PORT)
 
 
 @dataclass(frozen=True)
@@ -210,7 +239,7 @@ def parse_http(text: str) -> HttpAnswer:
     match = re.search(r"HTTP/1\.[01] (\d{3})[^\n]*\n", text)
     if not match:
         return HttpAnswer(None, {}, text)
-    head, _, body = text[match.end():].partition("\r\n\r\n")
+    head, _, body = text[match.end() :].partition("\r\n\r\n")
     headers = {}
     for line in head.splitlines():
         name, sep, value = line.partition(":")
@@ -231,10 +260,17 @@ def refusal(rc: int, text: str, connect: bool) -> dict[str, Any]:
         level, curl_rc = "tcp (timed out)", 28
     else:
         level, curl_rc = "tcp (reset or empty reply)", 52 if not connect else 56
-    return {"status": answer.status, "level": level, "curl_exit": curl_rc,
-            "headers": {k: v for k, v in answer.headers.items()
-                        if k in ("x-proxy-error", "x-blastradius-decision", "content-type", "server")},
-            "body": answer.body[:160]}
+    return {
+        "status": answer.status,
+        "level": level,
+        "curl_exit": curl_rc,
+        "headers": {
+            k: v
+            for k, v in answer.headers.items()
+            if k in ("x-proxy-error", "x-blastradius-decision", "content-type", "server")
+        },
+        "body": answer.body[:160],
+    }
 
 
 def markers_in(env: ProbeEnv, text: str) -> list[dict[str, Any]]:
@@ -243,14 +279,21 @@ def markers_in(env: ProbeEnv, text: str) -> list[dict[str, Any]]:
 
 # ---- the probes --------------------------------------------------------------------------
 def check_env(env: ProbeEnv) -> Verdict:
-    parts = env.parallel({
-        "env": "env",
-        "process environments": "for f in /proc/[0-9]*/environ; do tr '\\0' '\\n' <$f; echo; done | sort -u",
-    })
+    parts = env.parallel(
+        {
+            "env": "env",
+            "process environments": "for f in /proc/[0-9]*/environ; do tr '\\0' '\\n' <$f; echo; done | sort -u",
+        }
+    )
     text = parts["env"][1] + parts["process environments"][1]
     found = markers_in(env, text)
-    keys = sorted({m.group(1) for m in re.finditer(rf"^({'|'.join(KEY_VARS)})=(.+)$", text, re.M)
-                   if m.group(2).strip() not in ("", SENTINEL)})
+    keys = sorted(
+        {
+            m.group(1)
+            for m in re.finditer(rf"^({'|'.join(KEY_VARS)})=(.+)$", text, re.M)
+            if m.group(2).strip() not in ("", SENTINEL)
+        }
+    )
     facts = {"markers": found, "key_variables_with_values": keys}
     if found or keys:
         return Verdict(False, f"secrets in the environment: {len(found)} honeytoken(s), variables {keys}", facts)
@@ -261,8 +304,10 @@ def check_fs_scan(env: ProbeEnv) -> Verdict:
     # Regular files only (a FIFO would block grep forever), skipping the pseudo filesystems;
     # busybox grep has no --exclude-dir, so find does the walking.
     regex = env.home.regex
-    command = ("find / \\( -path /proc -o -path /sys -o -path /dev \\) -prune -o -type f "
-               f"-exec grep -soHE '{regex}' {{}} +; dmesg | grep -oE '{regex}' | sed 's/^/dmesg:/'; true")
+    command = (
+        "find / \\( -path /proc -o -path /sys -o -path /dev \\) -prune -o -type f "
+        f"-exec grep -soHE '{regex}' {{}} +; dmesg | grep -oE '{regex}' | sed 's/^/dmesg:/'; true"
+    )
     text, _ = env.run("scan the whole filesystem and the kernel log for markers", command, timeout=SCAN_TIMEOUT_S)
     pattern = re.compile(regex)
     hits = []
@@ -276,16 +321,21 @@ def check_fs_scan(env: ProbeEnv) -> Verdict:
     if leaked:
         return Verdict(False, f"{len(leaked)} honeytoken(s) readable in the guest", facts)
     if not control:
-        return Verdict(False, "the scan did not find the positive control in the mounted project: "
-                              "it cannot vouch for anything", facts)
+        return Verdict(
+            False,
+            "the scan did not find the positive control in the mounted project: it cannot vouch for anything",
+            facts,
+        )
     return Verdict(True, "only the positive control (in the mounted project) matched", facts)
 
 
 def check_processes(env: ProbeEnv) -> Verdict:
-    parts = env.parallel({
-        "process list": "ps -o pid,args",
-        "command lines": "for f in /proc/[0-9]*/cmdline; do tr '\\0' ' ' <$f; echo; done",
-    })
+    parts = env.parallel(
+        {
+            "process list": "ps -o pid,args",
+            "command lines": "for f in /proc/[0-9]*/cmdline; do tr '\\0' ' ' <$f; echo; done",
+        }
+    )
     listing = parts["process list"][1]
     count = max(0, len([line for line in listing.splitlines() if line.strip()]) - 1)
     decoy = [m for m in markers_in(env, listing + parts["command lines"][1]) if m["id"] == "decoy"]
@@ -298,8 +348,12 @@ def check_processes(env: ProbeEnv) -> Verdict:
 def check_kernel(env: ProbeEnv) -> Verdict:
     text, _ = env.run("boot id and kernel", "cat /proc/sys/kernel/random/boot_id; uname -r; uname -v")
     lines = [*text.splitlines(), "", ""]
-    facts = {"guest_boot_id": lines[0].strip(), "host_boot_id": env.host.boot_id,
-             "guest_kernel": lines[1].strip(), "host_kernel": env.host.kernel_release}
+    facts = {
+        "guest_boot_id": lines[0].strip(),
+        "host_boot_id": env.host.boot_id,
+        "guest_kernel": lines[1].strip(),
+        "host_kernel": env.host.kernel_release,
+    }
     if not facts["guest_boot_id"] or facts["guest_boot_id"] == env.host.boot_id:
         return Verdict(False, "same boot id as the host: the host's own kernel", facts)
     return Verdict(True, f"own kernel ({facts['guest_kernel']}; host {facts['host_kernel']})", facts)
@@ -307,14 +361,19 @@ def check_kernel(env: ProbeEnv) -> Verdict:
 
 def check_home(env: ProbeEnv) -> Verdict:
     assert env.home.home is not None
-    rels = [t.where.split(" ")[0] for t in env.home.tokens.values()
-            if t.kind == "file" and t.secret and not t.where.startswith("env:")]
+    rels = [
+        t.where.split(" ")[0]
+        for t in env.home.tokens.values()
+        if t.kind == "file" and t.secret and not t.where.startswith("env:")
+    ]
     rels = sorted(set(rels))
     bases = ["$HOME", "/root", "/home/*", str(env.home.home)]
     candidates = " ".join(f"{base}/{rel}" for base in bases for rel in rels)
-    command = (f"for p in {candidates}; do [ -e \"$p\" ] && echo \"visible $p\"; done; "
-               "echo \"work: $(ls -A /work | tr '\\n' ' ')\"; "
-               "grep -E ' (9p|virtiofs|nfs|fuse|cifs) ' /proc/mounts | sed 's/^/mount: /'; true")
+    command = (
+        f'for p in {candidates}; do [ -e "$p" ] && echo "visible $p"; done; '
+        "echo \"work: $(ls -A /work | tr '\\n' ' ')\"; "
+        "grep -E ' (9p|virtiofs|nfs|fuse|cifs) ' /proc/mounts | sed 's/^/mount: /'; true"
+    )
     text, _ = env.run("look for the host home's secret files and foreign mounts", command)
     visible = sorted({line.split(" ", 1)[1] for line in text.splitlines() if line.startswith("visible ")})
     work = next((line[6:].split() for line in text.splitlines() if line.startswith("work: ")), [])
@@ -335,19 +394,25 @@ def check_host_loopback(env: ProbeEnv) -> Verdict:
     start = trap.count()
     port = trap.port
     request = crlf("GET /version HTTP/1.0", "Host: localhost")
-    parts = env.parallel({
-        f"guest 127.0.0.1:{port} (must be the guest's own loopback)": send(request, "127.0.0.1", port),
-        f"guest localhost:{port}": send(request, "localhost", port),
-        f"host alias {HOST_ALIAS}:{port}": send(request, HOST_ALIAS, port),
-        f"gateway CONNECT 127.0.0.1:{port}": via_gateway_connect(f"127.0.0.1:{port}", request),
-        f"gateway CONNECT localhost:{port}": via_gateway_connect(f"localhost:{port}", request),
-        f"gateway GET http://127.0.0.1:{port}/": via_gateway_get(f"http://127.0.0.1:{port}/version"),
-    })
+    parts = env.parallel(
+        {
+            f"guest 127.0.0.1:{port} (must be the guest's own loopback)": send(request, "127.0.0.1", port),
+            f"guest localhost:{port}": send(request, "localhost", port),
+            f"host alias {HOST_ALIAS}:{port}": send(request, HOST_ALIAS, port),
+            f"gateway CONNECT 127.0.0.1:{port}": via_gateway_connect(f"127.0.0.1:{port}", request),
+            f"gateway CONNECT localhost:{port}": via_gateway_connect(f"localhost:{port}", request),
+            f"gateway GET http://127.0.0.1:{port}/": via_gateway_get(f"http://127.0.0.1:{port}/version"),
+        }
+    )
     time.sleep(0.2)  # let the trap's accept thread log a connection that just landed
     hits = trap.hits_since(start)
     reached = [name for name, (_, out) in parts.items() if "br-canary" in out]
-    facts = {"canary": f"127.0.0.1:{port}", "canary_connections": len(hits), "reached_by": reached,
-             "paths": {name: refusal(rc, out, "CONNECT" in name) for name, (rc, out) in parts.items()}}
+    facts = {
+        "canary": f"127.0.0.1:{port}",
+        "canary_connections": len(hits),
+        "reached_by": reached,
+        "paths": {name: refusal(rc, out, "CONNECT" in name) for name, (rc, out) in parts.items()},
+    }
     if hits or reached:
         return Verdict(False, f"the host canary got {len(hits)} connection(s); reached by {reached}", facts)
     return Verdict(True, "canary untouched: localhost inside is the guest's own, the host is unreachable", facts)
@@ -356,14 +421,22 @@ def check_host_loopback(env: ProbeEnv) -> Verdict:
 def check_engine_socket(env: ProbeEnv) -> Verdict:
     trap = env.traps["docker"]
     start = trap.count()
-    sockets = ["/var/run/docker.sock", "/run/docker.sock", "/run/containerd/containerd.sock",
-               "/run/podman/podman.sock", "$HOME/.docker/run/docker.sock", str(trap.unix_path)]
+    sockets = [
+        "/var/run/docker.sock",
+        "/run/docker.sock",
+        "/run/containerd/containerd.sock",
+        "/run/podman/podman.sock",
+        "$HOME/.docker/run/docker.sock",
+        str(trap.unix_path),
+    ]
     ping = crlf("GET /_ping HTTP/1.0", "Host: docker")
-    command = (f"for s in {' '.join(sockets)}; do [ -S \"$s\" ] && echo \"socket $s\"; done; "
-               "echo \"DOCKER_HOST=$DOCKER_HOST\"; "
-               "case \"$DOCKER_HOST\" in tcp://*) hp=${DOCKER_HOST#tcp://}; "
-               f"printf '{ping}' | nc -w {NC_WAIT_S} ${{hp%:*}} ${{hp##*:}};; esac; "
-               f"printf '{ping}' | nc -w {NC_WAIT_S} {HOST_ALIAS} 2375; true")
+    command = (
+        f'for s in {" ".join(sockets)}; do [ -S "$s" ] && echo "socket $s"; done; '
+        'echo "DOCKER_HOST=$DOCKER_HOST"; '
+        'case "$DOCKER_HOST" in tcp://*) hp=${DOCKER_HOST#tcp://}; '
+        f"printf '{ping}' | nc -w {NC_WAIT_S} ${{hp%:*}} ${{hp##*:}};; esac; "
+        f"printf '{ping}' | nc -w {NC_WAIT_S} {HOST_ALIAS} 2375; true"
+    )
     text, _ = env.run("look for a container-engine socket and talk to it", command)
     time.sleep(0.2)
     hits = trap.hits_since(start)
@@ -371,19 +444,26 @@ def check_engine_socket(env: ProbeEnv) -> Verdict:
     answered = "br-fake-docker" in text
     facts = {"sockets": present, "engine_answered": answered, "engine_connections": len(hits)}
     if present or answered or hits:
-        return Verdict(False, f"host engine reachable: sockets {present}, answered {answered}, "
-                              f"{len(hits)} connection(s) to the host socket", facts)
+        return Verdict(
+            False,
+            f"host engine reachable: sockets {present}, answered {answered}, "
+            f"{len(hits)} connection(s) to the host socket",
+            facts,
+        )
     return Verdict(True, "no engine socket, no DOCKER_HOST, the host socket saw nothing", facts)
 
 
 def check_blocked_domain(env: ProbeEnv) -> Verdict:
     head = crlf("GET / HTTP/1.1", f"Host: {BLOCKED_HOST}", "Connection: close")
-    parts = env.parallel({
-        f"gateway CONNECT {BLOCKED_HOST}:443": via_gateway_connect(f"{BLOCKED_HOST}:443"),
-        f"gateway GET http://{BLOCKED_HOST}/": via_gateway_get(f"http://{BLOCKED_HOST}/"),
-        f"direct to the {BLOCKED_HOST} stand-in ({HOST_ALIAS}:{env.upstream_http_port})":
-            send(head, HOST_ALIAS, env.upstream_http_port),
-    })
+    parts = env.parallel(
+        {
+            f"gateway CONNECT {BLOCKED_HOST}:443": via_gateway_connect(f"{BLOCKED_HOST}:443"),
+            f"gateway GET http://{BLOCKED_HOST}/": via_gateway_get(f"http://{BLOCKED_HOST}/"),
+            f"direct to the {BLOCKED_HOST} stand-in ({HOST_ALIAS}:{env.upstream_http_port})": send(
+                head, HOST_ALIAS, env.upstream_http_port
+            ),
+        }
+    )
     facts: dict[str, Any] = {}
     allowed = []
     for name, (rc, out) in parts.items():
@@ -398,8 +478,12 @@ def check_blocked_domain(env: ProbeEnv) -> Verdict:
     if allowed:
         return Verdict(False, f"{BLOCKED_HOST} reachable via {allowed}", facts)
     proxied = facts[f"gateway GET http://{BLOCKED_HOST}/"]
-    return Verdict(True, f"denied by the gateway ({proxied['level']} {proxied['status']}, curl exit "
-                         f"{proxied['curl_exit']}); direct egress fails", facts)
+    return Verdict(
+        True,
+        f"denied by the gateway ({proxied['level']} {proxied['status']}, curl exit "
+        f"{proxied['curl_exit']}); direct egress fails",
+        facts,
+    )
 
 
 NAME_ANSWER_RE = re.compile(r"Name:\s*(\S+)\s*\n\s*Address:?\s*(\S+)")
@@ -407,10 +491,12 @@ NAME_ANSWER_RE = re.compile(r"Name:\s*(\S+)\s*\n\s*Address:?\s*(\S+)")
 
 def check_dns(env: ProbeEnv) -> Verdict:
     lookup = f"timeout -s KILL {NSLOOKUP_TIMEOUT_S} nslookup {BLOCKED_HOST}"
-    parts = env.parallel({
-        "system resolver": lookup,
-        f"slirp resolver {SLIRP_DNS}": f"{lookup} {SLIRP_DNS}",
-    })
+    parts = env.parallel(
+        {
+            "system resolver": lookup,
+            f"slirp resolver {SLIRP_DNS}": f"{lookup} {SLIRP_DNS}",
+        }
+    )
     resolved = {}
     for name, (_, out) in parts.items():
         answers = [addr for host, addr in NAME_ANSWER_RE.findall(out) if host.rstrip(".") == BLOCKED_HOST]
@@ -424,8 +510,10 @@ def check_dns(env: ProbeEnv) -> Verdict:
 
 def check_ports(env: ProbeEnv) -> Verdict:
     hello = crlf("GET / HTTP/1.0", f"Host: {ALLOWED_HOST}")
-    commands = {f"gateway CONNECT {ALLOWED_HOST}:{port}": via_gateway_connect(f"{ALLOWED_HOST}:{port}", hello)
-                for port in SCANNED_PORTS}
+    commands = {
+        f"gateway CONNECT {ALLOWED_HOST}:{port}": via_gateway_connect(f"{ALLOWED_HOST}:{port}", hello)
+        for port in SCANNED_PORTS
+    }
     control = f"control: gateway CONNECT {ALLOWED_HOST}:443 (must open)"
     commands[control] = via_gateway_connect(f"{ALLOWED_HOST}:443")
     parts = env.parallel(commands)
@@ -440,44 +528,61 @@ def check_ports(env: ProbeEnv) -> Verdict:
 
 def check_credential(env: ProbeEnv) -> Verdict:
     nonce = secrets.token_hex(6)
-    parts = env.parallel({
-        "model API request with the sentinel": via_gateway_get(
-            "http://api.anthropic.com/v1/messages", f"x-api-key: {SENTINEL}", f"x-br-probe: {nonce}"),
-        "the key as the guest sees it": "echo \"ANTHROPIC_API_KEY=$ANTHROPIC_API_KEY\"",
-    })
+    parts = env.parallel(
+        {
+            "model API request with the sentinel": via_gateway_get(
+                "http://api.anthropic.com/v1/messages", f"x-api-key: {SENTINEL}", f"x-br-probe: {nonce}"
+            ),
+            "the key as the guest sees it": 'echo "ANTHROPIC_API_KEY=$ANTHROPIC_API_KEY"',
+        }
+    )
     _, out = parts["model API request with the sentinel"]
     answer = parse_http(out)
     mine = [r for r in env.upstream_received() if r.headers.get("x-br-probe") == nonce]
     upstream = mine[-1].credential if mine else "no request arrived"
     seen = parts["the key as the guest sees it"][1].strip().partition("=")[2]
     leaked = markers_in(env, out + seen)
-    facts = {"status": answer.status, "upstream_credential_check": upstream,
-             "guest_key_value": "empty" if not seen else (SENTINEL if seen == SENTINEL else "a real-looking key"),
-             "markers_seen_by_guest": leaked}
+    facts = {
+        "status": answer.status,
+        "upstream_credential_check": upstream,
+        "guest_key_value": "empty" if not seen else (SENTINEL if seen == SENTINEL else "a real-looking key"),
+        "markers_seen_by_guest": leaked,
+    }
     if leaked or (seen and seen != SENTINEL):
         return Verdict(False, "the guest holds the real key", facts)
     if answer.status != 200 or upstream != "ok":
-        return Verdict(False, f"the model API call did not succeed with an injected key "
-                              f"(status {answer.status}, upstream saw {upstream})", facts)
-    return Verdict(True, "200 from the model API with the key injected on the host; the guest saw only the "
-                         "sentinel", facts)
+        return Verdict(
+            False,
+            f"the model API call did not succeed with an injected key "
+            f"(status {answer.status}, upstream saw {upstream})",
+            facts,
+        )
+    return Verdict(
+        True, "200 from the model API with the key injected on the host; the guest saw only the sentinel", facts
+    )
 
 
 def check_metadata(env: ProbeEnv) -> Verdict:
     trap = env.traps["metadata"]
     start = trap.count()
     path = "/latest/meta-data/iam/security-credentials/"
-    parts = env.parallel({
-        f"direct {METADATA_IP}:80": send(crlf(f"GET {path} HTTP/1.0", f"Host: {METADATA_IP}"), METADATA_IP, 80),
-        f"gateway GET http://{METADATA_IP}{path}": via_gateway_get(f"http://{METADATA_IP}{path}"),
-        f"gateway CONNECT {METADATA_IP}:80": via_gateway_connect(
-            f"{METADATA_IP}:80", crlf(f"GET {path} HTTP/1.0", f"Host: {METADATA_IP}")),
-    })
+    parts = env.parallel(
+        {
+            f"direct {METADATA_IP}:80": send(crlf(f"GET {path} HTTP/1.0", f"Host: {METADATA_IP}"), METADATA_IP, 80),
+            f"gateway GET http://{METADATA_IP}{path}": via_gateway_get(f"http://{METADATA_IP}{path}"),
+            f"gateway CONNECT {METADATA_IP}:80": via_gateway_connect(
+                f"{METADATA_IP}:80", crlf(f"GET {path} HTTP/1.0", f"Host: {METADATA_IP}")
+            ),
+        }
+    )
     time.sleep(0.2)
     hits = trap.hits_since(start)
     reached = [name for name, (_, out) in parts.items() if "br-metadata" in out or markers_in(env, out)]
-    facts = {"metadata_connections": len(hits), "reached_by": reached,
-             "paths": {name: refusal(rc, out, "CONNECT" in name) for name, (rc, out) in parts.items()}}
+    facts = {
+        "metadata_connections": len(hits),
+        "reached_by": reached,
+        "paths": {name: refusal(rc, out, "CONNECT" in name) for name, (rc, out) in parts.items()},
+    }
     if hits or reached:
         return Verdict(False, f"cloud metadata reachable ({len(hits)} connection(s)) via {reached}", facts)
     return Verdict(True, f"{METADATA_IP} unreachable directly and through the gateway", facts)
@@ -497,13 +602,15 @@ def check_peers(env: ProbeEnv) -> Verdict:
     }
     for peer in env.peers:
         commands[f"{peer.id} agent via host alias {HOST_ALIAS}:{peer.agent_port}"] = send(
-            ask, HOST_ALIAS, peer.agent_port)
+            ask, HOST_ALIAS, peer.agent_port
+        )
         commands[f"{peer.id} agent via gateway CONNECT 127.0.0.1:{peer.agent_port}"] = via_gateway_connect(
-            f"127.0.0.1:{peer.agent_port}", ask)
+            f"127.0.0.1:{peer.agent_port}", ask
+        )
         if peer.gateway_port:
             commands[f"{peer.id} gateway listener via {HOST_ALIAS}:{peer.gateway_port}"] = send(
-                crlf(f"CONNECT {ALLOWED_HOST}:443 HTTP/1.1", f"Host: {ALLOWED_HOST}:443"), HOST_ALIAS,
-                peer.gateway_port)
+                crlf(f"CONNECT {ALLOWED_HOST}:443 HTTP/1.1", f"Host: {ALLOWED_HOST}:443"), HOST_ALIAS, peer.gateway_port
+            )
     parts = env.parallel(commands)
     reached = []
     for name, (_, out) in parts.items():
@@ -517,64 +624,117 @@ def check_peers(env: ProbeEnv) -> Verdict:
         if agent_answered or listener_answered:
             reached.append(name)
     own = parts["10.0.2.15:7000 (the guest's own address)"][1]
-    facts = {"peers": [p.id for p in env.peers], "reached": reached,
-             "own_address_is_self": env.target.id in own}
+    facts = {"peers": [p.id for p in env.peers], "reached": reached, "own_address_is_self": env.target.id in own}
     if reached:
         return Verdict(False, f"another sandbox is reachable: {reached}", facts)
     return Verdict(True, f"no path to {len(env.peers)} other sandbox(es)' agent or gateway listener", facts)
 
 
 PROBES: tuple[Probe, ...] = (
-    Probe("env", "No key in the environment",
-          "env and every process environment hold no API key and no honeytoken marker",
-          "a key variable with a real value or any marker (leaky: the host key is exported in the guest)",
-          "issue probe 1, FINDINGS 'credential-less agents'", check_env),
-    Probe("fs-scan", "No honeytoken readable anywhere",
-          "a grep of the whole guest filesystem and kernel log finds only the positive control",
-          "any secret marker is found, or the positive control is not (leaky: the planted home is copied in)",
-          "issue probes 1 and 10", check_fs_scan),
-    Probe("processes", "Process isolation",
-          "the guest's process list holds none of the host's processes (a decoy host process carries a marker)",
-          "the decoy host process is visible (the host shell target shows it)", "issue probe 2, FINDINGS 13 "
-          "processes", check_processes),
-    Probe("kernel", "Separate kernel",
-          "the guest's boot id differs from the host's", "same boot id (the host shell target)",
-          "issue probe 3, FINDINGS 'own Linux kernel'", check_kernel),
-    Probe("home", "Only the project directory",
-          "none of the host home's ~/.ssh, ~/.aws, ~/.kube, ~/.env files exist; /work holds only the project",
-          "a planted path exists in the guest (leaky: home copied into /root)", "issue probe 4, FINDINGS 1",
-          check_home),
-    Probe("host-loopback", "Host loopback services unreachable",
-          "the canary on host 127.0.0.1 got no connection by any path; the guest's localhost is its own",
-          "the canary logs a connection (leaky: slirp restrict=off, policy allows loopback)",
-          "issue probe 5, FINDINGS 2", check_host_loopback),
-    Probe("engine-socket", "No host container-engine socket",
-          "no docker/containerd socket in the guest, no DOCKER_HOST, the host's socket saw nothing",
-          "the fake host engine answers or logs a connection (leaky: forwarded into the guest)",
-          "issue probe 6, FINDINGS 7", check_engine_socket),
-    Probe("blocked-domain", "Blocked domain is denied",
-          "through the gateway example.com gets the configured deny; direct egress fails",
-          "any path gets a 2xx/3xx answer (leaky: open policy, unrestricted network)",
-          "issue probe 7, FINDINGS 4", check_blocked_domain),
-    Probe("dns", "Blocked name does not resolve",
-          "example.com gets no address from any resolver the guest can reach",
-          "an address comes back (leaky: the guest gets the gateway's resolver under an allow-all policy)",
-          "issue probe 8, FINDINGS 5", check_dns),
-    Probe("ports", "Allowed host is port-scoped",
-          "CONNECT github.com:443 opens while :22 and :9999 are denied",
-          "a non-443 port opens (leaky: every port allowed)", "issue probe 9, FINDINGS 6", check_ports),
-    Probe("credential", "Credential sentinel",
-          "a model-API call with only the sentinel succeeds (key injected on the host); the guest never holds "
-          "the key", "the guest holds the key, or the call fails (leaky: the key is in the guest env)",
-          "issue probe 10, FINDINGS 'credential-less agents'", check_credential),
-    Probe("metadata", "Cloud metadata unreachable",
-          "169.254.169.254 is unreachable directly and through the gateway",
-          "the metadata stand-in logs a connection (leaky: policy allows link-local)", "issue probe 11",
-          check_metadata),
-    Probe("peers", "Sandbox-to-sandbox",
-          "no sandbox reaches another's agent or gateway listener",
-          "a peer's agent answers (leaky: slirp restrict=off reaches its host port)", "issue probe 12",
-          check_peers),
+    Probe(
+        "env",
+        "No key in the environment",
+        "env and every process environment hold no API key and no honeytoken marker",
+        "a key variable with a real value or any marker (leaky: the host key is exported in the guest)",
+        "issue probe 1, FINDINGS 'credential-less agents'",
+        check_env,
+    ),
+    Probe(
+        "fs-scan",
+        "No honeytoken readable anywhere",
+        "a grep of the whole guest filesystem and kernel log finds only the positive control",
+        "any secret marker is found, or the positive control is not (leaky: the planted home is copied in)",
+        "issue probes 1 and 10",
+        check_fs_scan,
+    ),
+    Probe(
+        "processes",
+        "Process isolation",
+        "the guest's process list holds none of the host's processes (a decoy host process carries a marker)",
+        "the decoy host process is visible (the host shell target shows it)",
+        "issue probe 2, FINDINGS 13 processes",
+        check_processes,
+    ),
+    Probe(
+        "kernel",
+        "Separate kernel",
+        "the guest's boot id differs from the host's",
+        "same boot id (the host shell target)",
+        "issue probe 3, FINDINGS 'own Linux kernel'",
+        check_kernel,
+    ),
+    Probe(
+        "home",
+        "Only the project directory",
+        "none of the host home's ~/.ssh, ~/.aws, ~/.kube, ~/.env files exist; /work holds only the project",
+        "a planted path exists in the guest (leaky: home copied into /root)",
+        "issue probe 4, FINDINGS 1",
+        check_home,
+    ),
+    Probe(
+        "host-loopback",
+        "Host loopback services unreachable",
+        "the canary on host 127.0.0.1 got no connection by any path; the guest's localhost is its own",
+        "the canary logs a connection (leaky: slirp restrict=off, policy allows loopback)",
+        "issue probe 5, FINDINGS 2",
+        check_host_loopback,
+    ),
+    Probe(
+        "engine-socket",
+        "No host container-engine socket",
+        "no docker/containerd socket in the guest, no DOCKER_HOST, the host's socket saw nothing",
+        "the fake host engine answers or logs a connection (leaky: forwarded into the guest)",
+        "issue probe 6, FINDINGS 7",
+        check_engine_socket,
+    ),
+    Probe(
+        "blocked-domain",
+        "Blocked domain is denied",
+        "through the gateway example.com gets the configured deny; direct egress fails",
+        "any path gets a 2xx/3xx answer (leaky: open policy, unrestricted network)",
+        "issue probe 7, FINDINGS 4",
+        check_blocked_domain,
+    ),
+    Probe(
+        "dns",
+        "Blocked name does not resolve",
+        "example.com gets no address from any resolver the guest can reach",
+        "an address comes back (leaky: the guest gets the gateway's resolver under an allow-all policy)",
+        "issue probe 8, FINDINGS 5",
+        check_dns,
+    ),
+    Probe(
+        "ports",
+        "Allowed host is port-scoped",
+        "CONNECT github.com:443 opens while :22 and :9999 are denied",
+        "a non-443 port opens (leaky: every port allowed)",
+        "issue probe 9, FINDINGS 6",
+        check_ports,
+    ),
+    Probe(
+        "credential",
+        "Credential sentinel",
+        "a model-API call with only the sentinel succeeds (key injected on the host); the guest never holds the key",
+        "the guest holds the key, or the call fails (leaky: the key is in the guest env)",
+        "issue probe 10, FINDINGS 'credential-less agents'",
+        check_credential,
+    ),
+    Probe(
+        "metadata",
+        "Cloud metadata unreachable",
+        "169.254.169.254 is unreachable directly and through the gateway",
+        "the metadata stand-in logs a connection (leaky: policy allows link-local)",
+        "issue probe 11",
+        check_metadata,
+    ),
+    Probe(
+        "peers",
+        "Sandbox-to-sandbox",
+        "no sandbox reaches another's agent or gateway listener",
+        "a peer's agent answers (leaky: slirp restrict=off reaches its host port)",
+        "issue probe 12",
+        check_peers,
+    ),
 )
 
 PROBES_BY_ID = {p.id: p for p in PROBES}

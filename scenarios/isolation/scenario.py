@@ -91,16 +91,25 @@ def reference_policy() -> dict[str, Any]:
     presets = Path(importlib.import_module("harness.gateway").__file__ or "").parent / "presets"
     policy = yaml.safe_load((presets / "balanced.yaml").read_text())
     policy["name"] = "balanced+model-api-http"
-    policy["rules"].insert(0, {"allow": MODEL_API, "ports": [MODEL_API_PLAIN_PORT],
-                               "name": "model API stand-in over plain http (busybox has no usable TLS client)"})
+    policy["rules"].insert(
+        0,
+        {
+            "allow": MODEL_API,
+            "ports": [MODEL_API_PLAIN_PORT],
+            "name": "model API stand-in over plain http (busybox has no usable TLS client)",
+        },
+    )
     return policy
 
 
 def host_facts() -> Any:
     import psutil
 
-    return probes.HostFacts(boot_id=Path("/proc/sys/kernel/random/boot_id").read_text().strip(),
-                            kernel_release=platform.release(), process_count=len(psutil.pids()))
+    return probes.HostFacts(
+        boot_id=Path("/proc/sys/kernel/random/boot_id").read_text().strip(),
+        kernel_release=platform.release(),
+        process_count=len(psutil.pids()),
+    )
 
 
 class IsolationScenario:
@@ -121,9 +130,17 @@ class IsolationScenario:
 
     # ---- setup ---------------------------------------------------------------------------
     def setup(self, ctx: ScenarioContext) -> None:
-        ctx.data.update({"scenario": self.name, "backend": ctx.backend.name, "leaky": self.leaky,
-                         "weakenings": list(leaky_mod.WEAKENINGS) if self.leaky else [],
-                         "probe_catalogue": [p.describe() for p in probes.PROBES], "scorecards": [], "leaks": None})
+        ctx.data.update(
+            {
+                "scenario": self.name,
+                "backend": ctx.backend.name,
+                "leaky": self.leaky,
+                "weakenings": list(leaky_mod.WEAKENINGS) if self.leaky else [],
+                "probe_catalogue": [p.describe() for p in probes.PROBES],
+                "scorecards": [],
+                "leaks": None,
+            }
+        )
         with ctx.journal.activity("sweep-leftover-honeytokens") as step:
             step.output = honeytokens.sweep_leftovers()
         with ctx.journal.activity("plant-honeytokens") as step:
@@ -148,11 +165,23 @@ class IsolationScenario:
         metadata = home.new_token("imds", "service", "cloud metadata stand-in (IAM credentials)")
         self.traps = {
             "canary": honeytokens.Trap("canary", honeytokens.http_reply(CANARY_REPLY), port=CANARY_PORT).start(),
-            "docker": honeytokens.Trap("docker", honeytokens.http_reply(DOCKER_REPLY),
-                                       unix_path=home.home / ".docker" / "run" / "docker.sock").start(),
-            "metadata": honeytokens.Trap("metadata", honeytokens.http_reply(json.dumps(
-                {"Code": "Success", "AccessKeyId": "ASIAHONEY", "SecretAccessKey": metadata.value,
-                 "note": "br-metadata"}), "application/json")).start(),
+            "docker": honeytokens.Trap(
+                "docker", honeytokens.http_reply(DOCKER_REPLY), unix_path=home.home / ".docker" / "run" / "docker.sock"
+            ).start(),
+            "metadata": honeytokens.Trap(
+                "metadata",
+                honeytokens.http_reply(
+                    json.dumps(
+                        {
+                            "Code": "Success",
+                            "AccessKeyId": "ASIAHONEY",
+                            "SecretAccessKey": metadata.value,
+                            "note": "br-metadata",
+                        }
+                    ),
+                    "application/json",
+                ),
+            ).start(),
             "sink": honeytokens.Trap("sink", honeytokens.http_reply("br-sink: non-web port reached\n")).start(),
         }
         ctx.data["honeytokens"] = [t.public() for t in home.tokens.values()]
@@ -172,12 +201,17 @@ class IsolationScenario:
         overrides[f"{probes.METADATA_IP}:80"] = f"127.0.0.1:{self.traps['metadata'].port}"
         env_name = honeytokens.ENV_KEY_NAME
         return GatewayConfig(
-            policy=policy_path, audit_path=ctx.run_dir / "gateway-audit.jsonl", state_dir=ctx.run_dir / "gateway",
-            credentials=[CredentialSpec("anthropic", MODEL_API, "x-api-key", env=env_name),
-                         CredentialSpec("anthropic-http", MODEL_API, "x-api-key", port=MODEL_API_PLAIN_PORT,
-                                        env=env_name)],
-            upstream_overrides=overrides, upstream_ca_file=self.upstream.ca_file,
-            extra_env={env_name: self.home.api_key})
+            policy=policy_path,
+            audit_path=ctx.run_dir / "gateway-audit.jsonl",
+            state_dir=ctx.run_dir / "gateway",
+            credentials=[
+                CredentialSpec("anthropic", MODEL_API, "x-api-key", env=env_name),
+                CredentialSpec("anthropic-http", MODEL_API, "x-api-key", port=MODEL_API_PLAIN_PORT, env=env_name),
+            ],
+            upstream_overrides=overrides,
+            upstream_ca_file=self.upstream.ca_file,
+            extra_env={env_name: self.home.api_key},
+        )
 
     def _boot(self, ctx: ScenarioContext) -> None:
         self.upstream = UpstreamServer(expected={MODEL_API: ("x-api-key", self.home.api_key)}).start()
@@ -211,8 +245,9 @@ class IsolationScenario:
         dns = self.fleet.gateway
         done = []
         for vm in self.booted:
-            result = vm.exec("mkdir -p /work/project && tar -x -C /work/project", stdin=project_tar,
-                             timeout=PROVISION_TIMEOUT_S)
+            result = vm.exec(
+                "mkdir -p /work/project && tar -x -C /work/project", stdin=project_tar, timeout=PROVISION_TIMEOUT_S
+            )
             steps = {"project": result.rc}
             if self.leaky:
                 steps["home"] = vm.exec("tar -x -C /root", stdin=home_tar, timeout=PROVISION_TIMEOUT_S).rc
@@ -238,8 +273,11 @@ class IsolationScenario:
                 time.sleep(0.1)
                 traps_ok[name] = trap.count() > before
                 trap.hits.clear()
-            detector = {"host_scan": scan, "traps_log_connections": traps_ok,
-                        "sandboxes_up": len(self.booted) == self.sandboxes}
+            detector = {
+                "host_scan": scan,
+                "traps_log_connections": traps_ok,
+                "sandboxes_up": len(self.booted) == self.sandboxes,
+            }
             ctx.data["detector"] = detector
             return {"met": scan["ok"] and all(traps_ok.values()) and detector["sandboxes_up"], **detector}
         leaks = ctx.data.get("leaks") or 0
@@ -250,10 +288,15 @@ class IsolationScenario:
         peers_all = [probes.Peer(vm.id, vm.agent_port, vm.spec.gateway_port) for vm in self.booted]
         assert self.upstream is not None
         for vm in self.booted:
-            env = probes.ProbeEnv(target=vm, home=self.home, traps=self.traps, host=facts,
-                                  peers=[p for p in peers_all if p.id != vm.id],
-                                  upstream_received=self.upstream.received,
-                                  upstream_http_port=self.upstream.http_port)
+            env = probes.ProbeEnv(
+                target=vm,
+                home=self.home,
+                traps=self.traps,
+                host=facts,
+                peers=[p for p in peers_all if p.id != vm.id],
+                upstream_received=self.upstream.received,
+                upstream_http_port=self.upstream.http_port,
+            )
             card: dict[str, Any] = {"sandbox": vm.id, "backend": ctx.backend.name, "probes": [], "leaks": 0}
             ctx.data["scorecards"].append(card)
             for probe in probes.PROBES:
@@ -281,8 +324,12 @@ class IsolationScenario:
     def rollback(self, ctx: ScenarioContext) -> None:
         with ctx.journal.activity("remove-honeytokens-and-stop", "rollback") as step:
             problems: list[str] = []
-            for label, action in (("fleet", self.stack.close), ("upstream", self._stop_upstream),
-                                  ("traps", self._stop_traps), ("decoy", lambda: self._stop_decoy(ctx))):
+            for label, action in (
+                ("fleet", self.stack.close),
+                ("upstream", self._stop_upstream),
+                ("traps", self._stop_traps),
+                ("decoy", lambda: self._stop_decoy(ctx)),
+            ):
                 try:
                     action()
                 except Exception as exc:  # keep undoing the rest; the honeytokens must go
@@ -365,8 +412,9 @@ def terminal_summary(data: dict[str, Any]) -> RenderableType:
 
 
 def create(options: dict[str, Any]) -> IsolationScenario:
-    return IsolationScenario(sandboxes=int(options.get("sandboxes") or DEFAULT_SANDBOXES),
-                             leaky=bool(options.get("leaky")))
+    return IsolationScenario(
+        sandboxes=int(options.get("sandboxes") or DEFAULT_SANDBOXES), leaky=bool(options.get("leaky"))
+    )
 
 
 def sweep_leftovers() -> list[str]:

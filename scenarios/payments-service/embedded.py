@@ -75,8 +75,9 @@ def parse_events(text: str) -> list[dict[str, Any]]:
     for line in text.splitlines():
         parts = line.split("|", 4)
         if len(parts) == 5 and parts[0].isdigit():
-            events.append({"t_ms": int(parts[0]), "type": parts[1], "reason": parts[2], "object": parts[3],
-                           "message": parts[4]})
+            events.append(
+                {"t_ms": int(parts[0]), "type": parts[1], "reason": parts[2], "object": parts[3], "message": parts[4]}
+            )
     return events
 
 
@@ -99,8 +100,11 @@ class EmbeddedCluster:
         return result.text
 
     def push(self, guest_path: str, data: bytes, mode: str = "644") -> None:
-        self._exec(f"mkdir -p {shlex.quote(str(Path(guest_path).parent))} && cat > {shlex.quote(guest_path)} "
-                   f"&& chmod {mode} {shlex.quote(guest_path)}", stdin=data)
+        self._exec(
+            f"mkdir -p {shlex.quote(str(Path(guest_path).parent))} && cat > {shlex.quote(guest_path)} "
+            f"&& chmod {mode} {shlex.quote(guest_path)}",
+            stdin=data,
+        )
 
     def install(self, manifests: dict[str, str]) -> None:
         """Push podrt, the kubectl shim and the manifests; nothing runs until `start`."""
@@ -109,17 +113,24 @@ class EmbeddedCluster:
         for program in sorted((PODRT_DIR / "images").glob("*.sh")):
             self.push(f"{GUEST_PROGRAMS}/images/{program.name}", program.read_bytes(), "755")
         self.push("/bin/kubectl", (PODRT_DIR / "kubectl").read_bytes(), "755")
-        self.push(f"{GUEST_ROOT}/settings", (
-            f"TICK_S={self.settings.tick_s}\nBACKOFF_BASE_S={self.settings.backoff_base_s}\n"
-            f"BACKOFF_MAX_S={self.settings.backoff_max_s}\n").encode())
+        self.push(
+            f"{GUEST_ROOT}/settings",
+            (
+                f"TICK_S={self.settings.tick_s}\nBACKOFF_BASE_S={self.settings.backoff_base_s}\n"
+                f"BACKOFF_MAX_S={self.settings.backoff_max_s}\n"
+            ).encode(),
+        )
         for name, text in manifests.items():
             self.push(f"{GUEST_MANIFESTS}/{name}", text.encode())
 
     def manifests(self) -> dict[str, str]:
         """The manifest files as they are now in the guest."""
         listing = self._exec(f"ls {GUEST_MANIFESTS}").split()
-        return {name: self._exec(f"cat {GUEST_MANIFESTS}/{shlex.quote(name)}") for name in listing
-                if name.endswith((".yaml", ".yml"))}
+        return {
+            name: self._exec(f"cat {GUEST_MANIFESTS}/{shlex.quote(name)}")
+            for name in listing
+            if name.endswith((".yaml", ".yml"))
+        }
 
     def write(self, name: str, text: str) -> None:
         """Save a manifest in the guest and `kubectl apply` it, as an agent would."""
@@ -158,8 +169,10 @@ class EmbeddedCluster:
             return self.apply(text)
         except ValueError as exc:  # ManifestError: keep the old pod running, as `kubectl apply` would reject it
             self.apply_errors.append(str(exc))
-            self._exec(f"echo \"$(awk '{{print $1*1000}}' /proc/uptime | cut -d. -f1)|Warning|FailedApply|"
-                       f"deployment/{self.deployment_name}|{shlex.quote(str(exc))[:200]}\" >> {GUEST_ROOT}/events")
+            self._exec(
+                f"echo \"$(awk '{{print $1*1000}}' /proc/uptime | cut -d. -f1)|Warning|FailedApply|"
+                f'deployment/{self.deployment_name}|{shlex.quote(str(exc))[:200]}" >> {GUEST_ROOT}/events'
+            )
             return None
 
     def observe(self) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
@@ -178,8 +191,10 @@ class EmbeddedCluster:
             if status is not None:
                 return status
             time.sleep(0.5)
-        raise RuntimeError(f"podrt wrote no status within {timeout_s:g} s: "
-                           f"{self.sandbox.exec(f'cat {GUEST_ROOT}/podrt.log').text[-800:]}")
+        raise RuntimeError(
+            f"podrt wrote no status within {timeout_s:g} s: "
+            f"{self.sandbox.exec(f'cat {GUEST_ROOT}/podrt.log').text[-800:]}"
+        )
 
 
 def _sibling(name: str) -> Any:

@@ -66,14 +66,24 @@ def static_problems(deployment: Any) -> list[Problem]:
     for c in deployment.containers:
         need = memory_need_bytes(c)
         if need is not None and c.memory_limit_bytes is not None and c.memory_limit_bytes < need:
-            problems.append(Problem("memory-limit", c.name,
-                                    f"container {c.name}: memory limit {c.memory_limit_bytes // MIB}Mi is below the "
-                                    f"~{need // MIB}Mi its workload needs"))
+            problems.append(
+                Problem(
+                    "memory-limit",
+                    c.name,
+                    f"container {c.name}: memory limit {c.memory_limit_bytes // MIB}Mi is below the "
+                    f"~{need // MIB}Mi its workload needs",
+                )
+            )
         for kind, probe in (("liveness-probe", c.liveness), ("readiness-probe", c.readiness)):
             if probe is not None and c.ports and probe.port not in c.ports:
-                problems.append(Problem(kind, c.name,
-                                        f"container {c.name}: {kind.replace('-', ' ')} targets :{probe.port} but the "
-                                        f"container listens on :{', :'.join(map(str, c.ports))}"))
+                problems.append(
+                    Problem(
+                        kind,
+                        c.name,
+                        f"container {c.name}: {kind.replace('-', ' ')} targets :{probe.port} but the "
+                        f"container listens on :{', :'.join(map(str, c.ports))}",
+                    )
+                )
     return problems
 
 
@@ -95,16 +105,27 @@ def observed_problems(statuses: list[tuple[float, dict[str, Any]]], events: list
         problems.append(Problem("memory-limit", name, f"container {name} was OOMKilled after the fix"))
     liveness = [e for e in events if e.get("reason") == "Unhealthy" and "Liveness" in str(e.get("message"))]
     if liveness:
-        problems.append(Problem("liveness-probe", None, f"{len(liveness)} liveness probe failures after the fix "
-                                f"(last: {liveness[-1]['message'][:120]})"))
+        problems.append(
+            Problem(
+                "liveness-probe",
+                None,
+                f"{len(liveness)} liveness probe failures after the fix (last: {liveness[-1]['message'][:120]})",
+            )
+        )
     for name, count in sorted(restarts.items()):
         if count:
             problems.append(Problem("restarts", name, f"container {name} restarted {count} times after the fix"))
     return problems
 
 
-def grade(statuses: list[tuple[float, dict[str, Any]]], events: list[dict[str, Any]], deployment: Any,
-          soak_required_s: float, changed: bool = True, apply_errors: list[str] | None = None) -> Grade:
+def grade(
+    statuses: list[tuple[float, dict[str, Any]]],
+    events: list[dict[str, Any]],
+    deployment: Any,
+    soak_required_s: float,
+    changed: bool = True,
+    apply_errors: list[str] | None = None,
+) -> Grade:
     """statuses: (seconds since the rollout, status) of the rolled-out pod, in time order; events: its events."""
     static = static_problems(deployment)
     problems = observed_problems(statuses, events)
@@ -127,15 +148,21 @@ def grade(statuses: list[tuple[float, dict[str, Any]]], events: list[dict[str, A
             soak = t - ready_at
     if ready_at is None:
         problems.append(Problem("not-ready", None, "the rolled-out pod never became Ready n/n"))
-    elif soak < soak_required_s and not any(p.what in ("restarts", "memory-limit", "liveness-probe")
-                                            for p in problems):
-        problems.append(Problem("not-ready", None, f"Ready n/n for only {soak:.0f} s of the {soak_required_s:.0f} s "
-                                "soak window"))
+    elif soak < soak_required_s and not any(p.what in ("restarts", "memory-limit", "liveness-probe") for p in problems):
+        problems.append(
+            Problem("not-ready", None, f"Ready n/n for only {soak:.0f} s of the {soak_required_s:.0f} s soak window")
+        )
     planted = {"memory-limit", "liveness-probe"}
     static_kinds = {p.what for p in static}
     fixed = sorted(planted - static_kinds) if changed else []
     passed = not problems
     verdict = "pass" if passed else ("partial-fix" if fixed and len(fixed) < len(planted) else "fail")
-    return Grade(passed=passed, verdict=verdict, still_broken=problems, fixed=fixed,
-                 ready_after_s=round(ready_at, 2) if ready_at is not None else None, soak_s=round(soak, 2),
-                 soak_required_s=soak_required_s)
+    return Grade(
+        passed=passed,
+        verdict=verdict,
+        still_broken=problems,
+        fixed=fixed,
+        ready_after_s=round(ready_at, 2) if ready_at is not None else None,
+        soak_s=round(soak, 2),
+        soak_required_s=soak_required_s,
+    )

@@ -40,17 +40,32 @@ def pod_status(pod: Any) -> dict[str, Any]:
                 reason = s.state.waiting.reason
             if s.last_state and s.last_state.terminated:
                 last_reason, last_exit = s.last_state.terminated.reason, s.last_state.terminated.exit_code
-        containers.append({"name": spec.name, "state": state, "reason": reason, "ready": bool(s and s.ready),
-                           "restarts": int(s.restart_count) if s else 0, "last_reason": last_reason,
-                           "last_exit": last_exit})
+        containers.append(
+            {
+                "name": spec.name,
+                "state": state,
+                "reason": reason,
+                "ready": bool(s and s.ready),
+                "restarts": int(s.restart_count) if s else 0,
+                "last_reason": last_reason,
+                "last_exit": last_exit,
+            }
+        )
     ready = sum(c["ready"] for c in containers)
     status = next((c["reason"] for c in containers if c["reason"]), pod.status.phase)
-    return {"pod": {"name": pod.metadata.name, "phase": pod.status.phase, "status": status,
-                    "ready": f"{ready}/{len(containers)}", "ready_containers": ready,
-                    "total_containers": len(containers), "restarts": sum(c["restarts"] for c in containers),
-                    "created": pod.metadata.creation_timestamp.isoformat() if pod.metadata.creation_timestamp
-                    else None},
-            "containers": containers}
+    return {
+        "pod": {
+            "name": pod.metadata.name,
+            "phase": pod.status.phase,
+            "status": status,
+            "ready": f"{ready}/{len(containers)}",
+            "ready_containers": ready,
+            "total_containers": len(containers),
+            "restarts": sum(c["restarts"] for c in containers),
+            "created": pod.metadata.creation_timestamp.isoformat() if pod.metadata.creation_timestamp else None,
+        },
+        "containers": containers,
+    }
 
 
 class KubeCluster:
@@ -79,8 +94,9 @@ class KubeCluster:
         except ApiException as exc:
             if exc.status != HTTP_CONFLICT:
                 raise
-            self.apps.replace_namespaced_deployment(deployment.name, self.namespace, deployment.raw,
-                                                    _request_timeout=REQUEST_TIMEOUT_S)
+            self.apps.replace_namespaced_deployment(
+                deployment.name, self.namespace, deployment.raw, _request_timeout=REQUEST_TIMEOUT_S
+            )
         return deployment.name
 
     def _selector(self) -> str:
@@ -88,24 +104,36 @@ class KubeCluster:
 
     def pods(self) -> list[dict[str, Any]]:
         """The Deployment's live pods, newest first."""
-        listing = self.core.list_namespaced_pod(self.namespace, label_selector=self._selector(),
-                                                _request_timeout=REQUEST_TIMEOUT_S)
+        listing = self.core.list_namespaced_pod(
+            self.namespace, label_selector=self._selector(), _request_timeout=REQUEST_TIMEOUT_S
+        )
         live = [p for p in listing.items if p.metadata.deletion_timestamp is None]
         live.sort(key=lambda p: p.metadata.creation_timestamp, reverse=True)
         return [pod_status(p) for p in live]
 
     def watch_pods(self, timeout_s: int) -> Iterator[tuple[str, dict[str, Any]]]:
         """(ADDED|MODIFIED|DELETED, status) as the API server streams them, for up to timeout_s."""
-        stream = watch.Watch().stream(self.core.list_namespaced_pod, self.namespace,
-                                      label_selector=self._selector(), timeout_seconds=timeout_s)
+        stream = watch.Watch().stream(
+            self.core.list_namespaced_pod, self.namespace, label_selector=self._selector(), timeout_seconds=timeout_s
+        )
         for event in stream:
             yield event["type"], pod_status(event["object"])
 
     def events(self, pod_name: str) -> list[dict[str, Any]]:
-        listing = self.core.list_namespaced_event(self.namespace, field_selector=f"involvedObject.name={pod_name}",
-                                                  _request_timeout=REQUEST_TIMEOUT_S)
-        return [{"t_ms": None, "type": e.type, "reason": e.reason, "object": f"pod/{pod_name}",
-                 "message": e.message, "count": e.count} for e in listing.items]
+        listing = self.core.list_namespaced_event(
+            self.namespace, field_selector=f"involvedObject.name={pod_name}", _request_timeout=REQUEST_TIMEOUT_S
+        )
+        return [
+            {
+                "t_ms": None,
+                "type": e.type,
+                "reason": e.reason,
+                "object": f"pod/{pod_name}",
+                "message": e.message,
+                "count": e.count,
+            }
+            for e in listing.items
+        ]
 
     def observe(self) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
         pods = self.pods()
@@ -115,8 +143,9 @@ class KubeCluster:
 
     def delete(self) -> None:
         try:
-            self.apps.delete_namespaced_deployment(self.deployment.name, self.namespace,
-                                                   _request_timeout=REQUEST_TIMEOUT_S)
+            self.apps.delete_namespaced_deployment(
+                self.deployment.name, self.namespace, _request_timeout=REQUEST_TIMEOUT_S
+            )
         except ApiException as exc:
             if exc.status != HTTP_NOT_FOUND:
                 raise

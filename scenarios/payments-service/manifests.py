@@ -17,8 +17,18 @@ import yaml
 QUANTITY_RE = re.compile(r"^([0-9]+(?:\.[0-9]+)?)(Ki|Mi|Gi|Ti|k|M|G|T|m)?$")
 """Kubernetes memory quantity: a number with an optional binary or decimal suffix."""
 
-SUFFIX_BYTES = {None: 1, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "k": 10**3, "M": 10**6,
-                "G": 10**9, "T": 10**12, "m": 10**-3}
+SUFFIX_BYTES = {
+    None: 1,
+    "Ki": 2**10,
+    "Mi": 2**20,
+    "Gi": 2**30,
+    "Ti": 2**40,
+    "k": 10**3,
+    "M": 10**6,
+    "G": 10**9,
+    "T": 10**12,
+    "m": 10**-3,
+}
 
 NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 """DNS-1123 label: container and deployment names (also keeps podrt's shell variables safe)."""
@@ -71,8 +81,10 @@ class Container:
         """The podrt image program standing in for this image."""
         repo = self.image.rsplit("/", 1)[-1].split(":", 1)[0].split("@", 1)[0]
         if repo not in IMAGE_PROGRAMS:
-            raise ManifestError(f"container {self.name}: image {self.image!r} has no stand-in program "
-                                f"(known: {', '.join(IMAGE_PROGRAMS)})")
+            raise ManifestError(
+                f"container {self.name}: image {self.image!r} has no stand-in program "
+                f"(known: {', '.join(IMAGE_PROGRAMS)})"
+            )
         return IMAGE_PROGRAMS[repo]
 
 
@@ -106,9 +118,14 @@ def _probe(spec: dict[str, Any] | None, where: str) -> HttpProbe | None:
     path = str(http.get("path", "/"))
     if not SAFE_VALUE_RE.match(path):
         raise ManifestError(f"{where}: unsupported characters in path {path!r}")
-    return HttpProbe(port=port, path=path, initial_delay_s=int(timing["initialDelaySeconds"]),
-                     period_s=int(timing["periodSeconds"]), timeout_s=int(timing["timeoutSeconds"]),
-                     failure_threshold=int(timing["failureThreshold"]))
+    return HttpProbe(
+        port=port,
+        path=path,
+        initial_delay_s=int(timing["initialDelaySeconds"]),
+        period_s=int(timing["periodSeconds"]),
+        timeout_s=int(timing["timeoutSeconds"]),
+        failure_threshold=int(timing["failureThreshold"]),
+    )
 
 
 def _container(spec: dict[str, Any]) -> Container:
@@ -124,7 +141,10 @@ def _container(spec: dict[str, Any]) -> Container:
     env = {str(e["name"]): str(e.get("value", "")) for e in spec.get("env") or []}
     ports = tuple(int(p["containerPort"]) for p in spec.get("ports") or [])
     return Container(
-        name=name, image=image, env=env, ports=ports,
+        name=name,
+        image=image,
+        env=env,
+        ports=ports,
         memory_limit_bytes=parse_quantity(limits["memory"]) if "memory" in limits else None,
         memory_request_bytes=parse_quantity(requests["memory"]) if "memory" in requests else None,
         liveness=_probe(spec.get("livenessProbe"), f"container {name} livenessProbe"),
@@ -147,14 +167,18 @@ def parse_deployment(text: str) -> Deployment:
     name = str(meta.get("name", ""))
     if not NAME_RE.match(name):
         raise ManifestError(f"deployment name {name!r} is not a DNS-1123 label")
-    template = ((doc.get("spec") or {}).get("template") or {})
+    template = (doc.get("spec") or {}).get("template") or {}
     containers = tuple(_container(c) for c in (template.get("spec") or {}).get("containers") or [])
     if not containers:
         raise ManifestError("the Deployment's pod template has no containers")
-    return Deployment(name=name, namespace=str(meta.get("namespace", "default")),
-                      replicas=int((doc.get("spec") or {}).get("replicas", 1)),
-                      labels=dict((template.get("metadata") or {}).get("labels") or {}),
-                      containers=containers, raw=doc)
+    return Deployment(
+        name=name,
+        namespace=str(meta.get("namespace", "default")),
+        replicas=int((doc.get("spec") or {}).get("replicas", 1)),
+        labels=dict((template.get("metadata") or {}).get("labels") or {}),
+        containers=containers,
+        raw=doc,
+    )
 
 
 @dataclass(frozen=True)
@@ -170,19 +194,31 @@ def _probe_conf(prefix: str, probe: HttpProbe | None, timing: Timing) -> list[st
         return [f"{prefix}_PORT="]
     period = timing.probe_period_s if timing.probe_period_s is not None else probe.period_s
     delay = timing.probe_initial_delay_s if timing.probe_initial_delay_s is not None else probe.initial_delay_s
-    return [f"{prefix}_PORT={probe.port}", f"{prefix}_PATH={probe.path}", f"{prefix}_PERIOD={period}",
-            f"{prefix}_TIMEOUT={probe.timeout_s}", f"{prefix}_FAILURES={probe.failure_threshold}",
-            f"{prefix}_DELAY={delay}"]
+    return [
+        f"{prefix}_PORT={probe.port}",
+        f"{prefix}_PATH={probe.path}",
+        f"{prefix}_PERIOD={period}",
+        f"{prefix}_TIMEOUT={probe.timeout_s}",
+        f"{prefix}_FAILURES={probe.failure_threshold}",
+        f"{prefix}_DELAY={delay}",
+    ]
 
 
 def compile_pod(deployment: Deployment, pod_name: str, timing: Timing = Timing()) -> dict[str, str]:
     """podrt's spec directory for one pod of `deployment`: file name -> content."""
     files = {"pod": f"POD={pod_name}\nN={len(deployment.containers)}\n"}
     for index, container in enumerate(deployment.containers):
-        conf = [f"NAME={container.name}", f"IMAGE={container.program}",
-                f"MEM_MAX={container.memory_limit_bytes if container.memory_limit_bytes is not None else 'max'}",
-                *_probe_conf("LIVE", container.liveness, timing), *_probe_conf("READY", container.readiness, timing)]
+        conf = [
+            f"NAME={container.name}",
+            f"IMAGE={container.program}",
+            f"MEM_MAX={container.memory_limit_bytes if container.memory_limit_bytes is not None else 'max'}",
+            *_probe_conf("LIVE", container.liveness, timing),
+            *_probe_conf("READY", container.readiness, timing),
+        ]
         files[f"c{index}.conf"] = "\n".join(conf) + "\n"
-        files[f"c{index}.env"] = "".join(f"export {k}={shlex.quote(v)}\n" for k, v in container.env.items()
-                                         if re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", k))
+        files[f"c{index}.env"] = "".join(
+            f"export {k}={shlex.quote(v)}\n"
+            for k, v in container.env.items()
+            if re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", k)
+        )
     return files

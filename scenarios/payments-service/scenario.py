@@ -84,8 +84,14 @@ def _container_block(lines: list[str], name: str) -> tuple[int, int]:
     """Line range [start, end) of the container `- name: NAME` in a manifest."""
     start = next(i for i, line in enumerate(lines) if re.match(rf"^\s*- name:\s*{re.escape(name)}\s*$", line))
     indent = len(lines[start]) - len(lines[start].lstrip())
-    end = next((i for i in range(start + 1, len(lines))
-                if lines[i].strip() and len(lines[i]) - len(lines[i].lstrip()) <= indent), len(lines))
+    end = next(
+        (
+            i
+            for i in range(start + 1, len(lines))
+            if lines[i].strip() and len(lines[i]) - len(lines[i].lstrip()) <= indent
+        ),
+        len(lines),
+    )
     return start, end
 
 
@@ -102,8 +108,9 @@ def _replace_after(lines: list[str], start: int, end: int, anchor: str, key: str
     return False
 
 
-def reference_fix(text: str, status: dict[str, Any] | None, events: list[dict[str, Any]], fix_memory: bool,
-                  fix_probe: bool) -> tuple[str, list[str]]:
+def reference_fix(
+    text: str, status: dict[str, Any] | None, events: list[dict[str, Any]], fix_memory: bool, fix_probe: bool
+) -> tuple[str, list[str]]:
     """What a careful engineer does after `kubectl describe`: raise an OOMKilled container's limit above its
     workload's need, and point a liveness probe that gets "connection refused" at the port the container
     declares. Returns the new text and a note per change."""
@@ -111,8 +118,11 @@ def reference_fix(text: str, status: dict[str, Any] | None, events: list[dict[st
     lines = text.splitlines()
     notes: list[str] = []
     oom = {c["name"] for c in (status or {}).get("containers", []) if c.get("last_reason") == "OOMKilled"}
-    oom |= {e["message"].split()[1] for e in events if e.get("reason") == "OOMKilled" and
-            len(e.get("message", "").split()) > 1}
+    oom |= {
+        e["message"].split()[1]
+        for e in events
+        if e.get("reason") == "OOMKilled" and len(e.get("message", "").split()) > 1
+    }
     refused = any(e.get("reason") == "Unhealthy" and "Liveness" in e.get("message", "") for e in events)
     for c in deployment.containers:
         start, end = _container_block(lines, c.name)
@@ -132,8 +142,12 @@ def reference_fix(text: str, status: dict[str, Any] | None, events: list[dict[st
 def unified_diff(before: dict[str, str], after: dict[str, str]) -> str:
     out: list[str] = []
     for name in sorted(set(before) | set(after)):
-        out += difflib.unified_diff(before.get(name, "").splitlines(keepends=True),
-                                    after.get(name, "").splitlines(keepends=True), f"a/{name}", f"b/{name}")
+        out += difflib.unified_diff(
+            before.get(name, "").splitlines(keepends=True),
+            after.get(name, "").splitlines(keepends=True),
+            f"a/{name}",
+            f"b/{name}",
+        )
     return "".join(out)
 
 
@@ -146,8 +160,11 @@ def count_model_calls(records: list[dict[str, Any]], sandbox_id: str) -> dict[st
     hosts: dict[str, int] = {}
     for r in requests + opaque:
         hosts[str(r.get("host"))] = hosts.get(str(r.get("host")), 0) + 1
-    return {"total": len(requests) + len(opaque), "by_host": hosts,
-            "denied": sum(1 for r in mine if r.get("decision") == "deny")}
+    return {
+        "total": len(requests) + len(opaque),
+        "by_host": hosts,
+        "denied": sum(1 for r in mine if r.get("decision") == "deny"),
+    }
 
 
 class PaymentsService:
@@ -168,16 +185,21 @@ class PaymentsService:
     # -- setup -------------------------------------------------------------------------------------------------
     def setup(self, ctx: Any) -> None:
         o = self.options
-        ctx.data.update(target="kubernetes" if o.get("kube_context") else "embedded",
-                        fixer="agent" if o.get("agent") else o["fixer"], agent_command=o.get("agent"),
-                        timings={k: o[k] for k in DEFAULTS if k not in ("fixer", "kubeconfig")},
-                        timeline=[], events=[])
+        ctx.data.update(
+            target="kubernetes" if o.get("kube_context") else "embedded",
+            fixer="agent" if o.get("agent") else o["fixer"],
+            agent_command=o.get("agent"),
+            timings={k: o[k] for k in DEFAULTS if k not in ("fixer", "kubeconfig")},
+            timeline=[],
+            events=[],
+        )
         originals = {name: (HERE / name).read_text() for name in MANIFEST_FILES}
         with ctx.journal.activity("seed-broken-deployment") as step:
             if o.get("kube_context"):
                 if o.get("agent"):
-                    raise ValueError("--agent runs inside an embedded sandbox; with --kube-context use a built-in "
-                                     "fixer")
+                    raise ValueError(
+                        "--agent runs inside an embedded sandbox; with --kube-context use a built-in fixer"
+                    )
                 kube = load_sibling("kube")
                 cluster = kube.KubeCluster.from_context(o["kube_context"], o.get("kubeconfig"))
                 local = ctx.run_dir / "manifests"
@@ -191,11 +213,14 @@ class PaymentsService:
                 self._boot(ctx)
                 self.target = embedded.EmbeddedCluster(
                     self.sandbox,
-                    embedded.RuntimeSettings(backoff_base_s=int(o["backoff_base_s"]),
-                                             backoff_max_s=int(o["backoff_max_s"])),
-                    manifests.Timing(probe_period_s=o["probe_period_s"],
-                                     probe_initial_delay_s=o["probe_initial_delay_s"]),
-                    "payments-service")
+                    embedded.RuntimeSettings(
+                        backoff_base_s=int(o["backoff_base_s"]), backoff_max_s=int(o["backoff_max_s"])
+                    ),
+                    manifests.Timing(
+                        probe_period_s=o["probe_period_s"], probe_initial_delay_s=o["probe_initial_delay_s"]
+                    ),
+                    "payments-service",
+                )
                 self.target.install(originals)
                 pod = self.target.sync()
                 self.target.start()
@@ -210,8 +235,9 @@ class PaymentsService:
 
         mem = max(int(ctx.option("mem_mib", GUEST_MEM_MIB)), MIN_GUEST_MEM_MIB)
         ctx.data["guest_mem_mib"] = mem
-        gateway = GatewayConfig(policy="balanced", audit_path=ctx.run_dir / "gateway-audit.jsonl",
-                                state_dir=ctx.run_dir / "gateway")
+        gateway = GatewayConfig(
+            policy="balanced", audit_path=ctx.run_dir / "gateway-audit.jsonl", state_dir=ctx.run_dir / "gateway"
+        )
         self.fleet = self.stack.enter_context(ctx.fleet(gateway, mem_mib=mem))
         self.sandbox = ctx.boot(self.fleet, "payments")
 
@@ -219,22 +245,39 @@ class PaymentsService:
     def _observe(self, ctx: Any, phase: str) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
         status, events = self.target.observe()
         if status is not None:
-            ctx.data["timeline"].append({
-                "t_s": round(time.monotonic() - self.t0, 2), "phase": phase, "pod": status["pod"]["name"],
-                "ready": status["pod"]["ready"], "restarts": status["pod"]["restarts"],
-                "status": status["pod"]["status"],
-                "containers": {c["name"]: {k: c.get(k) for k in ("state", "reason", "ready", "restarts",
-                                                                  "last_reason", "memory_current")}
-                               for c in status["containers"]}})
+            ctx.data["timeline"].append(
+                {
+                    "t_s": round(time.monotonic() - self.t0, 2),
+                    "phase": phase,
+                    "pod": status["pod"]["name"],
+                    "ready": status["pod"]["ready"],
+                    "restarts": status["pod"]["restarts"],
+                    "status": status["pod"]["status"],
+                    "containers": {
+                        c["name"]: {
+                            k: c.get(k)
+                            for k in ("state", "reason", "ready", "restarts", "last_reason", "memory_current")
+                        }
+                        for c in status["containers"]
+                    },
+                }
+            )
         return status, events
 
     def steady_state(self, ctx: Any) -> dict[str, Any] | None:
         if self.grade is None:
             status, _ = self.target.observe()
-            return {"met": status is not None, "hypothesis": "the sandbox, its pod runtime and the seeded "
-                    "payments-service Deployment are up", "pod": status and status["pod"]}
-        return {"met": self.grade.passed, "hypothesis": "payments-service is Ready n/n with zero restarts over "
-                f"a {self.options['soak_s']:g} s soak after the fix", "grade": self.grade.summary}
+            return {
+                "met": status is not None,
+                "hypothesis": "the sandbox, its pod runtime and the seeded payments-service Deployment are up",
+                "pod": status and status["pod"],
+            }
+        return {
+            "met": self.grade.passed,
+            "hypothesis": "payments-service is Ready n/n with zero restarts over "
+            f"a {self.options['soak_s']:g} s soak after the fix",
+            "grade": self.grade.summary,
+        }
 
     # -- run ---------------------------------------------------------------------------------------------------
     def run(self, ctx: Any) -> None:
@@ -251,8 +294,14 @@ class PaymentsService:
         with ctx.journal.activity("grade", "probe") as step:
             after = self.target.manifests()
             final = manifests.parse_deployment("\n---\n".join(after[n] for n in sorted(after)))
-            self.grade = grader.grade(statuses, events, final, float(o["soak_s"]), changed=after != self.before,
-                                      apply_errors=self.target.apply_errors)
+            self.grade = grader.grade(
+                statuses,
+                events,
+                final,
+                float(o["soak_s"]),
+                changed=after != self.before,
+                apply_errors=self.target.apply_errors,
+            )
             step.output = ctx.data["grade"] = {**self.grade.to_dict(), "summary": self.grade.summary}
             fix = ctx.data["fix"]
             if self.grade.ready_after_s is not None:
@@ -269,8 +318,9 @@ class PaymentsService:
             status, events = self._observe(ctx, "broken")
             reasons = {e["reason"] for e in events}
             liveness_kill = any(e["reason"] == "Killing" and "liveness" in e["message"] for e in events)
-            oom = "OOMKilled" in reasons or any(c.get("last_reason") == "OOMKilled"
-                                                for c in (status or {}).get("containers", []))
+            oom = "OOMKilled" in reasons or any(
+                c.get("last_reason") == "OOMKilled" for c in (status or {}).get("containers", [])
+            )
             if oom and liveness_kill:
                 break
             time.sleep(float(o["observe_period_s"]))
@@ -283,7 +333,8 @@ class PaymentsService:
         return {
             "observed_s": round(time.monotonic() - self.t0, 2),
             "time_to_first_oom_kill_s": round((first_oom - scheduled) / 1000, 2)
-            if first_oom is not None and scheduled is not None else None,
+            if first_oom is not None and scheduled is not None
+            else None,
             "oom_kills": sum(1 for e in events if e["reason"] == "OOMKilled"),
             "liveness_failures": sum(1 for e in events if e["reason"] == "Unhealthy" and "Liveness" in e["message"]),
             "liveness_kills": sum(1 for e in events if e["reason"] == "Killing" and "liveness" in e["message"]),
@@ -298,16 +349,24 @@ class PaymentsService:
         started = time.monotonic()
         out: dict[str, Any] = {"fixer": ctx.data["fixer"], "started_s": round(started - self.t0, 2), "notes": []}
         if o.get("agent"):
-            result = self.sandbox.exec(f"cd {embedded.GUEST_MANIFESTS} && {o['agent']}",
-                                       timeout=float(o["agent_timeout_s"]))
-            out.update(agent_rc=result.rc, agent_timed_out=result.timed_out,
-                       agent_stdout_tail=result.text[-2000:], agent_stderr_tail=result.stderr.decode(
-                           errors="replace")[-2000:])
+            result = self.sandbox.exec(
+                f"cd {embedded.GUEST_MANIFESTS} && {o['agent']}", timeout=float(o["agent_timeout_s"])
+            )
+            out.update(
+                agent_rc=result.rc,
+                agent_timed_out=result.timed_out,
+                agent_stdout_tail=result.text[-2000:],
+                agent_stderr_tail=result.stderr.decode(errors="replace")[-2000:],
+            )
         elif o["fixer"] != "none":
             for name, text in self.target.manifests().items():
-                fixed, notes = reference_fix(text, self.status_at_fix, self.events_at_fix,
-                                             fix_memory=o["fixer"] in ("reference", "memory-only"),
-                                             fix_probe=o["fixer"] in ("reference", "probe-only"))
+                fixed, notes = reference_fix(
+                    text,
+                    self.status_at_fix,
+                    self.events_at_fix,
+                    fix_memory=o["fixer"] in ("reference", "memory-only"),
+                    fix_probe=o["fixer"] in ("reference", "probe-only"),
+                )
                 if fixed != text:
                     self.target.write(name, fixed)
                 out["notes"] += notes
@@ -369,9 +428,12 @@ def terminal_summary(data: dict[str, Any]) -> str:
     """The grade with what is still broken, and the timings, from the run's saved data."""
     grade, broken, fix = data.get("grade") or {}, data.get("broken") or {}, data.get("fix") or {}
     lines = [f"grade: {grade.get('verdict')} — {grade.get('summary', '')}"]
-    lines += [f"still broken: {item['detail'] if isinstance(item, dict) else item}"
-              for item in grade.get("still_broken", [])]
-    lines.append(f"first OOM kill after {broken.get('time_to_first_oom_kill_s')} s; restarts before the fix "
-                 f"{broken.get('restarts_before_fix')}; healthy {fix.get('time_to_healthy_s')} s after the fixer "
-                 f"started; model calls {fix.get('model_calls')}")
+    lines += [
+        f"still broken: {item['detail'] if isinstance(item, dict) else item}" for item in grade.get("still_broken", [])
+    ]
+    lines.append(
+        f"first OOM kill after {broken.get('time_to_first_oom_kill_s')} s; restarts before the fix "
+        f"{broken.get('restarts_before_fix')}; healthy {fix.get('time_to_healthy_s')} s after the fixer "
+        f"started; model calls {fix.get('model_calls')}"
+    )
     return "\n".join(lines)

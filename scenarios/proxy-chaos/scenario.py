@@ -52,8 +52,10 @@ MODEL_KEY_ENV = "BR_CHAOS_MODEL_KEY"
 MODEL_KEY = "sk-ant-chaos-standin-0123456789abcdef"
 LOAD_SANDBOX = "load"
 """The gateway listener the Locust users come through (a sandbox id toxics can be scoped to)."""
-OPTIONS = {"file": "timeline YAML (default scenarios/proxy-chaos/latency-spike.yaml)",
-           "duration_s": "stretch the load beyond what the timeline needs (seconds)"}
+OPTIONS = {
+    "file": "timeline YAML (default scenarios/proxy-chaos/latency-spike.yaml)",
+    "duration_s": "stretch the load beyond what the timeline needs (seconds)",
+}
 METRICS = ("p95_ms", "p50_ms", "error_rate_pct", "rps")
 BIN_S = 1.0
 DEFAULT_USERS = 8
@@ -101,8 +103,11 @@ def load_timeline(path: Path) -> dict[str, Any]:
 def audit_figures(records: list[dict[str, Any]]) -> dict[str, float | None]:
     """Model-API figures from audit records: latency (duration_ms) of 2xx, share of the rest."""
     model = [r for r in records if r.get("host") == MODEL_HOST and r.get("event") == "request"]
-    ok = [float(r["duration_ms"]) for r in model
-          if r.get("decision") == "allow" and 200 <= int(r.get("status") or 0) < 300 and r.get("duration_ms")]
+    ok = [
+        float(r["duration_ms"])
+        for r in model
+        if r.get("decision") == "allow" and 200 <= int(r.get("status") or 0) < 300 and r.get("duration_ms")
+    ]
     total = len(model)
     return {
         "requests": total,
@@ -135,10 +140,15 @@ def series(points: list[tuple[float, float, bool]], start: float, end: float) ->
     for index in range(math.ceil((end - start) / BIN_S)):
         group = bins.get(index, [])
         good = [ms for ms, ok in group if ok]
-        rows.append([round(index * BIN_S, 2), round(len(group) / BIN_S, 2),
-                     round(percentile(good, 50), 3) if good else None,
-                     round(percentile(good, 95), 3) if good else None,
-                     round(100.0 * (len(group) - len(good)) / len(group), 2) if group else None])
+        rows.append(
+            [
+                round(index * BIN_S, 2),
+                round(len(group) / BIN_S, 2),
+                round(percentile(good, 50), 3) if good else None,
+                round(percentile(good, 95), 3) if good else None,
+                round(100.0 * (len(group) - len(good)) / len(group), 2) if group else None,
+            ]
+        )
     return rows
 
 
@@ -175,9 +185,12 @@ class ChaosScenario:
         policy = ctx.run_dir / "proxy-chaos-policy.yaml"
         policy.write_text(POLICY)
         config = GatewayConfig(
-            policy=policy, audit_path=ctx.run_dir / "gateway-audit.jsonl", state_dir=ctx.run_dir / "gateway",
+            policy=policy,
+            audit_path=ctx.run_dir / "gateway-audit.jsonl",
+            state_dir=ctx.run_dir / "gateway",
             credentials=[CredentialSpec("anthropic", MODEL_HOST, "x-api-key", env=MODEL_KEY_ENV)],
-            upstream_overrides=self.upstream.overrides((MODEL_HOST,)), upstream_ca_file=self.upstream.ca_file,
+            upstream_overrides=self.upstream.overrides((MODEL_HOST,)),
+            upstream_ca_file=self.upstream.ca_file,
             extra_env={MODEL_KEY_ENV: MODEL_KEY},
         )
         self.fleet = ctx.keep(ctx.fleet(config))
@@ -195,15 +208,28 @@ class ChaosScenario:
         bundle.write_bytes(self.gateway.ca_cert_pem() + b"\n" + self.upstream.ca_file.read_bytes())
         load = self.spec["load"]
         steady = self.spec["steady_state"]
-        duration = (2 * float(steady["window_s"]) + self.timeline_s() + float(self.spec["recovery_s"])
-                    + LOAD_SLACK_S)
+        duration = 2 * float(steady["window_s"]) + self.timeline_s() + float(self.spec["recovery_s"]) + LOAD_SLACK_S
         duration = max(duration, float(ctx.option("duration_s", 0)))
         users = int(load.get("users", DEFAULT_USERS))
-        plan = LoadPlan(target="gateway-chaos", proxy=("127.0.0.1", port), urls={"model": MODEL_URL},
-                        ca_file=str(bundle), samples_dir="", user_rps=float(load.get("user_rps", DEFAULT_USER_RPS)),
-                        headers={"model": {"x-api-key": "proxy-managed"}}, timeout_s=REQUEST_TIMEOUT_S)
-        phase = PhaseSpec(name="chaos", users=users, spawn_rate=users, warmup_s=0.0, duration_s=duration,
-                          traffic=("model",), workers=0)
+        plan = LoadPlan(
+            target="gateway-chaos",
+            proxy=("127.0.0.1", port),
+            urls={"model": MODEL_URL},
+            ca_file=str(bundle),
+            samples_dir="",
+            user_rps=float(load.get("user_rps", DEFAULT_USER_RPS)),
+            headers={"model": {"x-api-key": "proxy-managed"}},
+            timeout_s=REQUEST_TIMEOUT_S,
+        )
+        phase = PhaseSpec(
+            name="chaos",
+            users=users,
+            spawn_rate=users,
+            warmup_s=0.0,
+            duration_s=duration,
+            traffic=("model",),
+            workers=0,
+        )
         out_dir = ctx.run_dir / "locust"
 
         def run() -> None:
@@ -236,20 +262,35 @@ class ChaosScenario:
             start = time.time()
             time.sleep(window)
             end = time.time()
-            records = [r for r in read_audit(self.gateway.audit_path)
-                       if r.get("sandbox") == LOAD_SANDBOX and start <= float(r["ts"]) <= end]
+            records = [
+                r
+                for r in read_audit(self.gateway.audit_path)
+                if r.get("sandbox") == LOAD_SANDBOX and start <= float(r["ts"]) <= end
+            ]
             figures = audit_figures(records)
             figures["rps"] = round(figures["requests"] / window, 2) if figures["requests"] else 0.0
             probes = []
             for probe in steady["probes"]:
                 value = figures.get(probe["metric"])
                 met = value is not None and float(value) < float(probe["below"])
-                probes.append({"name": probe.get("name", probe["metric"]), "metric": probe["metric"],
-                               "value": value, "tolerance": f"< {probe['below']}", "met": met})
+                probes.append(
+                    {
+                        "name": probe.get("name", probe["metric"]),
+                        "metric": probe["metric"],
+                        "value": value,
+                        "tolerance": f"< {probe['below']}",
+                        "met": met,
+                    }
+                )
             act.output = {"figures": figures, "probes": probes}
         self.windows.append({"when": when, "start": start, "end": end})
-        return {"met": all(p["met"] for p in probes), "probes": probes, "figures": figures,
-                "window_s": window, "source": "gateway audit log"}
+        return {
+            "met": all(p["met"] for p in probes),
+            "probes": probes,
+            "figures": figures,
+            "window_s": window,
+            "source": "gateway audit log",
+        }
 
     # ---- the timeline -----------------------------------------------------------------------------
     def run(self, ctx: ScenarioContext) -> None:
@@ -282,16 +323,25 @@ class ChaosScenario:
                 off_s = round(time.time() - self.t0, 3)
                 act.output = {**(act.output or {}), "off_s": off_s, "removed": removed}
                 act.status, act.end, act.duration_s = "succeeded", now(), round(off_s - act.output["on_s"], 3)
-                windows.append({"name": fault["name"], "type": fault["toxic"]["type"], "on_s": act.output["on_s"],
-                                "off_s": off_s, "toxic": act.output["toxic"]})
+                windows.append(
+                    {
+                        "name": fault["name"],
+                        "type": fault["toxic"]["type"],
+                        "on_s": act.output["on_s"],
+                        "off_s": off_s,
+                        "toxic": act.output["toxic"],
+                    }
+                )
             ctx.save()
         ctx.data["chaos"] = {"title": self.spec["title"], "file": str(self.file), "faults": windows}
 
     def rollback(self, ctx: ScenarioContext) -> None:
         """Clear every toxic, let the load finish, and collect; the runner then stops the fleet and stand-in."""
         with ctx.journal.activity("clear-toxics", "rollback") as act:
-            act.output = {"removed": self.gateway.clear_toxics() if self.fleet else [],
-                          "applied": self.gateway.toxics()["applied"] if self.fleet else {}}
+            act.output = {
+                "removed": self.gateway.clear_toxics() if self.fleet else [],
+                "applied": self.gateway.toxics()["applied"] if self.fleet else {},
+            }
             applied = act.output["applied"]
         with ctx.journal.activity("wait-for-load", "rollback"):
             if self.load_thread is not None:
@@ -312,20 +362,32 @@ class ChaosScenario:
         for s in samples:
             if s.failure:
                 failures[s.failure] = failures.get(s.failure, 0) + 1
-        audit = [r for r in read_audit(self.gateway.audit_path if self.fleet else Path("/nonexistent"))
-                 if r.get("sandbox") == LOAD_SANDBOX and r.get("host") == MODEL_HOST and r.get("event") == "request"]
-        gateway_points = [(float(r["ts"]), float(r.get("duration_ms") or 0.0),
-                           r.get("decision") == "allow" and 200 <= int(r.get("status") or 0) < 300) for r in audit]
+        audit = [
+            r
+            for r in read_audit(self.gateway.audit_path if self.fleet else Path("/nonexistent"))
+            if r.get("sandbox") == LOAD_SANDBOX and r.get("host") == MODEL_HOST and r.get("event") == "request"
+        ]
+        gateway_points = [
+            (
+                float(r["ts"]),
+                float(r.get("duration_ms") or 0.0),
+                r.get("decision") == "allow" and 200 <= int(r.get("status") or 0) < 300,
+            )
+            for r in audit
+        ]
         data.update(
             origin=origin,
             load_offset_s=round(first - origin, 3),
             client_series=[[round(row[0] + first - origin, 2), *row[1:]] for row in series(client, first, last)],
-            gateway_series=[[round(row[0] + first - origin, 2), *row[1:]]
-                            for row in series(gateway_points, first, last)],
+            gateway_series=[
+                [round(row[0] + first - origin, 2), *row[1:]] for row in series(gateway_points, first, last)
+            ],
             columns=["t_s", "rps", "p50_ms", "p95_ms", "error_pct"],
             client_failures=failures,
-            steady_windows=[{"when": w["when"], "start_s": round(w["start"] - origin, 3),
-                             "end_s": round(w["end"] - origin, 3)} for w in self.windows],
+            steady_windows=[
+                {"when": w["when"], "start_s": round(w["start"] - origin, 3), "end_s": round(w["end"] - origin, 3)}
+                for w in self.windows
+            ],
             toxics_applied=applied,
             load={k: v for k, v in self.load_result.items() if k not in ("timeline", "history")},
             steady_state_held=None,
@@ -344,5 +406,7 @@ def terminal_summary(data: dict[str, Any]) -> str:
     """Whether the steady state held, and the faults that ran, from the run's saved data."""
     chaos = data.get("chaos") or {}
     faults = ", ".join(f"{f['name']} ({f['type']}, {f['on_s']} to {f['off_s']} s)" for f in chaos.get("faults", []))
-    return f"{chaos.get('title', 'proxy-chaos')}: faults {faults or 'none'}; " \
-           f"steady state held: {chaos.get('steady_state_held')}"
+    return (
+        f"{chaos.get('title', 'proxy-chaos')}: faults {faults or 'none'}; "
+        f"steady state held: {chaos.get('steady_state_held')}"
+    )

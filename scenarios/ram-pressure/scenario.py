@@ -36,8 +36,10 @@ WORKLOADS = ("none", "burst", "hold")
 """none: idle guests; burst: each guest allocates and frees burst_mib once (what reclaim can give back);
 hold: each guest keeps hold_mib allocated (payments-service's ~150Mi by default)."""
 
-ALLOC_AWK = ('awk -v mib={mib} \'BEGIN {{ chunk = sprintf("%1048576s", ""); '
-             'for (i = 0; i < mib; i++) heap[i] = chunk i{hold} }}\'')
+ALLOC_AWK = (
+    'awk -v mib={mib} \'BEGIN {{ chunk = sprintf("%1048576s", ""); '
+    "for (i = 0; i < mib; i++) heap[i] = chunk i{hold} }}'"
+)
 """Allocate and touch `mib` distinct MiB in the guest (the payments workload's allocator)."""
 
 DEFAULTS: dict[str, Any] = {
@@ -74,15 +76,18 @@ def default_floor_bytes() -> int:
     return max(MIN_FLOOR_MIB * MIB, int(total * FLOOR_FRACTION))
 
 
-def stop_reason(n: int, available: int, psi: dict[str, float] | None, next_cost: int,
-                limits: Thresholds) -> tuple[str, str] | None:
+def stop_reason(
+    n: int, available: int, psi: dict[str, float] | None, next_cost: int, limits: Thresholds
+) -> tuple[str, str] | None:
     """Why the next boot must not happen, or None. Checked before each boot, so a boot that would take the
     host below the floor is never started."""
     if n >= limits.cap:
         return "cap", f"reached the cap of {limits.cap} sandboxes"
     if available - next_cost < limits.min_mem_available_bytes:
-        return "mem-available", (f"MemAvailable {available // MIB} MiB minus the next sandbox's ~{next_cost // MIB} "
-                                 f"MiB would fall below the {limits.min_mem_available_bytes // MIB} MiB floor")
+        return "mem-available", (
+            f"MemAvailable {available // MIB} MiB minus the next sandbox's ~{next_cost // MIB} "
+            f"MiB would fall below the {limits.min_mem_available_bytes // MIB} MiB floor"
+        )
     if psi is not None and psi.get("some_avg10", 0.0) > limits.max_psi_some_avg10:
         return "psi", f"memory PSI some avg10 {psi['some_avg10']:.2f}% > {limits.max_psi_some_avg10:g}%"
     return None
@@ -99,20 +104,32 @@ class RamPressure:
 
     def setup(self, ctx: Any) -> None:
         o = self.options
-        floor = (int(o["min_mem_available_mib"]) * MIB if o["min_mem_available_mib"] is not None
-                 else default_floor_bytes())
+        floor = (
+            int(o["min_mem_available_mib"]) * MIB if o["min_mem_available_mib"] is not None else default_floor_bytes()
+        )
         self.limits = Thresholds(floor, float(o["max_psi_some_avg10"]), int(o["max_sandboxes"]))
         settings = {"on": [True], "off": [False], "both": [True, False]}[str(o["reclaim"])]
         self.settings = settings
-        ctx.data.update(thresholds={"min_mem_available_bytes": floor, "max_psi_some_avg10": self.limits
-                                    .max_psi_some_avg10, "cap": self.limits.cap},
-                        workload={"kind": o["workload"], "burst_mib": o["burst_mib"], "hold_mib": o["hold_mib"]},
-                        guest_mem_mib=ctx.template.mem_mib, settle_s=o["settle_s"], arms=self.arms)
+        ctx.data.update(
+            thresholds={
+                "min_mem_available_bytes": floor,
+                "max_psi_some_avg10": self.limits.max_psi_some_avg10,
+                "cap": self.limits.cap,
+            },
+            workload={"kind": o["workload"], "burst_mib": o["burst_mib"], "hold_mib": o["hold_mib"]},
+            guest_mem_mib=ctx.template.mem_mib,
+            settle_s=o["settle_s"],
+            arms=self.arms,
+        )
 
     def steady_state(self, ctx: Any) -> dict[str, Any] | None:
         available, psi = mem_available_bytes(), memory_pressure()
-        return {"met": True, "mem_available_bytes": available, "psi": psi,
-                "hypothesis": "the host is not under memory pressure before and after the ramps"}
+        return {
+            "met": True,
+            "mem_available_bytes": available,
+            "psi": psi,
+            "hypothesis": "the host is not under memory pressure before and after the ramps",
+        }
 
     def run(self, ctx: Any) -> None:
         for reclaim in self.settings:
@@ -134,8 +151,14 @@ class RamPressure:
     def _ramp(self, ctx: Any, reclaim: bool) -> dict[str, Any]:
         o = self.options
         label = "on" if reclaim else "off"
-        arm: dict[str, Any] = {"reclaim": reclaim, "steps": [], "stop": None, "density_limit": 0,
-                               "marginal_mib_per_sandbox": None, "baseline_mem_available_bytes": None}
+        arm: dict[str, Any] = {
+            "reclaim": reclaim,
+            "steps": [],
+            "stop": None,
+            "density_limit": 0,
+            "marginal_mib_per_sandbox": None,
+            "baseline_mem_available_bytes": None,
+        }
         self.arms.append(arm)
         next_cost = (ctx.template.mem_mib + VMM_OVERHEAD_MIB) * MIB
         started = time.monotonic()
@@ -147,15 +170,25 @@ class RamPressure:
                 available, psi = mem_available_bytes(), memory_pressure()
                 reason = stop_reason(n, available, psi, next_cost, self.limits)
                 if reason is not None:
-                    arm["stop"] = {"reason": reason[0], "detail": reason[1], "n": n,
-                                   "mem_available_bytes": available, "psi": psi}
+                    arm["stop"] = {
+                        "reason": reason[0],
+                        "detail": reason[1],
+                        "n": n,
+                        "mem_available_bytes": available,
+                        "psi": psi,
+                    }
                     break
                 sandbox_id = f"{label}-{n + 1:02d}"
                 try:
                     sandbox = ctx.boot(fleet, sandbox_id)
                 except BootFailed as exc:
-                    arm["stop"] = {"reason": "boot-failed", "detail": f"{sandbox_id}: {exc.reason}", "n": n,
-                                   "mem_available_bytes": mem_available_bytes(), "psi": memory_pressure()}
+                    arm["stop"] = {
+                        "reason": "boot-failed",
+                        "detail": f"{sandbox_id}: {exc.reason}",
+                        "n": n,
+                        "mem_available_bytes": mem_available_bytes(),
+                        "psi": memory_pressure(),
+                    }
                     break
                 n += 1
                 self._workload(sandbox)
@@ -168,11 +201,19 @@ class RamPressure:
                 # The next boot is expected to cost what the ramp has measured so far, never less than the PSS
                 # the newest sandbox already holds.
                 next_cost = max(int(marginal), pss.get(sandbox_id, 0))
-                arm["steps"].append({
-                    "n": n, "t_s": round(time.monotonic() - started, 2), "mem_available_bytes": available,
-                    "psi": memory_pressure(), "pss_bytes": pss, "pss_total_bytes": sum(pss.values()),
-                    "newest": sandbox_id, "newest_boot_ms": sandbox.boot.boot_ms,
-                    "marginal_bytes_per_sandbox": int(marginal)})
+                arm["steps"].append(
+                    {
+                        "n": n,
+                        "t_s": round(time.monotonic() - started, 2),
+                        "mem_available_bytes": available,
+                        "psi": memory_pressure(),
+                        "pss_bytes": pss,
+                        "pss_total_bytes": sum(pss.values()),
+                        "newest": sandbox_id,
+                        "newest_boot_ms": sandbox.boot.boot_ms,
+                        "marginal_bytes_per_sandbox": int(marginal),
+                    }
+                )
                 ctx.save()
         arm["density_limit"] = n
         if arm["steps"]:
@@ -182,8 +223,9 @@ class RamPressure:
             # Where MemAvailable would hit the floor at the measured marginal cost: the limit this host would
             # reach without a cap.
             if last["marginal_bytes_per_sandbox"] > 0:
-                arm["projected_limit"] = int((baseline - self.limits.min_mem_available_bytes)
-                                             // last["marginal_bytes_per_sandbox"])
+                arm["projected_limit"] = int(
+                    (baseline - self.limits.min_mem_available_bytes) // last["marginal_bytes_per_sandbox"]
+                )
         return arm
 
     def rollback(self, ctx: Any) -> None:
@@ -213,7 +255,9 @@ def terminal_summary(data: dict[str, Any]) -> str:
     lines = []
     for arm in data.get("arms", []):
         stop = arm.get("stop") or {}
-        lines.append(f"reclaim {arm.get('reclaim')}: stopped at N={stop.get('n')} ({stop.get('reason')}: "
-                     f"{stop.get('detail')}); marginal {arm.get('marginal_mib_per_sandbox')} MiB per sandbox, "
-                     f"PSS {arm.get('pss_mib_per_sandbox')} MiB per sandbox")
+        lines.append(
+            f"reclaim {arm.get('reclaim')}: stopped at N={stop.get('n')} ({stop.get('reason')}: "
+            f"{stop.get('detail')}); marginal {arm.get('marginal_mib_per_sandbox')} MiB per sandbox, "
+            f"PSS {arm.get('pss_mib_per_sandbox')} MiB per sandbox"
+        )
     return "\n".join(lines) or "no arm ran"

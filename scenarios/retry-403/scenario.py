@@ -112,15 +112,19 @@ def status_of(answer: bytes) -> int:
 
 
 def blocked_request(cell: str, client: str) -> bytes:
-    return (f"GET http://{BLOCKED_HOST}/retry403/{cell} HTTP/1.1\r\nHost: {BLOCKED_HOST}\r\n"
-            f"User-Agent: br-{client}\r\nConnection: close\r\n\r\n").encode()
+    return (
+        f"GET http://{BLOCKED_HOST}/retry403/{cell} HTTP/1.1\r\nHost: {BLOCKED_HOST}\r\n"
+        f"User-Agent: br-{client}\r\nConnection: close\r\n\r\n"
+    ).encode()
 
 
 def model_request(cell: str) -> bytes:
     body = b'{"model":"stand-in","max_tokens":64,"messages":[{"role":"user","content":"the request failed, retry?"}]}'
-    head = (f"POST http://{MODEL_HOST}/v1/messages/{cell} HTTP/1.1\r\nHost: {MODEL_HOST}\r\n"
-            f"x-api-key: proxy-managed\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
-            "Connection: close\r\n\r\n")
+    head = (
+        f"POST http://{MODEL_HOST}/v1/messages/{cell} HTTP/1.1\r\nHost: {MODEL_HOST}\r\n"
+        f"x-api-key: proxy-managed\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+        "Connection: close\r\n\r\n"
+    )
     return head.encode() + body
 
 
@@ -177,10 +181,20 @@ class AuditTail:
 
 def count_cell(records: list[dict[str, Any]], cell: str | None, sandboxes: set[str]) -> dict[str, Any]:
     """Blocked-host requests, the answers they got, model calls and loop trips, per the gateway."""
-    blocked = [r for r in records if r.get("sandbox") in sandboxes and r.get("host") == BLOCKED_HOST
-               and (cell is None or r.get("path") == f"/retry403/{cell}")]
-    model = [r for r in records if r.get("sandbox") in sandboxes and r.get("host") == MODEL_HOST
-             and (cell is None or r.get("path") == f"/v1/messages/{cell}")]
+    blocked = [
+        r
+        for r in records
+        if r.get("sandbox") in sandboxes
+        and r.get("host") == BLOCKED_HOST
+        and (cell is None or r.get("path") == f"/retry403/{cell}")
+    ]
+    model = [
+        r
+        for r in records
+        if r.get("sandbox") in sandboxes
+        and r.get("host") == MODEL_HOST
+        and (cell is None or r.get("path") == f"/v1/messages/{cell}")
+    ]
     decisions = [r for r in blocked if r.get("event") != "retry_loop_detected"]
     answers: dict[str, int] = {}
     for rec in decisions:
@@ -227,13 +241,19 @@ class RetryScenario:
         policy = ctx.run_dir / "retry-403-policy.yaml"
         policy.write_text(POLICY)
         config = GatewayConfig(
-            policy=policy, deny_mode="403", loop_threshold=int(self.opt(ctx, "threshold")),
-            loop_window_s=LOOP_WINDOW_S, audit_path=ctx.run_dir / "gateway-audit.jsonl",
+            policy=policy,
+            deny_mode="403",
+            loop_threshold=int(self.opt(ctx, "threshold")),
+            loop_window_s=LOOP_WINDOW_S,
+            audit_path=ctx.run_dir / "gateway-audit.jsonl",
             state_dir=ctx.run_dir / "gateway",
-            credentials=[CredentialSpec("anthropic", MODEL_HOST, "x-api-key", port=80, env=MODEL_KEY_ENV),
-                         CredentialSpec("anthropic-tls", MODEL_HOST, "x-api-key", port=443, env=MODEL_KEY_ENV)],
+            credentials=[
+                CredentialSpec("anthropic", MODEL_HOST, "x-api-key", port=80, env=MODEL_KEY_ENV),
+                CredentialSpec("anthropic-tls", MODEL_HOST, "x-api-key", port=443, env=MODEL_KEY_ENV),
+            ],
             upstream_overrides=self.upstream.overrides((MODEL_HOST, BLOCKED_HOST)),
-            upstream_ca_file=self.upstream.ca_file, extra_env={MODEL_KEY_ENV: MODEL_KEY},
+            upstream_ca_file=self.upstream.ca_file,
+            extra_env={MODEL_KEY_ENV: MODEL_KEY},
         )
         self.fleet = ctx.keep(ctx.fleet(config))
         with ctx.journal.activity("open-host-client-listeners") as act:
@@ -257,26 +277,39 @@ class RetryScenario:
             port = next(iter(self.host_ports.values()))
             status = status_of(http_exchange(port, model_request("steady-state")))
             act.output = {"status": status}
-        return {"met": status == 200, "probes": [{"name": "model-api-answers-200", "value": status,
-                                                   "tolerance": 200, "met": status == 200}]}
+        return {
+            "met": status == 200,
+            "probes": [{"name": "model-api-answers-200", "value": status, "tolerance": 200, "met": status == 200}],
+        }
 
     def run(self, ctx: ScenarioContext) -> None:
         tail = AuditTail(self.gateway.audit_path)
         tail.new()  # setup's records are not any cell's
         threshold = int(self.opt(ctx, "threshold"))
-        data: dict[str, Any] = {"threshold": threshold, "window_s": LOOP_WINDOW_S,
-                                "caps": {"guest": GUEST_CAP, "host": HOST_CAP, "backoff": BACKOFF_CAP},
-                                "clients": list(CLIENTS), "deny_modes": list(DENY_MODES),
-                                "breakers": list(BREAKER), "cells": self.cells, "collateral": {},
-                                "breaker_ends_naive": [], "agent": None}
+        data: dict[str, Any] = {
+            "threshold": threshold,
+            "window_s": LOOP_WINDOW_S,
+            "caps": {"guest": GUEST_CAP, "host": HOST_CAP, "backoff": BACKOFF_CAP},
+            "clients": list(CLIENTS),
+            "deny_modes": list(DENY_MODES),
+            "breakers": list(BREAKER),
+            "cells": self.cells,
+            "collateral": {},
+            "breaker_ends_naive": [],
+            "agent": None,
+        }
         ctx.data["retry403"] = data
         for mode in DENY_MODES:
             data["collateral"][mode] = {}
             for breaker in BREAKER:
                 # Off keeps the answer at 429 so the next "on" setting starts from the default.
-                self.gateway.set_deny(deny_mode=mode, loop_breaker=breaker != BREAKER_OFF, loop_threshold=threshold,
-                                      loop_window_s=LOOP_WINDOW_S,
-                                      loop_answer=BREAKER_429 if breaker == BREAKER_OFF else breaker)
+                self.gateway.set_deny(
+                    deny_mode=mode,
+                    loop_breaker=breaker != BREAKER_OFF,
+                    loop_threshold=threshold,
+                    loop_window_s=LOOP_WINDOW_S,
+                    loop_answer=BREAKER_429 if breaker == BREAKER_OFF else breaker,
+                )
                 setting = f"{mode}/breaker-{breaker}"
                 for client in CLIENTS:
                     for where in ("guest", "host") if self.guests else ("host",):
@@ -302,8 +335,12 @@ class RetryScenario:
             sandboxes = {g.id for g in self.guests}
         else:
             with ThreadPoolExecutor(max_workers=len(self.host_ports)) as pool:
-                runs = list(pool.map(lambda item: run_host_client(client, item[1][1], cell_id, cap, item[0]),
-                                     enumerate(self.host_ports.items())))
+                runs = list(
+                    pool.map(
+                        lambda item: run_host_client(client, item[1][1], cell_id, cap, item[0]),
+                        enumerate(self.host_ports.items()),
+                    )
+                )
             sandboxes = set(self.host_ports)
         wall = time.monotonic() - started
         counts = count_cell(tail.new(), cell_id, sandboxes)
@@ -312,8 +349,14 @@ class RetryScenario:
         for run in runs:
             gave_up[run["reason"]] = gave_up.get(run["reason"], 0) + 1
         cell = {
-            "where": where, "client": client, "deny_mode": mode, "breaker": breaker, "cell": cell_id, "cap": cap,
-            "instances": instances, **counts,
+            "where": where,
+            "client": client,
+            "deny_mode": mode,
+            "breaker": breaker,
+            "cell": cell_id,
+            "cap": cap,
+            "instances": instances,
+            **counts,
             "blocked_per_client": round(counts["blocked_requests"] / max(1, instances), 2),
             "model_calls_per_client": round(counts["model_calls"] / max(1, instances), 2),
             "client_attempts": sum(r["attempts"] for r in runs),
@@ -328,8 +371,10 @@ class RetryScenario:
         return cell
 
     def _guest_runs(self, client: str, cell_id: str, cap: int) -> list[dict[str, Any]]:
-        env = (f"CLIENT={client} CAP={cap} CELL={cell_id} BLOCKED={BLOCKED_HOST} MODEL={MODEL_HOST} "
-               f"BASE_MS={BACKOFF_BASE_MS} MAX_MS={BACKOFF_MAX_MS} PROXY='{GUEST_PROXY}'")
+        env = (
+            f"CLIENT={client} CAP={cap} CELL={cell_id} BLOCKED={BLOCKED_HOST} MODEL={MODEL_HOST} "
+            f"BASE_MS={BACKOFF_BASE_MS} MAX_MS={BACKOFF_MAX_MS} PROXY='{GUEST_PROXY}'"
+        )
 
         def one(guest: Sandbox) -> dict[str, Any]:
             res = guest.exec(f"{env} sh {GUEST_SCRIPT}", timeout=cap * GUEST_ITERATION_BUDGET_S + GUEST_SLACK_S)
@@ -345,21 +390,35 @@ class RetryScenario:
         """The user's own agent, inside each sandbox; counted per sandbox from the audit log."""
         cell_id = f"agent-{mode}-{breaker}"
         command = str(ctx.options["agent"])
-        env = (f"BLOCKED_URL=http://{BLOCKED_HOST}/retry403/{cell_id} MODEL_URL=http://{MODEL_HOST}/v1/messages/"
-               f"{cell_id} HTTP_PROXY=http://10.0.2.100:3128 http_proxy=http://10.0.2.100:3128")
+        env = (
+            f"BLOCKED_URL=http://{BLOCKED_HOST}/retry403/{cell_id} MODEL_URL=http://{MODEL_HOST}/v1/messages/"
+            f"{cell_id} HTTP_PROXY=http://10.0.2.100:3128 http_proxy=http://10.0.2.100:3128"
+        )
         with ctx.journal.activity(f"agent@{mode}/breaker-{breaker}") as act:
             started = time.monotonic()
             results = [g.exec(f"{env} sh -c {shell_quote(command)}", timeout=AGENT_TIMEOUT_S) for g in self.guests]
             counts = count_cell(tail.new(), None, {g.id for g in self.guests})
-            cell = {"where": "guest", "client": "custom-agent", "deny_mode": mode, "breaker": breaker,
-                    "cell": cell_id, "cap": None, "instances": len(results), **counts,
-                    "blocked_per_client": round(counts["blocked_requests"] / max(1, len(results)), 2),
-                    "model_calls_per_client": round(counts["model_calls"] / max(1, len(results)), 2),
-                    "client_attempts": None, "wall_s": round(time.monotonic() - started, 3),
-                    "gave_up": {"exited": sum(1 for r in results if not r.timed_out),
-                                "timeout": sum(1 for r in results if r.timed_out)},
-                    "stopped_before_cap": all(not r.timed_out for r in results), "ended_by_breaker": None,
-                    "exit_codes": [r.rc for r in results]}
+            cell = {
+                "where": "guest",
+                "client": "custom-agent",
+                "deny_mode": mode,
+                "breaker": breaker,
+                "cell": cell_id,
+                "cap": None,
+                "instances": len(results),
+                **counts,
+                "blocked_per_client": round(counts["blocked_requests"] / max(1, len(results)), 2),
+                "model_calls_per_client": round(counts["model_calls"] / max(1, len(results)), 2),
+                "client_attempts": None,
+                "wall_s": round(time.monotonic() - started, 3),
+                "gave_up": {
+                    "exited": sum(1 for r in results if not r.timed_out),
+                    "timeout": sum(1 for r in results if r.timed_out),
+                },
+                "stopped_before_cap": all(not r.timed_out for r in results),
+                "ended_by_breaker": None,
+                "exit_codes": [r.rc for r in results],
+            }
             self.cells.append(cell)
             act.output = {k: cell[k] for k in ("blocked_requests", "model_calls", "gave_up")}
 
@@ -369,8 +428,9 @@ class RetryScenario:
         allowed call after it down with it? (Legitimate traffic hurt by the setting.)"""
         port = next(iter(self.host_ports.values()))
         allowed = (f"GET http://{MODEL_HOST}/v1/models HTTP/1.1\r\nHost: {MODEL_HOST}\r\n\r\n").encode()
-        denied = (f"GET http://{BLOCKED_HOST}/collateral-{mode}-{breaker} HTTP/1.1\r\n"
-                  f"Host: {BLOCKED_HOST}\r\n\r\n").encode()
+        denied = (
+            f"GET http://{BLOCKED_HOST}/collateral-{mode}-{breaker} HTTP/1.1\r\nHost: {BLOCKED_HOST}\r\n\r\n"
+        ).encode()
         sequence = [allowed, *[denied] * (threshold + 1), allowed]
         statuses: list[int] = []
         try:
@@ -382,8 +442,11 @@ class RetryScenario:
         except OSError:
             pass
         statuses += [0] * (len(sequence) - len(statuses))
-        return {"statuses": statuses, "allowed_ok": sum(1 for s in (statuses[0], statuses[-1]) if s == 200),
-                "allowed_sent": 2}
+        return {
+            "statuses": statuses,
+            "allowed_ok": sum(1 for s in (statuses[0], statuses[-1]) if s == 200),
+            "allowed_sent": 2,
+        }
 
     def check(self, threshold: int) -> list[str]:
         """What must hold for the gateway to behave as designed; each failure is one line."""
@@ -393,18 +456,21 @@ class RetryScenario:
                 continue
             looped = cell["blocked_requests"] > threshold * cell["instances"]
             if cell["breaker"] != BREAKER_OFF and looped and cell["loop_trips"] < cell["instances"]:
-                failures.append(f"{cell['cell']}: looped past the threshold but the breaker tripped "
-                                f"{cell['loop_trips']} times for {cell['instances']} clients")
+                failures.append(
+                    f"{cell['cell']}: looped past the threshold but the breaker tripped "
+                    f"{cell['loop_trips']} times for {cell['instances']} clients"
+                )
             if cell["breaker"] == BREAKER_OFF and cell["loop_trips"]:
                 failures.append(f"{cell['cell']}: the breaker was off but tripped")
-            if (cell["client"] == "reads-body" and cell["deny_mode"] != "reset"
-                    and cell["blocked_per_client"] != 1):
+            if cell["client"] == "reads-body" and cell["deny_mode"] != "reset" and cell["blocked_per_client"] != 1:
                 failures.append(f"{cell['cell']}: reads-body should stop after one explained deny")
         for row in breaker_ends_naive(self.cells, threshold):
             if row["breaker"] == BREAKER_TERMINAL and row["expected"] and not row["ended"]:
-                failures.append(f"{row['where']}-naive-{row['deny_mode']}-{BREAKER_TERMINAL}: the breaker did not end "
-                                f"the naive loop ({row['blocked_per_client']} requests per client, expected "
-                                f"{threshold + 1}; gave up: {row['gave_up']})")
+                failures.append(
+                    f"{row['where']}-naive-{row['deny_mode']}-{BREAKER_TERMINAL}: the breaker did not end "
+                    f"the naive loop ({row['blocked_per_client']} requests per client, expected "
+                    f"{threshold + 1}; gave up: {row['gave_up']})"
+                )
         return failures
 
     def rollback(self, ctx: ScenarioContext) -> None:
@@ -445,13 +511,24 @@ def breaker_ends_naive(cells: list[dict[str, Any]], threshold: int) -> list[dict
     for cell in cells:
         if cell["client"] != "naive":
             continue
-        ended = (cell["stopped_before_cap"] and cell["ended_by_breaker"] == cell["instances"]
-                 and cell["blocked_per_client"] == threshold + 1)
-        rows.append({"where": cell["where"], "deny_mode": cell["deny_mode"], "breaker": cell["breaker"],
-                     "blocked_per_client": cell["blocked_per_client"], "cap": cell["cap"],
-                     "gave_up": cell["gave_up"], "stopped_before_cap": cell["stopped_before_cap"],
-                     "ended": ended,
-                     "expected": cell["breaker"] == BREAKER_TERMINAL and threshold + 1 <= cell["cap"]})
+        ended = (
+            cell["stopped_before_cap"]
+            and cell["ended_by_breaker"] == cell["instances"]
+            and cell["blocked_per_client"] == threshold + 1
+        )
+        rows.append(
+            {
+                "where": cell["where"],
+                "deny_mode": cell["deny_mode"],
+                "breaker": cell["breaker"],
+                "blocked_per_client": cell["blocked_per_client"],
+                "cap": cell["cap"],
+                "gave_up": cell["gave_up"],
+                "stopped_before_cap": cell["stopped_before_cap"],
+                "ended": ended,
+                "expected": cell["breaker"] == BREAKER_TERMINAL and threshold + 1 <= cell["cap"],
+            }
+        )
     return rows
 
 
@@ -480,18 +557,19 @@ def recommend(cells: list[dict[str, Any]], collateral: dict[str, Any]) -> str:
     safe = {k: v for k, v in totals.items() if unhurt(k)} or totals
     # Ties go to a breaker being on (it also guards clients that were not in this run), then to 429
     # (HTTP-correct: no client can mistake it for content).
-    best = min(safe, key=lambda k: (safe[k][0] + safe[k][1], k[1] == BREAKER_OFF, k[1] == BREAKER_TERMINAL,
-                                    safe[k][2]))
+    best = min(safe, key=lambda k: (safe[k][0] + safe[k][1], k[1] == BREAKER_OFF, k[1] == BREAKER_TERMINAL, safe[k][2]))
     worst = max(totals, key=lambda k: (totals[k][0] + totals[k][1], totals[k][2]))
     hurt = sorted(f"{m} (breaker {b})" for m, b in totals if not unhurt((m, b)))
 
     def label(k: tuple[str, str]) -> str:
         return f"deny mode {k[0]} with {breaker_label(k[1])}"
 
-    line = (f"Use {label(best)}: summed over the four reference clients it cost "
-            f"{safe[best][0]:.0f} blocked requests, {safe[best][1]:.0f} model calls per client and "
-            f"{safe[best][2]:.1f} s, against {totals[worst][0]:.0f}, {totals[worst][1]:.0f} and "
-            f"{totals[worst][2]:.1f} s for {label(worst)}")
+    line = (
+        f"Use {label(best)}: summed over the four reference clients it cost "
+        f"{safe[best][0]:.0f} blocked requests, {safe[best][1]:.0f} model calls per client and "
+        f"{safe[best][2]:.1f} s, against {totals[worst][0]:.0f}, {totals[worst][1]:.0f} and "
+        f"{totals[worst][2]:.1f} s for {label(worst)}"
+    )
     if hurt:
         line += f"; {', '.join(hurt)} also broke an allowed request on the same connection"
     return line + "."

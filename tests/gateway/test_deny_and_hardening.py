@@ -138,15 +138,18 @@ def test_loop_breaker_200_terminal_from_policy(make_gateway: object, tmp_path: P
     assert reply.status == 200
     assert reply.headers["x-proxy-error"] == "retry-loop-detected"
     assert reply.headers["x-blastradius-decision"] == (
-        "deny; rule=default-deny; host=example.com; port=80; loop=1; permanent")
+        "deny; rule=default-deny; host=example.com; port=80; loop=1; permanent"
+    )
     body = reply.json()
     assert (body["error"], body["permanent"], body["retryable"]) == ("retry_loop_detected", True, False)
     assert "stop retrying" in str(body["message"])
     # Keep-alive survives the 200: an allowed request on the same connection still goes through.
     with connect(port) as sock:
         reader = sock.makefile("rb")
-        for url, host, want in (("http://example.com/term", "example.com", 200),
-                                ("http://pypi.org/after", "pypi.org", 200)):
+        for url, host, want in (
+            ("http://example.com/term", "example.com", 200),
+            ("http://pypi.org/after", "pypi.org", 200),
+        ):
             sock.sendall(f"GET {url} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
             status = int(reader.readline().split()[1])
             length = 0

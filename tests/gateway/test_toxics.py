@@ -164,8 +164,14 @@ def test_scope_and_toxicity(gw: GatewayProcess, port: int) -> None:
 
 
 def test_http_status_429_with_retry_after(gw: GatewayProcess, port: int) -> None:
-    gw.add_toxic({"name": "ratelimit", "type": "http_status", "upstream": FORWARD_HOST,
-                  "attributes": {"status": 429, "retry_after": 7}})
+    gw.add_toxic(
+        {
+            "name": "ratelimit",
+            "type": "http_status",
+            "upstream": FORWARD_HOST,
+            "attributes": {"status": 429, "retry_after": 7},
+        }
+    )
     reply = http_get(port, f"http://{FORWARD_HOST}/v1/messages")
     assert reply.status == 429 and reply.headers["retry-after"] == "7"
     last = gw.audit_records()[-1]
@@ -193,8 +199,13 @@ def test_sigusr1_clears_every_toxic(gw: GatewayProcess, port: int) -> None:
 
 
 def test_bad_toxics_are_refused(gw: GatewayProcess) -> None:
-    for bad in ({"type": "nope"}, {"type": "latency", "stream": "sideways"}, {"type": "latency", "toxicity": 2},
-                {"type": "latency", "attributes": {"rate": 1}}, {"type": "down", "upstream": "x"}):
+    for bad in (
+        {"type": "nope"},
+        {"type": "latency", "stream": "sideways"},
+        {"type": "latency", "toxicity": 2},
+        {"type": "latency", "attributes": {"rate": 1}},
+        {"type": "down", "upstream": "x"},
+    ):
         with pytest.raises(RuntimeError):
             gw.add_toxic(bad)
     with pytest.raises(ToxicError):
@@ -240,8 +251,9 @@ def test_loop_breaker_threshold(gw: GatewayProcess, port: int, threshold: int) -
 
 def test_set_deny_switches_the_loop_answer(gw: GatewayProcess, port: int) -> None:
     """429 <-> 200-terminal at run time, keeping the other settings; a bad value changes nothing."""
-    reply = gw.set_deny(deny_mode="403", loop_breaker=True, loop_threshold=2, loop_window_s=60,
-                        loop_answer="200-terminal")
+    reply = gw.set_deny(
+        deny_mode="403", loop_breaker=True, loop_threshold=2, loop_window_s=60, loop_answer="200-terminal"
+    )
     assert reply["loop_answer"] == "200-terminal"
     statuses = [http_get(port, "http://example.com/switch-200").status for _ in range(4)]
     assert statuses == [403, 403, 200, 200]

@@ -17,8 +17,18 @@ from harness.load.cpu import CpuSampler, generator_saturated, host_saturated
 from harness.report.sections import proxy as proxy_section
 from harness.supervisor import Supervisor
 
-SHORT = dict(users=4, spawn_rate=20, duration_s=2, warmup_s=1, user_rps=10, saturation_s=1.5,
-             saturation_users=4, saturation_warmup_s=0.5, download_bytes=8192, seed=7)
+SHORT = dict(
+    users=4,
+    spawn_rate=20,
+    duration_s=2,
+    warmup_s=1,
+    user_rps=10,
+    saturation_s=1.5,
+    saturation_users=4,
+    saturation_warmup_s=0.5,
+    download_bytes=8192,
+    seed=7,
+)
 LATENCY_KEYS = ("p50", "p90", "p95", "p99", "p99.9", "max")
 
 
@@ -64,15 +74,16 @@ def _interrupt_at_second_target(calls: list[str]) -> Any:
             calls.append(text)
             if len(calls) == 2:
                 raise KeyboardInterrupt
+
     return Events()
 
 
 @pytest.mark.slow
-def test_interrupt_stops_everything_and_keeps_what_was_measured(tmp_path: Path, load_supervisor: Supervisor,
-                                                                gateway_ca_dir: Path) -> None:
+def test_interrupt_stops_everything_and_keeps_what_was_measured(
+    tmp_path: Path, load_supervisor: Supervisor, gateway_ca_dir: Path
+) -> None:
     calls: list[str] = []
-    cfg = ProxyBenchConfig(targets=["gateway", "squid"], gateway_ca_dir=gateway_ca_dir,
-                           **{**SHORT, "saturation_s": 0})
+    cfg = ProxyBenchConfig(targets=["gateway", "squid"], gateway_ca_dir=gateway_ca_dir, **{**SHORT, "saturation_s": 0})
     with pytest.raises(KeyboardInterrupt):
         run_proxy_bench(cfg, tmp_path, load_supervisor, _interrupt_at_second_target(calls))
     assert load_supervisor.live() == []

@@ -29,18 +29,32 @@ class HostBusybox:
     def exec(self, command: str, timeout: float = 30.0, stdin: bytes = b"") -> ExecResult:
         t0 = time.monotonic()
         try:
-            r = subprocess.run([str(BUSYBOX), "sh", "-c", command], input=stdin, capture_output=True,
-                               timeout=timeout, env={"PATH": "/nonexistent"})
+            r = subprocess.run(
+                [str(BUSYBOX), "sh", "-c", command],
+                input=stdin,
+                capture_output=True,
+                timeout=timeout,
+                env={"PATH": "/nonexistent"},
+            )
         except subprocess.TimeoutExpired as exc:
             return ExecResult(137, exc.stdout or b"", exc.stderr or b"", time.monotonic() - t0, True)
         return ExecResult(r.returncode, r.stdout, r.stderr, time.monotonic() - t0)
 
 
 @pytest.mark.skipif(BUSYBOX is None, reason="busybox-static is installed by install.sh")
-def test_sample_in_guest_through_gateway(upstream: Upstream, load_supervisor: Supervisor, tmp_path: Path,
-                                         gateway_ca_dir: Path) -> None:
-    endpoint = start_target(GATEWAY, tmp_path / "gw", load_supervisor, upstream, ("download", "blocked"),
-                            download_bytes=2048, stream_bytes=0, gateway_ca_dir=gateway_ca_dir)
+def test_sample_in_guest_through_gateway(
+    upstream: Upstream, load_supervisor: Supervisor, tmp_path: Path, gateway_ca_dir: Path
+) -> None:
+    endpoint = start_target(
+        GATEWAY,
+        tmp_path / "gw",
+        load_supervisor,
+        upstream,
+        ("download", "blocked"),
+        download_bytes=2048,
+        stream_bytes=0,
+        gateway_ca_dir=gateway_ca_dir,
+    )
     try:
         proxy = f"127.0.0.1:{endpoint.proxy[1]}"
         # PATH points nowhere: only busybox applets (which busybox sh runs itself) can work.
@@ -70,12 +84,24 @@ def test_parse_and_request_shape() -> None:
 
 @pytest.mark.qemu
 @pytest.mark.slow
-def test_sample_in_real_guest(image: GuestImage, upstream: Upstream, load_supervisor: Supervisor, tmp_path: Path,
-                              gateway_ca_dir: Path) -> None:
-    endpoint = start_target(GATEWAY, tmp_path / "gw", load_supervisor, upstream, ("download",),
-                            download_bytes=2048, stream_bytes=0, gateway_ca_dir=gateway_ca_dir)
-    vm = Microvm(SandboxSpec(id="load-guest", workdir=tmp_path / "vm", accel="tcg",
-                             gateway_port=endpoint.proxy[1]), image, load_supervisor)
+def test_sample_in_real_guest(
+    image: GuestImage, upstream: Upstream, load_supervisor: Supervisor, tmp_path: Path, gateway_ca_dir: Path
+) -> None:
+    endpoint = start_target(
+        GATEWAY,
+        tmp_path / "gw",
+        load_supervisor,
+        upstream,
+        ("download",),
+        download_bytes=2048,
+        stream_bytes=0,
+        gateway_ca_dir=gateway_ca_dir,
+    )
+    vm = Microvm(
+        SandboxSpec(id="load-guest", workdir=tmp_path / "vm", accel="tcg", gateway_port=endpoint.proxy[1]),
+        image,
+        load_supervisor,
+    )
     try:
         vm.spawn()
         vm.wait_ready()

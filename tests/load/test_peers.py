@@ -25,8 +25,9 @@ def _port_closed(port: int) -> bool:
 
 
 @pytest.mark.parametrize("name", ["squid", "tinyproxy"])
-def test_peer_starts_carries_denies_and_stops(name: str, upstream: Upstream, load_supervisor: Supervisor,
-                                              tmp_path: Path) -> None:
+def test_peer_starts_carries_denies_and_stops(
+    name: str, upstream: Upstream, load_supervisor: Supervisor, tmp_path: Path
+) -> None:
     if peers.binary(name) is None:
         pytest.fail(f"{name} must be installed for this test: {peers.INSTALL[name]}")
     peer = peers.start_peer(name, tmp_path / name, load_supervisor)
@@ -48,12 +49,14 @@ def test_peer_starts_carries_denies_and_stops(name: str, upstream: Upstream, loa
     assert not psutil.pid_exists(peer.pid) or psutil.Process(peer.pid).status() == psutil.STATUS_ZOMBIE
 
 
-def test_missing_peer_is_skipped_with_install_command(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
-                                                      load_supervisor: Supervisor) -> None:
+def test_missing_peer_is_skipped_with_install_command(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, load_supervisor: Supervisor
+) -> None:
     monkeypatch.setenv(peers.MITMDUMP_ENV, str(tmp_path / "no-such-mitmdump"))
     assert peers.binary("mitmproxy") is None
-    result = run_proxy_bench(ProxyBenchConfig(targets=["mitmproxy"], duration_s=1, warmup_s=0, seed=3),
-                             tmp_path, load_supervisor)
+    result = run_proxy_bench(
+        ProxyBenchConfig(targets=["mitmproxy"], duration_s=1, warmup_s=0, seed=3), tmp_path, load_supervisor
+    )
     target = result["targets"]["mitmproxy"]
     assert target["status"] == "skipped"
     assert target["install"] == peers.INSTALL["mitmproxy"] and "pip install" in target["install"]

@@ -24,19 +24,36 @@ def _locust_counts(phase_dir: Path) -> dict[str, tuple[int, int]]:
 
 
 def test_locust_through_gateway_counts_requests_and_failures(
-        upstream: Upstream, load_supervisor: Supervisor, tmp_path: Path, gateway_ca_dir: Path) -> None:
-    endpoint = start_target(GATEWAY, tmp_path / "gw", load_supervisor, upstream, ("model", "download", "blocked"),
-                            download_bytes=4096, stream_bytes=0, gateway_ca_dir=gateway_ca_dir)
+    upstream: Upstream, load_supervisor: Supervisor, tmp_path: Path, gateway_ca_dir: Path
+) -> None:
+    endpoint = start_target(
+        GATEWAY,
+        tmp_path / "gw",
+        load_supervisor,
+        upstream,
+        ("model", "download", "blocked"),
+        download_bytes=4096,
+        stream_bytes=0,
+        gateway_ca_dir=gateway_ca_dir,
+    )
     try:
         ca = tmp_path / "ca.pem"
         ca.write_bytes(b"\n".join(endpoint.ca_pems))
         urls = dict(endpoint.urls)
         # The upstream answers 500 here: every download must be counted as a failure of that kind.
         urls["download"] = urls["download"].rsplit("/bytes/", 1)[0] + "/status/500"
-        plan = LoadPlan(target="gateway", proxy=endpoint.proxy, urls=urls, ca_file=str(ca), samples_dir="",
-                        user_rps=20.0)
-        spec = PhaseSpec("paced", users=6, spawn_rate=20, warmup_s=1, duration_s=3,
-                         traffic=("model", "download", "blocked"), workers=1)
+        plan = LoadPlan(
+            target="gateway", proxy=endpoint.proxy, urls=urls, ca_file=str(ca), samples_dir="", user_rps=20.0
+        )
+        spec = PhaseSpec(
+            "paced",
+            users=6,
+            spawn_rate=20,
+            warmup_s=1,
+            duration_s=3,
+            traffic=("model", "download", "blocked"),
+            workers=1,
+        )
         phase = run_phase(plan, spec, tmp_path / "phase", load_supervisor, endpoint.pids)
         gateway_pid = endpoint.pids[0]
     finally:
@@ -73,14 +90,22 @@ def test_locust_through_gateway_counts_requests_and_failures(
     assert history and max(row[1] for row in history) == 6  # Locust's stats history saw all users
 
 
-def test_standalone_locust_process_when_no_workers(upstream: Upstream, load_supervisor: Supervisor,
-                                                   tmp_path: Path) -> None:
+def test_standalone_locust_process_when_no_workers(
+    upstream: Upstream, load_supervisor: Supervisor, tmp_path: Path
+) -> None:
     ca = tmp_path / "ca.pem"
     ca.write_bytes(upstream.server.ca_file.read_bytes())
-    plan = LoadPlan(target="direct", proxy=None, urls={"model": upstream.url("model", 0, 0)}, ca_file=str(ca),
-                    samples_dir="", user_rps=0.0)
-    phase = run_phase(plan, PhaseSpec("saturation", 2, 10, 0.5, 2, ("model",), workers=0), tmp_path,
-                      load_supervisor, [])
+    plan = LoadPlan(
+        target="direct",
+        proxy=None,
+        urls={"model": upstream.url("model", 0, 0)},
+        ca_file=str(ca),
+        samples_dir="",
+        user_rps=0.0,
+    )
+    phase = run_phase(
+        plan, PhaseSpec("saturation", 2, 10, 0.5, 2, ("model",), workers=0), tmp_path, load_supervisor, []
+    )
     assert phase["requests"] > 50 and phase["failures"] == {}
     assert "generator-master" not in phase["cpu"] and phase["cpu"]["generator"]["processes"] == 1
     assert load_supervisor.live() == []

@@ -16,13 +16,26 @@ LATENCY_MS = 300
 TIMELINE = {
     "title": "test: latency then 503s",
     "load": {"users": 4, "user_rps": 5},
-    "steady_state": {"window_s": 2, "probes": [{"name": "p95", "metric": "p95_ms", "below": 200},
-                                               {"name": "errors", "metric": "error_rate_pct", "below": 1}]},
+    "steady_state": {
+        "window_s": 2,
+        "probes": [
+            {"name": "p95", "metric": "p95_ms", "below": 200},
+            {"name": "errors", "metric": "error_rate_pct", "below": 1},
+        ],
+    },
     "faults": [
-        {"name": "slow", "at_s": 1, "for_s": 3,
-         "toxic": {"type": "latency", "upstream": "api.anthropic.com", "attributes": {"latency": LATENCY_MS}}},
-        {"name": "flaky", "at_s": 5, "for_s": 2,
-         "toxic": {"type": "http_status", "upstream": "api.anthropic.com", "attributes": {"status": 503}}},
+        {
+            "name": "slow",
+            "at_s": 1,
+            "for_s": 3,
+            "toxic": {"type": "latency", "upstream": "api.anthropic.com", "attributes": {"latency": LATENCY_MS}},
+        },
+        {
+            "name": "flaky",
+            "at_s": 5,
+            "for_s": 2,
+            "toxic": {"type": "http_status", "upstream": "api.anthropic.com", "attributes": {"status": 503}},
+        },
     ],
     "recovery_s": 1,
 }

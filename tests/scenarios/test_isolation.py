@@ -39,8 +39,14 @@ def _run(tmp: Path, leaky: bool) -> dict[str, Any]:
     before = os.environ.get(honeytokens.ENV_KEY_NAME)
     exit_code, run_dir = run_scenario("isolation", {"sandboxes": 2, "leaky": leaky or None}, out=tmp)
     data = json.loads((run_dir / "results.json").read_text())
-    return {"exit_code": exit_code, "run_dir": run_dir, "data": data, "info": data["scenario"]["data"],
-            "env_before": before, "env_after": os.environ.get(honeytokens.ENV_KEY_NAME)}
+    return {
+        "exit_code": exit_code,
+        "run_dir": run_dir,
+        "data": data,
+        "info": data["scenario"]["data"],
+        "env_before": before,
+        "env_after": os.environ.get(honeytokens.ENV_KEY_NAME),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +67,8 @@ def _verdicts(run: dict[str, Any], probe_id: str) -> list[bool | None]:
 @pytest.mark.parametrize("probe_id", ALL_PROBES)
 def test_reference_setup_passes(normal: dict[str, Any], probe_id: str) -> None:
     assert _verdicts(normal, probe_id) == [True, True], json.dumps(
-        [next(p for p in c["probes"] if p["id"] == probe_id) for c in normal["info"]["scorecards"]])[:3000]
+        [next(p for p in c["probes"] if p["id"] == probe_id) for c in normal["info"]["scorecards"]]
+    )[:3000]
 
 
 @pytest.mark.qemu
@@ -187,9 +194,24 @@ def test_redactor_hides_values_but_keeps_ids_and_hashes() -> None:
 def test_sigterm_mid_run_still_removes_the_honeytokens(tmp_path: Path) -> None:
     manifests = cache_dir() / honeytokens.MANIFEST_DIR_NAME
     before = set(manifests.glob("*.json")) if manifests.exists() else set()
-    proc = subprocess.Popen([sys.executable, "-m", "invoke", "--search-root", str(REPO), "scenario", "isolation",
-                             "--sandboxes", "1", "--out", str(tmp_path / "run")], cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "invoke",
+            "--search-root",
+            str(REPO),
+            "scenario",
+            "isolation",
+            "--sandboxes",
+            "1",
+            "--out",
+            str(tmp_path / "run"),
+        ],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     deadline = time.monotonic() + INTERRUPT_AFTER_PLANT_TIMEOUT_S
     new: set[Path] = set()
     while not new and time.monotonic() < deadline and proc.poll() is None:

@@ -25,9 +25,17 @@ BROKEN = (mod.HERE / "deployment.yaml").read_text()
 RECORDED = mod.HERE / "recorded"
 MIB = 1024 * 1024
 
-FAST: dict[str, Any] = {"probe_period_s": 1, "probe_initial_delay_s": 1, "backoff_base_s": 1, "backoff_max_s": 4,
-                        "broken_window_s": 25, "soak_s": 5, "ready_timeout_s": 15, "observe_period_s": 1,
-                        "accel": "tcg"}
+FAST: dict[str, Any] = {
+    "probe_period_s": 1,
+    "probe_initial_delay_s": 1,
+    "backoff_base_s": 1,
+    "backoff_max_s": 4,
+    "broken_window_s": 25,
+    "soak_s": 5,
+    "ready_timeout_s": 15,
+    "observe_period_s": 1,
+    "accel": "tcg",
+}
 """Timings that keep a whole embedded run near 30 s under TCG."""
 
 
@@ -66,9 +74,15 @@ def test_compile_pod_and_timing_override() -> None:
     assert "export HEAP_MIB=150" in files["c0.env"]
 
 
-@pytest.mark.parametrize("bad", ["kind: Deployment\nmetadata: {name: x}\nspec: {template: {spec: {}}}",
-                                 "{not yaml", "kind: Service\nmetadata: {name: x}",
-                                 BROKEN.replace("port: 8080", "port: http")])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "kind: Deployment\nmetadata: {name: x}\nspec: {template: {spec: {}}}",
+        "{not yaml",
+        "kind: Service\nmetadata: {name: x}",
+        BROKEN.replace("port: 8080", "port: http"),
+    ],
+)
 def test_manifest_errors(bad: str) -> None:
     with pytest.raises(manifests.ManifestError):
         manifests.parse_deployment(bad)
@@ -83,9 +97,13 @@ def test_reference_fix_diff() -> None:
 
 # -- grader ------------------------------------------------------------------------------------------------------
 def status(ready: int, restarts: int = 0, last: str | None = None) -> dict[str, Any]:
-    return {"pod": {"name": "p2", "ready_containers": ready, "total_containers": 2, "restarts": restarts},
-            "containers": [{"name": "payments", "restarts": restarts, "last_reason": last},
-                           {"name": "nginx", "restarts": 0, "last_reason": None}]}
+    return {
+        "pod": {"name": "p2", "ready_containers": ready, "total_containers": 2, "restarts": restarts},
+        "containers": [
+            {"name": "payments", "restarts": restarts, "last_reason": last},
+            {"name": "nginx", "restarts": 0, "last_reason": None},
+        ],
+    }
 
 
 def test_grade_pass() -> None:
@@ -159,9 +177,19 @@ class RecordedApi:
                 api.requests.append(("POST", self.path))
                 body = self._body()
                 if api.created:
-                    self._reply(409, json.dumps({"kind": "Status", "apiVersion": "v1", "status": "Failure",
-                                                 "reason": "AlreadyExists", "code": 409, "message":
-                                                 'deployments.apps "payments-service" already exists'}).encode())
+                    self._reply(
+                        409,
+                        json.dumps(
+                            {
+                                "kind": "Status",
+                                "apiVersion": "v1",
+                                "status": "Failure",
+                                "reason": "AlreadyExists",
+                                "code": 409,
+                                "message": 'deployments.apps "payments-service" already exists',
+                            }
+                        ).encode(),
+                    )
                     return
                 api.created = True
                 body["metadata"].update(uid="0b9e7f0e", resourceVersion="48190", generation=1)
@@ -182,11 +210,20 @@ class RecordedApi:
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def kubeconfig(self, path: Path) -> Path:
-        path.write_text(yaml.safe_dump({
-            "apiVersion": "v1", "kind": "Config", "current-context": "recorded",
-            "clusters": [{"name": "recorded", "cluster": {"server": f"http://127.0.0.1:{self.server.server_port}"}}],
-            "users": [{"name": "u", "user": {"token": "recorded-token"}}],
-            "contexts": [{"name": "recorded", "context": {"cluster": "recorded", "user": "u"}}]}))
+        path.write_text(
+            yaml.safe_dump(
+                {
+                    "apiVersion": "v1",
+                    "kind": "Config",
+                    "current-context": "recorded",
+                    "clusters": [
+                        {"name": "recorded", "cluster": {"server": f"http://127.0.0.1:{self.server.server_port}"}}
+                    ],
+                    "users": [{"name": "u", "user": {"token": "recorded-token"}}],
+                    "contexts": [{"name": "recorded", "context": {"cluster": "recorded", "user": "u"}}],
+                }
+            )
+        )
         return path
 
 
@@ -205,8 +242,11 @@ def test_kube_client_reads_oomkilled_restarts_and_readiness(recorded: tuple[Reco
     status, events = cluster.observe()
     assert status["pod"]["ready"] == "1/2" and status["pod"]["restarts"] == 7
     payments = status["containers"][0]
-    assert (payments["last_reason"], payments["last_exit"], payments["reason"]) == ("OOMKilled", 137,
-                                                                                    "CrashLoopBackOff")
+    assert (payments["last_reason"], payments["last_exit"], payments["reason"]) == (
+        "OOMKilled",
+        137,
+        "CrashLoopBackOff",
+    )
     assert any(e["reason"] == "Unhealthy" and ":8080" in e["message"] for e in events)
     assert cluster.apply(fixed_text()) == "payments-service"  # 409 on create -> replace
     assert [m for m, _ in api.requests if m in ("POST", "PUT")] == ["POST", "POST", "PUT"]
@@ -218,9 +258,17 @@ def test_kube_client_reads_oomkilled_restarts_and_readiness(recorded: tuple[Reco
 
 def test_kube_scenario_end_to_end_on_recorded_responses(recorded: tuple[RecordedApi, Path], tmp_path: Path) -> None:
     api, kubeconfig = recorded
-    code, run_dir = run_scenario("payments-service", {"kube_context": "recorded", "kubeconfig": str(kubeconfig),
-                                                      "soak_s": 0.5, "observe_period_s": 0.1, "accel": "tcg"},
-                                 tmp_path / "run")
+    code, run_dir = run_scenario(
+        "payments-service",
+        {
+            "kube_context": "recorded",
+            "kubeconfig": str(kubeconfig),
+            "soak_s": 0.5,
+            "observe_period_s": 0.1,
+            "accel": "tcg",
+        },
+        tmp_path / "run",
+    )
     data = json.loads((run_dir / "results.json").read_text())["scenario"]["data"]
     assert code == 0 and data["target"] == "kubernetes" and data["grade"]["verdict"] == "pass"
     assert data["broken"]["last_reasons"]["payments"] == "OOMKilled" and data["broken"]["restarts_before_fix"] == 7
@@ -235,9 +283,12 @@ def test_podrt_oom_kill_probe_restarts_and_rollout(image: GuestImage, supervisor
     vm.spawn()
     vm.wait_ready()
     try:
-        cluster = embedded.EmbeddedCluster(vm, embedded.RuntimeSettings(backoff_base_s=1, backoff_max_s=2),
-                                           manifests.Timing(probe_period_s=1, probe_initial_delay_s=1),
-                                           "payments-service")
+        cluster = embedded.EmbeddedCluster(
+            vm,
+            embedded.RuntimeSettings(backoff_base_s=1, backoff_max_s=2),
+            manifests.Timing(probe_period_s=1, probe_initial_delay_s=1),
+            "payments-service",
+        )
         cluster.install({"deployment.yaml": BROKEN})
         first = cluster.sync()
         cluster.start()

@@ -28,8 +28,11 @@ def test_stop_reason_each_condition() -> None:
 
 
 def ramp(tmp_path: Path, **options: Any) -> tuple[int, dict[str, Any]]:
-    code, run_dir = run_scenario("ram-pressure", {"accel": "tcg", "reclaim": "on", "workload": "none",
-                                                  "settle_s": 0.5, **options}, tmp_path / "run")
+    code, run_dir = run_scenario(
+        "ram-pressure",
+        {"accel": "tcg", "reclaim": "on", "workload": "none", "settle_s": 0.5, **options},
+        tmp_path / "run",
+    )
     results = json.loads((run_dir / "results.json").read_text())
     assert not qemu_pids_of(results["run_id"]), "a sandbox outlived its ramp"
     return code, results

@@ -25,8 +25,9 @@ OFF, B429, TERMINAL = "off", "429", "200-terminal"
 
 
 def cell(cells: list[dict[str, Any]], where: str, client: str, mode: str, breaker: str) -> dict[str, Any]:
-    [found] = [c for c in cells if (c["where"], c["client"], c["deny_mode"], c["breaker"]) == (where, client, mode,
-                                                                                                  breaker)]
+    [found] = [
+        c for c in cells if (c["where"], c["client"], c["deny_mode"], c["breaker"]) == (where, client, mode, breaker)
+    ]
     return found
 
 

@@ -34,29 +34,47 @@ def section(data: dict[str, Any], run_dir: Path) -> Section | None:
     result = Section(title="Boot time")
     result.notes.append(
         f"{len(ok)} of {len(sandboxes)} boots succeeded (success rate {summary['success_rate']:.0%}; "
-        "failures are counted, never retried). Spawn to agent-ready, host monotonic clock.")
+        "failures are counted, never retried). Spawn to agent-ready, host monotonic clock."
+    )
     if ok:
         target = "meets" if boot["p50"] <= BOOT_TARGET_MS else "misses"
-        result.notes.append(f"p50 {ms(boot['p50'])} {target} the {BOOT_TARGET_MS:.0f} ms target "
-                            f"under {data['accel']}; stdev {ms(boot['stdev'])}, n={boot['n']}.")
+        result.notes.append(
+            f"p50 {ms(boot['p50'])} {target} the {BOOT_TARGET_MS:.0f} ms target "
+            f"under {data['accel']}; stdev {ms(boot['stdev'])}, n={boot['n']}."
+        )
         phases = [p for p in PHASE_ORDER if any(p in s["phases_ms"] for s in ok)]
-        result.charts.append((
-            "Each bar is one boot, sorted by total time; segments are its phases.",
-            stacked_bars([s["id"] for s in ok], {p: [s["phases_ms"].get(p, 0.0) for s in ok] for p in phases},
-                         "ms", "Boot time by phase"),
-        ))
+        result.charts.append(
+            (
+                "Each bar is one boot, sorted by total time; segments are its phases.",
+                stacked_bars(
+                    [s["id"] for s in ok],
+                    {p: [s["phases_ms"].get(p, 0.0) for s in ok] for p in phases},
+                    "ms",
+                    "Boot time by phase",
+                ),
+            )
+        )
         header = ["", "n", "p50", "p95", "p99", "min", "max", "mean", "stdev"]
         rows = [["total boot", *(_cells(boot))]]
-        rows += [[f"{p}: {PHASE_MEANING.get(p, '')}", *_cells(summary["phases_ms"][p])]
-                 for p in phases if p in summary.get("phases_ms", {})]
+        rows += [
+            [f"{p}: {PHASE_MEANING.get(p, '')}", *_cells(summary["phases_ms"][p])]
+            for p in phases
+            if p in summary.get("phases_ms", {})
+        ]
         result.tables.append(("Boot time (ms)", header, rows))
     failed = [s for s in sandboxes if not s["ok"]]
     if failed:
-        result.tables.append(("Failed boots", ["sandbox", "round", "reason"],
-                              [[s["id"], s["round"], s["error"]] for s in failed]))
+        result.tables.append(
+            ("Failed boots", ["sandbox", "round", "reason"], [[s["id"], s["round"], s["error"]] for s in failed])
+        )
     return result
 
 
 def _cells(stats: dict[str, Any]) -> list[Any]:
-    return [stats["n"], *(f"{stats[k]:.0f}" if stats[k] is not None else "—"
-                          for k in ("p50", "p95", "p99", "min", "max", "mean", "stdev"))]
+    return [
+        stats["n"],
+        *(
+            f"{stats[k]:.0f}" if stats[k] is not None else "—"
+            for k in ("p50", "p95", "p99", "min", "max", "mean", "stdev")
+        ),
+    ]

@@ -29,23 +29,30 @@ def section(data: dict[str, Any], run_dir: Path) -> Section | None:
     journal = scenario.get("journal") or {}
     result = Section(title=f"Proxy chaos: {chaos.get('title')}")
     held = chaos.get("steady_state_held")
-    result.notes.append(f"Timeline {chaos.get('file')}. Steady state "
-                        f"{'held' if held else 'did not hold' if held is not None else 'not established'} "
-                        f"(journal status {journal.get('status')}, deviated {journal.get('deviated')}).")
+    result.notes.append(
+        f"Timeline {chaos.get('file')}. Steady state "
+        f"{'held' if held else 'did not hold' if held is not None else 'not established'} "
+        f"(journal status {journal.get('status')}, deviated {journal.get('deviated')})."
+    )
     for when in ("before", "after"):
         state = (journal.get("steady_states") or {}).get(when)
         if state:
-            probes = ", ".join(f"{p['name']} = {p['value']} ({p['tolerance']}: {'met' if p['met'] else 'NOT met'})"
-                               for p in state.get("probes", []))
+            probes = ", ".join(
+                f"{p['name']} = {p['value']} ({p['tolerance']}: {'met' if p['met'] else 'NOT met'})"
+                for p in state.get("probes", [])
+            )
             result.notes.append(f"Steady state {when} (gateway audit log, {state.get('window_s')} s): {probes}")
     if chaos.get("client_failures"):
-        result.notes.append("Client-side failures by kind: "
-                            + ", ".join(f"{k} {v}" for k, v in sorted(chaos["client_failures"].items())))
+        result.notes.append(
+            "Client-side failures by kind: "
+            + ", ".join(f"{k} {v}" for k, v in sorted(chaos["client_failures"].items()))
+        )
     windows = [(f["on_s"], f["off_s"], f"{f['name']} ({f['type']})") for f in chaos.get("faults", [])]
     windows += [(w["start_s"], w["end_s"], f"steady-state {w['when']}") for w in chaos.get("steady_windows", [])]
     client = chaos.get("client_series") or []
     gateway = chaos.get("gateway_series") or []
     if client or gateway:
+
         def xs(rows: list[list[Any]]) -> list[float]:
             return [float(r[0]) for r in rows]
 
@@ -53,25 +60,55 @@ def section(data: dict[str, Any], run_dir: Path) -> Section | None:
             return [r[index] for r in rows]
 
         panels = [
-            ("p95 ms", {"client (Locust)": (xs(client), col(client, P95)),
-                        "gateway (audit)": (xs(gateway), col(gateway, P95))}),
-            ("errors %", {"client (Locust)": (xs(client), col(client, ERRORS)),
-                          "gateway (audit)": (xs(gateway), col(gateway, ERRORS))}),
-            ("requests/s", {"client (Locust)": (xs(client), col(client, 1)),
-                            "gateway (audit)": (xs(gateway), col(gateway, 1))}),
+            (
+                "p95 ms",
+                {
+                    "client (Locust)": (xs(client), col(client, P95)),
+                    "gateway (audit)": (xs(gateway), col(gateway, P95)),
+                },
+            ),
+            (
+                "errors %",
+                {
+                    "client (Locust)": (xs(client), col(client, ERRORS)),
+                    "gateway (audit)": (xs(gateway), col(gateway, ERRORS)),
+                },
+            ),
+            (
+                "requests/s",
+                {"client (Locust)": (xs(client), col(client, 1)), "gateway (audit)": (xs(gateway), col(gateway, 1))},
+            ),
         ]
         hlines = {}
         for index, metric in ((0, "p95_ms"), (1, "error_rate_pct")):
             limit = _probe_limit(journal, metric)
             if limit is not None:
                 hlines[index] = (limit, "steady-state limit")
-        result.charts.append(("Model API through the gateway; shaded: fault and steady-state windows",
-                              time_series_windows(panels, windows, "seconds since the timeline started",
-                                                  "Model API under faults", hlines)))
-    result.tables.append(("Faults", ["name", "type", "on s", "off s", "scope", "attributes", "connections hit"],
-                          [[f["name"], f["type"], f["on_s"], f["off_s"],
-                            f"upstream={f['toxic'].get('upstream')} sandbox={f['toxic'].get('sandbox')} "
-                            f"stream={f['toxic'].get('stream')} toxicity={f['toxic'].get('toxicity')}",
-                            f["toxic"].get("attributes"), (chaos.get("toxics_applied") or {}).get(f["name"], 0)]
-                           for f in chaos.get("faults", [])]))
+        result.charts.append(
+            (
+                "Model API through the gateway; shaded: fault and steady-state windows",
+                time_series_windows(
+                    panels, windows, "seconds since the timeline started", "Model API under faults", hlines
+                ),
+            )
+        )
+    result.tables.append(
+        (
+            "Faults",
+            ["name", "type", "on s", "off s", "scope", "attributes", "connections hit"],
+            [
+                [
+                    f["name"],
+                    f["type"],
+                    f["on_s"],
+                    f["off_s"],
+                    f"upstream={f['toxic'].get('upstream')} sandbox={f['toxic'].get('sandbox')} "
+                    f"stream={f['toxic'].get('stream')} toxicity={f['toxic'].get('toxicity')}",
+                    f["toxic"].get("attributes"),
+                    (chaos.get("toxics_applied") or {}).get(f["name"], 0),
+                ]
+                for f in chaos.get("faults", [])
+            ],
+        )
+    )
     return result

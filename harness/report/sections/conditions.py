@@ -31,13 +31,17 @@ def section(data: dict[str, Any], run_dir: Path) -> Section:
     ]
     notes = []
     if data["partial"]:
-        notes.append(f"PARTIAL RUN: interrupted by {data.get('interrupted_by')}; figures cover only what "
-                     "was measured before the interruption.")
+        notes.append(
+            f"PARTIAL RUN: interrupted by {data.get('interrupted_by')}; figures cover only what "
+            "was measured before the interruption."
+        )
     if data.get("leftover_vmm_pids"):
         notes.append(f"VMM processes survived stop: {data['leftover_vmm_pids']}")
     if data["accel"] == "tcg":
-        notes.append("All guests ran under TCG (software emulation): boot times and VMM memory are far "
-                     "above what the same guest costs under KVM.")
+        notes.append(
+            "All guests ran under TCG (software emulation): boot times and VMM memory are far "
+            "above what the same guest costs under KVM."
+        )
     # A scenario run has no rounds or warm-ups: leave out what does not apply rather than print None.
     rows = [row for row in rows if row[1] is not None]
     return Section(title="Conditions", tables=[("", ["", ""], rows)], notes=notes)

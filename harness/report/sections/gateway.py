@@ -9,8 +9,16 @@ from harness.report import Section
 
 ORDER = 30
 
-COLUMNS = ("allow", "deny", "error", "retry_loop_detected", "dns_allow", "dns_deny", "intercepted",
-           "credential_injections")
+COLUMNS = (
+    "allow",
+    "deny",
+    "error",
+    "retry_loop_detected",
+    "dns_allow",
+    "dns_deny",
+    "intercepted",
+    "credential_injections",
+)
 
 
 def section(data: dict[str, Any], run_dir: Path) -> Section | None:
@@ -19,8 +27,10 @@ def section(data: dict[str, Any], run_dir: Path) -> Section | None:
         return None
     decisions = gateway.get("decisions") or {}
     result = Section(title="Gateway decisions")
-    result.notes.append(f"Policy {gateway.get('policy')}; every decision is a line in {gateway.get('audit_file')} "
-                        "(credential names only, never values).")
+    result.notes.append(
+        f"Policy {gateway.get('policy')}; every decision is a line in {gateway.get('audit_file')} "
+        "(credential names only, never values)."
+    )
     if not decisions:
         result.notes.append("No sandbox sent traffic through the gateway in this run.")
         return result

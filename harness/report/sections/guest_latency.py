@@ -17,13 +17,28 @@ def section(data: dict[str, Any], run_dir: Path) -> Section | None:
     result = Section(title="Latency seen from inside the sandboxes")
     sandboxes = guest["sandboxes"]
     first = next(iter(sandboxes.values()), {})
-    result.notes.append(f"GET {guest['url']} through each sandbox's own gateway listener, timed in the guest "
-                        f"(accelerator {guest['accel']}). {first.get('note', '')}")
+    result.notes.append(
+        f"GET {guest['url']} through each sandbox's own gateway listener, timed in the guest "
+        f"(accelerator {guest['accel']}). {first.get('note', '')}"
+    )
     rows = []
     for sandbox_id, figures in sandboxes.items():
         latency = figures.get("latency_ms") or {}
-        rows.append([sandbox_id, figures.get("n"), figures.get("ok"), figures.get("failures"),
-                     *(latency.get(k) for k in ("p50", "p95", "p99", "max")), figures.get("clock_overhead_ms")])
-    result.tables.append(("Per sandbox (ms)", ["sandbox", "n", "ok", "failures", "p50", "p95", "p99", "max",
-                                               "clock overhead subtracted"], rows))
+        rows.append(
+            [
+                sandbox_id,
+                figures.get("n"),
+                figures.get("ok"),
+                figures.get("failures"),
+                *(latency.get(k) for k in ("p50", "p95", "p99", "max")),
+                figures.get("clock_overhead_ms"),
+            ]
+        )
+    result.tables.append(
+        (
+            "Per sandbox (ms)",
+            ["sandbox", "n", "ok", "failures", "p50", "p95", "p99", "max", "clock overhead subtracted"],
+            rows,
+        )
+    )
     return result

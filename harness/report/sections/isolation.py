@@ -29,21 +29,29 @@ def section(data: dict[str, Any], run_dir: Path) -> Section | None:
         return None
     result = Section(title="Isolation scorecard")
     leaks = info.get("leaks")
-    mode = "LEAKY set-up (weakened on purpose): " + "; ".join(info["weakenings"]) if info.get("leaky") else \
-        "reference set-up"
-    result.notes.append(f"{mode}. Leaks: {leaks} (failed probes over all sandboxes); exit code "
-                        f"{scenario.get('exit_code')}.")
+    mode = (
+        "LEAKY set-up (weakened on purpose): " + "; ".join(info["weakenings"])
+        if info.get("leaky")
+        else "reference set-up"
+    )
+    result.notes.append(
+        f"{mode}. Leaks: {leaks} (failed probes over all sandboxes); exit code {scenario.get('exit_code')}."
+    )
     detector = info.get("detector") or {}
     if detector:
         scan = detector.get("host_scan", {})
-        result.notes.append(f"Detector self-test: host scan found {len(scan.get('found', []))}/"
-                            f"{len(scan.get('expected', []))} planted markers; traps log connections: "
-                            f"{detector.get('traps_log_connections')}.")
+        result.notes.append(
+            f"Detector self-test: host scan found {len(scan.get('found', []))}/"
+            f"{len(scan.get('expected', []))} planted markers; traps log connections: "
+            f"{detector.get('traps_log_connections')}."
+        )
     clean = info.get("evidence_clean") or {}
     if clean:
-        result.notes.append(f"Run directory checked for raw honeytoken values after the run: "
-                            f"{'clean' if clean.get('clean') else 'LEAKING ' + str(clean.get('leaking_files'))} "
-                            f"({clean.get('files_scanned')} files).")
+        result.notes.append(
+            f"Run directory checked for raw honeytoken values after the run: "
+            f"{'clean' if clean.get('clean') else 'LEAKING ' + str(clean.get('leaking_files'))} "
+            f"({clean.get('files_scanned')} files)."
+        )
     if info.get("policy"):
         result.notes.append(f"Gateway policy: {info['policy'].get('name')} ({info['policy'].get('file')}).")
     parts = [_scorecard(card) for card in info["scorecards"]]
@@ -59,22 +67,31 @@ def _scorecard(card: dict[str, Any]) -> str:
             f"<li><b>{escape(item.get('what', ''))}</b> (rc {escape(str(item.get('rc')))}"
             f"{', timed out' if item.get('timed_out') else ''})<br><code>{escape(item.get('command', ''))}</code>"
             f"<pre>{escape(item.get('output', ''))}</pre></li>"
-            for item in probe.get("evidence", []))
+            for item in probe.get("evidence", [])
+        )
         facts = escape(json.dumps(probe.get("facts", {}), indent=1, default=str)[:FACTS_CHARS])
         rows.append(
-            f"<tr class=\"{ROW_CLASS[probe['passed']]}\"><td>{escape(probe['id'])}</td>"
+            f'<tr class="{ROW_CLASS[probe["passed"]]}"><td>{escape(probe["id"])}</td>'
             f"<td>{escape(probe['title'])}</td><td><b>{VERDICT[probe['passed']]}</b></td>"
             f"<td>{escape(probe.get('reason', ''))}<details><summary>evidence</summary>"
             f"<p><i>Proves:</i> {escape(probe.get('proves', ''))}<br><i>Fails when:</i> "
             f"{escape(probe.get('fails_when', ''))}<br><i>Automates:</i> {escape(probe.get('finding', ''))}</p>"
-            f"<pre>{facts}</pre><ol>{evidence}</ol></details></td></tr>")
-    return (f"<table><caption>{escape(card['sandbox'])} ({escape(card.get('backend', ''))}): "
-            f"{card['leaks']} leak(s)</caption><tr><th>probe</th><th>claim</th><th>verdict</th>"
-            f"<th>reason / evidence</th></tr>{''.join(rows)}</table>")
+            f"<pre>{facts}</pre><ol>{evidence}</ol></details></td></tr>"
+        )
+    return (
+        f"<table><caption>{escape(card['sandbox'])} ({escape(card.get('backend', ''))}): "
+        f"{card['leaks']} leak(s)</caption><tr><th>probe</th><th>claim</th><th>verdict</th>"
+        f"<th>reason / evidence</th></tr>{''.join(rows)}</table>"
+    )
 
 
 def _honeytokens(tokens: list[dict[str, Any]]) -> str:
-    rows = "".join(f"<tr><td>{escape(t['id'])}</td><td>{escape(t['kind'])}</td><td>{escape(t['where'])}</td>"
-                   f"<td><code>{escape(t['sha256'])}</code></td></tr>" for t in tokens)
-    return ("<details><summary>Planted honeytokens (SHA-256 of each marker; values are never stored)</summary>"
-            f"<table><tr><th>id</th><th>kind</th><th>where</th><th>sha256</th></tr>{rows}</table></details>")
+    rows = "".join(
+        f"<tr><td>{escape(t['id'])}</td><td>{escape(t['kind'])}</td><td>{escape(t['where'])}</td>"
+        f"<td><code>{escape(t['sha256'])}</code></td></tr>"
+        for t in tokens
+    )
+    return (
+        "<details><summary>Planted honeytokens (SHA-256 of each marker; values are never stored)</summary>"
+        f"<table><tr><th>id</th><th>kind</th><th>where</th><th>sha256</th></tr>{rows}</table></details>"
+    )

@@ -26,16 +26,33 @@ def section(data: dict[str, Any], run_dir: Path) -> Section | None:
         result.notes.append(
             f"Idle VMM PSS per sandbox p50 {mib(pss_p50)} ({verdict} the {PSS_TARGET_MIB:.0f} MiB target); "
             f"host MemAvailable fell by {mib(summary['mem_available_delta_bytes_per_sandbox'])} per sandbox "
-            f"with all N idle, read {data['config'].get('idle_settle_s')} s after the last boot.")
+            f"with all N idle, read {data['config'].get('idle_settle_s')} s after the last boot."
+        )
         labels = [s["id"] for s in measured]
-        result.charts.append(("Memory of each sandbox's host processes with all N idle.", grouped_bars(
-            labels,
-            {key.upper(): [s[f"host_{key}_bytes"] / MIB for s in measured] for key in ("rss", "pss", "uss")},
-            "MiB", "Host memory per sandbox", hline=(PSS_TARGET_MIB, "PSS target"))))
-        rows = [[s["id"], mib(s["host_rss_bytes"]), mib(s["host_pss_bytes"]), mib(s["host_uss_bytes"]),
-                 mib(s["guest_mem_total_bytes"]), mib(s.get("guest_mem_free_bytes"))] for s in measured]
-        result.tables.append(("Per sandbox", ["sandbox", "RSS", "PSS", "USS", "guest MemTotal", "guest MemFree"],
-                              rows))
+        result.charts.append(
+            (
+                "Memory of each sandbox's host processes with all N idle.",
+                grouped_bars(
+                    labels,
+                    {key.upper(): [s[f"host_{key}_bytes"] / MIB for s in measured] for key in ("rss", "pss", "uss")},
+                    "MiB",
+                    "Host memory per sandbox",
+                    hline=(PSS_TARGET_MIB, "PSS target"),
+                ),
+            )
+        )
+        rows = [
+            [
+                s["id"],
+                mib(s["host_rss_bytes"]),
+                mib(s["host_pss_bytes"]),
+                mib(s["host_uss_bytes"]),
+                mib(s["guest_mem_total_bytes"]),
+                mib(s.get("guest_mem_free_bytes")),
+            ]
+            for s in measured
+        ]
+        result.tables.append(("Per sandbox", ["sandbox", "RSS", "PSS", "USS", "guest MemTotal", "guest MemFree"], rows))
     samples = read_samples(run_dir / data.get("files", {}).get("memory_samples", "memory-samples.jsonl"))
     if samples:
         times = [s["t_s"] for s in samples]
@@ -45,15 +62,25 @@ def section(data: dict[str, Any], run_dir: Path) -> Section | None:
         ]
         with_psi = [s for s in samples if s.get("psi")]
         if with_psi:
-            panels.insert(1, ("memory PSI avg10 (%)", {
-                "some": ([s["t_s"] for s in with_psi], [s["psi"]["some_avg10"] for s in with_psi]),
-                "full": ([s["t_s"] for s in with_psi], [s["psi"]["full_avg10"] for s in with_psi]),
-            }))
+            panels.insert(
+                1,
+                (
+                    "memory PSI avg10 (%)",
+                    {
+                        "some": ([s["t_s"] for s in with_psi], [s["psi"]["some_avg10"] for s in with_psi]),
+                        "full": ([s["t_s"] for s in with_psi], [s["psi"]["full_avg10"] for s in with_psi]),
+                    },
+                ),
+            )
         else:
             result.notes.append("This kernel exposes no /proc/pressure/memory; PSI is not charted.")
-        result.charts.append((f"Sampled every ~{times[1] - times[0] if len(times) > 1 else 0:.1f} s over the "
-                              "whole run, warm-ups included.",
-                              time_series(panels, "seconds since sampling started", "Host memory over the run")))
+        result.charts.append(
+            (
+                f"Sampled every ~{times[1] - times[0] if len(times) > 1 else 0:.1f} s over the "
+                "whole run, warm-ups included.",
+                time_series(panels, "seconds since sampling started", "Host memory over the run"),
+            )
+        )
     if not result.charts and not result.notes:
         return None
     return result

@@ -24,26 +24,34 @@ def section(data: dict[str, Any], run_dir: Path) -> Section | None:
     if grade:
         result.notes.append(grade["summary"])
     broken, fix = d.get("broken") or {}, d.get("fix") or {}
-    result.notes.append(f"Target: {d.get('target')}; fixer: {d.get('fixer')}"
-                        + (f" ({d['agent_command']})" if d.get("agent_command") else "")
-                        + f"; guest RAM {d.get('guest_mem_mib', '—')} MiB.")
+    result.notes.append(
+        f"Target: {d.get('target')}; fixer: {d.get('fixer')}"
+        + (f" ({d['agent_command']})" if d.get("agent_command") else "")
+        + f"; guest RAM {d.get('guest_mem_mib', '—')} MiB."
+    )
     rows = [
         ["time to first OOM kill", _s(broken.get("time_to_first_oom_kill_s"))],
         ["OOM kills before the fix", broken.get("oom_kills")],
-        ["liveness probe failures / kills before the fix",
-         f"{broken.get('liveness_failures')} / {broken.get('liveness_kills')}"],
+        [
+            "liveness probe failures / kills before the fix",
+            f"{broken.get('liveness_failures')} / {broken.get('liveness_kills')}",
+        ],
         ["restarts before the fix", f"{broken.get('restarts_before_fix')} {broken.get('restarts_by_container', '')}"],
         ["status when the fixer started", broken.get("status_at_fix")],
         ["time to fix (fixer run)", _s(fix.get("duration_s"))],
         ["time to healthy (fixer start → Ready n/n)", _s(fix.get("time_to_healthy_s"))],
         ["model calls through the gateway", (fix.get("model_calls") or {}).get("total", "— (no gateway)")],
-        ["soak with 0 restarts", f"{_s(grade.get('soak_s'))} of {_s(grade.get('soak_required_s'))}" if grade
-         else "—"],
+        ["soak with 0 restarts", f"{_s(grade.get('soak_s'))} of {_s(grade.get('soak_required_s'))}" if grade else "—"],
     ]
     result.tables.append(("Measurements", ["what", "value"], rows))
     if grade and grade["still_broken"]:
-        result.tables.append(("Still broken", ["what", "container", "detail"],
-                              [[p["what"], p["container"] or "", p["detail"]] for p in grade["still_broken"]]))
+        result.tables.append(
+            (
+                "Still broken",
+                ["what", "container", "detail"],
+                [[p["what"], p["container"] or "", p["detail"]] for p in grade["still_broken"]],
+            )
+        )
     if fix.get("diff"):
         lines = fix["diff"].splitlines()
         result.tables.append(("The fixer's diff", ["line"], [[line] for line in lines[:DIFF_MAX_LINES]]))
@@ -53,17 +61,35 @@ def section(data: dict[str, Any], run_dir: Path) -> Section | None:
         ready = [int(str(r["ready"]).split("/")[0]) for r in timeline]
         restarts = [r["restarts"] for r in timeline]
         fix_at = fix.get("started_s")
-        result.charts.append((
-            "Ready containers and restarts of the current pod, sampled every observe period"
-            + (f"; the fixer started at {fix_at:.0f} s (a new pod then starts at 0 restarts)." if fix_at else "."),
-            time_series([("ready containers", {"ready": (times, ready)}),
-                         ("restarts", {"restarts": (times, restarts)})],
-                        "seconds since the Deployment was seeded", "payments-service pod")))
+        result.charts.append(
+            (
+                "Ready containers and restarts of the current pod, sampled every observe period"
+                + (f"; the fixer started at {fix_at:.0f} s (a new pod then starts at 0 restarts)." if fix_at else "."),
+                time_series(
+                    [("ready containers", {"ready": (times, ready)}), ("restarts", {"restarts": (times, restarts)})],
+                    "seconds since the Deployment was seeded",
+                    "payments-service pod",
+                ),
+            )
+        )
     events = d.get("events") or []
     if events:
-        result.tables.append(("Events (last 40)", ["t (guest s)", "type", "reason", "object", "message"],
-                              [[_s(e["t_ms"] / 1000 if e.get("t_ms") is not None else None), e["type"], e["reason"],
-                                e["object"], e["message"]] for e in events[-40:]]))
+        result.tables.append(
+            (
+                "Events (last 40)",
+                ["t (guest s)", "type", "reason", "object", "message"],
+                [
+                    [
+                        _s(e["t_ms"] / 1000 if e.get("t_ms") is not None else None),
+                        e["type"],
+                        e["reason"],
+                        e["object"],
+                        e["message"],
+                    ]
+                    for e in events[-40:]
+                ],
+            )
+        )
     return result
 
 

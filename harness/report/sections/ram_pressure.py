@@ -23,19 +23,43 @@ def section(data: dict[str, Any], run_dir: Path) -> Section | None:
         f"Stop conditions, checked before each boot: MemAvailable minus the next sandbox's expected cost below "
         f"{mib(t['min_mem_available_bytes'])}, memory PSI some avg10 above {t['max_psi_some_avg10']:g} %, a failed "
         f"boot, or the cap of {t['cap']}. Guest RAM {d.get('guest_mem_mib')} MiB, workload {d['workload']['kind']}, "
-        f"accel {data.get('accel')}, boot mode {data.get('backend', {}).get('boot_mode', '—')}.")
+        f"accel {data.get('accel')}, boot mode {data.get('backend', {}).get('boot_mode', '—')}."
+    )
     rows = []
     for arm in d["arms"]:
         stop = arm.get("stop") or {}
-        rows.append([f"reclaim {'on' if arm['reclaim'] else 'off'}", arm["density_limit"], stop.get("reason"),
-                     stop.get("detail"), _f(arm.get("marginal_mib_per_sandbox")), _f(arm.get("pss_mib_per_sandbox")),
-                     arm.get("projected_limit", "—")])
-    result.tables.append(("Density limit per arm", ["arm", "N reached", "stopped by", "detail",
-                                                    "marginal MiB / sandbox (MemAvailable)", "PSS MiB / sandbox",
-                                                    "projected N at the floor"], rows))
+        rows.append(
+            [
+                f"reclaim {'on' if arm['reclaim'] else 'off'}",
+                arm["density_limit"],
+                stop.get("reason"),
+                stop.get("detail"),
+                _f(arm.get("marginal_mib_per_sandbox")),
+                _f(arm.get("pss_mib_per_sandbox")),
+                arm.get("projected_limit", "—"),
+            ]
+        )
+    result.tables.append(
+        (
+            "Density limit per arm",
+            [
+                "arm",
+                "N reached",
+                "stopped by",
+                "detail",
+                "marginal MiB / sandbox (MemAvailable)",
+                "PSS MiB / sandbox",
+                "projected N at the floor",
+            ],
+            rows,
+        )
+    )
     panels: list[tuple[str, dict[str, tuple[list[float], list[float]]]]] = [
-        ("MemAvailable (MiB)", {}), ("memory PSI some avg10 (%)", {}), ("newest boot (ms)", {}),
-        ("PSS per sandbox (MiB)", {})]
+        ("MemAvailable (MiB)", {}),
+        ("memory PSI some avg10 (%)", {}),
+        ("newest boot (ms)", {}),
+        ("PSS per sandbox (MiB)", {}),
+    ]
     for arm in d["arms"]:
         name = f"reclaim {'on' if arm['reclaim'] else 'off'}"
         steps = arm["steps"]
@@ -47,8 +71,12 @@ def section(data: dict[str, Any], run_dir: Path) -> Section | None:
         panels[2][1][name] = (ns, [s["newest_boot_ms"] or 0.0 for s in steps])
         panels[3][1][name] = (ns, [s["pss_total_bytes"] / s["n"] / MIB for s in steps])
     if any(series for _, series in panels):
-        result.charts.append(("Measured after each boot (and its workload) settled; arms side by side.",
-                              time_series(panels, "sandboxes running (N)", "Host memory vs N")))
+        result.charts.append(
+            (
+                "Measured after each boot (and its workload) settled; arms side by side.",
+                time_series(panels, "sandboxes running (N)", "Host memory vs N"),
+            )
+        )
     return result
 
 
