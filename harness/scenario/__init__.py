@@ -20,7 +20,7 @@ from harness.errors import ConfigError
 from harness.paths import cache_dir
 from harness.report import render_report
 from harness.results import SCHEMA, host_info, new_run_id, write_results
-from harness.sandbox import BackendOptions, SandboxSpec, create_backend
+from harness.sandbox import BackendOptions, SandboxSpec, create_backend, describe_backend
 from harness.scenario.base import Scenario, ScenarioContext
 from harness.scenario.journal import Journal, now
 from harness.supervisor import Interrupted, Supervisor, signals_raise
@@ -113,12 +113,11 @@ def run_scenario(name: str, options: dict[str, Any], out: Path | None = None) ->
                     boot_mode=options["boot_mode"],
                 ),
             )
-            data["backend"] = {"name": backend.name, **backend.describe()}
+            data["backend"] = describe_backend(backend)
             data["accel"] = backend.accel
             template = SandboxSpec(
                 id="",
                 workdir=run_dir,
-                accel=backend.accel,
                 mem_mib=options["mem_mib"],
                 boot_timeout_s=options["boot_timeout_s"],
             )
