@@ -25,8 +25,11 @@ TERMINATE_GRACE_S = 2.0
 """How long a process group gets after SIGTERM before SIGKILL."""
 
 
-class Interrupted(Exception):
-    """Raised in the main thread on SIGTERM (SIGINT raises KeyboardInterrupt)."""
+class Interrupted(BaseException):
+    """Raised in the main thread on SIGTERM (SIGINT raises KeyboardInterrupt).
+
+    A BaseException, like KeyboardInterrupt: an `except Exception` that records a failed step (a
+    probe, a proxy target, a load thread) must never turn a cancelled run into a result."""
 
     def __init__(self, signum: int) -> None:
         super().__init__(signal.Signals(signum).name)
@@ -53,14 +56,19 @@ def _create_time(pid: int) -> float:
 
 
 def pid_alive(pid: int) -> bool:
-    """True while a process with this pid exists (one we may not signal counts as alive)."""
+    """True while a process with this pid runs (one we may not signal counts as alive). A zombie has
+    ended and holds no memory; only its parent can reap it, and where an orphan's new parent is a
+    container's PID 1 that never reaps, it stays a zombie for good."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def kill_group(pid: int, grace_s: float = TERMINATE_GRACE_S) -> bool:

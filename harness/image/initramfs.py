@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
+import secrets
 import shutil
 import subprocess
 import tempfile
@@ -105,7 +106,8 @@ def _pack(root: Path, dest: Path) -> None:
         capture_output=True,
         check=True,
     ).stdout
-    partial = dest.with_suffix(".partial")
+    # A name of this writer's own: two runs that build the same image at once each rename a whole file.
+    partial = dest.with_name(f"{dest.name}.{os.getpid()}.{secrets.token_hex(4)}.partial")
     with gzip.GzipFile(partial, "wb", compresslevel=6, mtime=0) as out:
         out.write(archive)
     partial.replace(dest)
