@@ -13,7 +13,7 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -23,6 +23,33 @@ from harness.paths import pid_records_dir
 
 TERMINATE_GRACE_S = 2.0
 """How long a process group gets after SIGTERM before SIGKILL."""
+
+CHILD_ENV_ALLOWED = (
+    "PATH",
+    "HOME",
+    "USER",
+    "LOGNAME",
+    "SHELL",
+    "LANG",
+    "LANGUAGE",
+    "LC_ALL",
+    "LC_CTYPE",
+    "TERM",
+    "TZ",
+    "TMPDIR",
+    "XDG_CACHE_HOME",
+    "XDG_RUNTIME_DIR",
+    "VIRTUAL_ENV",
+    "PYTHONPATH",
+    "BLASTRADIUS_CACHE",
+)
+"""What a child inherits of the harness's environment: nothing that could be a key. Only the gateway
+needs keys, and it is handed them by name; a backend adds what its tools need (e.g. KUBECONFIG)."""
+
+
+def child_environment(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """A scrubbed environment for a child: the allowed variables of ours, plus `extra`."""
+    return {**{name: os.environ[name] for name in CHILD_ENV_ALLOWED if name in os.environ}, **(extra or {})}
 
 
 class Interrupted(BaseException):
@@ -102,7 +129,9 @@ class Supervisor:
         self._popens: dict[int, subprocess.Popen[bytes]] = {}
 
     def spawn(self, argv: list[str], name: str, **popen_kwargs: object) -> subprocess.Popen[bytes]:
-        """Start argv in a new session and record it before returning."""
+        """Start argv in a new session and record it before returning. Its environment is scrubbed
+        (child_environment) unless the caller hands it one of its own."""
+        popen_kwargs.setdefault("env", child_environment())
         proc = subprocess.Popen(argv, start_new_session=True, **popen_kwargs)  # type: ignore[call-overload]
         self.adopt(proc.pid, name)
         with self._lock:
