@@ -75,7 +75,8 @@ class ProcessRecord:
     """Human label, e.g. qemu:r0-sb1."""
 
 
-def _create_time(pid: int) -> float:
+def process_create_time(pid: int) -> float:
+    """psutil's start time of `pid`, 0.0 when it is gone: with the pid, it names one process for good."""
     try:
         return psutil.Process(pid).create_time()
     except psutil.Error:
@@ -141,7 +142,7 @@ class Supervisor:
     def adopt(self, pid: int, name: str) -> None:
         """Take ownership of a process group started elsewhere (e.g. by a library)."""
         with self._lock:
-            self._live[pid] = ProcessRecord(pid=pid, create_time=_create_time(pid), name=name)
+            self._live[pid] = ProcessRecord(pid=pid, create_time=process_create_time(pid), name=name)
             self._write()
 
     def stop(self, pid: int, grace_s: float = TERMINATE_GRACE_S) -> None:
@@ -171,7 +172,7 @@ class Supervisor:
     def _write(self) -> None:
         payload = {
             "run_id": self.run_id,
-            "owner": {"pid": os.getpid(), "create_time": _create_time(os.getpid())},
+            "owner": {"pid": os.getpid(), "create_time": process_create_time(os.getpid())},
             "processes": [asdict(r) for r in self._live.values()],
         }
         tmp = self.record_path.with_suffix(".tmp")
@@ -214,10 +215,10 @@ def reap_leftovers() -> list[str]:
             removed.append(f"unreadable pid record {path.name}")
             continue
         owner = payload.get("owner", {})
-        if owner and _create_time(owner.get("pid", -1)) == owner.get("create_time"):
+        if owner and process_create_time(owner.get("pid", -1)) == owner.get("create_time"):
             continue  # that run is still alive; it owns its processes
         for record in payload.get("processes", []):
-            if _create_time(record["pid"]) == record["create_time"] and kill_group(record["pid"]):
+            if process_create_time(record["pid"]) == record["create_time"] and kill_group(record["pid"]):
                 removed.append(f"killed {record['name']} (pid {record['pid']}) from run {payload['run_id']}")
         path.unlink(missing_ok=True)
         removed.append(f"removed pid record of run {payload.get('run_id', path.stem)}")

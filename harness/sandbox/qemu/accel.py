@@ -10,7 +10,6 @@ import json
 import os
 import platform
 import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ from harness.errors import ConfigError, EnvironmentMissing
 from harness.image import GuestImage
 from harness.sandbox.base import BootFailed, SandboxSpec
 from harness.sandbox.qemu.vm import Microvm, qemu_version
+from harness.scratch import scratch_dir
 from harness.supervisor import Supervisor
 
 CANARY_TIMEOUT_S = 15.0
@@ -58,7 +58,7 @@ def canary_boots(
     image: GuestImage, accel: str, timeout_s: float, extra_args: tuple[str, ...] = ()
 ) -> tuple[bool, str, float | None]:
     """Boot one guest under `accel`; (booted, reason, boot_ms). Never leaves the guest running."""
-    with tempfile.TemporaryDirectory(prefix="br-canary-") as tmp, Supervisor(f"canary-{os.getpid()}") as supervisor:
+    with scratch_dir("br-canary-") as tmp, Supervisor(f"canary-{os.getpid()}") as supervisor:
         spec = SandboxSpec(id="canary", workdir=Path(tmp), boot_timeout_s=timeout_s)
         vm = Microvm(spec, image, supervisor, accel, extra_args=extra_args)
         vm.spawn()

@@ -18,7 +18,6 @@ import hashlib
 import json
 import os
 import secrets
-import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -28,6 +27,7 @@ from harness.image import GuestImage
 from harness.sandbox.base import SandboxSpec
 from harness.sandbox.qemu.qmp import Qmp
 from harness.sandbox.qemu.vm import Microvm
+from harness.scratch import scratch_dir
 from harness.supervisor import Supervisor
 
 TEMPLATE_CMDLINE = "init_on_free=1"
@@ -87,7 +87,7 @@ def make_template(
 
 
 def _migrate_template(path: Path, image: GuestImage, accel: str, spec: SandboxSpec, timeout_s: float) -> None:
-    with tempfile.TemporaryDirectory(prefix="br-template-") as tmp, Supervisor(f"template-{os.getpid()}") as sup:
+    with scratch_dir("br-template-") as tmp, Supervisor(f"template-{os.getpid()}") as sup:
         qmp_socket = Path(tmp) / "qmp.sock"
         partial = path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}.partial")
         template = Microvm(
