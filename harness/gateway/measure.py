@@ -23,7 +23,7 @@ from typing import Any
 from harness.gateway.config import GatewayConfig
 from harness.gateway.credentials import SENTINEL, CredentialSpec
 from harness.gateway.process import GatewayProcess
-from harness.gateway.upstream import DEFAULT_NAMES, UpstreamServer
+from harness.standins.upstream import DEFAULT_NAMES, UpstreamServer
 
 BENCH_HOST = "bench.test"
 BENCH_KEY = "sk-bench-0123456789abcdef"
