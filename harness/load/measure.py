@@ -1,6 +1,6 @@
 """Gateway overhead on loopback, measured side by side with direct connections in one run.
 
-    from harness.gateway.measure import measure_overhead
+    from harness.load.measure import measure_overhead
     result = measure_overhead(requests=1000, tunnel_mb=256)
 
 Latency: sequential requests on one keep-alive connection (direct vs through the gateway),
