@@ -12,9 +12,7 @@ import asyncio
 import logging
 import ssl
 import time
-from collections import Counter
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import h11
 
@@ -30,15 +28,13 @@ from harness.gateway.deny import (
 )
 from harness.gateway.dial import DialError, open_upstream
 from harness.gateway.forward import ClientGone, UpstreamPool, forward, next_event
-from harness.gateway.loopbreaker import ANSWER_200_TERMINAL, LoopVerdict, resolve_answer
+from harness.gateway.loopbreaker import ANSWER_200_TERMINAL, LoopVerdict
 from harness.gateway.names import DEFAULT_PORTS, HostError, parse_authority
 from harness.gateway.policy import normalise_path
+from harness.gateway.state import GatewayState
 from harness.gateway.streams import PlainStream, Stream, TlsServerStream
 from harness.gateway.toxics import Toxic, ToxicStream
 from harness.gateway.tunnel import relay
-
-if TYPE_CHECKING:
-    from harness.gateway.server import Gateway
 
 log = logging.getLogger(__name__)
 
@@ -91,24 +87,24 @@ def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes | None:
 class Session:
     def __init__(
         self,
-        gw: Gateway,
+        state: GatewayState,
         sandbox: str,
         conn_id: int,
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
     ) -> None:
-        self.gw = gw
+        self.state = state
         self.sandbox = sandbox
         self.conn_id = conn_id
         self.client = PlainStream(reader, writer)
-        self.limits = gw.limits
-        self.counters = gw.per_sandbox.setdefault(sandbox, Counter())
-        self.pool = UpstreamPool(gw.overrides, gw.upstream_tls, gw.limits.connect_timeout_s, self._toxic_stream)
+        self.limits = state.limits
+        self.counters = state.counters(sandbox)
+        self.pool = UpstreamPool(state.overrides, state.upstream_tls, self.limits.connect_timeout_s, self._toxic_stream)
 
     def _toxic_stream(self, upstream: PlainStream, host: str, port: int) -> PlainStream:
         """Every forwarded upstream connection runs through the toxics (a no-op while there are none),
         so a toxic switched on mid-run reaches keep-alive connections too."""
-        up, down = self.gw.toxics.links(self.sandbox, host, port, [self.client, upstream])
+        up, down = self.state.toxics.links(self.sandbox, host, port, [self.client, upstream])
         return ToxicStream(upstream, up, down)  # type: ignore[return-value]
 
     async def run(self) -> None:
@@ -127,11 +123,11 @@ class Session:
 
     # ---- audit helpers -------------------------------------------------------------------
     def count(self, name: str, n: int = 1) -> None:
-        self.gw.stats[name] += n
+        self.state.stats[name] += n
         self.counters[name] += n
 
     def audit(self, **fields: object) -> None:
-        self.gw.audit.write(AuditRecord(sandbox=self.sandbox, conn=self.conn_id, **fields))  # type: ignore[arg-type]
+        self.state.audit.write(AuditRecord(sandbox=self.sandbox, conn=self.conn_id, **fields))  # type: ignore[arg-type]
 
     async def refuse(self, stream: Stream, status: int, reason: str, **fields: object) -> None:
         """Malformed or mismatched input: an HTTP error, an audit record, and a closed connection."""
@@ -230,11 +226,11 @@ class Session:
         reason: str | None = None,
     ) -> bool:
         """Answer a denied request per deny mode / loop breaker. Returns keep-alive."""
-        gw = self.gw
+        state = self.state
         self.count("denied", 1)
         key = (self.sandbox, method, scheme or "", host, str(port), path or "")
-        verdict = gw.breaker.observe_denied(key)
-        mode = gw.deny_mode
+        verdict = state.breaker.observe_denied(key)
+        mode = state.deny_mode
         fields = dict(
             method=method,
             scheme=scheme,
@@ -249,9 +245,9 @@ class Session:
         if verdict is not LoopVerdict.UNDER:
             self.count("loop_blocks", 1)
             # A 200 to CONNECT would open a tunnel, not explain anything: CONNECT always gets 429.
-            terminal = conn is not None and self._loop_answer() == ANSWER_200_TERMINAL
+            terminal = conn is not None and state.effective_loop_answer() == ANSWER_200_TERMINAL
             answer = loop_answer(
-                host, port, rule, self.sandbox, gw.breaker.threshold, gw.breaker.window_s, terminal=terminal
+                host, port, rule, self.sandbox, state.breaker.threshold, state.breaker.window_s, terminal=terminal
             )
             if verdict is LoopVerdict.TRIPPED:
                 self.audit(event="retry_loop_detected", decision="deny", deny_mode=mode, status=answer.status, **fields)
@@ -273,12 +269,6 @@ class Session:
         stream.write(conn.send(h11.EndOfMessage()))
         await stream.drain()
         return True
-
-    def _loop_answer(self) -> str:
-        """The breaker's answer style: set at run time (set_deny), else GatewayConfig, else the policy.
-        Read only once a loop has tripped."""
-        gw = self.gw
-        return resolve_answer(gw.breaker.answer, gw.config.loop_answer, gw.policy.loop_answer)
 
     async def _drain_request(self, conn: h11.Connection, stream: Stream) -> bool:
         """Read and drop a small request body; False if it is too big to bother."""
@@ -321,8 +311,8 @@ class Session:
         if not isinstance(event, h11.EndOfMessage):
             await self.refuse(stream, 400, "CONNECT with a body", method="CONNECT", host=host, port=port)
             return
-        gw = self.gw
-        decision = gw.policy.check_destination(host, port)
+        state = self.state
+        decision = state.policy.check_destination(host, port)
         if not decision.allowed:
             await self.deny(
                 None,
@@ -336,7 +326,7 @@ class Session:
                 rule=decision.rule,
             )
             return
-        cred = gw.credentials.for_dest(host, port)
+        cred = state.credentials.for_dest(host, port)
         leftover = conn.trailing_data[0]
         if decision.needs_requests or cred is not None:
             await self.intercept(stream, host, port, decision.rule, leftover, t0)
@@ -345,13 +335,13 @@ class Session:
 
     async def blind_tunnel(self, stream: Stream, host: str, port: int, rule: str, leftover: bytes, t0: float) -> None:
         assert isinstance(stream, PlainStream)
-        gw = self.gw
-        if gw.toxics.active and (toxic := gw.toxics.http_status(self.sandbox, host, port)) is not None:
+        state = self.state
+        if state.toxics.active and (toxic := state.toxics.http_status(self.sandbox, host, port)) is not None:
             # The gateway cannot speak inside a blind tunnel: the toxic answers the CONNECT itself.
             await self.toxic_answer(None, stream, toxic, "CONNECT", None, host, port, None, rule, False, t0)
             return
         try:
-            upstream = await open_upstream(host, port, gw.overrides, self.limits.connect_timeout_s)
+            upstream = await open_upstream(host, port, state.overrides, self.limits.connect_timeout_s)
         except DialError as exc:
             await self._upstream_failed(stream, exc, "connect", "CONNECT", None, host, port, rule)
             return
@@ -371,7 +361,7 @@ class Session:
                 upstream.writer,
                 self.limits.tunnel_idle_timeout_s,
                 counter,
-                gw.toxics.links(self.sandbox, host, port, [stream, upstream]),
+                state.toxics.links(self.sandbox, host, port, [stream, upstream]),
             )
         except (ConnectionError, OSError, TimeoutError):
             pass
@@ -396,7 +386,7 @@ class Session:
     async def intercept(self, stream: Stream, host: str, port: int, rule: str, leftover: bytes, t0: float) -> None:
         """Terminate the tunnel: TLS with our leaf (SNI must name host), or plain HTTP inside it."""
         assert isinstance(stream, PlainStream)
-        gw = self.gw
+        state = self.state
         stream.write(CONNECT_ESTABLISHED)
         await stream.drain()
         if leftover:
@@ -423,7 +413,7 @@ class Session:
             )
             await self.serve_http(stream, TunnelDest(host, port, "http"))
             return
-        tls = TlsServerStream(stream, gw.ca.server_context(host))
+        tls = TlsServerStream(stream, state.ca.server_context(host))
         try:
             async with asyncio.timeout(self.limits.tls_handshake_timeout_s):
                 await tls.handshake()
@@ -473,7 +463,7 @@ class Session:
         self, conn: h11.Connection, stream: Stream, request: h11.Request, tunnel: TunnelDest | None
     ) -> bool:
         t0 = time.perf_counter()
-        gw = self.gw
+        state = self.state
         method = request.method.decode("ascii", "replace")
         target = request.target.decode("ascii", "replace")
         try:
@@ -530,7 +520,7 @@ class Session:
             await self.refuse(stream, 400, str(exc), method=method)
             return False
         intercepted = tunnel is not None
-        decision = gw.policy.check_request(host, port, method, norm_path)
+        decision = state.policy.check_request(host, port, method, norm_path)
         if not decision.allowed:
             return await self.deny(
                 conn,
@@ -544,11 +534,11 @@ class Session:
                 rule=decision.rule,
                 intercepted=intercepted,
             )
-        if gw.toxics.active and (toxic := gw.toxics.http_status(self.sandbox, host, port)) is not None:
+        if state.toxics.active and (toxic := state.toxics.http_status(self.sandbox, host, port)) is not None:
             return await self.toxic_answer(
                 conn, stream, toxic, method, scheme, host, port, norm_path, decision.rule, intercepted, t0
             )
-        cred = gw.credentials.for_dest(host, port)
+        cred = state.credentials.for_dest(host, port)
         self.count("allowed", 1)
         fields = dict(
             event="request",
