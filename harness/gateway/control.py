@@ -114,9 +114,9 @@ async def toxic_op(gw: Gateway, op: str, request: dict[str, Any]) -> dict[str, A
         await gw.sync_down()
         return {"ok": True, "removed": gone is not None}
     if op == "toxic_clear":
-        gone = registry.clear()
+        cleared = registry.clear()
         await gw.sync_down()
-        return {"ok": True, "removed": [t.name for t in gone]}
+        return {"ok": True, "removed": [t.name for t in cleared]}
     return {"ok": True, **registry.snapshot()}
 
 

@@ -13,7 +13,7 @@ from harness.gateway.audit import AuditRecord
 from harness.gateway.config import GatewayConfig, default_ca_dir
 from harness.gateway.deny import error_answer, raw_response
 from harness.gateway.dns import DnsServer
-from harness.gateway.session import Session
+from harness.gateway.session import run_session
 from harness.gateway.state import GatewayState
 from harness.gateway.streams import STREAM_LIMIT
 
@@ -32,7 +32,7 @@ class SandboxListener:
 
 
 class Gateway:
-    """The listeners: one per sandbox, each handing its connections to a Session over the shared state."""
+    """The listeners: one per sandbox, each handing its connections to run_session over the shared state."""
 
     def __init__(self, config: GatewayConfig) -> None:
         self.config = config
@@ -83,9 +83,9 @@ class Gateway:
             await asyncio.gather(*listener.active, return_exceptions=True)
             log.warning("sandbox %s: gateway down (toxic)", sandbox)
         for sandbox in self.down - want:
-            listener = self.listeners.get(sandbox)
-            if listener is not None:
-                listener.server = await self._listen(sandbox, listener.port)
+            back = self.listeners.get(sandbox)
+            if back is not None:
+                back.server = await self._listen(sandbox, back.port)
                 log.warning("sandbox %s: gateway back up", sandbox)
         self.down = want
 
@@ -143,7 +143,7 @@ class Gateway:
         state.stats["connections"] += 1
         counters["connections"] += 1
         try:
-            await Session(state, sandbox, conn_id, reader, writer).run()
+            await run_session(state, sandbox, conn_id, reader, writer)
         finally:
             self._active_total -= 1
             listener.active.discard(task)  # type: ignore[arg-type]
