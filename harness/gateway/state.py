@@ -1,8 +1,8 @@
 """The gateway's state in one place: what every sandbox connection reads, built once from a GatewayConfig.
 
-Sessions, the DNS resolver and the control API are handed this one object, never the runtime
-that owns the listeners (server.Gateway), so nothing below the listeners can reach back up.
-Control ops change it in place between requests: the deny settings here, toxics in the registry.
+Sessions and the DNS resolver are handed this one object, never the runtime that owns the
+listeners (server.Gateway), so nothing below the listeners can reach back up. The control API
+changes it in place between requests: the deny settings (set_deny) and the toxics.
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """The HTTP/1 server side of a connection: request heads, their limits, and the keep-alive loop.
 
 The same layer serves the sandbox's proxy connection and the inside of an intercepted tunnel.
-Each request goes to request.py; on the proxy side a CONNECT ends this layer and is handed back
-to the session for the CONNECT layer (connect.py), which is how layers stay out of each other's
-imports: none calls the one above it.
+Each request goes to request.py. On the proxy side a CONNECT ends this layer: it is returned to
+the session, which hands it to connect.py. This layer never imports connect.py, because interception
+(imported by connect.py) serves this layer again inside the tunnel.
 """
 
 from __future__ import annotations
