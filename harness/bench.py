@@ -18,8 +18,6 @@ from harness.fleet import Fleet, boot_into, boot_record, open_fleet
 from harness.gateway.audit import summarise as summarise_audit
 from harness.gateway.policy import PolicyError, load_policy
 from harness.gateway.process import GatewayConfig
-from harness.gateway.upstream import DEFAULT_NAMES as UPSTREAM_NAMES
-from harness.gateway.upstream import UpstreamServer
 from harness.load.bench import ProxyBenchConfig, load_partial, run_proxy_bench
 from harness.load.guest import sample_in_guest
 from harness.metrics.memory import MemorySampler, mem_available_bytes, process_memory
@@ -44,6 +42,8 @@ from harness.sandbox import (
     describe_backend,
 )
 from harness.sandbox.base import BOOT_MODES
+from harness.standins.upstream import DEFAULT_NAMES as UPSTREAM_NAMES
+from harness.standins.upstream import UpstreamServer
 from harness.supervisor import Interrupted, Supervisor, signals_raise
 
 IDLE_SETTLE_S = 2.0

@@ -47,9 +47,9 @@ from rich.console import RenderableType
 from harness.fleet import Fleet
 from harness.gateway.credentials import CredentialSpec
 from harness.gateway.process import GatewayConfig
-from harness.gateway.upstream import UpstreamServer
 from harness.sandbox.base import Endpoint, Sandbox
 from harness.scenario.base import ScenarioContext
+from harness.standins.upstream import UpstreamServer
 
 PACKAGE = "scenarios_isolation"
 """Import name for this folder's modules (scenario folders are not a Python package)."""

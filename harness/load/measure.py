@@ -1,6 +1,6 @@
 """Gateway overhead on loopback, measured side by side with direct connections in one run.
 
-    from harness.gateway.measure import measure_overhead
+    from harness.load.measure import measure_overhead
     result = measure_overhead(requests=1000, tunnel_mb=256)
 
 Latency: sequential requests on one keep-alive connection (direct vs through the gateway),
@@ -23,7 +23,7 @@ from typing import Any
 from harness.gateway.config import GatewayConfig
 from harness.gateway.credentials import SENTINEL, CredentialSpec
 from harness.gateway.process import GatewayProcess
-from harness.gateway.upstream import DEFAULT_NAMES, UpstreamServer
+from harness.standins.upstream import DEFAULT_NAMES, UpstreamServer
 
 BENCH_HOST = "bench.test"
 BENCH_KEY = "sk-bench-0123456789abcdef"
