@@ -14,7 +14,6 @@ from __future__ import annotations
 import socket
 import ssl
 import statistics
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import Any
 from harness.gateway.config import GatewayConfig
 from harness.gateway.credentials import SENTINEL, CredentialSpec
 from harness.gateway.process import GatewayProcess
+from harness.scratch import scratch_dir
 from harness.standins.upstream import DEFAULT_NAMES, UpstreamServer
 
 BENCH_HOST = "bench.test"
@@ -150,8 +150,7 @@ def measure_overhead(
     ca_dir: Path | None = None,
 ) -> dict[str, Any]:
     """Added latency (ms) and tunnel throughput (MB/s) of the gateway vs direct, on loopback."""
-    with tempfile.TemporaryDirectory(prefix="br-measure-") as tmp_name:
-        tmp = Path(tmp_name)
+    with scratch_dir("br-measure-") as tmp:
         policy = tmp / "bench.yaml"
         policy.write_text(BENCH_POLICY)
         upstream = UpstreamServer(
