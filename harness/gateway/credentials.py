@@ -15,7 +15,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from harness.gateway.names import HostError, normalise_host
+from harness.gateway.errors import SetupError, check_keys
+from harness.gateway.names import MAX_PORT, HostError, normalise_host
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +24,10 @@ SENTINEL = "proxy-managed"
 SECRET_COMMAND_TIMEOUT_S = 10.0
 # Secrets shorter than this are refused: the audit scrubber could not tell them from noise.
 MIN_SECRET_LEN = 8
+
+
+class CredentialError(SetupError):
+    """A credential that cannot be set up (bad spec, unusable secret); its message names the fix."""
 
 
 @dataclass(frozen=True)
@@ -42,19 +47,30 @@ class CredentialSpec:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> CredentialSpec:
-        known = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
-        return cls(**known)
+    def from_dict(cls, data: dict[str, Any], where: str = "credential") -> CredentialSpec:
+        """Every key checked (a misspelt `heder:` is an error naming `header`), every value typed."""
+        check_keys(data, cls.__dataclass_fields__, where, CredentialError)
+        for required in ("name", "host", "header"):
+            if not isinstance(data.get(required), str) or not data[required]:
+                raise CredentialError(f"{where}: {required} must be a non-empty string, got {data.get(required)!r}")
+        port = data.get("port", 443)
+        if isinstance(port, bool) or not isinstance(port, int) or not 0 < port <= MAX_PORT:
+            raise CredentialError(f"{where}: port must be a number 1-65535, got {port!r}")
+        sources = [k for k in ("env", "file", "command") if data.get(k) is not None]
+        if len(sources) != 1:
+            raise CredentialError(f"{where}: give exactly one of env, file or command for the secret, got {sources}")
+        for key in ("template", *sources):
+            if key in data and not isinstance(data[key], str):
+                raise CredentialError(f"{where}: {key} must be a string, got {data[key]!r}")
+        if "{secret}" not in data.get("template", "{secret}"):
+            raise CredentialError(f"{where}: template must contain {{secret}}, got {data['template']!r}")
+        return cls(**data)
 
 
 DEFAULT_CREDENTIALS: tuple[CredentialSpec, ...] = (
     CredentialSpec("anthropic", "api.anthropic.com", "x-api-key", env="ANTHROPIC_API_KEY"),
     CredentialSpec("openai", "api.openai.com", "authorization", template="Bearer {secret}", env="OPENAI_API_KEY"),
 )
-
-
-class CredentialError(ValueError):
-    pass
 
 
 def read_secret(spec: CredentialSpec) -> str | None:
@@ -87,10 +103,23 @@ def read_secret(spec: CredentialSpec) -> str | None:
     if not value:
         return None
     if len(value) < MIN_SECRET_LEN:
-        raise CredentialError(f"credential {spec.name}: secret shorter than {MIN_SECRET_LEN} chars")
+        raise CredentialError(
+            f"credential {spec.name}: the secret in {_source(spec)} is {len(value)} characters, shorter than "
+            f"{MIN_SECRET_LEN}: set it to the full key, or unset it to run without this credential"
+        )
     if any(c in value for c in "\r\n\0"):
-        raise CredentialError(f"credential {spec.name}: secret contains control characters")
+        raise CredentialError(
+            f"credential {spec.name}: the secret in {_source(spec)} contains a line break or NUL: "
+            "set it to the key alone"
+        )
     return value
+
+
+def _source(spec: CredentialSpec) -> str:
+    """Where a secret came from, as the user would name it: $VAR, the file or the command."""
+    if spec.env:
+        return f"${spec.env}"
+    return f"file {spec.file}" if spec.file else f"the output of `{spec.command}`"
 
 
 @dataclass(frozen=True)

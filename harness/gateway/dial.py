@@ -13,6 +13,7 @@ import socket
 import ssl
 from dataclasses import dataclass
 
+from harness.gateway.errors import SetupError
 from harness.gateway.names import HostError, is_ip, parse_port, split_authority
 from harness.gateway.streams import STREAM_LIMIT, PlainStream
 
@@ -23,6 +24,10 @@ class DialError(Exception):
     def __init__(self, message: str, status: int = 502) -> None:
         super().__init__(message)
         self.status = status
+
+
+class OverrideError(SetupError):
+    """An upstream override that does not parse."""
 
 
 @dataclass(frozen=True)
@@ -38,15 +43,21 @@ class Overrides:
     def __init__(self, table: dict[str, str]) -> None:
         self._table: dict[tuple[str, int | None], tuple[str, int | None]] = {}
         for key, value in table.items():
-            k_host, k_port = split_authority(key)
-            v_host, v_port = split_authority(value)
-            v_host = v_host.strip("[]")
-            if not is_ip(v_host):
-                raise HostError(f"override target must be an IP literal: {value!r}")
-            self._table[(k_host.lower().rstrip("."), parse_port(k_port) if k_port else None)] = (
-                v_host,
-                parse_port(v_port) if v_port else None,
-            )
+            try:
+                k_host, k_port = split_authority(key)
+                v_host, v_port = split_authority(value)
+                v_host = v_host.strip("[]")
+                if not is_ip(v_host):
+                    raise HostError("the address must be an IP literal")
+                self._table[(k_host.lower().rstrip("."), parse_port(k_port) if k_port else None)] = (
+                    v_host,
+                    parse_port(v_port) if v_port else None,
+                )
+            except HostError as exc:
+                raise OverrideError(
+                    f"override {key}={value}: {exc}; "
+                    "write HOST[:PORT]=ADDR[:PORT], e.g. api.anthropic.com:443=127.0.0.1:8443"
+                ) from None
 
     def lookup(self, host: str, port: int) -> Target | None:
         for key in ((host, port), (host, None), ("*", port), ("*", None)):

@@ -27,6 +27,8 @@ from typing import Any, Literal
 
 import yaml
 
+from harness.gateway.credentials import CredentialSpec
+from harness.gateway.errors import SetupError, check_keys
 from harness.gateway.loopbreaker import DEFAULT_LOOP_ANSWER, LOOP_ANSWERS
 from harness.gateway.names import HostError, is_ip, normalise_host, parse_port
 
@@ -42,7 +44,7 @@ PRESETS = ("open", "balanced", "locked")
 DECISION_CACHE_SIZE = 4096
 
 
-class PolicyError(ValueError):
+class PolicyError(SetupError):
     """A policy file that cannot be loaded; raised at start-up, never at request time."""
 
 
@@ -62,7 +64,7 @@ class PortSet:
         return ",".join(str(lo) if lo == hi else f"{lo}-{hi}" for lo, hi in self.ranges)
 
 
-def parse_ports(items: list[Any] | tuple[Any, ...]) -> PortSet:
+def parse_ports(items: list[Any] | tuple[Any, ...], where: str = "ports") -> PortSet:
     ranges: list[tuple[int, int]] = []
     for item in items:
         text = str(item).strip()
@@ -73,9 +75,9 @@ def parse_ports(items: list[Any] | tuple[Any, ...]) -> PortSet:
             lo = parse_port(lo_s)
             hi = parse_port(hi_s) if sep else lo
         except HostError as exc:
-            raise PolicyError(str(exc)) from exc
+            raise PolicyError(f"{where}: {exc} (a port is 1-65535, a range 8000-8100, or '*')") from exc
         if hi < lo:
-            raise PolicyError(f"bad port range {text!r}")
+            raise PolicyError(f"{where}: bad port range {text!r}")
         ranges.append((lo, hi))
     return PortSet(tuple(ranges))
 
@@ -207,7 +209,7 @@ class Policy:
     loop_window_s: float = DEFAULT_LOOP_WINDOW_S
     loop_answer: str = DEFAULT_LOOP_ANSWER  # "429" | "200-terminal" (loopbreaker.py)
     dns: bool = False
-    credentials: list[dict[str, Any]] | None = None
+    credentials: list[CredentialSpec] | None = None
     source: str = ""
     _cache: dict[tuple[str, int], Decision] = field(default_factory=dict, repr=False)
 
@@ -284,50 +286,129 @@ def _decode_unreserved(m: re.Match[str]) -> str:
     return char if char.isalnum() or char in "-._~" else m.group(0).upper()
 
 
-def parse_rule(entry: dict[str, Any], default_ports: tuple[int, ...], index: int) -> Rule:
+POLICY_KEYS = ("name", "deny_mode", "loop_breaker", "dns", "default_ports", "rules", "credentials")
+"""The keys a policy file may have at its top level; any other is an error naming the closest."""
+RULE_KEYS = ("allow", "deny", "ports", "methods", "paths", "name")
+"""The keys of one rule."""
+LOOP_KEYS = ("threshold", "window_s", "answer")
+"""The keys of `loop_breaker:`."""
+DNS_KEYS = ("enabled",)
+"""The keys of `dns:`."""
+
+
+def _mapping(value: Any, where: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise PolicyError(f"{where} must be a mapping (key: value), got {value!r}")
+    return value
+
+
+def _list(value: Any, where: str) -> list[Any]:
+    if not isinstance(value, list):
+        raise PolicyError(f"{where} must be a list, e.g. [a, b], got {value!r}")
+    return value
+
+
+def _whole_number(value: Any, where: str) -> int:
+    # bool is an int to Python, never to a reader of the file.
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise PolicyError(f"{where} must be a whole number >= 0, got {value!r}")
+    return value
+
+
+def _positive_number(value: Any, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+        raise PolicyError(f"{where} must be a number of seconds > 0, got {value!r}")
+    return float(value)
+
+
+def _strings(value: Any, where: str) -> list[str]:
+    items = _list(value, where)
+    for item in items:
+        if not isinstance(item, str) or not item:
+            raise PolicyError(f"{where} must be a list of strings, got {item!r} in it")
+    return items
+
+
+def parse_rule(entry: Any, default_ports: PortSet, index: int, policy: str = "policy") -> Rule:
+    """One entry of `rules:`; `policy` names the file in error messages."""
+    where = f"{policy}: rule {index + 1}"
+    entry = _mapping(entry, where)
+    check_keys(entry, RULE_KEYS, where, PolicyError)
     actions = [a for a in ("allow", "deny") if a in entry]
     if len(actions) != 1:
-        raise PolicyError(f"rule {index} needs exactly one of allow/deny: {entry!r}")
+        raise PolicyError(f"{where} needs exactly one of allow/deny: {entry!r}")
     action: Action = actions[0]  # type: ignore[assignment]
-    target = str(entry[action])
+    if not isinstance(entry[action], str) or not entry[action].strip():
+        raise PolicyError(f"{where}: {action} must name a host, host:port or CIDR, got {entry[action]!r}")
+    target = entry[action]
+    where = f"{where} ({action}: {target})"
     host_text, port_text = split_rule_target(target)
     host = parse_host_pattern(host_text)
     if port_text is not None and "ports" in entry:
-        raise PolicyError(f"rule {index}: give the port in the target or in ports, not both")
+        raise PolicyError(f"{where}: give the port in the target or in ports, not both")
     if port_text is not None:
-        ports = parse_ports([port_text])
+        ports = parse_ports([port_text], where)
     elif "ports" in entry:
-        ports = parse_ports(list(entry["ports"]))
+        ports = parse_ports(_list(entry["ports"], f"{where}: ports"), f"{where}: ports")
     else:
-        ports = parse_ports(list(default_ports))
-    methods = frozenset(str(m).upper() for m in entry["methods"]) if "methods" in entry else None
-    paths = tuple(compile_path_glob(str(p)) for p in entry["paths"]) if "paths" in entry else None
-    name = str(entry.get("name") or f"{action} {host_text}:{ports.describe()}")
+        ports = default_ports
+    methods = (
+        frozenset(m.upper() for m in _strings(entry["methods"], f"{where}: methods")) if "methods" in entry else None
+    )
+    paths = None
+    if "paths" in entry:
+        globs = _strings(entry["paths"], f"{where}: paths")
+        if any(not g.startswith("/") for g in globs):
+            raise PolicyError(f"{where}: every path must start with '/', got {globs!r}")
+        paths = tuple(compile_path_glob(g) for g in globs)
+    name = entry.get("name") or f"{action} {host_text}:{ports.describe()}"
+    if not isinstance(name, str):
+        raise PolicyError(f"{where}: name must be a string, got {name!r}")
     return Rule(action, target, host, ports, methods, paths, name)
 
 
-def policy_from_dict(data: dict[str, Any], source: str = "") -> Policy:
-    if not isinstance(data, dict):
-        raise PolicyError(f"policy {source} must be a mapping")
-    default_ports = tuple(int(p) for p in data.get("default_ports", DEFAULT_RULE_PORTS))
-    rules = [parse_rule(e, default_ports, i) for i, e in enumerate(data.get("rules") or [])]
+def policy_from_dict(data: Any, source: str = "") -> Policy:
+    """Build a Policy from parsed YAML; every key and value is checked, so a typo is an error, not a default."""
+    where = f"policy {source}" if source else "policy"
+    if data is None:
+        raise PolicyError(f"{where} is empty; it needs at least `rules:`")
+    data = _mapping(data, where)
+    check_keys(data, POLICY_KEYS, where, PolicyError)
+    default_ports = parse_ports(
+        _list(data.get("default_ports", list(DEFAULT_RULE_PORTS)), f"{where}: default_ports"), f"{where}: default_ports"
+    )
+    rules = [
+        parse_rule(e, default_ports, i, where) for i, e in enumerate(_list(data.get("rules") or [], f"{where}: rules"))
+    ]
     deny_mode = str(data.get("deny_mode", DEFAULT_DENY_MODE))
     if deny_mode not in DENY_MODES:
-        raise PolicyError(f"deny_mode must be one of {DENY_MODES}, got {deny_mode!r}")
-    loop = data.get("loop_breaker") or {}
+        raise PolicyError(f"{where}: deny_mode must be one of {', '.join(DENY_MODES)}, got {deny_mode!r}")
+    loop = _mapping(data.get("loop_breaker") or {}, f"{where}: loop_breaker")
+    check_keys(loop, LOOP_KEYS, f"{where}: loop_breaker", PolicyError)
     # YAML reads a bare 429 as an int: accept it as the string it names.
     loop_answer = str(loop.get("answer", DEFAULT_LOOP_ANSWER))
     if loop_answer not in LOOP_ANSWERS:
-        raise PolicyError(f"loop_breaker answer must be one of {LOOP_ANSWERS}, got {loop_answer!r}")
+        raise PolicyError(f"{where}: loop_breaker answer must be one of {', '.join(LOOP_ANSWERS)}, got {loop_answer!r}")
+    dns = _mapping(data.get("dns") or {}, f"{where}: dns")
+    check_keys(dns, DNS_KEYS, f"{where}: dns", PolicyError)
+    if not isinstance(dns.get("enabled", False), bool):
+        raise PolicyError(f"{where}: dns.enabled must be true or false, got {dns['enabled']!r}")
+    credentials = data.get("credentials")
+    if credentials is not None:
+        credentials = [
+            CredentialSpec.from_dict(_mapping(c, f"{where}: credential {i + 1}"), f"{where}: credential {i + 1}")
+            for i, c in enumerate(_list(credentials, f"{where}: credentials"))
+        ]
+    name = data.get("name", source or "policy")
     return Policy(
-        name=str(data.get("name", source or "policy")),
+        name=str(name),
         rules=rules,
         deny_mode=deny_mode,
-        loop_threshold=int(loop.get("threshold", DEFAULT_LOOP_THRESHOLD)),
-        loop_window_s=float(loop.get("window_s", DEFAULT_LOOP_WINDOW_S)),
+        loop_threshold=_whole_number(loop.get("threshold", DEFAULT_LOOP_THRESHOLD), f"{where}: loop_breaker.threshold"),
+        loop_window_s=_positive_number(loop.get("window_s", DEFAULT_LOOP_WINDOW_S), f"{where}: loop_breaker.window_s"),
         loop_answer=loop_answer,
-        dns=bool((data.get("dns") or {}).get("enabled", False)),
-        credentials=data.get("credentials"),
+        dns=dns.get("enabled", False),
+        credentials=credentials,
         source=source,
     )
 

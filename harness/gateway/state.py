@@ -62,7 +62,7 @@ class GatewayState:
         if config.credentials is not None:
             specs = config.credentials
         elif policy.credentials is not None:
-            specs = [CredentialSpec.from_dict(c) for c in policy.credentials]
+            specs = policy.credentials
         else:
             specs = DEFAULT_CREDENTIALS
         credentials = CredentialStore(specs)

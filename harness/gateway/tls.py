@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from harness.gateway.errors import SetupError
 from harness.gateway.names import HostError, is_ip, normalise_host
 
 CA_CERT_FILE = "ca.pem"
@@ -236,5 +237,10 @@ def upstream_client_context(extra_ca_file: Path | None = None) -> ssl.SSLContext
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.set_alpn_protocols(ALPN)
     if extra_ca_file is not None:
-        ctx.load_verify_locations(cafile=str(extra_ca_file))
+        try:
+            ctx.load_verify_locations(cafile=str(extra_ca_file))
+        except (OSError, ssl.SSLError) as exc:
+            raise SetupError(
+                f"upstream CA {extra_ca_file}: cannot load it ({exc}); pass a PEM CA certificate file"
+            ) from None
     return ctx
