@@ -88,13 +88,26 @@ def bench(
         "port": "port to listen on (default 3128)",
         "deny_mode": "override the policy's deny mode: 403 | 403-explained | reset",
         "audit": "JSONL audit log path",
-    }
+        "override": "HOST[:PORT]=ADDR:PORT: dial ADDR for HOST; policy, keys and TLS checks keep the name (repeatable)",
+        "upstream_ca": "a CA file (PEM) to trust for upstream TLS, e.g. a local stand-in's",
+    },
+    iterable=["override"],
 )
-def gateway(c, policy="balanced", listen="127.0.0.1", port=3128, deny_mode=None, audit=None):
+def gateway(
+    c, policy="balanced", listen="127.0.0.1", port=3128, deny_mode=None, audit=None, override=None, upstream_ca=None
+):
     """Run the egress gateway in the foreground, in front of sandboxes of your own."""
     from harness import cli
 
-    cli.gateway(policy, listen, _int(port), deny_mode, Path(audit) if audit else None)
+    cli.gateway(
+        policy,
+        listen,
+        _int(port),
+        deny_mode,
+        Path(audit) if audit else None,
+        override,
+        Path(upstream_ca) if upstream_ca else None,
+    )
 
 
 @task

@@ -16,6 +16,7 @@ from rich.table import Table
 
 from harness.bench import BenchConfig, BenchEvents, run_bench
 from harness.errors import HarnessError
+from harness.gateway.errors import SetupError
 from harness.load.bench import ProxyBenchConfig
 from harness.report.format import mib, ms
 from harness.scratch import sweep_scratch_dirs
@@ -33,10 +34,11 @@ T = TypeVar("T")
 
 @contextmanager
 def user_errors() -> Iterator[None]:
-    """A HarnessError becomes one red line and exit 2; an interrupt exits 130 after cleanup ran."""
+    """A HarnessError (or the gateway's SetupError) becomes one red line and exit 2; an interrupt exits 130
+    after cleanup ran."""
     try:
         yield
-    except HarnessError as exc:
+    except (HarnessError, SetupError) as exc:
         console.print(f"[bold red]error:[/] {escape(' '.join(str(exc).split()))}", highlight=False)
         sys.exit(EXIT_ERROR)
     except (KeyboardInterrupt, Interrupted) as exc:
@@ -213,9 +215,17 @@ def scenario_summary(name: str, results: dict[str, Any]) -> RenderableType | Non
     return render(results["scenario"]["data"]) if callable(render) else None
 
 
-def gateway(policy: str, listen: str, port: int, deny_mode: str | None, audit: Path | None) -> None:
-    """Run the gateway in the foreground for sandboxes of the user's own; a bad policy is one line."""
-    from harness.gateway.cli import run_gateway
+def gateway(
+    policy: str,
+    listen: str,
+    port: int,
+    deny_mode: str | None,
+    audit: Path | None,
+    overrides: list[str] | None = None,
+    upstream_ca: Path | None = None,
+) -> None:
+    """Run the gateway in the foreground for sandboxes of the user's own; a bad policy, key or flag is one line."""
+    from harness.gateway.cli import parse_overrides, run_gateway
     from harness.gateway.policy import PolicyError, load_policy
 
     with user_errors():
@@ -223,5 +233,14 @@ def gateway(policy: str, listen: str, port: int, deny_mode: str | None, audit: P
             load_policy(policy)
         except PolicyError as exc:
             raise HarnessError(f"--policy: {exc}") from None
+        table = parse_overrides(overrides or [])
         console.print(f"gateway on {listen}:{port}, policy {policy}; audit log {audit or '(in its state dir)'}")
-        run_gateway(policy, listen_host=listen, port=port, deny_mode=deny_mode, audit_path=audit)
+        run_gateway(
+            policy,
+            listen_host=listen,
+            port=port,
+            deny_mode=deny_mode,
+            audit_path=audit,
+            upstream_overrides=table,
+            upstream_ca=upstream_ca,
+        )

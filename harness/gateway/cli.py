@@ -9,6 +9,7 @@ import asyncio
 import json
 import logging
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -17,6 +18,9 @@ from pathlib import Path
 from harness.gateway.audit import ScrubFilter
 from harness.gateway.config import GatewayConfig
 from harness.gateway.control import ControlServer, toxic_op
+from harness.gateway.dial import OverrideError
+from harness.gateway.errors import EXIT_SETUP, SetupError
+from harness.gateway.names import MAX_PORT
 from harness.gateway.server import Gateway
 
 log = logging.getLogger("harness.gateway")
@@ -73,7 +77,11 @@ async def serve(config: GatewayConfig, sandboxes: dict[str, int] | None = None, 
     finally:
         watchdog.cancel()
         control.close()
+        if control.path.parent != config.state_dir:  # the short private dir of a long state dir's socket
+            shutil.rmtree(control.path.parent, ignore_errors=True)
         await gw.close()
+        # A ready file that outlives its gateway points at a control socket nobody answers.
+        (config.state_dir / READY_FILE).unlink(missing_ok=True)
 
 
 async def _exit_with_parent(config: GatewayConfig, stop: asyncio.Event) -> None:
@@ -95,6 +103,27 @@ def setup_logging(config: GatewayConfig) -> None:
     )
 
 
+def parse_overrides(items: list[str]) -> dict[str, str]:
+    """`HOST[:PORT]=ADDR[:PORT]` flags as GatewayConfig.upstream_overrides; each is checked when the gateway starts."""
+    table: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key or not value:
+            raise OverrideError(
+                f"--override {item!r}: write HOST[:PORT]=ADDR[:PORT], e.g. api.anthropic.com:443=127.0.0.1:8443"
+            )
+        table[key.strip()] = value.strip()
+    return table
+
+
+def parse_listen(listen: str) -> tuple[str, int]:
+    """`--listen HOST:PORT` (or just PORT) as (host, port)."""
+    host, _, port = listen.rpartition(":")
+    if not port.isdigit() or int(port) > MAX_PORT:
+        raise SetupError(f"--listen {listen!r}: write HOST:PORT, e.g. 127.0.0.1:3128")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
 def run_gateway(
     policy: str | Path,
     *,
@@ -106,8 +135,13 @@ def run_gateway(
     state_dir: Path | None = None,
     ca_dir: Path | None = None,
     upstream_overrides: dict[str, str] | None = None,
+    upstream_ca: Path | None = None,
 ) -> None:
-    """Run in the foreground with one listener (sandbox id `sandbox`) on listen_host:port."""
+    """Run in the foreground with one listener (sandbox id `sandbox`) on listen_host:port.
+
+    Without state_dir a temporary one is made and removed on exit, except an audit log with
+    records in it, which is kept and named. Raises SetupError for a configuration to fix."""
+    own_state = state_dir is None
     state = state_dir or Path(tempfile.mkdtemp(prefix="blastradius-gateway-"))
     config = GatewayConfig(
         policy=policy,
@@ -117,9 +151,28 @@ def run_gateway(
         ca_dir=ca_dir,
         listen_host=listen_host,
         upstream_overrides=upstream_overrides or {},
+        upstream_ca_file=upstream_ca,
     )
     setup_logging(config)
-    asyncio.run(serve(config, {sandbox: port}))
+    try:
+        asyncio.run(serve(config, {sandbox: port}))
+    finally:
+        if own_state:
+            _remove_state_dir(state, config.audit_path)
+
+
+def _remove_state_dir(state: Path, audit_path: Path | None) -> None:
+    """Remove a state dir this run made; an audit log in it that holds records stays, and is named."""
+    audit = audit_path if audit_path is not None and audit_path.parent == state else None
+    if audit is not None and audit.exists() and audit.stat().st_size > 0:
+        for path in state.iterdir():
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            elif path != audit:
+                path.unlink(missing_ok=True)
+        print(f"gateway: audit log kept at {audit}", flush=True)
+        return
+    shutil.rmtree(state, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -136,26 +189,34 @@ def main(argv: list[str] | None = None) -> int:
         "--override",
         action="append",
         default=[],
-        metavar="HOST[:PORT]=IP[:PORT]",
-        help="host-side resolution override (repeatable)",
+        metavar="HOST[:PORT]=ADDR[:PORT]",
+        help="send the TCP connection for HOST[:PORT] to ADDR[:PORT]; policy, keys and TLS checks keep the name",
+    )
+    parser.add_argument(
+        "--upstream-ca", type=Path, metavar="FILE", help="also trust this CA (PEM) when verifying upstream TLS"
     )
     args = parser.parse_args(argv)
-    if args.config is not None:
-        config = GatewayConfig.from_json(args.config.read_text())
-        setup_logging(config)
-        asyncio.run(serve(config, announce=False))
-        return 0
-    host, _, port = args.listen.rpartition(":")
-    overrides = dict(item.split("=", 1) for item in args.override)
-    run_gateway(
-        args.policy,
-        listen_host=host or "127.0.0.1",
-        port=int(port),
-        sandbox=args.sandbox,
-        deny_mode=args.deny_mode,
-        audit_path=args.audit,
-        state_dir=args.state_dir,
-        ca_dir=args.ca_dir,
-        upstream_overrides=overrides,
-    )
+    try:
+        if args.config is not None:
+            config = GatewayConfig.from_json(args.config.read_text())
+            setup_logging(config)
+            asyncio.run(serve(config, announce=False))
+            return 0
+        host, port = parse_listen(args.listen)
+        run_gateway(
+            args.policy,
+            listen_host=host,
+            port=port,
+            sandbox=args.sandbox,
+            deny_mode=args.deny_mode,
+            audit_path=args.audit,
+            state_dir=args.state_dir,
+            ca_dir=args.ca_dir,
+            upstream_overrides=parse_overrides(args.override),
+            upstream_ca=args.upstream_ca,
+        )
+    except SetupError as exc:
+        # One line the user can act on, which GatewayProcess also reads back from the log.
+        print(f"gateway: {exc}", file=sys.stderr, flush=True)
+        return EXIT_SETUP
     return 0

@@ -27,18 +27,77 @@ from typing import Any
 from harness.gateway.cli import READY_FILE
 from harness.gateway.config import GatewayConfig, Limits
 from harness.gateway.control import control_call
-from harness.gateway.credentials import SENTINEL, CredentialSpec
+from harness.gateway.credentials import DEFAULT_CREDENTIALS, SENTINEL, CredentialSpec
+from harness.gateway.errors import EXIT_SETUP, SetupError
+from harness.gateway.policy import load_policy
 
-__all__ = ["SENTINEL", "CredentialSpec", "GatewayConfig", "GatewayError", "GatewayProcess", "Limits"]
+__all__ = [
+    "SENTINEL",
+    "CredentialSpec",
+    "GatewayConfig",
+    "GatewayError",
+    "GatewayProcess",
+    "GatewaySetupError",
+    "Limits",
+    "SetupError",
+]
 
 READY_POLL_S = 0.02
 STOP_GRACE_S = 3.0
 KILL_WAIT_S = 5.0
 LOG_TAIL_BYTES = 4000
+GATEWAY_ENV_ALLOWED = (
+    "PATH",
+    "HOME",
+    "USER",
+    "LOGNAME",
+    "LANG",
+    "LANGUAGE",
+    "TZ",
+    "TMPDIR",
+    "PYTHONPATH",
+    "VIRTUAL_ENV",
+    "XDG_STATE_HOME",
+    "XDG_RUNTIME_DIR",
+    "SSL_CERT_FILE",
+    "SSL_CERT_DIR",
+)
+"""What the gateway inherits of the harness's environment besides the credentials' own variables:
+enough to run Python, find the per-install CA (XDG_STATE_HOME, HOME) and verify upstreams
+(SSL_CERT_*). A secret command that needs more gets it through GatewayConfig.extra_env."""
+GATEWAY_ENV_PREFIXES = ("LC_",)
+"""Variable-name prefixes the gateway inherits too (the locale)."""
 
 
 class GatewayError(RuntimeError):
-    pass
+    """The gateway process could not be started or driven."""
+
+
+class GatewaySetupError(GatewayError, SetupError):
+    """The gateway refused its configuration (policy, credential, override, CA file): str() is its one line."""
+
+
+def credential_env_names(config: GatewayConfig) -> set[str]:
+    """The variables the gateway's credentials read their secrets from: the config's, else the policy's, else
+    the defaults, as GatewayState.from_config chooses them."""
+    specs = config.credentials
+    if specs is None:
+        specs = load_policy(config.policy).credentials
+    if specs is None:
+        specs = list(DEFAULT_CREDENTIALS)
+    return {spec.env for spec in specs if spec.env}
+
+
+def gateway_environment(config: GatewayConfig) -> dict[str, str]:
+    """The gateway's environment: the allowlist, the credentials' variables, then extra_env; never the rest
+    of the harness's (another key, a cloud token) that the gateway has no use for."""
+    wanted = credential_env_names(config)
+    env = {
+        name: value
+        for name, value in os.environ.items()
+        if name in GATEWAY_ENV_ALLOWED or name in wanted or name.startswith(GATEWAY_ENV_PREFIXES)
+    }
+    return {**env, **config.extra_env, "PYTHONUNBUFFERED": "1"}
 
 
 class GatewayProcess:
@@ -64,9 +123,12 @@ class GatewayProcess:
         if cfg.audit_path is None:
             cfg.audit_path = state / "gateway-audit.jsonl"
         (state / READY_FILE).unlink(missing_ok=True)
+        try:
+            env = gateway_environment(cfg)
+        except SetupError as exc:
+            raise GatewaySetupError(str(exc)) from None
         config_path = state / "config.json"
         config_path.write_text(cfg.to_json())
-        env = {**os.environ, **cfg.extra_env, "PYTHONUNBUFFERED": "1"}
         log_path = state / "gateway.log"
         with open(log_path, "ab") as log_fh:
             self._proc = subprocess.Popen(
@@ -83,6 +145,8 @@ class GatewayProcess:
         try:
             while not ready_path.exists():
                 if self._proc.poll() is not None:
+                    if self._proc.returncode == EXIT_SETUP:
+                        raise GatewaySetupError(self._setup_error())
                     raise GatewayError(f"gateway exited with {self._proc.returncode}: {self.log_tail()}")
                 if time.monotonic() > deadline:
                     raise GatewayError(f"gateway not ready after {cfg.startup_timeout_s}s: {self.log_tail()}")
@@ -208,6 +272,11 @@ class GatewayProcess:
         if path is None or not path.exists():
             return []
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+    def _setup_error(self) -> str:
+        """The one line a gateway that refused its configuration printed last (cli.main)."""
+        lines = [line for line in self.log_tail().splitlines() if line.strip()]
+        return lines[-1].removeprefix("gateway: ") if lines else "the gateway refused its configuration"
 
     def log_tail(self) -> str:
         if self.config.state_dir is None:
