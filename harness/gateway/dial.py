@@ -14,7 +14,7 @@ import ssl
 from dataclasses import dataclass
 
 from harness.gateway.errors import SetupError
-from harness.gateway.names import HostError, is_ip, parse_port, split_authority
+from harness.gateway.names import HostError, canonical_address, embedded_ipv4, is_ip, parse_port, split_authority
 from harness.gateway.streams import STREAM_LIMIT, PlainStream
 
 
@@ -74,17 +74,32 @@ class Overrides:
         return None
 
 
+METADATA_ADDRESSES = (ipaddress.ip_address("169.254.169.254"), ipaddress.ip_address("fd00:ec2::254"))
+"""Cloud metadata services; the IPv4 one is link-local already, AWS's IPv6 one is a unique-local address."""
+
+
 def is_protected_address(addr: str) -> bool:
     """Addresses a *name* must never lead to: the host itself and cloud metadata.
 
     A sandbox allowed to reach some.name must not reach host services by pointing that name's
-    DNS at 127.0.0.1 (FINDINGS probe 2). IP literals are governed by CIDR rules instead.
+    DNS at 127.0.0.1 (FINDINGS probe 2). The address is judged in its canonical form and by any
+    IPv4 address it stands for, so ::ffff:127.0.0.1, ::, 64:ff9b::7f00:1 or ::127.0.0.1 in a DNS
+    answer are the loopback they reach. IP literals are governed by CIDR rules instead.
     """
-    ip = ipaddress.ip_address(addr)
-    return ip.is_loopback or ip.is_link_local or ip.is_unspecified or ip.is_multicast
+    ip = canonical_address(ipaddress.ip_address(addr.partition("%")[0]))
+    for candidate in (ip, embedded_ipv4(ip)):
+        if candidate is None:
+            continue
+        if candidate.is_loopback or candidate.is_link_local or candidate.is_unspecified or candidate.is_multicast:
+            return True
+        if candidate in METADATA_ADDRESSES:
+            return True
+    return False
 
 
 async def resolve(host: str, port: int, overrides: Overrides) -> Target:
+    """Where a connection to host:port goes: an override, the literal itself, or the first answer of the
+    host's resolver that is not protected, in canonical form. The address returned is the one dialled."""
     override = overrides.lookup(host, port)
     if override is not None:
         return override
@@ -98,7 +113,7 @@ async def resolve(host: str, port: int, overrides: Overrides) -> Target:
     for _family, _type, _proto, _canon, sockaddr in infos:
         addr = str(sockaddr[0])
         if not is_protected_address(addr):
-            return Target(addr, port, overridden=False)
+            return Target(str(canonical_address(ipaddress.ip_address(addr))), port, overridden=False)
     raise DialError(f"{host} resolves only to protected addresses")
 
 

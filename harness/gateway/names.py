@@ -21,6 +21,13 @@ _NUMERIC_LABEL_RE = re.compile(r"^(?:0x[0-9a-f]*|[0-9]+)$")
 
 DEFAULT_PORTS: dict[str, int] = {"http": 80, "https": 443}
 
+IPV4_COMPATIBLE = ipaddress.IPv6Network("::/96")
+"""Deprecated IPv4-compatible IPv6 (::a.b.c.d): an IPv4 address in IPv6 clothing that no stack routes."""
+NAT64_PREFIXES = (ipaddress.IPv6Network("64:ff9b::/96"), ipaddress.IPv6Network("64:ff9b:1::/48"))
+"""NAT64 prefixes (RFC 6052, 8215): a translator turns 64:ff9b::a.b.c.d into a connection to a.b.c.d."""
+
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+
 
 class HostError(ValueError):
     """A host or authority that cannot be normalised; the request is refused with 400."""
@@ -35,21 +42,62 @@ def is_ip(host: str) -> bool:
     return True
 
 
+def canonical_address(ip: Address) -> Address:
+    """The one form of an address that every rule and protection check sees, and that is dialled.
+
+    An IPv4-mapped IPv6 address (::ffff:a.b.c.d, in any spelling) is the IPv4 address: the kernel
+    connects to a.b.c.d, so a CIDR rule about a.b.c.d must see it. The unspecified addresses
+    (0.0.0.0, ::) connect to the host's own loopback, so they are loopback.
+    """
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        elif ip.is_unspecified:
+            return ipaddress.IPv6Address("::1")
+    if isinstance(ip, ipaddress.IPv4Address) and ip.is_unspecified:
+        return ipaddress.IPv4Address("127.0.0.1")
+    return ip
+
+
+def embedded_ipv4(ip: Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 address stands for where a stack or translator would reach it
+    (IPv4-compatible, NAT64), else None. Mapped addresses are already IPv4 (canonical_address)."""
+    if isinstance(ip, ipaddress.IPv6Address) and (ip in IPV4_COMPATIBLE or any(ip in net for net in NAT64_PREFIXES)):
+        return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    return None
+
+
+def normalise_address(text: str) -> str:
+    """An IP literal in its canonical form (canonical_address). Raises HostError for a literal whose
+    meaning depends on something the policy cannot see: a zone id, or an IPv4 address inside IPv6
+    (IPv4-compatible, NAT64) that a translator would reach behind a CIDR rule's back."""
+    if "%" in text:
+        raise HostError(f"IPv6 zone ids are not allowed: {text!r}")
+    ip = canonical_address(ipaddress.ip_address(text))
+    if ip.version == 6 and not ip.is_loopback and embedded_ipv4(ip) is not None:
+        raise HostError(f"IPv6 literal embedding an IPv4 address: use the IPv4 form, not {text!r}")
+    return str(ip)
+
+
 def normalise_host(raw: str) -> str:
     """Return the canonical form of a host: lower-case ASCII (punycode) name or an IP literal.
 
-    IPv6 literals may come bracketed. Raises HostError for anything that is not a clean name.
+    IPv6 literals may come bracketed. IP literals are canonical (normalise_address): ::ffff:127.0.0.1
+    is 127.0.0.1 and 0.0.0.0 is 127.0.0.1. Raises HostError for anything that is not a clean name.
     """
     host = raw.strip()
     if host.startswith("[") and host.endswith("]"):
         try:
-            return str(ipaddress.IPv6Address(host[1:-1]))
+            ipaddress.IPv6Address(host[1:-1])
         except ValueError as exc:
             raise HostError(f"bad IPv6 literal {raw!r}") from exc
+        return normalise_address(host[1:-1])
     try:
-        return str(ipaddress.ip_address(host))
+        ipaddress.ip_address(host)
     except ValueError:
         pass
+    else:
+        return normalise_address(host)
     if host.endswith("."):
         host = host[:-1]
     if not host:

@@ -30,7 +30,7 @@ import yaml
 from harness.gateway.credentials import CredentialSpec
 from harness.gateway.errors import SetupError, check_keys
 from harness.gateway.loopbreaker import DEFAULT_LOOP_ANSWER, LOOP_ANSWERS
-from harness.gateway.names import HostError, is_ip, normalise_host, parse_port
+from harness.gateway.names import HostError, canonical_address, is_ip, normalise_host, parse_port
 
 Action = Literal["allow", "deny"]
 DENY_MODES = ("403", "403-explained", "reset")
@@ -42,6 +42,8 @@ DEFAULT_LOOP_WINDOW_S = 60.0
 DEFAULT_DENY_RULE = "default-deny"
 PRESETS = ("open", "balanced", "locked")
 DECISION_CACHE_SIZE = 4096
+LOOPBACK_NETWORKS = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
+"""The host's own loopback, in both families (names.canonical_address already made 0.0.0.0 and :: loopback)."""
 
 
 class PolicyError(SetupError):
@@ -90,6 +92,11 @@ class HostPattern:
     value: str = ""
     network: ipaddress.IPv4Network | ipaddress.IPv6Network | None = None
 
+    @property
+    def covers_loopback(self) -> bool:
+        """True for a CIDR that holds a loopback address of either family."""
+        return self.network is not None and any(self.network.overlaps(lo) for lo in LOOPBACK_NETWORKS)
+
     def matches(self, host: str, host_is_ip: bool) -> bool:
         if self.kind == "cidr":
             return host_is_ip and self.network is not None and ipaddress.ip_address(host) in self.network
@@ -111,7 +118,7 @@ def parse_host_pattern(text: str) -> HostPattern:
     bare = text[1:-1] if text.startswith("[") and text.endswith("]") else text
     if "/" in bare or _looks_like_ip(bare):
         try:
-            return HostPattern("cidr", network=ipaddress.ip_network(bare, strict=False))
+            return HostPattern("cidr", network=canonical_network(ipaddress.ip_network(bare, strict=False)))
         except ValueError as exc:
             raise PolicyError(f"bad CIDR {text!r}") from exc
     for prefix, kind in (("**.", "any"), ("*.", "one")):
@@ -120,6 +127,21 @@ def parse_host_pattern(text: str) -> HostPattern:
     if "*" in text:
         raise PolicyError(f"wildcards are only allowed as a leading '*.' or '**.': {text!r}")
     return HostPattern("exact", _normalise_pattern_name(text))
+
+
+def canonical_network(
+    network: ipaddress.IPv4Network | ipaddress.IPv6Network,
+) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    """A rule's network in the form destinations are compared in (names.canonical_address): a range of
+    IPv4-mapped addresses is the IPv4 range, and a single address is its canonical address."""
+    if network.num_addresses == 1:
+        return ipaddress.ip_network(canonical_address(network.network_address))
+    mapped = ipaddress.IPv6Network("::ffff:0:0/96")
+    if isinstance(network, ipaddress.IPv6Network) and network.subnet_of(mapped):
+        base = network.network_address.ipv4_mapped
+        assert base is not None
+        return ipaddress.IPv4Network((base, network.prefixlen - 96))
+    return network
 
 
 def _looks_like_ip(text: str) -> bool:
@@ -183,8 +205,14 @@ class Rule:
     def conditional(self) -> bool:
         return self.methods is not None or self.paths is not None
 
-    def matches_dest(self, host: str, host_is_ip: bool, port: int) -> bool:
-        return port in self.ports and self.host.matches(host, host_is_ip)
+    def matches_dest(self, host: str, host_is_ip: bool, port: int, loopback: bool = False) -> bool:
+        """`loopback`: host is a loopback address. Loopback is one place, the host itself, whatever the
+        family: a deny rule that covers any loopback address (127.0.0.0/8, [::1]) covers them all."""
+        if port not in self.ports:
+            return False
+        if loopback and self.action == "deny" and self.host.covers_loopback:
+            return True
+        return self.host.matches(host, host_is_ip)
 
     def matches_request(self, method: str, path: str) -> bool:
         if self.methods is not None and method not in self.methods:
@@ -215,7 +243,8 @@ class Policy:
 
     def _matching(self, host: str, port: int) -> list[Rule]:
         host_is_ip = is_ip(host)
-        return [r for r in self.rules if r.matches_dest(host, host_is_ip, port)]
+        loopback = host_is_ip and ipaddress.ip_address(host).is_loopback
+        return [r for r in self.rules if r.matches_dest(host, host_is_ip, port, loopback)]
 
     def check_destination(self, host: str, port: int) -> Decision:
         """Decide a connection to host:port before any request is seen (CONNECT)."""
@@ -264,15 +293,20 @@ class Policy:
 
 
 def normalise_path(raw: str) -> str:
-    """The path as policy sees it: no query, dot-segments resolved, unreserved escapes decoded.
+    """The path as policy sees it and as it is sent: no query, dot-segments resolved, unreserved escapes
+    decoded.
 
-    Raises HostError for encodings whose meaning upstreams disagree on (encoded '/', '\\', NUL).
+    Raises HostError for spellings whose meaning upstreams disagree on (encoded '/', '\\', NUL, and a
+    dot-segment carrying ';' parameters).
     """
     path = raw.split("?", 1)[0].split("#", 1)[0] or "/"
     lowered = path.lower()
     if any(bad in lowered for bad in ("%2f", "%5c", "%00", "\\")):
         raise HostError("ambiguous encoding in path")
     path = re.sub(r"%([0-9A-Fa-f]{2})", _decode_unreserved, path)
+    # "..;x" is a plain segment here, but ".." to servers that cut path parameters (Tomcat, Jetty).
+    if ";" in path and any(seg.split(";", 1)[0] in (".", "..") for seg in path.split("/") if ";" in seg):
+        raise HostError("ambiguous dot-segment with parameters in path")
     normal = posixpath.normpath(path)
     if normal.startswith("//"):
         normal = "/" + normal.lstrip("/")
