@@ -22,7 +22,7 @@ SCHEMA_VERSION = 1
 class AuditRecord:
     """One decision. Fields are None where they do not apply (e.g. path of a blind tunnel)."""
 
-    event: str  # connect | request | dns | retry_loop_detected | refused
+    event: str  # connect | request | dns | retry_loop_detected | refused | credential_exfiltration
     sandbox: str
     decision: str  # allow | deny | error
     method: str | None = None
@@ -41,6 +41,7 @@ class AuditRecord:
     intercepted: bool = False
     conn: int | None = None
     reason: str | None = None
+    upstream_addr: str | None = None  # address:port the gateway connected to (its socket's peer)
 
 
 class AuditLog:
@@ -103,7 +104,7 @@ def summarise(path: Path) -> dict[str, dict[str, int]]:
     """Decisions per sandbox from an audit log, for results.json and the report's table.
 
     Keys per sandbox: allow, deny, error, retry_loop_detected, dns_allow, dns_deny,
-    intercepted, credential_injections.
+    intercepted, credential_injections, credential_exfiltration.
     """
     table: dict[str, Counter[str]] = {}
     if not path.exists():
@@ -122,8 +123,10 @@ def summarise(path: Path) -> dict[str, dict[str, int]]:
                 counts[f"dns_{rec.get('decision')}"] += 1
                 continue
             counts[str(rec.get("decision"))] += 1
+            if event == "credential_exfiltration":
+                counts["credential_exfiltration"] += 1
             if rec.get("intercepted") and event == "connect" and rec.get("decision") == "allow":
                 counts["intercepted"] += 1
-            if rec.get("credential"):
+            if rec.get("credential") and rec.get("decision") == "allow":
                 counts["credential_injections"] += 1
     return {sandbox: dict(counts) for sandbox, counts in sorted(table.items())}

@@ -43,7 +43,11 @@ class Context:
         self.limits = self.state.limits
         self.counters = self.state.counters(self.sandbox)
         self.pool = UpstreamPool(
-            self.state.overrides, self.state.upstream_tls, self.limits.connect_timeout_s, self._toxic_stream
+            self.state.overrides,
+            self.state.upstream_tls,
+            self.limits.connect_timeout_s,
+            (self.take_fd, self.give_fd),
+            self._toxic_stream,
         )
 
     def _toxic_stream(self, upstream: PlainStream, host: str, port: int) -> PlainStream:
@@ -51,6 +55,13 @@ class Context:
         so a toxic switched on mid-run reaches keep-alive connections too."""
         up, down = self.state.toxics.links(self.sandbox, host, port, [self.client, upstream])
         return ToxicStream(upstream, up, down)  # type: ignore[return-value]
+
+    def take_fd(self) -> bool:
+        """A descriptor for one more upstream connection of this sandbox (fds.FdBudget)."""
+        return self.state.fds.take(self.sandbox)
+
+    def give_fd(self) -> None:
+        self.state.fds.give(self.sandbox)
 
     def count(self, name: str, n: int = 1) -> None:
         self.state.stats[name] += n

@@ -134,7 +134,7 @@ class CredentialStore:
 
     def __init__(self, specs: list[CredentialSpec] | tuple[CredentialSpec, ...]) -> None:
         self._by_dest: dict[tuple[str, int], BoundCredential] = {}
-        self._secrets: list[str] = []
+        self._keys: list[tuple[str, str, tuple[str, int]]] = []
         for spec in specs:
             try:
                 host = normalise_host(spec.host)
@@ -145,7 +145,7 @@ class CredentialStore:
             secret = read_secret(spec)
             value = spec.template.format(secret=secret).encode() if secret else None
             if secret:
-                self._secrets.append(secret)
+                self._keys.append((spec.name, secret, (host, spec.port)))
             else:
                 log.warning("credential %s: no secret found on the host", spec.name)
             self._by_dest[(host, spec.port)] = BoundCredential(spec.name, spec.header.lower().encode("ascii"), value)
@@ -153,9 +153,9 @@ class CredentialStore:
     def for_dest(self, host: str, port: int) -> BoundCredential | None:
         return self._by_dest.get((host, port))
 
-    def secrets(self) -> list[str]:
-        """Secret values, for the audit/log scrubber only."""
-        return list(self._secrets)
+    def keys(self) -> list[tuple[str, str, tuple[str, int]]]:
+        """(name, secret, bound host:port) of every secret present, for exfil.KnownKeys only."""
+        return list(self._keys)
 
     def names(self) -> list[str]:
         return sorted(c.name for c in self._by_dest.values())

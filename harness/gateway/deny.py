@@ -67,9 +67,17 @@ def deny_answer(mode: str, host: str, port: int, rule: str, sandbox: str, reason
 
 
 def loop_answer(
-    host: str, port: int, rule: str, sandbox: str, count: int, window_s: float, terminal: bool = False
+    host: str,
+    port: int,
+    rule: str,
+    sandbox: str,
+    count: int,
+    window_s: float,
+    counted: str = "this exact request",
+    terminal: bool = False,
 ) -> DenyAnswer:
-    """The breaker's answer: 429, or 200 when `terminal`; headers and body identical either way."""
+    """The breaker's answer: 429, or 200 when `terminal`; headers and body identical either way.
+    `counted` says what was denied `count` times (layers/answers.counted_as)."""
     where = format_authority(host, port)
     body = {
         "error": "retry_loop_detected",
@@ -81,7 +89,7 @@ def loop_answer(
         "permanent": True,
         "retryable": False,
         "message": (
-            f"{where} is blocked by network policy (rule: {rule}) and this exact request was denied "
+            f"{where} is blocked by network policy (rule: {rule}), and {counted} was denied "
             f"{count} times in {window_s:g}s. The block is permanent: stop retrying and change approach."
         ),
     }

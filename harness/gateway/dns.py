@@ -15,6 +15,7 @@ import socket
 import struct
 
 from harness.gateway.audit import AuditRecord
+from harness.gateway.exfil import EXFIL_EVENT
 from harness.gateway.names import HostError, is_ip, normalise_host
 from harness.gateway.state import GatewayState
 
@@ -120,6 +121,9 @@ class DnsServer:
             host = normalise_host(qname)
         except HostError:
             return self._decide(qid, flags, question, RCODE_REFUSED, [], qname, qtype_name, "bad-name")
+        if self.state.keys and self.state.keys.find_in_name(host) is not None:
+            # Resolving the name would hand the key to whoever answers for it.
+            return self._decide(qid, flags, question, RCODE_REFUSED, [], host, qtype_name, EXFIL_EVENT)
         if is_ip(host) or qclass != QCLASS_IN or not self.state.policy.names_allowed(host):
             return self._decide(qid, flags, question, RCODE_REFUSED, [], host, qtype_name, "not-allowed")
         if qtype not in (QTYPE_A, QTYPE_AAAA):

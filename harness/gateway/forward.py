@@ -1,9 +1,12 @@
 """Forwarding one HTTP request the gateway can see (plain http, or inside terminated TLS).
 
-Both sides are parsed by h11. Hop-by-hop headers are dropped, the credential (if bound to this
-exact host:port) replaces whatever the sandbox sent, and responses -- redirects included -- are
-relayed as they are: the gateway never follows a redirect, so a key can never travel to the
-Location a server names.
+Both sides are parsed by h11 and re-serialised, so the upstream sees the head the gateway checked:
+its Host is the normalised destination, its target the normalised path that the policy matched.
+Hop-by-hop headers are dropped, the credential (if the route carries one) replaces whatever the
+sandbox sent, and responses -- redirects included -- are relayed as they are: the gateway never
+follows a redirect, so a key can never travel to the Location a server names. A route's forms of
+foreign keys are searched for in the body on its way up (exfil.BodyScanner); its own key's are
+overwritten in the answer on its way down (exfil.Scrubber), so an echo cannot hand it back.
 """
 
 from __future__ import annotations
@@ -18,6 +21,9 @@ import h11
 
 from harness.gateway.credentials import BoundCredential, inject
 from harness.gateway.dial import DialError, Overrides, open_upstream
+from harness.gateway.exfil import BodyScanner, KeyForm, Scrubber
+from harness.gateway.framing import FramingError, check_response
+from harness.gateway.names import format_authority
 from harness.gateway.streams import READ_CHUNK, PlainStream, Stream
 
 # Connection-specific headers (RFC 9110 7.6.1) plus proxy credentials, which must never leave.
@@ -35,6 +41,9 @@ HOP_BY_HOP = frozenset(
         b"expect",
     }
 )
+# Fields a Connection header may never name: dropping them would change the message's framing
+# or destination between the gateway's view and the upstream's.
+NEVER_HOP_BY_HOP = frozenset({b"content-length", b"transfer-encoding", b"host"})
 MAX_RESPONSE_HEAD_BYTES = 64 * 1024
 WRITE_HIGH_WATER = 1024 * 1024
 MAX_POOLED_PER_SESSION = 8
@@ -49,6 +58,7 @@ def filter_headers(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, byte
     for key, value in headers:
         if key == b"connection":
             named.update(t.strip().lower() for t in value.split(b","))
+    named -= NEVER_HOP_BY_HOP
     return [(k, v) for k, v in headers if k not in HOP_BY_HOP and k not in named]
 
 
@@ -67,7 +77,27 @@ async def next_event(conn: h11.Connection, stream: Stream | PlainStream, timeout
 class Upstream:
     stream: PlainStream
     conn: h11.Connection
+    addr: str | None
+    """The address:port the connection went to (its socket's peer), for the audit log."""
     reused: bool = False
+    closed: bool = False
+
+
+FdGate = tuple[Callable[[], bool], Callable[[], None]]
+"""(take, give): take one of the sandbox's descriptors for a new upstream (False: none left), give it back."""
+
+
+class NoDescriptors(DialError):
+    """The sandbox has used up its share of the gateway's file descriptors."""
+
+    def __init__(self) -> None:
+        super().__init__("too many connections (this sandbox's share of the gateway's descriptors)", status=503)
+
+
+def peer_address(stream: PlainStream) -> str | None:
+    """host:port of the far end of a connected stream, as the kernel reports it."""
+    peer = stream.writer.get_extra_info("peername")
+    return format_authority(str(peer[0]), int(peer[1])) if peer else None
 
 
 class UpstreamPool:
@@ -78,26 +108,44 @@ class UpstreamPool:
         overrides: Overrides,
         tls: ssl.SSLContext,
         connect_timeout_s: float,
+        fds: FdGate,
         wrap: Callable[[PlainStream, str, int], PlainStream] | None = None,
     ) -> None:
         self._overrides = overrides
         self._tls = tls
         self._timeout = connect_timeout_s
+        self._take_fd, self._give_fd = fds
         self._wrap = wrap  # puts the gateway's toxics between this session and its upstreams
         self._idle: dict[tuple[str, str, int], Upstream] = {}
 
     async def get(self, scheme: str, host: str, port: int) -> Upstream:
+        """A kept-alive connection to scheme://host:port, else a new one; an https one is TLS verified
+        against the real name (upstream_tls: certificate required, host name checked)."""
         up = self._idle.pop((scheme, host, port), None)
         if up is not None:
             up.reused = True
             return up
-        stream = await open_upstream(
-            host, port, self._overrides, self._timeout, tls=self._tls if scheme == "https" else None
-        )
+        if not self._take_fd():
+            raise NoDescriptors
+        try:
+            stream = await open_upstream(
+                host, port, self._overrides, self._timeout, tls=self._tls if scheme == "https" else None
+            )
+        except BaseException:
+            self._give_fd()
+            raise
+        addr = peer_address(stream)
         if self._wrap is not None:
             stream = self._wrap(stream, host, port)
         conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_RESPONSE_HEAD_BYTES)
-        return Upstream(stream, conn)
+        return Upstream(stream, conn, addr)
+
+    def discard(self, up: Upstream) -> None:
+        """Close an upstream connection for good and give its descriptor back (once)."""
+        if not up.closed:
+            up.closed = True
+            up.stream.close()
+            self._give_fd()
 
     def put_back(self, scheme: str, host: str, port: int, up: Upstream) -> None:
         fresh = up.conn.our_state is h11.IDLE and up.conn.their_state is h11.IDLE  # see _relay_fixed_body
@@ -107,11 +155,11 @@ class UpstreamPool:
             if len(self._idle) < MAX_POOLED_PER_SESSION and (scheme, host, port) not in self._idle:
                 self._idle[(scheme, host, port)] = up
                 return
-        up.stream.close()
+        self.discard(up)
 
     def close(self) -> None:
         for up in self._idle.values():
-            up.stream.close()
+            self.discard(up)
         self._idle.clear()
 
 
@@ -121,7 +169,10 @@ class Exchange:
     bytes_up: int = 0
     bytes_down: int = 0
     upstream_ms: float | None = None
-    error: str | None = None
+    upstream_addr: str | None = None
+    """The address:port the request went to (the connected socket's peer)."""
+    redactions: int = 0
+    """Forms of the injected key overwritten in the answer."""
 
 
 def _has_body(headers: list[tuple[bytes, bytes]]) -> bool:
@@ -133,24 +184,43 @@ def _has_body(headers: list[tuple[bytes, bytes]]) -> bool:
     return False
 
 
+@dataclass(slots=True)
+class Route:
+    """Where one visible request goes and what travels with it, all decided before a byte is sent."""
+
+    scheme: str
+    """http, or https: TLS to the upstream, verified against host (the only kind a key goes into)."""
+    host: str
+    """The normalised destination host the policy checked."""
+    port: int
+    """The destination port the policy checked."""
+    target: bytes
+    """The origin-form target sent: the normalised path the policy matched, then the query; no fragment."""
+    authority: bytes
+    """The Host header sent: the normalised host, and the port when it is not the scheme's default."""
+    cred: BoundCredential | None
+    """The credential injected, or None."""
+    leak_forms: tuple[KeyForm, ...]
+    """Forms of keys that must not go to this destination: the body is searched for them."""
+    scrub_forms: tuple[KeyForm, ...]
+    """Forms of the injected key: overwritten in the answer (an echo must not hand it back)."""
+
+
 async def forward(
     client_conn: h11.Connection,
     client: Stream,
     request: h11.Request,
-    scheme: str,
-    host: str,
-    port: int,
-    target: bytes,
-    cred: BoundCredential | None,
+    route: Route,
     pool: UpstreamPool,
     idle_timeout_s: float,
     response_timeout_s: float,
 ) -> Exchange:
-    """Relay one request and its response. Raises DialError before anything was sent back."""
+    """Relay one request and its response. Raises DialError before anything was sent back, KeyLeak
+    when the body carries a foreign key (nothing of it has left)."""
     ex = Exchange()
-    headers = filter_headers(list(request.headers))
-    if cred is not None:
-        headers = inject(headers, cred)
+    headers = [(b"host", route.authority), *(h for h in filter_headers(list(request.headers)) if h[0] != b"host")]
+    if route.cred is not None:
+        headers = inject(headers, route.cred)
     expects_continue = any(k == b"expect" and v.lower() == b"100-continue" for k, v in request.headers)
     has_body = _has_body(list(request.headers))
     if not has_body:
@@ -158,28 +228,34 @@ async def forward(
         event = await next_event(client_conn, client, idle_timeout_s)
         if not isinstance(event, h11.EndOfMessage):
             raise ClientGone("request ended early")
-    out = h11.Request(method=request.method, target=target, headers=headers)
+    out = h11.Request(method=request.method, target=route.target, headers=headers)
+    scanner = BodyScanner(route.leak_forms) if has_body and route.leak_forms else None
+    scrubber = Scrubber(route.scrub_forms) if route.scrub_forms else None
+    scheme, host, port = route.scheme, route.host, route.port
     attempts = 2 if not has_body else 1
     for attempt in range(attempts):
         up = await pool.get(scheme, host, port)
+        ex.upstream_addr = up.addr
         try:
-            await _send_request(up, out, client_conn, client, has_body, expects_continue, idle_timeout_s, ex)
+            await _send_request(up, out, client_conn, client, has_body, expects_continue, idle_timeout_s, ex, scanner)
             t_sent = time.perf_counter()
-            await _relay_response(up, client_conn, client, idle_timeout_s, response_timeout_s, ex, t_sent, out.method)
+            await _relay_response(
+                up, client_conn, client, idle_timeout_s, response_timeout_s, ex, t_sent, out.method, scrubber
+            )
         except TimeoutError as exc:
-            up.stream.close()
+            pool.discard(up)
             if ex.status is None:
                 raise DialError(f"upstream {host}:{port} did not answer in time", status=504) from exc
             raise
         except (h11.RemoteProtocolError, ConnectionError, OSError) as exc:
-            up.stream.close()
+            pool.discard(up)
             if up.reused and ex.status is None and attempt + 1 < attempts:
                 continue  # the pooled connection had gone stale; one fresh try
             if ex.status is None:
                 raise DialError(f"upstream {host}:{port} failed: {exc}") from exc
             raise
         except BaseException:
-            up.stream.close()
+            pool.discard(up)
             raise
         pool.put_back(scheme, host, port, up)
         return ex
@@ -195,6 +271,7 @@ async def _send_request(
     expects_continue: bool,
     idle_timeout_s: float,
     ex: Exchange,
+    scanner: BodyScanner | None,
 ) -> None:
     up.stream.write(up.conn.send(out))
     if has_body:
@@ -206,10 +283,14 @@ async def _send_request(
             event = await next_event(client_conn, client, idle_timeout_s)
             if isinstance(event, h11.Data):
                 ex.bytes_up += len(event.data)
-                up.stream.write(up.conn.send(event))
+                data = event.data if scanner is None else scanner.feed(event.data)
+                if data:
+                    up.stream.write(up.conn.send(h11.Data(data=data)))
                 if up.stream.write_buffered() > WRITE_HIGH_WATER:
                     await up.stream.drain()
             elif isinstance(event, h11.EndOfMessage):
+                if scanner is not None and (tail := scanner.flush()):
+                    up.stream.write(up.conn.send(h11.Data(data=tail)))
                 up.stream.write(up.conn.send(h11.EndOfMessage()))
                 break
             else:
@@ -227,7 +308,8 @@ async def _relay_response(
     response_timeout_s: float,
     ex: Exchange,
     t_sent: float,
-    method: bytes = b"GET",
+    method: bytes,
+    scrubber: Scrubber | None,
 ) -> None:
     timeout = response_timeout_s
     while True:
@@ -237,34 +319,46 @@ async def _relay_response(
                 continue  # already answered to the client, or never asked for
             client.write(client_conn.send(event))
         elif isinstance(event, h11.Response):
+            try:
+                check_response(event)
+            except FramingError as exc:
+                raise DialError(str(exc)) from None
             ex.upstream_ms = (time.perf_counter() - t_sent) * 1000.0
             ex.status = event.status_code
             timeout = idle_timeout_s
+            headers = filter_headers(list(event.headers))
+            if scrubber is not None:
+                headers = [(k, scrubber.header(v)) for k, v in headers]
             client.write(
-                client_conn.send(
-                    h11.Response(
-                        status_code=event.status_code,
-                        headers=filter_headers(list(event.headers)),
-                        reason=event.reason,
-                    )
-                )
+                client_conn.send(h11.Response(status_code=event.status_code, headers=headers, reason=event.reason))
             )
             length = _fixed_body_length(event, method)
             if length is not None and up.conn.their_state is h11.SEND_BODY:
-                await _relay_fixed_body(up, event, length, client_conn, client, idle_timeout_s, ex)
+                await _relay_fixed_body(up, event, length, client_conn, client, idle_timeout_s, ex, scrubber)
                 return
         elif isinstance(event, h11.Data):
             ex.bytes_down += len(event.data)
-            client.write(client_conn.send(event))
+            data = event.data if scrubber is None else scrubber.feed(event.data)
+            if data:
+                client.write(client_conn.send(h11.Data(data=data)))
             # Waiting on every chunk costs a loop round-trip each; wait only when the client lags.
             if client.write_buffered() > WRITE_HIGH_WATER:
                 await client.drain()
         elif isinstance(event, h11.EndOfMessage):
-            client.write(client_conn.send(h11.EndOfMessage()))
+            _end_body(client_conn, client, ex, scrubber)
             await client.drain()
             return
         else:
             raise ConnectionError("upstream closed before the response ended")
+
+
+def _end_body(client_conn: h11.Connection, client: Stream, ex: Exchange, scrubber: Scrubber | None) -> None:
+    """Write what the scrubber held back (if any) and the end of the answer."""
+    if scrubber is not None:
+        if tail := scrubber.flush():
+            client.write(client_conn.send(h11.Data(data=tail)))
+        ex.redactions = scrubber.redactions
+    client.write(client_conn.send(h11.EndOfMessage()))
 
 
 def _fixed_body_length(response: h11.Response, method: bytes) -> int | None:
@@ -294,6 +388,7 @@ async def _relay_fixed_body(
     client: Stream,
     idle_timeout_s: float,
     ex: Exchange,
+    scrubber: Scrubber | None,
 ) -> None:
     """Relay a Content-Length body without running it through h11's receive buffer.
 
@@ -305,7 +400,9 @@ async def _relay_fixed_body(
     first, extra = bytes(buffered[:length]), buffered[length:]
     remaining = length - len(first)
     if first:
-        client.write(client_conn.send(h11.Data(data=first)))
+        data = first if scrubber is None else scrubber.feed(first)
+        if data:
+            client.write(client_conn.send(h11.Data(data=data)))
     ex.bytes_down += len(first)
     while remaining > 0:
         async with asyncio.timeout(idle_timeout_s):
@@ -314,10 +411,13 @@ async def _relay_fixed_body(
             raise ConnectionError("upstream closed before the response ended")
         remaining -= len(data)
         ex.bytes_down += len(data)
-        client.write(client_conn.send(h11.Data(data=data)))
+        if scrubber is not None:
+            data = scrubber.feed(data)
+        if data:
+            client.write(client_conn.send(h11.Data(data=data)))
         if client.write_buffered() > WRITE_HIGH_WATER:
             await client.drain()
-    client.write(client_conn.send(h11.EndOfMessage()))
+    _end_body(client_conn, client, ex, scrubber)
     await client.drain()
     # The upstream parser never saw the body, so it cannot start a next cycle: a fresh one takes
     # over this connection, unless the upstream closes it or sent bytes nobody asked for.

@@ -13,6 +13,7 @@ from harness.gateway.audit import AuditRecord
 from harness.gateway.config import GatewayConfig, default_ca_dir
 from harness.gateway.deny import error_answer, raw_response
 from harness.gateway.dns import DnsServer
+from harness.gateway.fds import raise_fd_limit
 from harness.gateway.session import run_session
 from harness.gateway.state import GatewayState
 from harness.gateway.streams import STREAM_LIMIT
@@ -36,7 +37,8 @@ class Gateway:
 
     def __init__(self, config: GatewayConfig) -> None:
         self.config = config
-        self.state = GatewayState.from_config(config)
+        self.state = GatewayState.from_config(config, fd_limit=raise_fd_limit())
+        log.info("descriptors: %s", self.state.fds.snapshot())
         self.dns_enabled = self.state.policy.dns if config.dns is None else config.dns
         self.listeners: dict[str, SandboxListener] = {}
         self.down: set[str] = set()  # sandboxes whose listener a `down` toxic holds closed
@@ -54,6 +56,7 @@ class Gateway:
             listener.dns = DnsServer(self.state, sandbox)
             await listener.dns.start(self.config.listen_host)
         self.listeners[sandbox] = listener
+        self.state.fds.add_sandbox(sandbox)
         self.state.counters(sandbox)
         log.info("sandbox %s: listening on %s:%d", sandbox, self.config.listen_host, bound)
         return listener
@@ -93,6 +96,7 @@ class Gateway:
         listener = self.listeners.pop(sandbox, None)
         if listener is None:
             return False
+        self.state.fds.remove_sandbox(sandbox)
         listener.server.close()
         if listener.dns is not None:
             listener.dns.close()
@@ -118,23 +122,10 @@ class Gateway:
             len(listener.active) >= state.limits.max_connections_per_sandbox
             or self._active_total >= state.limits.max_connections_total
         ):
-            state.stats["connection_limit"] += 1
-            state.audit.write(
-                AuditRecord(
-                    event="refused",
-                    sandbox=sandbox,
-                    decision="deny",
-                    status=503,
-                    conn=conn_id,
-                    reason="connection limit",
-                )
-            )
-            try:
-                writer.write(raw_response(error_answer(503, "blastradius gateway: too many connections")))
-                await writer.drain()
-            except (ConnectionError, OSError):
-                pass
-            writer.transport.abort()
+            await self._refuse(sandbox, conn_id, writer, "connection limit")
+            return
+        if not state.fds.take(sandbox):
+            await self._refuse(sandbox, conn_id, writer, "descriptor share used up")
             return
         task = asyncio.current_task()
         assert task is not None
@@ -147,6 +138,21 @@ class Gateway:
         finally:
             self._active_total -= 1
             listener.active.discard(task)  # type: ignore[arg-type]
+            state.fds.give(sandbox)
+
+    async def _refuse(self, sandbox: str, conn_id: int, writer: asyncio.StreamWriter, reason: str) -> None:
+        """503 to a connection over its sandbox's cap: the sandbox that floods itself is the one that waits."""
+        state = self.state
+        state.stats["connection_limit"] += 1
+        state.audit.write(
+            AuditRecord(event="refused", sandbox=sandbox, decision="deny", status=503, conn=conn_id, reason=reason)
+        )
+        try:
+            writer.write(raw_response(error_answer(503, "blastradius gateway: too many connections")))
+            await writer.drain()
+        except (ConnectionError, OSError):
+            pass
+        writer.transport.abort()
 
     # ---- control -------------------------------------------------------------------------
     def snapshot_stats(self) -> dict[str, Any]:
@@ -162,6 +168,7 @@ class Gateway:
             "audit_records": state.audit.records,
             "audit_redactions": state.audit.redactions,
             "toxics": state.toxics.snapshot(),
+            **state.fds.snapshot(),
         }
 
     async def close(self) -> None:

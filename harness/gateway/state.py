@@ -15,6 +15,8 @@ from harness.gateway.audit import AuditLog
 from harness.gateway.config import GatewayConfig, Limits, default_ca_dir
 from harness.gateway.credentials import DEFAULT_CREDENTIALS, CredentialSpec, CredentialStore
 from harness.gateway.dial import Overrides
+from harness.gateway.exfil import KnownKeys
+from harness.gateway.fds import FdBudget
 from harness.gateway.loopbreaker import LOOP_ANSWERS, LoopBreaker, resolve_answer
 from harness.gateway.policy import DENY_MODES, Policy, PolicyError, load_policy
 from harness.gateway.tls import CertificateAuthority, upstream_client_context
@@ -31,6 +33,10 @@ class GatewayState:
     """Hardening limits: head sizes, timeouts, connection caps."""
     credentials: CredentialStore
     """The secrets injected per exact host:port (the sandbox only ever holds the sentinel)."""
+    keys: KnownKeys
+    """Every form of every secret: what no request may carry elsewhere, and what answers are scrubbed of."""
+    fds: FdBudget
+    """The descriptors for sandbox connections, and each sandbox's share of them."""
     audit: AuditLog
     """One JSONL record per decision, scrubbed of every credential's value."""
     ca: CertificateAuthority
@@ -53,8 +59,9 @@ class GatewayState:
     """The same counters per sandbox id."""
 
     @classmethod
-    def from_config(cls, config: GatewayConfig) -> GatewayState:
-        """Load the policy, credentials, CA and audit log; GatewayConfig settings win over the policy's."""
+    def from_config(cls, config: GatewayConfig, fd_limit: int) -> GatewayState:
+        """Load the policy, credentials, CA and audit log; GatewayConfig settings win over the policy's.
+        fd_limit: the process's descriptor limit, which the connection budget is cut from."""
         policy = load_policy(config.policy)
         if config.deny_mode is not None and config.deny_mode not in DENY_MODES:
             raise PolicyError(f"deny_mode must be one of {DENY_MODES}")
@@ -66,11 +73,14 @@ class GatewayState:
         else:
             specs = DEFAULT_CREDENTIALS
         credentials = CredentialStore(specs)
+        keys = KnownKeys(credentials.keys())
         return cls(
             policy=policy,
             limits=config.limits,
             credentials=credentials,
-            audit=AuditLog(config.audit_path, credentials.secrets()),
+            keys=keys,
+            fds=FdBudget(fd_limit),
+            audit=AuditLog(config.audit_path, keys.patterns()),
             ca=CertificateAuthority.load_or_create(config.ca_dir or default_ca_dir()),
             upstream_tls=upstream_client_context(config.upstream_ca_file),
             overrides=Overrides(config.upstream_overrides),

@@ -68,6 +68,7 @@ class TlsServerStream:
         self._in = ssl.MemoryBIO()
         self._out = ssl.MemoryBIO()
         self._obj = ctx.wrap_bio(self._in, self._out, server_side=True)
+        self._pending = b""
 
     @property
     def sni(self) -> SniResult | None:
@@ -97,7 +98,14 @@ class TlsServerStream:
                 raise
         await self._flush()
 
+    def push_back(self, data: bytes) -> None:
+        """Decrypted bytes read ahead (the start of a pipelined request), returned by the next read."""
+        self._pending = data + self._pending
+
     async def read(self, n: int = READ_CHUNK) -> bytes:
+        if self._pending:
+            data, self._pending = self._pending, b""
+            return data
         while True:
             try:
                 return self._obj.read(n)

@@ -8,6 +8,7 @@ gets the raw, closing answer.
 from __future__ import annotations
 
 import time
+from typing import TypedDict
 
 import h11
 
@@ -15,11 +16,23 @@ from harness.gateway.context import Context
 from harness.gateway.deny import MODE_RESET, REASONS, DenyAnswer, deny_answer, loop_answer, raw_response
 from harness.gateway.forward import next_event
 from harness.gateway.loopbreaker import ANSWER_200_TERMINAL, LoopVerdict
+from harness.gateway.names import format_authority
 from harness.gateway.streams import Stream
 from harness.gateway.toxics import Toxic
 
 DENY_DRAIN_LIMIT = 64 * 1024
 """A denied request's body is read and dropped up to this size so the connection can be kept."""
+
+
+class RequestFields(TypedDict):
+    """What a deny answer and its audit record say about a request the gateway can see."""
+
+    method: str
+    scheme: str | None
+    host: str
+    port: int
+    path: str | None
+    intercepted: bool
 
 
 async def deny(
@@ -36,8 +49,11 @@ async def deny(
     rule: str,
     intercepted: bool = False,
     reason: str | None = None,
+    credential: str | None = None,
 ) -> bool:
-    """Answer a denied request per deny mode / loop breaker. Returns keep-alive."""
+    """Answer a denied request per deny mode / loop breaker. Returns keep-alive.
+
+    `credential` names the credential a deny is about (credential_exfiltration), never its value."""
     state = ctx.state
     ctx.count("denied", 1)
     key = (ctx.sandbox, method, scheme or "", host, str(port), path or "")
@@ -52,6 +68,7 @@ async def deny(
         rule=rule,
         intercepted=intercepted,
         reason=reason,
+        credential=credential,
     )
     answer: DenyAnswer
     if verdict is not LoopVerdict.UNDER:
@@ -59,7 +76,14 @@ async def deny(
         # A 200 to CONNECT would open a tunnel, not explain anything: CONNECT always gets 429.
         terminal = conn is not None and state.effective_loop_answer() == ANSWER_200_TERMINAL
         answer = loop_answer(
-            host, port, rule, ctx.sandbox, state.breaker.threshold, state.breaker.window_s, terminal=terminal
+            host,
+            port,
+            rule,
+            ctx.sandbox,
+            state.breaker.threshold,
+            state.breaker.window_s,
+            counted=counted_as(method, scheme, host, port, path),
+            terminal=terminal,
         )
         if verdict is LoopVerdict.TRIPPED:
             ctx.audit(event="retry_loop_detected", decision="deny", deny_mode=mode, status=answer.status, **fields)
@@ -71,6 +95,18 @@ async def deny(
         answer = deny_answer(mode, host, port, rule, ctx.sandbox, reason or "")
     ctx.audit(event=event, decision="deny", deny_mode=mode, status=answer.status, **fields)
     return await _send(ctx, conn, stream, answer)
+
+
+def counted_as(method: str, scheme: str | None, host: str, port: int, path: str | None) -> str:
+    """What the loop breaker counted, as its answer says it: the exact request where the gateway sees
+    it, the host and port of a CONNECT, where it cannot see which URL was asked for inside."""
+    where = format_authority(host, port)
+    if method == "CONNECT":
+        return (
+            f"every CONNECT to {where} (an https host: inside a tunnel the gateway cannot see which URL "
+            "was asked for, so it counts the host and port)"
+        )
+    return f"this exact request ({method} {scheme}://{where}{path or ''})"
 
 
 async def toxic_answer(

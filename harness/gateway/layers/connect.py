@@ -14,7 +14,8 @@ import h11
 from harness.gateway.context import Context
 from harness.gateway.deny import error_answer, raw_response
 from harness.gateway.dial import DialError, open_upstream
-from harness.gateway.forward import next_event
+from harness.gateway.exfil import EXFIL_EVENT, EXFIL_RULE, KeyLeak
+from harness.gateway.forward import NoDescriptors, next_event, peer_address
 from harness.gateway.layers.answers import deny, toxic_answer
 from harness.gateway.layers.http1 import ConnectRequest
 from harness.gateway.layers.intercept import intercept
@@ -55,6 +56,24 @@ async def serve_connect(ctx: Context, connect: ConnectRequest) -> None:
         await ctx.refuse(stream, 400, "CONNECT with a body", method="CONNECT", host=host, port=port)
         return
     state = ctx.state
+    if state.keys and (form := state.keys.find_in_name(host)) is not None:
+        # A key in the name leaves through the host's resolver before any byte is relayed.
+        ctx.count("credential_exfiltration", 1)
+        await deny(
+            ctx,
+            None,
+            stream,
+            event=EXFIL_EVENT,
+            method="CONNECT",
+            scheme=None,
+            host=host,
+            port=port,
+            path=None,
+            rule=EXFIL_RULE,
+            reason=f"the target carries {KeyLeak(form, 'host name')}: a key goes only to its own host",
+            credential=form.credential,
+        )
+        return
     decision = state.policy.check_destination(host, port)
     if not decision.allowed:
         await deny(
@@ -90,12 +109,20 @@ async def _blind_tunnel(ctx: Context, host: str, port: int, rule: str, leftover:
         # The gateway cannot speak inside a blind tunnel: the toxic answers the CONNECT itself.
         await toxic_answer(ctx, None, stream, toxic, "CONNECT", None, host, port, None, rule, False, t0)
         return
+    if not ctx.take_fd():
+        await _dial_failed(ctx, NoDescriptors(), host, port, rule)
+        return
     try:
         upstream = await open_upstream(host, port, state.overrides, ctx.limits.connect_timeout_s)
     except DialError as exc:
+        ctx.give_fd()
         await _dial_failed(ctx, exc, host, port, rule)
         return
+    except BaseException:
+        ctx.give_fd()
+        raise
     upstream_ms = (time.perf_counter() - t0) * 1000.0
+    addr = peer_address(upstream)
     ctx.count("allowed", 1)
     ctx.count("tunnels", 1)
     counter = [0, 0]
@@ -117,6 +144,7 @@ async def _blind_tunnel(ctx: Context, host: str, port: int, rule: str, leftover:
         pass
     finally:
         upstream.close()
+        ctx.give_fd()
         ctx.count("bytes_up", counter[0])
         ctx.count("bytes_down", counter[1])
         ctx.audit(
@@ -131,6 +159,7 @@ async def _blind_tunnel(ctx: Context, host: str, port: int, rule: str, leftover:
             bytes_down=counter[1],
             upstream_ms=round(upstream_ms, 3),
             duration_ms=round((time.perf_counter() - t0) * 1000.0, 3),
+            upstream_addr=addr,
         )
 
 

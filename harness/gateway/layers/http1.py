@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import h11
 
 from harness.gateway.context import Context
+from harness.gateway.framing import LEADING_BLANK_LINES, FramingError, check_request_head, head_end
 from harness.gateway.layers.request import TunnelDest, handle_request
 from harness.gateway.streams import Stream
 
@@ -37,29 +38,41 @@ def add_connect_host(head: bytes) -> bytes:
 
     Locust's FastHttpUser (and other tunnelling clients) send CONNECT with no Host header,
     which HTTP/1.1 requires. The target is the authority either way, so nothing is trusted that
-    the request line does not already say.
+    the request line does not already say. `head` is a whole head (read_head holds it until then).
     """
-    line_end = head.find(b"\r\n")
-    head_end = head.find(b"\r\n\r\n")
-    if line_end < 0 or head_end < 0 or b"\r\nhost:" in head[line_end : head_end + 2].lower():
+    line_end = head.find(b"\n")
+    if b"\nhost:" in head.lower():
         return head
-    parts = head[:line_end].split(b" ")
+    parts = head[:line_end].rstrip(b"\r").split(b" ")
     if len(parts) != 3:
         return head
-    return head[:line_end] + b"\r\nhost: " + parts[1] + head[line_end:]
+    return head[: line_end + 1] + b"host: " + parts[1] + b"\r\n" + head[line_end + 1 :]
 
 
-async def read_head(ctx: Context, conn: h11.Connection, stream: Stream, proxy_side: bool) -> h11.Request | None:
-    """The next request head, or None when the client closes or its keep-alive idles out."""
+class HeadTooLarge(Exception):
+    """A request head longer than Limits.max_header_bytes."""
+
+
+async def read_head(
+    ctx: Context, conn: h11.Connection, stream: Stream, proxy_side: bool
+) -> tuple[h11.Request, bytes] | None:
+    """The next request and its raw head, or None when the client closes or its keep-alive idles out.
+
+    The head is held until it is whole, checked for ambiguous framing (framing.py), and only then
+    given to h11: so a head that arrives in pieces is judged as the bytes it is, and a Host-less
+    CONNECT gets its Host however its head was split. `conn` holds no unread bytes (serve_http).
+    Raises FramingError, HeadTooLarge, HeadTimeout, or h11.RemoteProtocolError.
+    """
     loop = asyncio.get_running_loop()
     deadline: float | None = None
-    held = b""  # a CONNECT head held back until complete, to give it a Host header
+    buf = b""
     while True:
-        event = conn.next_event()
-        if event is not h11.NEED_DATA:
-            if isinstance(event, h11.Request):
-                return event
-            return None  # ConnectionClosed
+        buf = buf.lstrip(LEADING_BLANK_LINES)
+        end = head_end(buf)
+        if end >= 0:
+            break
+        if len(buf) > ctx.limits.max_header_bytes:
+            raise HeadTooLarge
         if deadline is None:
             timeout = ctx.limits.idle_timeout_s
         else:
@@ -73,14 +86,22 @@ async def read_head(ctx: Context, conn: h11.Connection, stream: Stream, proxy_si
             if deadline is None:
                 return None  # idle keep-alive connection: close quietly
             raise HeadTimeout from None
+        if not data:
+            return None  # the client closed, before or inside a head: nothing to answer
         if deadline is None:
             deadline = loop.time() + ctx.limits.header_timeout_s
-        if proxy_side and conn.their_state is h11.IDLE and (held or data.startswith(b"CONNECT ")):
-            held += data
-            if b"\r\n\r\n" not in held and data and len(held) <= ctx.limits.max_header_bytes:
-                continue
-            data, held = add_connect_host(held), b""
-        conn.receive_data(data)
+        buf += data
+    head = buf[:end]
+    check_request_head(head)
+    if proxy_side and head.startswith(b"CONNECT "):
+        head = add_connect_host(head)
+    conn.receive_data(head)
+    if end < len(buf):
+        conn.receive_data(buf[end:])
+    event = conn.next_event()
+    if not isinstance(event, h11.Request):
+        raise h11.RemoteProtocolError("not a request head")
+    return event, head
 
 
 async def serve_http(ctx: Context, stream: Stream, tunnel: TunnelDest | None) -> ConnectRequest | None:
@@ -92,16 +113,24 @@ async def serve_http(ctx: Context, stream: Stream, tunnel: TunnelDest | None) ->
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_header_bytes)
     while True:
         try:
-            request = await read_head(ctx, conn, stream, proxy_side=tunnel is None)
+            got = await read_head(ctx, conn, stream, proxy_side=tunnel is None)
         except h11.RemoteProtocolError as exc:
             status = exc.error_status_hint if exc.error_status_hint in (400, 414, 431) else 400
             await ctx.refuse(stream, status, f"malformed request: {exc}")
             return None
+        except FramingError as exc:
+            ctx.count("smuggling_refused", 1)
+            await ctx.refuse(stream, 400, f"ambiguous message framing: {exc}")
+            return None
+        except HeadTooLarge:
+            await ctx.refuse(stream, 431, "request head too large")
+            return None
         except HeadTimeout:
             await ctx.refuse(stream, 408, "request head not received in time")
             return None
-        if request is None:
+        if got is None:
             return None
+        request, head = got
         ctx.count("requests", 1)
         if request.http_version not in (b"1.0", b"1.1"):
             await ctx.refuse(stream, 505, "only HTTP/1.0 and HTTP/1.1 are spoken here")
@@ -119,7 +148,14 @@ async def serve_http(ctx: Context, stream: Stream, tunnel: TunnelDest | None) ->
                 await ctx.refuse(stream, 400, "CONNECT inside a tunnel")
                 return None
             return ConnectRequest(conn, request)
-        keep = await handle_request(ctx, conn, stream, request, tunnel)
+        keep = await handle_request(ctx, conn, stream, request, head, tunnel)
         if not keep or conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
             return None
-        conn.start_next_cycle()
+        # Bytes read past this request are the start of the next head: back to the stream, so
+        # read_head sees them raw, and a fresh parser for them (h11 never holds a head unchecked).
+        leftover = conn.trailing_data[0]
+        if leftover:
+            stream.push_back(leftover)
+            conn = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_header_bytes)
+        else:
+            conn.start_next_cycle()

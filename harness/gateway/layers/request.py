@@ -2,9 +2,12 @@
 
 On the proxy side a request is plain http in absolute form; inside an intercepted tunnel it is
 origin-form or absolute, bound to the CONNECT target either way. The request URI, the Host
-header and the tunnel must all name the same host:port, or the request gets 400. Then the
-policy decides per method and path, an http_status toxic may answer instead of the upstream,
-and forward.py relays the rest with the credential bound to that exact host:port.
+header and the tunnel must all name the same host:port, or the request gets 400. The path is
+normalised once, and that path is what the policy checks, what is sent and what is audited (a
+fragment never goes upstream). A request carrying a key the gateway holds, toward anywhere but
+that key's own host, is denied as credential_exfiltration. Then the policy decides per method and
+path; a credential goes only into TLS the gateway verified itself, and never into a method that
+echoes; an http_status toxic may answer instead of the upstream; and forward.py relays the rest.
 """
 
 from __future__ import annotations
@@ -17,11 +20,20 @@ import h11
 from harness.gateway.context import Context
 from harness.gateway.deny import error_answer, raw_response
 from harness.gateway.dial import DialError
-from harness.gateway.forward import forward
-from harness.gateway.layers.answers import deny, toxic_answer
-from harness.gateway.names import DEFAULT_PORTS, HostError, parse_authority
+from harness.gateway.exfil import EXFIL_EVENT, EXFIL_RULE, KeyForm, KeyLeak, find
+from harness.gateway.forward import Route, forward
+from harness.gateway.layers.answers import RequestFields, deny, toxic_answer
+from harness.gateway.names import DEFAULT_PORTS, HostError, format_authority, parse_authority
 from harness.gateway.policy import normalise_path
 from harness.gateway.streams import Stream
+
+INJECT_METHODS = frozenset({b"GET", b"HEAD", b"POST", b"PUT", b"PATCH", b"DELETE", b"OPTIONS"})
+"""The methods a key is injected into. TRACE (and IIS's TRACK) send the request, key and all, back
+to the sender; an extension method's meaning is unknown to the gateway, so it might too."""
+NEEDS_TLS_RULE = "credential-needs-tls"
+"""The rule named when a credential's host is asked for outside TLS the gateway verifies."""
+METHOD_RULE = "credential-method"
+"""The rule named when a credential's host is sent a method outside INJECT_METHODS."""
 
 
 @dataclass(frozen=True)
@@ -70,6 +82,21 @@ def split_absolute(target: str, scheme: str) -> tuple[str, int, str]:
     return host, port, path
 
 
+def split_target(target: str) -> tuple[str, str]:
+    """(path, "?query" or "") of an origin-form target. A fragment is dropped: it is the client's
+    own business (RFC 9110 §7.1), and an upstream that kept `#` in the path would read a path
+    the policy never checked."""
+    path, sep, query = target.split("#", 1)[0].partition("?")
+    return path, sep + query
+
+
+def host_value(host: str, port: int, scheme: str) -> bytes:
+    """The Host header sent upstream: the normalised destination, its port only when not the default."""
+    if port == DEFAULT_PORTS[scheme]:
+        return (f"[{host}]" if ":" in host else host).encode("ascii")
+    return format_authority(host, port).encode("ascii")
+
+
 def destination(request: h11.Request, target: str, tunnel: TunnelDest | None) -> tuple[str, str, int, str]:
     """(scheme, host, port, path) the request names. Raises BadTarget, or HostError for a bad name."""
     host_value = host_header(request)
@@ -111,15 +138,22 @@ def destination(request: h11.Request, target: str, tunnel: TunnelDest | None) ->
 
 
 async def handle_request(
-    ctx: Context, conn: h11.Connection, stream: Stream, request: h11.Request, tunnel: TunnelDest | None
+    ctx: Context,
+    conn: h11.Connection,
+    stream: Stream,
+    request: h11.Request,
+    head: bytes,
+    tunnel: TunnelDest | None,
 ) -> bool:
-    """Check and forward one request, or answer it in the upstream's place. Returns keep-alive."""
+    """Check and forward one request (`head`: its raw bytes), or answer it in the upstream's place.
+    Returns keep-alive."""
     t0 = time.perf_counter()
     state = ctx.state
     method = request.method.decode("ascii", "replace")
     target = request.target.decode("ascii", "replace")
     try:
-        scheme, host, port, path = destination(request, target, tunnel)
+        scheme, host, port, raw_path = destination(request, target, tunnel)
+        path, query = split_target(raw_path)
         norm_path = normalise_path(path)
     except BadTarget as exc:
         await ctx.refuse(stream, 400, str(exc), method=method, **exc.fields)
@@ -128,59 +162,63 @@ async def handle_request(
         await ctx.refuse(stream, 400, str(exc), method=method)
         return False
     intercepted = tunnel is not None
+    # Only the upstream side of an intercepted https tunnel is TLS the gateway verified itself.
+    verified_tls = scheme == "https"
+    fields = RequestFields(method=method, scheme=scheme, host=host, port=port, path=norm_path, intercepted=intercepted)
+    leak_forms: tuple[KeyForm, ...] = ()
+    if state.keys:
+        leak_forms = state.keys.foreign(host, port, verified_tls)
+        form = state.keys.find_in_name(host)
+        where = "host name"
+        if form is None:
+            form, where = find(leak_forms, head), "request head"
+        if form is not None:
+            return await _exfiltration(ctx, conn, stream, KeyLeak(form, where), fields)
     decision = state.policy.check_request(host, port, method, norm_path)
     if not decision.allowed:
-        return await deny(
-            ctx,
-            conn,
-            stream,
-            event="request",
-            method=method,
-            scheme=scheme,
-            host=host,
-            port=port,
-            path=norm_path,
-            rule=decision.rule,
-            intercepted=intercepted,
-        )
+        return await deny(ctx, conn, stream, event="request", rule=decision.rule, **fields)
+    cred = state.credentials.for_dest(host, port)
+    if cred is not None and not verified_tls:
+        reason = f"{host}:{port} is a credential's host: its key goes only into TLS the gateway verifies; use https"
+        return await deny(ctx, conn, stream, event="request", rule=NEEDS_TLS_RULE, reason=reason, **fields)
+    if cred is not None and request.method not in INJECT_METHODS:
+        reason = f"{method} is not sent to a credential's host: it could echo the key back"
+        return await deny(ctx, conn, stream, event="request", rule=METHOD_RULE, reason=reason, **fields)
     if state.toxics.active and (toxic := state.toxics.http_status(ctx.sandbox, host, port)) is not None:
         return await toxic_answer(
             ctx, conn, stream, toxic, method, scheme, host, port, norm_path, decision.rule, intercepted, t0
         )
-    cred = state.credentials.for_dest(host, port)
     ctx.count("allowed", 1)
-    fields = dict(
+    injected = cred is not None and cred.value is not None
+    record = dict(
         event="request",
-        method=method,
+        rule=decision.rule,
+        credential=cred.name if injected else None,
+        reason="credential-missing-on-host" if cred is not None and cred.value is None else None,
+        **fields,
+    )
+    route = Route(
         scheme=scheme,
         host=host,
         port=port,
-        path=norm_path,
-        rule=decision.rule,
-        intercepted=intercepted,
-        credential=cred.name if cred is not None and cred.value is not None else None,
-        reason="credential-missing-on-host" if cred is not None and cred.value is None else None,
+        target=(norm_path + query).encode("ascii"),
+        authority=host_value(host, port, scheme),
+        cred=cred,
+        leak_forms=leak_forms,
+        scrub_forms=state.keys.own(host, port) if injected else (),
     )
     try:
         ex = await forward(
-            conn,
-            stream,
-            request,
-            scheme,
-            host,
-            port,
-            path.encode("ascii"),
-            cred,
-            ctx.pool,
-            ctx.limits.idle_timeout_s,
-            ctx.limits.upstream_response_timeout_s,
+            conn, stream, request, route, ctx.pool, ctx.limits.idle_timeout_s, ctx.limits.upstream_response_timeout_s
         )
+    except KeyLeak as leak:
+        return await _exfiltration(ctx, None, stream, leak, fields)
     except DialError as exc:
         ctx.audit(
             decision="error",
             status=exc.status,
             duration_ms=round((time.perf_counter() - t0) * 1000.0, 3),
-            **{**fields, "reason": str(exc)},
+            **{**record, "reason": str(exc)},
         )
         ctx.count("upstream_errors", 1)
         try:
@@ -194,11 +232,13 @@ async def handle_request(
         ctx.audit(
             decision="error",
             duration_ms=round((time.perf_counter() - t0) * 1000.0, 3),
-            **{**fields, "reason": f"broken mid-response: {type(exc).__name__}"},
+            **{**record, "reason": f"broken mid-response: {type(exc).__name__}"},
         )
         raise
     ctx.count("bytes_up", ex.bytes_up)
     ctx.count("bytes_down", ex.bytes_down)
+    if ex.redactions:
+        ctx.count("answer_redactions", ex.redactions)
     ctx.audit(
         decision="allow",
         status=ex.status,
@@ -206,6 +246,26 @@ async def handle_request(
         bytes_down=ex.bytes_down,
         upstream_ms=None if ex.upstream_ms is None else round(ex.upstream_ms, 3),
         duration_ms=round((time.perf_counter() - t0) * 1000.0, 3),
-        **fields,
+        upstream_addr=ex.upstream_addr,
+        **record,
     )
     return True
+
+
+async def _exfiltration(
+    ctx: Context, conn: h11.Connection | None, stream: Stream, leak: KeyLeak, fields: RequestFields
+) -> bool:
+    """Deny a request that carries a key away from its host; audited as credential_exfiltration with the
+    credential's name (never its value). Found in the body, the request is half sent: the connection ends."""
+    ctx.count("credential_exfiltration", 1)
+    reason = f"request carries {leak}: a key goes only to its own host"
+    return await deny(
+        ctx,
+        conn,
+        stream,
+        event=EXFIL_EVENT,
+        rule=EXFIL_RULE,
+        reason=reason,
+        credential=leak.form.credential,
+        **fields,
+    )

@@ -18,6 +18,7 @@ COLUMNS = (
     "dns_deny",
     "intercepted",
     "credential_injections",
+    "credential_exfiltration",
 )
 
 
