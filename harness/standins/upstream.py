@@ -7,12 +7,17 @@ nowhere else. Runs its own event loop in a thread so a test (or a benchmark) can
 while the gateway runs in its own process.
 
 Routes: /bytes/<n> (n bytes), /status/<code>, /sleep/<seconds> (a slow upstream), /redirect?to=<url>[&status=<code>],
-/upload (counts the body), anything else echoes what was received as JSON.
+/upload (counts the body), /echo (a hostile upstream that hands back what it received, credential
+included, as TRACE does: ?encode=raw|base64|hex, ?where=body|header, ?chunk=<n> to send the body in
+chunks of n bytes), /both-framing (an answer with Content-Length and Transfer-Encoding), anything else
+echoes what was received as JSON, the expected credential masked.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import json
 import ssl
 import threading
@@ -238,6 +243,12 @@ class UpstreamServer:
             size = min(int(path.split("/")[2]), MAX_BYTES_ROUTE)
             await self._send_bytes(conn, writer, size)
             return
+        if path == "/echo":
+            await self._send_echo(conn, writer, request, parse_qs(url.query))
+            return
+        if path == "/both-framing":
+            await self._send_both_framing(writer)
+            return
         if path.startswith("/sleep/"):
             await asyncio.sleep(min(float(path.split("/")[2]), MAX_SLEEP_S))
         if path.startswith("/status/"):
@@ -270,6 +281,45 @@ class UpstreamServer:
             writer.write(conn.send(h11.Data(data=body)))
         writer.write(conn.send(h11.EndOfMessage()))
         await writer.drain()
+
+    async def _send_echo(
+        self, conn: h11.Connection, writer: asyncio.StreamWriter, request: h11.Request, query: dict[str, list[str]]
+    ) -> None:
+        """Hand back the request head as received (what TRACE does): a hostile or careless upstream."""
+        head = request.method + b" " + request.target + b"\r\n"
+        head += b"".join(k + b": " + v + b"\r\n" for k, v in request.headers)
+        encode = query.get("encode", ["raw"])[0]
+        echoed = {"raw": head, "base64": base64.b64encode(head), "hex": binascii.hexlify(head)}[encode]
+        headers = [(b"content-type", b"message/http")]
+        if query.get("where", ["body"])[0] == "header":
+            # Every header value of the request, one response header each (values only: no CR/LF).
+            headers += [(b"x-echo-" + k, v) for k, v in request.headers]
+            echoed = b"echoed in headers\n"
+        chunk = int(query.get("chunk", ["0"])[0])
+        if chunk:
+            writer.write(
+                conn.send(h11.Response(status_code=200, headers=[*headers, (b"transfer-encoding", b"chunked")]))
+            )
+            for start in range(0, len(echoed), chunk):
+                writer.write(conn.send(h11.Data(data=echoed[start : start + chunk])))
+                await writer.drain()
+        else:
+            writer.write(
+                conn.send(h11.Response(status_code=200, headers=[*headers, (b"content-length", b"%d" % len(echoed))]))
+            )
+            writer.write(conn.send(h11.Data(data=echoed)))
+        writer.write(conn.send(h11.EndOfMessage()))
+        await writer.drain()
+
+    async def _send_both_framing(self, writer: asyncio.StreamWriter) -> None:
+        """An answer framed two ways (RFC 9112 §6.3): written raw, h11 would never produce it. The
+        connection closes after it, since its length is ambiguous by design."""
+        writer.write(
+            b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n"
+            b"5\r\nhello\r\n0\r\n\r\n"
+        )
+        await writer.drain()
+        writer.close()
 
     async def _send_bytes(self, conn: h11.Connection, writer: asyncio.StreamWriter, size: int) -> None:
         writer.write(
