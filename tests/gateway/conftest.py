@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import socket
 import ssl
@@ -107,6 +108,18 @@ def make_gateway(
     yield factory
     for gw in started:
         gw.stop()
+    for gw in started:
+        assert_dialled_loopback(gw)
+
+
+def assert_dialled_loopback(gw: GatewayProcess) -> None:
+    """Every address the gateway connected to was a loopback stand-in: some real names (pypi.org,
+    files.pythonhosted.org) resolve on our machines, and no test may reach them."""
+    for record in gw.audit_records():
+        addr = record.get("upstream_addr")
+        if addr is not None:
+            host = str(addr).rpartition(":")[0].strip("[]")
+            assert ipaddress.ip_address(host).is_loopback, record
 
 
 @pytest.fixture(scope="module")
