@@ -18,8 +18,9 @@ import pytest
 from harness.gateway.credentials import CredentialError
 from harness.gateway.policy import PolicyError, load_policy
 from harness.gateway.process import CredentialSpec, GatewayConfig, GatewayProcess, GatewaySetupError, SetupError
+from harness.standins.upstream import UpstreamServer
 
-from .conftest import ANTHROPIC_KEY, http_get
+from .conftest import ANTHROPIC_KEY, http_get, tls_request
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -232,13 +233,21 @@ def foreground(tmp_path: Path) -> Iterator[list[subprocess.Popen[str]]]:
             proc.wait()
 
 
+INVOKE_GATEWAY = ("-m", "invoke", "--search-root", str(REPO), "gateway", "--port", "0")
+MODULE_GATEWAY = ("-m", "harness.gateway", "--listen", "127.0.0.1:0")
+
+
 def start_foreground(
-    tmp_path: Path, started: list[subprocess.Popen[str]], *args: str
+    tmp_path: Path,
+    started: list[subprocess.Popen[str]],
+    *args: str,
+    entry: tuple[str, ...] = INVOKE_GATEWAY,
+    env: dict[str, str] | None = None,
 ) -> tuple[subprocess.Popen[str], int]:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "invoke", "--search-root", str(REPO), "gateway", "--port", "0", *args],
+        [sys.executable, *entry, *args],
         cwd=REPO,
-        env=gateway_env(tmp_path),
+        env={**gateway_env(tmp_path), **(env or {})},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -304,3 +313,30 @@ def test_foreground_gateway_keeps_a_state_dir_it_was_given(
     assert (given / "ready.json").exists()
     stop_foreground(server)
     assert given.exists() and not (given / "ready.json").exists()  # the stale ready file is gone
+
+
+# ---- --override and --upstream-ca: a local stand-in, and the key still only inside verified TLS ----
+@pytest.mark.parametrize("entry", [INVOKE_GATEWAY, MODULE_GATEWAY], ids=["invoke", "module"])
+def test_foreground_gateway_against_a_local_stand_in(
+    tmp_path: Path, foreground: list[subprocess.Popen[str]], upstream: UpstreamServer, entry: tuple[str, ...]
+) -> None:
+    upstream.clear()
+    override = f"api.anthropic.com:443=127.0.0.1:{upstream.https_port}"
+    key = {"ANTHROPIC_API_KEY": ANTHROPIC_KEY}
+    proc, port = start_foreground(
+        tmp_path, foreground, "--override", override, "--upstream-ca", str(upstream.ca_file), entry=entry, env=key
+    )
+    ca = (tmp_path / "xdg" / "blastradius" / "gateway-ca" / "ca.pem").read_bytes()
+    call = (
+        b"GET /v1/models HTTP/1.1\r\nHost: api.anthropic.com\r\nx-api-key: proxy-managed\r\nConnection: close\r\n\r\n"
+    )
+    assert tls_request(port, "api.anthropic.com:443", ca, call).status == 200
+    [got] = upstream.received()
+    assert (got.sni, got.credential) == ("api.anthropic.com", "ok")  # injected, inside TLS it verified
+    stop_foreground(proc)
+    # Without the stand-in's CA the gateway cannot verify it: nothing is sent, key or not.
+    upstream.clear()
+    proc, port = start_foreground(tmp_path, foreground, "--override", override, entry=entry, env=key)
+    assert tls_request(port, "api.anthropic.com:443", ca, call).status == 502
+    assert upstream.received() == []
+    stop_foreground(proc)
