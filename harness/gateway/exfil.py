@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import quote
@@ -135,42 +136,65 @@ def find(forms: tuple[KeyForm, ...], data: bytes) -> KeyForm | None:
     return None
 
 
-class BodyScanner:
-    """Scans a request body on its way upstream; raises KeyLeak before a byte of a key leaves.
+class _HeldTail:
+    """A body on its way through, with its last bytes held back so a form split across reads is
+    searched whole before any byte of it leaves.
 
-    A key split across two reads would pass a per-read search, so the last bytes of each read (up to
-    the longest form less one) are held back until the next read, or the end, has been searched
-    with them."""
+    The bytes held are at least the stream's last `keep` (the longest form less one); everything
+    before them is released as the whole chunks it arrived in, never sliced, so the relay copies
+    nothing more than it did without a scanner."""
 
     def __init__(self, forms: tuple[KeyForm, ...]) -> None:
-        self._forms = forms
-        self._keep = max(len(f.pattern) for f in forms) - 1
-        self._held = b""
+        self.forms = forms
+        self.keep = max(len(f.pattern) for f in forms) - 1
+        self.tail = b""
+        """The stream's last `keep` bytes so far: with the next read's first, the seam to search."""
+        self.pending: deque[bytes] = deque()
+        self.pending_len = 0
 
-    def feed(self, data: bytes) -> bytes:
-        """The bytes that may go upstream now."""
-        buf = self._held + data if self._held else data
-        form = find(self._forms, buf)
+    def search(self, data: bytes) -> KeyForm | None:
+        """A form inside data, or across the seam between what came before and data."""
+        form = find(self.forms, data)
+        return form if form is not None else find(self.forms, self.tail + data[: self.keep])
+
+    def push(self, data: bytes) -> list[bytes]:
+        """Hold data; return the chunks that are no longer among the stream's last `keep` bytes."""
+        keep = self.keep
+        self.tail = data[-keep:] if len(data) >= keep else (self.tail + data)[-keep:]
+        self.pending.append(data)
+        self.pending_len += len(data)
+        out = []
+        while self.pending and self.pending_len - len(self.pending[0]) >= keep:
+            first = self.pending.popleft()
+            self.pending_len -= len(first)
+            out.append(first)
+        return out
+
+    def flush(self) -> list[bytes]:
+        """Everything held, at the end of the body (already searched)."""
+        out = list(self.pending)
+        self.pending.clear()
+        self.pending_len = 0
+        return out
+
+
+class BodyScanner(_HeldTail):
+    """Scans a request body on its way upstream; raises KeyLeak before a byte of a key leaves."""
+
+    def feed(self, data: bytes) -> list[bytes]:
+        """The chunks that may go upstream now."""
+        form = self.search(data)
         if form is not None:
             raise KeyLeak(form, "body")
-        cut = max(0, len(buf) - self._keep)
-        self._held = buf[cut:]
-        return buf[:cut]
-
-    def flush(self) -> bytes:
-        """What was held back, at the end of the body (already searched)."""
-        held, self._held = self._held, b""
-        return held
+        return self.push(data)
 
 
-class Scrubber:
+class Scrubber(_HeldTail):
     """Overwrites a key's forms in an upstream's answer, with the same number of bytes so that
-    Content-Length and chunk sizes stay true; held-back tails catch a form split across reads."""
+    Content-Length and chunk sizes stay true."""
 
     def __init__(self, forms: tuple[KeyForm, ...]) -> None:
-        self._forms = forms
-        self._keep = max(len(f.pattern) for f in forms) - 1
-        self._held = b""
+        super().__init__(forms)
         self.redactions = 0
         """Forms overwritten so far."""
 
@@ -178,19 +202,19 @@ class Scrubber:
         """A response header's value, scrubbed."""
         return self._scrub(value)
 
-    def feed(self, data: bytes) -> bytes:
-        """The scrubbed bytes that may go to the sandbox now."""
-        buf = self._scrub(self._held + data if self._held else data)
-        cut = max(0, len(buf) - self._keep)
-        self._held = buf[cut:]
-        return buf[:cut]
-
-    def flush(self) -> bytes:
-        held, self._held = self._held, b""
-        return held
+    def feed(self, data: bytes) -> list[bytes]:
+        """The scrubbed chunks that may go to the sandbox now."""
+        if self.search(data) is None:
+            return self.push(data)
+        # A form is here: every byte it can span is still held, so scrub them together.
+        merged = self._scrub(b"".join(self.pending) + data)
+        self.pending.clear()
+        self.pending_len = 0
+        self.tail = b""
+        return self.push(merged)
 
     def _scrub(self, data: bytes) -> bytes:
-        for form in self._forms:
+        for form in self.forms:
             if form.pattern in data:
                 self.redactions += data.count(form.pattern)
                 data = data.replace(form.pattern, REDACTION_BYTE * len(form.pattern))

@@ -283,14 +283,16 @@ async def _send_request(
             event = await next_event(client_conn, client, idle_timeout_s)
             if isinstance(event, h11.Data):
                 ex.bytes_up += len(event.data)
-                data = event.data if scanner is None else scanner.feed(event.data)
-                if data:
-                    up.stream.write(up.conn.send(h11.Data(data=data)))
+                if scanner is None:
+                    up.stream.write(up.conn.send(event))
+                else:
+                    for piece in scanner.feed(event.data):
+                        up.stream.write(up.conn.send(h11.Data(data=piece)))
                 if up.stream.write_buffered() > WRITE_HIGH_WATER:
                     await up.stream.drain()
             elif isinstance(event, h11.EndOfMessage):
-                if scanner is not None and (tail := scanner.flush()):
-                    up.stream.write(up.conn.send(h11.Data(data=tail)))
+                for piece in scanner.flush() if scanner is not None else ():
+                    up.stream.write(up.conn.send(h11.Data(data=piece)))
                 up.stream.write(up.conn.send(h11.EndOfMessage()))
                 break
             else:
@@ -338,9 +340,11 @@ async def _relay_response(
                 return
         elif isinstance(event, h11.Data):
             ex.bytes_down += len(event.data)
-            data = event.data if scrubber is None else scrubber.feed(event.data)
-            if data:
-                client.write(client_conn.send(h11.Data(data=data)))
+            if scrubber is None:
+                client.write(client_conn.send(event))
+            else:
+                for piece in scrubber.feed(event.data):
+                    client.write(client_conn.send(h11.Data(data=piece)))
             # Waiting on every chunk costs a loop round-trip each; wait only when the client lags.
             if client.write_buffered() > WRITE_HIGH_WATER:
                 await client.drain()
@@ -355,10 +359,19 @@ async def _relay_response(
 def _end_body(client_conn: h11.Connection, client: Stream, ex: Exchange, scrubber: Scrubber | None) -> None:
     """Write what the scrubber held back (if any) and the end of the answer."""
     if scrubber is not None:
-        if tail := scrubber.flush():
-            client.write(client_conn.send(h11.Data(data=tail)))
+        for piece in scrubber.flush():
+            client.write(client_conn.send(h11.Data(data=piece)))
         ex.redactions = scrubber.redactions
     client.write(client_conn.send(h11.EndOfMessage()))
+
+
+def _relay_piece(client_conn: h11.Connection, client: Stream, data: bytes, scrubber: Scrubber | None) -> None:
+    """One read of a Content-Length body to the sandbox, through the scrubber when the route has one."""
+    if scrubber is None:
+        client.write(client_conn.send(h11.Data(data=data)))
+        return
+    for piece in scrubber.feed(data):
+        client.write(client_conn.send(h11.Data(data=piece)))
 
 
 def _fixed_body_length(response: h11.Response, method: bytes) -> int | None:
@@ -400,9 +413,7 @@ async def _relay_fixed_body(
     first, extra = bytes(buffered[:length]), buffered[length:]
     remaining = length - len(first)
     if first:
-        data = first if scrubber is None else scrubber.feed(first)
-        if data:
-            client.write(client_conn.send(h11.Data(data=data)))
+        _relay_piece(client_conn, client, first, scrubber)
     ex.bytes_down += len(first)
     while remaining > 0:
         async with asyncio.timeout(idle_timeout_s):
@@ -411,10 +422,7 @@ async def _relay_fixed_body(
             raise ConnectionError("upstream closed before the response ended")
         remaining -= len(data)
         ex.bytes_down += len(data)
-        if scrubber is not None:
-            data = scrubber.feed(data)
-        if data:
-            client.write(client_conn.send(h11.Data(data=data)))
+        _relay_piece(client_conn, client, data, scrubber)
         if client.write_buffered() > WRITE_HIGH_WATER:
             await client.drain()
     _end_body(client_conn, client, ex, scrubber)

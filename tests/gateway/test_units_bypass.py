@@ -266,16 +266,28 @@ def test_the_body_scanner_releases_no_part_of_a_split_key(keys: KnownKeys, split
     scanner = BodyScanner(keys.foreign("evil.test", 443, True))
     body = b"a" * 300 + KEY.encode() + b"z" * 10
     cut = 300 + split
-    released = scanner.feed(body[:cut])
+    released = b"".join(scanner.feed(body[:cut]))
     with pytest.raises(KeyLeak):
         scanner.feed(body[cut:])
     assert released == body[: len(released)] and len(released) <= 300  # not one byte of the key left
 
 
+@pytest.mark.parametrize("size", [1, 3, 7, 38, 39, 40, 200])
+def test_the_body_scanner_finds_a_key_spread_over_many_small_reads(keys: KnownKeys, size: int) -> None:
+    scanner = BodyScanner(keys.foreign("evil.test", 443, True))
+    body = b"a" * 500 + base64.b64encode(b"x" + KEY.encode()) + b"z" * 500
+    released = b""
+    with pytest.raises(KeyLeak):
+        for i in range(0, len(body), size):
+            released += b"".join(scanner.feed(body[i : i + size]))
+    assert len(released) <= 500  # everything before the key, at most
+
+
 def test_the_body_scanner_passes_a_clean_body_whole(keys: KnownKeys) -> None:
     scanner = BodyScanner(keys.foreign("evil.test", 443, True))
     body = bytes(range(256)) * 100
-    out = b"".join(scanner.feed(body[i : i + 777]) for i in range(0, len(body), 777)) + scanner.flush()
+    pieces = [piece for i in range(0, len(body), 777) for piece in scanner.feed(body[i : i + 777])]
+    out = b"".join(pieces + scanner.flush())
     assert out == body
 
 
@@ -283,7 +295,8 @@ def test_the_body_scanner_passes_a_clean_body_whole(keys: KnownKeys) -> None:
 def test_the_scrubber_overwrites_split_keys_and_keeps_the_length(keys: KnownKeys, size: int) -> None:
     scrubber = Scrubber(keys.own(*BOUND))
     body = b"echo x-api-key: " + KEY.encode() + b" and again " + base64.b64encode(KEY.encode()) + b" end"
-    out = b"".join(scrubber.feed(body[i : i + size]) for i in range(0, len(body), size)) + scrubber.flush()
+    pieces = [piece for i in range(0, len(body), size) for piece in scrubber.feed(body[i : i + size])]
+    out = b"".join(pieces + scrubber.flush())
     assert len(out) == len(body)
     assert find(keys.forms, out) is None and KEY.encode() not in out
     assert out.startswith(b"echo x-api-key: ****") and out.endswith(b" end")
