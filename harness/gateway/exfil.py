@@ -137,12 +137,13 @@ def find(forms: tuple[KeyForm, ...], data: bytes) -> KeyForm | None:
 
 
 class _HeldTail:
-    """A body on its way through, with its last bytes held back so a form split across reads is
-    searched whole before any byte of it leaves.
+    """A body on its way through, holding back only what could be the start of a key's form.
 
-    The bytes held are at least the stream's last `keep` (the longest form less one); everything
-    before them is released as the whole chunks it arrived in, never sliced, so the relay copies
-    nothing more than it did without a scanner."""
+    A form split across two reads would pass a per-read search. So the bytes at the end of the
+    stream that are a proper prefix of some form (usually none) stay until the next read, or the
+    end, shows whether the form completes; everything else is released at once, as the chunks it
+    arrived in. A streamed answer (server-sent events) is thus not delayed, and the relay copies
+    nothing it did not copy before, except to cut a chunk where a possible prefix begins."""
 
     def __init__(self, forms: tuple[KeyForm, ...]) -> None:
         self.forms = forms
@@ -157,17 +158,39 @@ class _HeldTail:
         form = find(self.forms, data)
         return form if form is not None else find(self.forms, self.tail + data[: self.keep])
 
+    def _prefix_len(self) -> int:
+        """The length of the longest end of the stream that a form begins with (0: none)."""
+        tail = self.tail
+        best = 0
+        for form in self.forms:
+            pattern = form.pattern
+            i = tail.find(pattern[:1], max(0, len(tail) - len(pattern) + 1))
+            while i >= 0 and len(tail) - i > best:
+                if pattern.startswith(tail[i:]):
+                    best = len(tail) - i
+                    break
+                i = tail.find(pattern[:1], i + 1)
+        return best
+
     def push(self, data: bytes) -> list[bytes]:
-        """Hold data; return the chunks that are no longer among the stream's last `keep` bytes."""
+        """Take data (already searched); return what may go on now."""
         keep = self.keep
         self.tail = data[-keep:] if len(data) >= keep else (self.tail + data)[-keep:]
         self.pending.append(data)
         self.pending_len += len(data)
+        excess = self.pending_len - self._prefix_len()
         out = []
-        while self.pending and self.pending_len - len(self.pending[0]) >= keep:
-            first = self.pending.popleft()
-            self.pending_len -= len(first)
-            out.append(first)
+        while excess > 0:
+            first = self.pending[0]
+            if len(first) <= excess:
+                self.pending.popleft()
+                out.append(first)
+            else:
+                out.append(first[:excess])
+                self.pending[0] = first[excess:]
+            taken = len(out[-1])
+            excess -= taken
+            self.pending_len -= taken
         return out
 
     def flush(self) -> list[bytes]:

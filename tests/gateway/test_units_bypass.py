@@ -280,7 +280,8 @@ def test_the_body_scanner_finds_a_key_spread_over_many_small_reads(keys: KnownKe
     with pytest.raises(KeyLeak):
         for i in range(0, len(body), size):
             released += b"".join(scanner.feed(body[i : i + size]))
-    assert len(released) <= 500  # everything before the key, at most
+    # At most the a's and the two base64 chars that still hold bits of the "x" before the key.
+    assert len(released) <= 502
 
 
 def test_the_body_scanner_passes_a_clean_body_whole(keys: KnownKeys) -> None:
@@ -326,3 +327,12 @@ def test_removed_sandboxes_take_nothing() -> None:
     budget.remove_sandbox("a")
     assert not budget.take("a")
     budget.give("a")  # a late give of a removed sandbox is harmless
+
+
+def test_a_streamed_answer_is_not_held_back(keys: KnownKeys) -> None:
+    """Server-sent events go on at once: only what could begin a key's form waits for the next read."""
+    scrubber = Scrubber(keys.own(*BOUND))
+    event = b'data: {"type":"content_block_delta","delta":{"text":"stack"}}\n\n'
+    assert scrubber.feed(event) == [event]  # the very chunk, uncopied
+    assert scrubber.feed(b"event: ping\n\nsk-ant-UN") == [b"event: ping\n\n"]  # a possible start waits
+    assert b"".join(scrubber.feed(b"RELATED text")) == b"sk-ant-UNRELATED text"
