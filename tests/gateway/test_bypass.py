@@ -20,12 +20,13 @@ import pytest
 
 from harness.gateway.credentials import SENTINEL
 from harness.gateway.exfil import KnownKeys, find
-from harness.gateway.process import GatewayProcess
+from harness.gateway.process import CredentialSpec, GatewayProcess
 from harness.standins.upstream import UpstreamServer
 
 from .conftest import (
     ANTHROPIC_KEY,
     GatewayFactory,
+    Reply,
     assert_dialled_loopback,
     connect,
     connect_tunnel,
@@ -144,56 +145,93 @@ def cleartext_gw(make_gateway: GatewayFactory, policy_file: Path, upstream: Upst
     return make_gateway(policy=policy_file, upstream_overrides=overrides)
 
 
-CLEARTEXT_TO_KEY_HOST = [
+PLAIN_TO_KEY_HOST = [
     b"POST http://api.anthropic.com:443/v1/messages HTTP/1.1\r\nHost: api.anthropic.com:443\r\n"
     b"x-api-key: " + SENTINEL.encode() + b"\r\ncontent-length: 2\r\nConnection: close\r\n\r\n{}",
     b"GET http://API.Anthropic.COM.:443/v1/models HTTP/1.1\r\nHost: api.anthropic.com:443\r\nConnection: close\r\n\r\n",
     b"GET http://api.anthropic.com:443/v1/models HTTP/1.0\r\n\r\n",
-    b"GET http://[::ffff:127.0.0.1]:443/ HTTP/1.1\r\nHost: [::ffff:127.0.0.1]:443\r\nConnection: close\r\n\r\n",
     b"GET http://api.openai.com:443/v1/models HTTP/1.1\r\nHost: api.openai.com:443\r\nConnection: close\r\n"
     b"Authorization: Bearer " + SENTINEL.encode() + b"\r\n\r\n",
 ]
+PLAIN_INSIDE_CONNECT = [
+    ("api.anthropic.com:443", b"GET /v1/models HTTP/1.1\r\nHost: api.anthropic.com:443\r\nConnection: close\r\n\r\n"),
+    (
+        "api.anthropic.com:443",
+        b"POST /v1/messages HTTP/1.1\r\nHost: api.anthropic.com:443\r\ncontent-length: 2\r\n"
+        b"Connection: close\r\n\r\n{}",
+    ),
+    ("api.openai.com:443", b"GET /v1/models HTTP/1.0\r\nHost: api.openai.com:443\r\n\r\n"),
+]
 
 
-@pytest.mark.parametrize("request_bytes", CLEARTEXT_TO_KEY_HOST)
-def test_no_key_into_plain_http_to_its_host(
-    cleartext_gw: GatewayProcess, fresh: UpstreamServer, request_bytes: bytes
-) -> None:
-    port = cleartext_gw.add_sandbox("sb-cleartext")
-    reply = parse_reply(send_raw(port, request_bytes))
-    assert reply.status in (400, 403), reply
-    assert fresh.received() == []  # nothing at all reached the plain port, key or not
-
-
-@pytest.mark.parametrize(
-    ("authority", "inner"),
-    [
-        (
-            "api.anthropic.com:443",
-            b"GET /v1/models HTTP/1.1\r\nHost: api.anthropic.com:443\r\nConnection: close\r\n\r\n",
-        ),
-        (
-            "api.anthropic.com:443",
-            b"POST /v1/messages HTTP/1.1\r\nHost: api.anthropic.com:443\r\ncontent-length: 2\r\n"
-            b"Connection: close\r\n\r\n{}",
-        ),
-        ("api.openai.com:443", b"GET /v1/models HTTP/1.0\r\nHost: api.openai.com:443\r\n\r\n"),
-    ],
-)
-def test_no_key_into_plain_http_inside_connect(
-    cleartext_gw: GatewayProcess, fresh: UpstreamServer, authority: str, inner: bytes
-) -> None:
-    port = cleartext_gw.add_sandbox("sb-cleartext")
-    before = len(cleartext_gw.audit_records())
+def plain_inside_connect(port: int, authority: str, inner: bytes) -> Reply:
     sock, answer = connect_tunnel(port, authority)
     assert answer.startswith(b"HTTP/1.1 200")
     with sock:
         sock.sendall(inner)
-        reply = parse_reply(recv_all(sock))
-    assert reply.status == 403 and reply.json()["rule"] == "credential-needs-tls"
+        return parse_reply(recv_all(sock))
+
+
+@pytest.mark.parametrize("request_bytes", PLAIN_TO_KEY_HOST)
+def test_plain_http_to_a_key_host_goes_on_as_verified_https(
+    gw: GatewayProcess, port: int, fresh: UpstreamServer, request_bytes: bytes
+) -> None:
+    """`POST http://api.anthropic.com:443/...` gets its key, but on a TLS connection the gateway verified."""
+    reply = parse_reply(send_raw(port, request_bytes))
+    assert reply.status == 200, reply
+    [got] = fresh.received()
+    assert got.scheme == "https" and got.sni in ("api.anthropic.com", "api.openai.com") and got.credential == "ok"
+    assert ANTHROPIC_KEY.encode() not in reply.raw
+    record = gw.audit_records()[-1]
+    assert record["scheme"] == "http" and "sent upstream as https to port 443" in str(record["reason"])
+
+
+@pytest.mark.parametrize(("authority", "inner"), PLAIN_INSIDE_CONNECT)
+def test_plain_http_inside_a_key_hosts_connect_goes_on_as_verified_https(
+    port: int, fresh: UpstreamServer, authority: str, inner: bytes
+) -> None:
+    assert plain_inside_connect(port, authority, inner).status == 200
+    [got] = fresh.received()
+    assert (got.scheme, got.credential) == ("https", "ok")
+
+
+@pytest.mark.parametrize("request_bytes", PLAIN_TO_KEY_HOST)
+def test_no_key_in_cleartext_even_when_the_upstream_is_plain(
+    cleartext_gw: GatewayProcess, fresh: UpstreamServer, request_bytes: bytes
+) -> None:
+    """The key's host:443 is (mis)routed to a plain-http server: TLS to it fails, and nothing is sent."""
+    port = cleartext_gw.add_sandbox("sb-cleartext")
+    assert parse_reply(send_raw(port, request_bytes)).status == 502
+    assert fresh.received() == []  # not one HTTP request reached the plain port, key or not
+
+
+@pytest.mark.parametrize(("authority", "inner"), PLAIN_INSIDE_CONNECT)
+def test_no_key_in_cleartext_inside_connect_even_when_the_upstream_is_plain(
+    cleartext_gw: GatewayProcess, fresh: UpstreamServer, authority: str, inner: bytes
+) -> None:
+    port = cleartext_gw.add_sandbox("sb-cleartext")
+    assert plain_inside_connect(port, authority, inner).status == 502
     assert fresh.received() == []
-    [record] = [r for r in audit_since(cleartext_gw, before) if r["event"] == "request"]
-    assert record["rule"] == "credential-needs-tls" and record["credential"] is None
+
+
+def test_a_key_bound_to_port_80_goes_on_as_https_to_443(
+    make_gateway: GatewayFactory, tmp_path: Path, fresh: UpstreamServer
+) -> None:
+    """What the isolation and retry-403 scenarios do for busybox guests, which have no usable TLS client:
+    plain http to the model API on :80. The key still travels only inside verified TLS, to :443."""
+    policy = tmp_path / "p80.yaml"
+    policy.write_text("rules:\n  - allow: api.anthropic.com\n    ports: [80, 443]\n")
+    gw = make_gateway(
+        policy=policy,
+        credentials=[
+            CredentialSpec("anthropic-http", "api.anthropic.com", "x-api-key", port=80, env="BR_TEST_ANTHROPIC_KEY")
+        ],
+    )
+    port = gw.add_sandbox("sb-80")
+    reply = http_get(port, "http://api.anthropic.com/v1/models", extra=f"x-api-key: {SENTINEL}\r\n")
+    assert reply.status == 200
+    [got] = fresh.received()
+    assert (got.scheme, got.sni, got.credential, got.host) == ("https", "api.anthropic.com", "ok", "api.anthropic.com")
 
 
 @pytest.mark.parametrize("method", [b"TRACE", b"TRACK", b"DEBUG", b"PROPFIND", b"X-ECHO"])

@@ -6,8 +6,9 @@ header and the tunnel must all name the same host:port, or the request gets 400.
 normalised once, and that path is what the policy checks, what is sent and what is audited (a
 fragment never goes upstream). A request carrying a key the gateway holds, toward anywhere but
 that key's own host, is denied as credential_exfiltration. Then the policy decides per method and
-path; a credential goes only into TLS the gateway verified itself, and never into a method that
-echoes; an http_status toxic may answer instead of the upstream; and forward.py relays the rest.
+path; a credential goes only into TLS the gateway verified itself (plain http to its host is sent on
+as https) and never into a method that echoes; an http_status toxic may answer instead of the
+upstream; and forward.py relays the rest.
 """
 
 from __future__ import annotations
@@ -30,8 +31,6 @@ from harness.gateway.streams import Stream
 INJECT_METHODS = frozenset({b"GET", b"HEAD", b"POST", b"PUT", b"PATCH", b"DELETE", b"OPTIONS"})
 """The methods a key is injected into. TRACE (and IIS's TRACK) send the request, key and all, back
 to the sender; an extension method's meaning is unknown to the gateway, so it might too."""
-NEEDS_TLS_RULE = "credential-needs-tls"
-"""The rule named when a credential's host is asked for outside TLS the gateway verifies."""
 METHOD_RULE = "credential-method"
 """The rule named when a credential's host is sent a method outside INJECT_METHODS."""
 
@@ -162,12 +161,18 @@ async def handle_request(
         await ctx.refuse(stream, 400, str(exc), method=method)
         return False
     intercepted = tunnel is not None
-    # Only the upstream side of an intercepted https tunnel is TLS the gateway verified itself.
-    verified_tls = scheme == "https"
+    cred = state.credentials.for_dest(host, port)
+    # A key travels only inside TLS the gateway verified itself (upstream_tls: certificate and name).
+    # Plain http to a credential's host is therefore sent on as https, the way HSTS upgrades a URL
+    # (RFC 6797 §8.3: port 80 becomes 443, another port stays): the sandbox's leg never holds the
+    # key, and the network's leg never carries it in the clear.
+    up_scheme, up_port = scheme, port
+    if cred is not None and scheme != "https":
+        up_scheme, up_port = "https", DEFAULT_PORTS["https"] if port == DEFAULT_PORTS["http"] else port
     fields = RequestFields(method=method, scheme=scheme, host=host, port=port, path=norm_path, intercepted=intercepted)
     leak_forms: tuple[KeyForm, ...] = ()
     if state.keys:
-        leak_forms = state.keys.foreign(host, port, verified_tls)
+        leak_forms = state.keys.foreign(host, port, up_scheme == "https")
         form = state.keys.find_in_name(host)
         where = "host name"
         if form is None:
@@ -177,10 +182,6 @@ async def handle_request(
     decision = state.policy.check_request(host, port, method, norm_path)
     if not decision.allowed:
         return await deny(ctx, conn, stream, event="request", rule=decision.rule, **fields)
-    cred = state.credentials.for_dest(host, port)
-    if cred is not None and not verified_tls:
-        reason = f"{host}:{port} is a credential's host: its key goes only into TLS the gateway verifies; use https"
-        return await deny(ctx, conn, stream, event="request", rule=NEEDS_TLS_RULE, reason=reason, **fields)
     if cred is not None and request.method not in INJECT_METHODS:
         reason = f"{method} is not sent to a credential's host: it could echo the key back"
         return await deny(ctx, conn, stream, event="request", rule=METHOD_RULE, reason=reason, **fields)
@@ -190,19 +191,24 @@ async def handle_request(
         )
     ctx.count("allowed", 1)
     injected = cred is not None and cred.value is not None
+    reason = None
+    if cred is not None and cred.value is None:
+        reason = "credential-missing-on-host"
+    elif up_scheme != scheme:
+        reason = f"sent upstream as https to port {up_port}: a key travels only inside verified TLS"
     record = dict(
         event="request",
         rule=decision.rule,
         credential=cred.name if injected else None,
-        reason="credential-missing-on-host" if cred is not None and cred.value is None else None,
+        reason=reason,
         **fields,
     )
     route = Route(
-        scheme=scheme,
+        scheme=up_scheme,
         host=host,
-        port=port,
+        port=up_port,
         target=(norm_path + query).encode("ascii"),
-        authority=host_value(host, port, scheme),
+        authority=host_value(host, up_port, up_scheme),
         cred=cred,
         leak_forms=leak_forms,
         scrub_forms=state.keys.own(host, port) if injected else (),
