@@ -5,6 +5,7 @@ Real policy files, a real `invoke gateway` subprocess, and the gateway process's
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -340,3 +341,7 @@ def test_foreground_gateway_against_a_local_stand_in(
     assert tls_request(port, "api.anthropic.com:443", ca, call).status == 502
     assert upstream.received() == []
     stop_foreground(proc)
+    audits = list(tmp_path.glob("blastradius-gateway-*/gateway-audit.jsonl"))
+    dialled = [json.loads(line).get("upstream_addr") for path in audits for line in path.read_text().splitlines()]
+    assert audits and f"127.0.0.1:{upstream.https_port}" in dialled
+    assert all(addr is None or addr.startswith("127.0.0.1:") for addr in dialled)
