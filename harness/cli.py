@@ -138,7 +138,7 @@ def proxy_table(proxy: dict[str, Any]) -> Table:
 
 
 def clean() -> list[str]:
-    from harness.scenario import sweep_leftovers
+    from harness.scenario.runner import sweep_leftovers
 
     removed = reap_leftovers() + sweep_leftovers()
     for line in removed:
@@ -190,7 +190,7 @@ def image() -> None:
 
 
 def scenario(name: str, out: Path | None, **options: Any) -> None:
-    from harness.scenario import run_scenario
+    from harness.scenario.runner import run_scenario
 
     with user_errors():
         exit_code, run_dir = run_scenario(name, options, out=out)
@@ -205,7 +205,7 @@ def scenario(name: str, out: Path | None, **options: Any) -> None:
 
 def scenario_summary(name: str, results: dict[str, Any]) -> RenderableType | None:
     """What the scenario's own `terminal_summary(data)` makes of its saved data, if it has one."""
-    from harness.scenario import load_scenario_module
+    from harness.scenario.loader import load_scenario_module
 
     render = getattr(load_scenario_module(name), "terminal_summary", None)
     return render(results["scenario"]["data"]) if callable(render) else None

@@ -33,10 +33,8 @@ import contextlib
 import importlib
 import json
 import platform
-import sys
 import threading
 import time
-import types
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -49,23 +47,8 @@ from harness.gateway.process import GatewayConfig
 from harness.gateway.upstream import UpstreamServer
 from harness.scenario.base import ScenarioContext
 
-PACKAGE = "scenarios_isolation"
-"""Import name for this folder's modules (scenario folders are not a Python package)."""
-
-
-def load_package() -> types.ModuleType:
-    """Register this folder as a package so probes.py etc. import each other and tests import them."""
-    if PACKAGE not in sys.modules:
-        package = types.ModuleType(PACKAGE)
-        package.__path__ = [str(Path(__file__).resolve().parent)]
-        sys.modules[PACKAGE] = package
-    return sys.modules[PACKAGE]
-
-
-load_package()
-honeytokens = importlib.import_module(f"{PACKAGE}.honeytokens")
-probes = importlib.import_module(f"{PACKAGE}.probes")
-leaky_mod = importlib.import_module(f"{PACKAGE}.leaky")
+from . import honeytokens, probes
+from . import leaky as leaky_mod
 
 OPTIONS = {
     "sandboxes": "sandboxes to probe (default 2; the peers probe needs two)",
@@ -419,5 +402,4 @@ def create(options: dict[str, Any]) -> IsolationScenario:
 
 def sweep_leftovers() -> list[str]:
     """For `invoke clean`: remove honeytoken homes that a SIGKILLed run could not roll back."""
-    load_package()
-    return importlib.import_module(f"{PACKAGE}.honeytokens").sweep_leftovers()
+    return honeytokens.sweep_leftovers()

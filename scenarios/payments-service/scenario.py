@@ -11,36 +11,19 @@ rollback stop the sandbox and gateway (or delete the Deployment)
 from __future__ import annotations
 
 import difflib
-import importlib.util
 import re
-import sys
 import time
 from contextlib import ExitStack
 from pathlib import Path
-from types import ModuleType
 from typing import Any
+
+from . import embedded, grader, manifests
 
 HERE = Path(__file__).resolve().parent
 
 MANIFEST_FILES = ("deployment.yaml",)
 """The manifests planted in the sandbox (and applied to a cluster)."""
 
-
-def load_sibling(name: str) -> ModuleType:
-    """Import a module next to this file (the folder name has a hyphen, so it is no package)."""
-    full = f"payments_service.{name}"
-    if full not in sys.modules:
-        spec = importlib.util.spec_from_file_location(full, HERE / f"{name}.py")
-        assert spec and spec.loader
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[full] = module
-        spec.loader.exec_module(module)
-    return sys.modules[full]
-
-
-manifests = load_sibling("manifests")
-embedded = load_sibling("embedded")
-grader = load_sibling("grader")
 
 MIB = 1024 * 1024
 
@@ -200,7 +183,8 @@ class PaymentsService:
                     raise ValueError(
                         "--agent runs inside an embedded sandbox; with --kube-context use a built-in fixer"
                     )
-                kube = load_sibling("kube")
+                from . import kube  # the kubernetes client is only worth importing for a real cluster
+
                 cluster = kube.KubeCluster.from_context(o["kube_context"], o.get("kubeconfig"))
                 local = ctx.run_dir / "manifests"
                 local.mkdir(parents=True, exist_ok=True)

@@ -153,7 +153,6 @@ def series(points: list[tuple[float, float, bool]], start: float, end: float) ->
 
 
 class ChaosScenario:
-    # A plain class: the runner loads this file outside sys.modules (no dataclass string annotations).
     name = NAME
 
     def __init__(self, options: dict[str, Any]) -> None:

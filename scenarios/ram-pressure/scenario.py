@@ -64,7 +64,7 @@ OPTIONS = {k: f"default {v}" for k, v in DEFAULTS.items()}
 
 
 class Thresholds(NamedTuple):
-    """(A NamedTuple: the runner loads this module without registering it, which dataclasses need.)"""
+    """The stop conditions of one ramp (see stop_reason)."""
 
     min_mem_available_bytes: int
     max_psi_some_avg10: float

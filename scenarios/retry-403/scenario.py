@@ -213,8 +213,6 @@ def count_cell(records: list[dict[str, Any]], cell: str | None, sandboxes: set[s
 
 # ---- the scenario ------------------------------------------------------------------------------
 class RetryScenario:
-    # A plain class: the runner loads this file outside sys.modules, where dataclasses cannot look
-    # their string annotations up.
     name = NAME
 
     def __init__(self, options: dict[str, Any]) -> None:
