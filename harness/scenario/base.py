@@ -5,10 +5,11 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, ExitStack, contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
+from harness.config import RunConfig
 from harness.fleet import Fleet, boot_into, boot_record, open_fleet
 from harness.gateway.process import GatewayConfig
 from harness.sandbox import Backend, Sandbox, SandboxSpec
@@ -40,13 +41,28 @@ class Scenario(Protocol):
         """0 when the scenario passed (e.g. no leak); non-zero gates CI."""
 
 
+@dataclass(frozen=True)
+class Needs:
+    """What a scenario's sandboxes need, declared by its `needs(options, config)` and applied by the runner
+    before it creates the backend (so a snapshot template is made for the guest the scenario boots)."""
+
+    mem_mib: int | None = None
+    """Guest RAM for every sandbox; None keeps --mem-mib."""
+    boot_mode: str | None = None
+    """Boot mode; None keeps --boot-mode."""
+
+    def apply(self, config: RunConfig) -> RunConfig:
+        """`config` with these needs in place, validated again."""
+        changed = replace(config, **{k: v for k, v in asdict(self).items() if v is not None})
+        changed.validate()
+        return changed
+
+
 @dataclass
 class ScenarioContext:
     """What a scenario gets to work with. Everything it starts belongs to `supervisor`."""
 
     run_dir: Path
-    options: dict[str, Any]
-    """Flags given on the command line (None where not given)."""
     supervisor: Supervisor
     backend: Backend
     template: SandboxSpec
@@ -65,10 +81,6 @@ class ScenarioContext:
     def keep(self, resource: AbstractContextManager[T]) -> T:
         """Enter a context manager (a fleet, a stand-in server) for the rest of the run."""
         return self.resources.enter_context(resource)
-
-    def option(self, name: str, default: Any) -> Any:
-        value = self.options.get(name)
-        return default if value is None else value
 
     @contextmanager
     def fleet(self, gateway: GatewayConfig | None, **spec_overrides: Any) -> Iterator[Fleet]:

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import signal
 import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from harness.bench import summarize_run
+from harness.config import RunConfig, build
 from harness.paths import cache_dir
 from harness.report import render_report
 from harness.results import SCHEMA, host_info, new_run_id, write_results
@@ -17,13 +21,42 @@ from harness.scenario.journal import Journal, now
 from harness.scenario.loader import available_scenarios, load_scenario_module
 from harness.supervisor import Interrupted, Supervisor, signals_raise
 
-COMMON_DEFAULTS: dict[str, Any] = {
-    "backend": "qemu",
-    "accel": "auto",
-    "mem_mib": 128,
-    "boot_timeout_s": 60.0,
-    "boot_mode": "snapshot",
-}
+RUN_KEYS = frozenset(f.name for f in fields(RunConfig))
+"""Keys of a scenario's values that are run settings (the common flags); the rest are its own options."""
+
+
+@dataclass(frozen=True)
+class PreparedScenario:
+    """A scenario with every setting parsed and validated, before anything of its run is written."""
+
+    name: str
+    """Folder name under scenarios/."""
+    module: ModuleType
+    """Its scenario.py."""
+    config: RunConfig
+    """The run settings, with what the scenario needs (guest size, boot mode) applied."""
+    options: Any
+    """Its typed `Options`."""
+    scenario: Scenario
+    """What its `create(options)` made."""
+
+    def config_record(self) -> dict[str, Any]:
+        """results.json["config"]: the run settings and every option, paths as text."""
+        merged = {**asdict(self.config), **asdict(self.options)}
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in merged.items()}
+
+
+def prepare_scenario(name: str, values: Mapping[str, Any], labels: Mapping[str, str] | None = None) -> PreparedScenario:
+    """Parse and validate `values` (run settings and the scenario's options by name; None = not given) and
+    create the scenario; a bad name or value is a ConfigError naming the fix, and nothing is written."""
+    module = load_scenario_module(name)
+    given = {k: v for k, v in values.items() if v is not None}
+    config = build(RunConfig, {k: v for k, v in given.items() if k in RUN_KEYS}, labels)
+    options = build(module.Options, {k: v for k, v in given.items() if k not in RUN_KEYS}, labels, owner=name)
+    needs = getattr(module, "needs", None)
+    if callable(needs):
+        config = needs(options, config).apply(config)
+    return PreparedScenario(name, module, config, options, module.create(options))
 
 
 def sweep_leftovers() -> list[str]:
@@ -37,13 +70,17 @@ def sweep_leftovers() -> list[str]:
     return removed
 
 
-def run_scenario(name: str, options: dict[str, Any], out: Path | None = None) -> tuple[int, Path]:
-    """Run scenario `name`; always writes results.json (partial if interrupted) and report.html."""
-    module = load_scenario_module(name)
-    options = {**COMMON_DEFAULTS, **{k: v for k, v in options.items() if v is not None}}
-    scenario: Scenario = module.create(options)
+def run_scenario(name: str, values: Mapping[str, Any], out: Path | None = None) -> tuple[int, Path]:
+    """Run scenario `name` with `values` (see prepare_scenario); always writes results.json (partial if
+    interrupted) and report.html."""
+    return run_prepared(prepare_scenario(name, {**values, "out": out}))
+
+
+def run_prepared(prepared: PreparedScenario) -> tuple[int, Path]:
+    """Run a prepared scenario; always writes results.json (partial if interrupted) and report.html."""
+    name, config, scenario = prepared.name, prepared.config, prepared.scenario
     run_id = new_run_id()
-    run_dir = out or Path("results") / run_id
+    run_dir = config.out or Path("results") / run_id
     run_dir.mkdir(parents=True, exist_ok=True)
     journal = Journal(scenario=name)
     data: dict[str, Any] = {
@@ -53,9 +90,9 @@ def run_scenario(name: str, options: dict[str, Any], out: Path | None = None) ->
         "partial": True,
         "interrupted_by": None,
         "host": host_info(),
-        "backend": {"name": options["backend"]},
+        "backend": {"name": config.backend},
         "accel": None,
-        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in options.items()},
+        "config": prepared.config_record(),
         "rounds": [],
         "sandboxes": [],
         "summary": summarize_run({"sandboxes": [], "rounds": []}),
@@ -77,12 +114,9 @@ def run_scenario(name: str, options: dict[str, Any], out: Path | None = None) ->
     try:
         with signals_raise():
             backend = create_backend(
-                options["backend"],
+                config.backend,
                 BackendOptions(
-                    cache=cache_dir(),
-                    accel=options["accel"],
-                    mem_mib=options["mem_mib"],
-                    boot_mode=options["boot_mode"],
+                    cache=cache_dir(), accel=config.accel, mem_mib=config.mem_mib, boot_mode=config.boot_mode
                 ),
             )
             data["backend"] = {"name": backend.name, **backend.describe()}
@@ -91,12 +125,11 @@ def run_scenario(name: str, options: dict[str, Any], out: Path | None = None) ->
                 id="",
                 workdir=run_dir,
                 accel=backend.accel,
-                mem_mib=options["mem_mib"],
-                boot_timeout_s=options["boot_timeout_s"],
+                mem_mib=config.mem_mib,
+                boot_timeout_s=config.boot_timeout_s,
             )
             ctx = ScenarioContext(
                 run_dir=run_dir,
-                options=options,
                 supervisor=supervisor,
                 backend=backend,
                 template=template,

@@ -36,12 +36,14 @@ import platform
 import threading
 import time
 from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 from rich.console import RenderableType
 
+from harness.errors import ConfigError
 from harness.gateway.credentials import CredentialSpec
 from harness.gateway.process import GatewayConfig
 from harness.gateway.upstream import UpstreamServer
@@ -50,11 +52,6 @@ from harness.scenario.base import ScenarioContext
 from . import honeytokens, probes
 from . import leaky as leaky_mod
 
-OPTIONS = {
-    "sandboxes": "sandboxes to probe (default 2; the peers probe needs two)",
-    "leaky": "weaken the set-up for real so the probes must turn red",
-}
-DEFAULT_SANDBOXES = 2
 CANARY_PORT = 6443
 """Like a local cluster API (minikube) on the host (FINDINGS probe 2)."""
 PROVISION_TIMEOUT_S = 20.0
@@ -67,6 +64,20 @@ MODEL_API_PLAIN_PORT = 80
 """busybox's ssl_client sends no signature_algorithms extension, so OpenSSL 3 (the gateway)
 refuses its handshake; guests therefore call the model-API stand-in over plain http, which the
 reference policy allows for that one host (everything else stays as in `balanced`)."""
+
+
+@dataclass(frozen=True)
+class Options:
+    """`invoke scenario isolation --set key=value`."""
+
+    sandboxes: int = 2
+    """Sandboxes to probe (the peers probe needs two)."""
+    leaky: bool = False
+    """Weaken the set-up for real so the probes must turn red."""
+
+    def validate(self) -> None:
+        if self.sandboxes < 1:
+            raise ConfigError(f"isolation needs at least one sandbox, not --sandboxes {self.sandboxes}")
 
 
 def reference_policy() -> dict[str, Any]:
@@ -99,7 +110,7 @@ class IsolationScenario:
     name = "isolation"
 
     def __init__(self, sandboxes: int, leaky: bool) -> None:
-        self.sandboxes = max(1, sandboxes)
+        self.sandboxes = sandboxes
         self.leaky = leaky
         self.home = honeytokens.HoneyHome()
         self.traps: dict[str, Any] = {}
@@ -394,10 +405,8 @@ def terminal_summary(data: dict[str, Any]) -> RenderableType:
     return Group(table, f"leaks: {data.get('leaks')}")
 
 
-def create(options: dict[str, Any]) -> IsolationScenario:
-    return IsolationScenario(
-        sandboxes=int(options.get("sandboxes") or DEFAULT_SANDBOXES), leaky=bool(options.get("leaky"))
-    )
+def create(options: Options) -> IsolationScenario:
+    return IsolationScenario(sandboxes=options.sandboxes, leaky=options.leaky)
 
 
 def sweep_leftovers() -> list[str]:
