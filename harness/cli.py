@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -15,6 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextC
 from rich.table import Table
 
 from harness.bench import BenchConfig, BenchEvents, run_bench
+from harness.config import SCENARIO_ALIASES, SCENARIO_FLAGS, RunConfig, flag_name, parse_sets, settings
 from harness.errors import HarnessError
 from harness.load.bench import ProxyBenchConfig
 from harness.report.format import mib, ms
@@ -189,11 +190,19 @@ def image() -> None:
     )
 
 
-def scenario(name: str, out: Path | None, **options: Any) -> None:
-    from harness.scenario.runner import run_scenario
+def scenario(
+    name: str, flags: Mapping[str, Any], aliases: Mapping[str, Any], sets: Iterable[str], help_options: bool = False
+) -> None:
+    """Run scenario `name` from task flags: the common `flags` (RunConfig's), option `aliases` (`--fixer X`) and
+    `--set key=value` items; with help_options, list its options instead. Everything is checked first."""
+    from harness.scenario.runner import prepare_scenario, run_prepared
 
     with user_errors():
-        exit_code, run_dir = run_scenario(name, options, out=out)
+        if help_options:
+            print(options_help(name))
+            return
+        values, labels = scenario_values(flags, aliases, sets)
+        exit_code, run_dir = run_prepared(prepare_scenario(name, values, labels))
     summary = scenario_summary(name, json.loads((run_dir / "results.json").read_text()))
     if summary is not None:
         console.print(summary)
@@ -201,6 +210,53 @@ def scenario(name: str, out: Path | None, **options: Any) -> None:
         f"scenario {name}: exit {exit_code}\nresults: {run_dir / 'results.json'}\nreport:  {run_dir / 'report.html'}"
     )
     sys.exit(exit_code)
+
+
+def scenario_values(
+    flags: Mapping[str, Any], aliases: Mapping[str, Any], sets: Iterable[str]
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """The scenario's raw values by setting name, and where each came from (for error messages)."""
+    values: dict[str, Any] = {}
+    labels: dict[str, str] = {}
+    for table, given in ((SCENARIO_FLAGS, flags), (SCENARIO_ALIASES, aliases)):
+        for flag, value in given.items():
+            # An unset flag arrives as None; an alias that is a switch (--leaky) as False.
+            if value is not None and value is not False:
+                values[table[flag]] = value
+                labels[table[flag]] = flag_name(flag)
+    for key, value in parse_sets(sets).items():
+        values[key] = value
+        labels[key] = f"--set {key}"
+    return values, labels
+
+
+def options_help(name: str) -> str:
+    """Every option of scenario `name` (type, default, meaning, alias flag), then the common flags: plain
+    lines, readable in a pipe as in a terminal."""
+    from harness.scenario.loader import load_scenario_module
+
+    alias_of = {field: flag_name(flag) for flag, field in SCENARIO_ALIASES.items()}
+    lines = [f"{name} options, set with --set KEY=VALUE (repeatable):"]
+    for option in settings(load_scenario_module(name).Options):
+        alias = f"   (also {alias_of[option.name]})" if option.name in alias_of else ""
+        lines += [f"  {option.name}: {option.kind} = {_shown(option.default)}{alias}", f"      {option.help}"]
+    lines.append("common flags:")
+    flag_of = {field: flag for flag, field in SCENARIO_FLAGS.items()}
+    for setting in settings(RunConfig):
+        lines += [
+            f"  {flag_name(flag_of[setting.name])}: {setting.kind} = {_shown(setting.default)}",
+            f"      {setting.help}",
+        ]
+    return "\n".join(lines)
+
+
+def _shown(default: Any) -> str:
+    """A default as a user would type it."""
+    if default is None:
+        return "none"
+    if isinstance(default, Path):
+        return str(default.relative_to(Path.cwd())) if default.is_relative_to(Path.cwd()) else str(default)
+    return str(default).lower() if isinstance(default, bool) else str(default)
 
 
 def scenario_summary(name: str, results: dict[str, Any]) -> RenderableType | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -68,3 +69,53 @@ def test_policy_that_does_not_parse(tmp_path: Path, task: str) -> None:
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: --policy: cannot read policy"), result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["retry-403", "--set", "nosuchoption=1"], "retry-403 has no option 'nosuchoption'"),
+        (["retry-403", "--set", "scal=4"], "did you mean 'scale'?"),
+        (["payments-service", "--set", "fixer=bogus"], "--set fixer must be one of reference, memory-only,"),
+        (["payments-service", "--fixer", "memory-olny"], "did you mean 'memory-only'?"),
+        (["ram-pressure", "--set", "burst_mib=lots"], "--set burst_mib: expected a whole number, got 'lots'"),
+        (["retry-403", "--leaky"], "retry-403 has no option 'leaky' (given as --leaky)"),
+        (["isolation", "--boot-mode", "snapshto"], "--boot-mode must be one of snapshot, cold"),
+        (["isolation", "--accel", "xyz"], "--accel must be one of auto, kvm, tcg"),
+        (["retry-403", "--set", "scale"], "--set takes KEY=VALUE, not 'scale'"),
+        (["retry-40"], "unknown scenario 'retry-40'; did you mean 'retry-403'?"),
+    ],
+)
+def test_bad_scenario_options_are_one_line_and_write_nothing(tmp_path: Path, args: list[str], message: str) -> None:
+    out = tmp_path / "run"
+    result = run("scenario", *args, "--out", str(out))
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], result.stderr
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("name", ["isolation", "payments-service", "proxy-chaos", "ram-pressure", "retry-403"])
+def test_help_options_lists_every_option(name: str) -> None:
+    from harness.config import settings
+    from harness.scenario.loader import load_scenario_module
+
+    result = run("scenario", name, "--help-options")
+    assert result.returncode == 0, result.stderr
+    for option in settings(load_scenario_module(name).Options):
+        assert option.name in result.stdout
+    for flag in ("--backend", "--accel", "--mem-mib", "--boot-mode", "--out"):
+        assert flag in result.stdout
+
+
+def test_set_reaches_the_scenario(tmp_path: Path) -> None:
+    """retry-403 host-side only (no guest): --set scale and an alias flag land in the run, typed."""
+    out = tmp_path / "run"
+    result = run(
+        "scenario", "retry-403", "--sandboxes", "0", "--set", "scale=2", "--set", "threshold=3", "--out", str(out)
+    )
+    assert result.returncode == 0, result.stderr
+    data = json.loads((out / "results.json").read_text())
+    assert (data["config"]["scale"], data["config"]["threshold"], data["config"]["sandboxes"]) == (2, 3, 0)
+    cells = data["scenario"]["data"]["retry403"]["cells"]
+    assert cells and all(cell["instances"] == 2 and cell["where"] == "host" for cell in cells)
