@@ -34,7 +34,15 @@ from harness.results import (
     new_run_id,
     write_results,
 )
-from harness.sandbox import BackendOptions, BootFailed, SandboxSpec, available_backends, create_backend
+from harness.sandbox import (
+    BackendOptions,
+    BootFailed,
+    SandboxSpec,
+    available_backends,
+    backend_features,
+    create_backend,
+    describe_backend,
+)
 from harness.sandbox.base import BOOT_MODES
 from harness.supervisor import Interrupted, Supervisor, signals_raise
 
@@ -97,8 +105,9 @@ class BenchConfig:
             raise ConfigError(f"--concurrency must be at least 1, not {self.concurrency}")
         if self.warmup < 0 or self.repeat < 1:
             raise ConfigError("--warmup must be >= 0 and --repeat >= 1")
-        if self.mem_mib < 96:
-            raise ConfigError(f"--mem-mib must be at least 96 (the guest kernel panics below), not {self.mem_mib}")
+        floor = backend_features(self.backend).min_mem_mib
+        if floor is not None and self.mem_mib < floor:
+            raise ConfigError(f"--mem-mib must be at least {floor} for the {self.backend} backend, not {self.mem_mib}")
         try:
             load_policy(self.policy)
         except PolicyError as exc:
@@ -274,14 +283,13 @@ def run_bench(
                     cache=cache_dir(), accel=config.accel, mem_mib=config.mem_mib, boot_mode=config.boot_mode
                 ),
             )
-            run.data["backend"] = {"name": backend.name, **backend.describe()}
+            run.data["backend"] = describe_backend(backend)
             run.data["accel"] = backend.accel
             events.stage(f"accelerator: {backend.accel} — {run.data['backend'].get('accel_reason', '')}")
             run.save()
             template = SandboxSpec(
                 id="",
                 workdir=run_dir,
-                accel=backend.accel,
                 mem_mib=config.mem_mib,
                 boot_timeout_s=config.boot_timeout_s,
             )

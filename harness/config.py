@@ -92,8 +92,8 @@ class RunConfig:
         # Imported here, not at the top: tasks.py imports this module for the config keys on every
         # `invoke` call, and the backends pull in the QEMU code.
         from harness.sandbox import available_backends
-        from harness.sandbox.accel import ACCELS
         from harness.sandbox.base import BOOT_MODES
+        from harness.sandbox.qemu.accel import ACCELS
 
         backends = available_backends()
         if self.backend not in backends:

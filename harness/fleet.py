@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shlex
 import threading
 import time
 from collections.abc import Iterator
@@ -18,10 +19,8 @@ from typing import Any
 
 from harness.gateway.process import GatewayConfig, GatewayProcess
 from harness.sandbox import Backend, BootFailed, Sandbox, SandboxSpec
+from harness.sandbox.base import Endpoint
 from harness.supervisor import Supervisor, pid_alive
-
-GUEST_CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
-"""Where OpenSSL-style clients in the guest look for trusted CAs."""
 
 
 class Fleet:
@@ -42,6 +41,8 @@ class Fleet:
         self.template = template
         """Spec every sandbox starts from; id and workdir are filled in per sandbox."""
         self.live: dict[str, Sandbox] = {}
+        self.listener_ports: dict[str, int | None] = {}
+        """Each sandbox's gateway listener port on host loopback (None without a gateway)."""
         self.provision_ms: dict[str, float] = {}
         """Time spent after agent-ready installing the gateway CA, per sandbox."""
         self._lock = threading.Lock()
@@ -50,6 +51,8 @@ class Fleet:
     def boot(self, sandbox_id: str, **overrides: object) -> Sandbox:
         """Boot one sandbox behind its own gateway listener; raises BootFailed on failure."""
         gateway_port = self.gateway.add_sandbox(sandbox_id) if self.gateway else None
+        with self._lock:
+            self.listener_ports[sandbox_id] = gateway_port
         spec = replace(
             self.template,
             id=sandbox_id,
@@ -64,10 +67,11 @@ class Fleet:
             raise
         with self._lock:
             self.live[sandbox_id] = sandbox
-        if self.gateway:
+        if self.gateway and sandbox.ca_bundle is not None:
             started = time.monotonic()
+            bundle = shlex.quote(sandbox.ca_bundle)
             installed = sandbox.exec(
-                f"mkdir -p {os.path.dirname(GUEST_CA_BUNDLE)} && cat > {GUEST_CA_BUNDLE}",
+                f"mkdir -p {shlex.quote(os.path.dirname(sandbox.ca_bundle))} && cat > {bundle}",
                 stdin=self._ca_pem(),
                 timeout=10,
             )
@@ -85,6 +89,11 @@ class Fleet:
             assert self.gateway is not None
             self._ca_cache = self.gateway.ca_cert_pem()
         return self._ca_cache
+
+    def egress_listener(self, sandbox_id: str) -> Endpoint | None:
+        """The host-side address of a sandbox's gateway listener: its egress identity."""
+        port = self.listener_ports.get(sandbox_id)
+        return Endpoint("127.0.0.1", port) if port is not None else None
 
     def stop(self, sandbox_id: str) -> list[int]:
         """Stop one sandbox; return its host pids that are still alive afterwards."""
@@ -141,7 +150,7 @@ def boot_into(fleet: Fleet, record: dict[str, Any], **overrides: object) -> Sand
     except BootFailed as exc:
         record.update(error=exc.reason, phases_ms=exc.boot.phases_ms, marks_ms=exc.boot.marks_ms)
         raise
-    meminfo = getattr(sandbox, "guest_meminfo", {})
+    meminfo = sandbox.guest_memory() or {}
     record.update(
         ok=True,
         boot_ms=sandbox.boot.boot_ms,

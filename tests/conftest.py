@@ -13,7 +13,7 @@ import pytest
 from harness.image import GuestImage, build_image
 from harness.paths import cache_dir
 from harness.sandbox.base import SandboxSpec
-from harness.sandbox.qemu import Microvm
+from harness.sandbox.qemu.vm import Microvm
 from harness.supervisor import Supervisor
 
 REPO = Path(__file__).resolve().parent.parent
@@ -39,7 +39,7 @@ def guest(image: GuestImage, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     """One TCG guest shared by a module's read-only tests."""
     os.environ[HOST_SECRET_ENV] = HOST_SECRET
     with Supervisor(f"test-{os.getpid()}-guest") as sup:
-        vm = Microvm(SandboxSpec(id="guest0", workdir=tmp_path_factory.mktemp("guest0"), accel="tcg"), image, sup)
+        vm = Microvm(SandboxSpec(id="guest0", workdir=tmp_path_factory.mktemp("guest0")), image, sup, "tcg")
         vm.spawn()
         vm.wait_ready()
         yield vm

@@ -10,8 +10,8 @@ import pytest
 
 from harness.errors import ConfigError, EnvironmentMissing
 from harness.image import GuestImage
-from harness.sandbox import accel
-from harness.sandbox.accel import canary_boots, decide_accel, kvm_device_problem
+from harness.sandbox.qemu import accel
+from harness.sandbox.qemu.accel import canary_boots, decide_accel, kvm_device_problem
 
 
 def test_missing_device_is_named(tmp_path: Path) -> None:

@@ -12,7 +12,7 @@ import pytest
 
 from harness.image import GuestImage
 from harness.paths import cache_dir
-from harness.sandbox.accel import decide_accel, kvm_device_problem
+from harness.sandbox.qemu.accel import decide_accel, kvm_device_problem
 from tests.conftest import REPO, invoke_cmd
 
 
@@ -27,7 +27,7 @@ def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
     [
         (["--sandboxes", "0"], "--sandboxes must be between 1 and"),
         (["--sandboxes", "two"], "expected a whole number, got 'two'"),
-        (["--backend", "nope"], "unknown backend 'nope'; choose one of: qemu"),
+        (["--backend", "nope"], "unknown backend 'nope'; choose one of: host, qemu"),
         (["--accel", "hvf"], "--accel must be one of auto, kvm, tcg"),
         (["--mem-mib", "32"], "--mem-mib must be at least 96"),
     ],

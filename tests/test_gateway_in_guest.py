@@ -60,9 +60,7 @@ def fleet(upstream: UpstreamServer, tmp_path_factory: pytest.TempPathFactory) ->
     )
     with (
         Supervisor("test-gw-guest") as supervisor,
-        open_fleet(
-            backend, supervisor, run_dir, SandboxSpec(id="", workdir=run_dir, accel=backend.accel), config
-        ) as opened,
+        open_fleet(backend, supervisor, run_dir, SandboxSpec(id="", workdir=run_dir), config) as opened,
     ):
         yield opened
 

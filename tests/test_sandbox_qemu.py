@@ -10,7 +10,7 @@ import pytest
 
 from harness.image import GuestImage
 from harness.sandbox.base import BootFailed, SandboxSpec
-from harness.sandbox.qemu import Microvm
+from harness.sandbox.qemu.vm import Microvm
 from harness.supervisor import Supervisor
 from tests.conftest import HOST_SECRET
 
@@ -69,7 +69,7 @@ def test_boot_record_phases_add_up(guest: Microvm) -> None:
     assert set(boot.phases_ms) == {"vmm", "kernel", "userspace", "agent"}
     assert sum(boot.phases_ms.values()) == pytest.approx(boot.boot_ms, abs=1.0)
     assert boot.marks_ms["kernel_start"] < boot.marks_ms["init"] < boot.marks_ms["network"]
-    assert guest.guest_meminfo["MemTotal"] > 64 << 20
+    assert (guest.guest_memory() or {})["MemTotal"] > 64 << 20
 
 
 def test_direct_egress_is_blocked(guest: Microvm) -> None:
@@ -79,7 +79,7 @@ def test_direct_egress_is_blocked(guest: Microvm) -> None:
 
 
 def test_stop_leaves_no_process(image: GuestImage, supervisor: Supervisor, tmp_path: Path) -> None:
-    vm = Microvm(SandboxSpec(id="stopme", workdir=tmp_path, accel="tcg"), image, supervisor)
+    vm = Microvm(SandboxSpec(id="stopme", workdir=tmp_path), image, supervisor, "tcg")
     vm.spawn()
     vm.wait_ready()
     pid = vm.pids()[0]
@@ -93,7 +93,7 @@ def test_guest_that_never_becomes_ready_fails_within_timeout(
     image: GuestImage, supervisor: Supervisor, tmp_path: Path
 ) -> None:
     vm = Microvm(
-        SandboxSpec(id="hung", workdir=tmp_path, accel="tcg", boot_timeout_s=2), image, supervisor, extra_args=("-S",)
+        SandboxSpec(id="hung", workdir=tmp_path, boot_timeout_s=2), image, supervisor, "tcg", extra_args=("-S",)
     )  # -S: QEMU starts with the CPU stopped, a guest that hangs for ever
     vm.spawn()
     with pytest.raises(BootFailed, match="did not answer within 2 s") as failure:
@@ -108,10 +108,7 @@ def test_snapshot_clones_are_renamed_and_independent(supervisor: Supervisor, tmp
     from harness.sandbox import BackendOptions, create_backend
 
     backend = create_backend("qemu", BackendOptions(cache=cache_dir(), accel="tcg", boot_mode="snapshot"))
-    clones = [
-        backend.boot(SandboxSpec(id=f"clone{i}", workdir=tmp_path / str(i), accel=backend.accel), supervisor)
-        for i in range(2)
-    ]
+    clones = [backend.boot(SandboxSpec(id=f"clone{i}", workdir=tmp_path / str(i)), supervisor) for i in range(2)]
     try:
         assert [c.exec("hostname").text.strip() for c in clones] == ["clone0", "clone1"]
         clones[0].exec("echo only-here > /work/mark")
@@ -128,17 +125,18 @@ def test_agent_port_taken_before_qemu_binds_it_is_retried(
 ) -> None:
     import socket
 
-    from harness.sandbox import qemu
+    from harness.sandbox.qemu import vm as qemu_vm
+    from harness.sandbox.qemu.backend import QemuBackend
 
     with socket.socket() as squatter:
         squatter.bind(("127.0.0.1", 0))
         squatter.listen()
         taken = squatter.getsockname()[1]
         handed_out = iter([taken])
-        real_free_port = qemu.free_port
-        monkeypatch.setattr(qemu, "free_port", lambda: next(handed_out, None) or real_free_port())
-        backend = qemu.QemuBackend(image, "tcg", boot_mode="cold")
-        vm = backend.boot(SandboxSpec(id="clash", workdir=tmp_path, accel="tcg"), supervisor)
+        real_free_port = qemu_vm.free_port
+        monkeypatch.setattr(qemu_vm, "free_port", lambda: next(handed_out, None) or real_free_port())
+        backend = QemuBackend(image, "tcg", boot_mode="cold")
+        vm = backend.boot(SandboxSpec(id="clash", workdir=tmp_path), supervisor)
         try:
             assert vm.agent_port != taken and vm.exec("true").rc == 0
         finally:

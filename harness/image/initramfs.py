@@ -52,7 +52,7 @@ class GuestImage:
     """sha256 over every input; names the cached initramfs."""
 
 
-def _guest_file(name: str) -> bytes:
+def guest_file(name: str) -> bytes:
     return resources.files("harness.image").joinpath("guest", name).read_bytes()
 
 
@@ -72,7 +72,7 @@ def image_digest(kernel: Kernel, modules: list[Module], busybox: Path) -> str:
     for module in modules:
         digest.update(module.name.encode() + hashlib.sha256(module.path.read_bytes()).digest())
     for name in sorted(GUEST_FILES):
-        digest.update(name.encode() + _guest_file(name))
+        digest.update(name.encode() + guest_file(name))
     return digest.hexdigest()
 
 
@@ -86,7 +86,7 @@ def _stage(root: Path, modules: list[Module], busybox: Path) -> None:
             os.symlink("busybox", root / "bin" / applet)
     for name, (target, mode) in GUEST_FILES.items():
         path = root / target
-        path.write_bytes(_guest_file(name))
+        path.write_bytes(guest_file(name))
         path.chmod(mode)
     for module in modules:
         # Stored uncompressed: busybox insmod cannot read .ko.xz.

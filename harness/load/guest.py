@@ -13,10 +13,8 @@ from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 from harness.load.analyse import latency
-from harness.sandbox.base import ExecResult
+from harness.sandbox.base import ExecResult, GuestNetwork
 
-GATEWAY_IN_GUEST = "10.0.2.100:3128"
-"""Where every guest reaches its gateway (QEMU guestfwd)."""
 DEFAULT_SAMPLES = 10
 MAX_SAMPLES = 200
 PER_REQUEST_BUDGET_S = 3.0
@@ -42,7 +40,11 @@ rm -f $req $out
 """
 
 
-class Execs(Protocol):
+class Guest(Protocol):
+    """What sampling needs of a sandbox: a shell, and where its egress is."""
+
+    network: GuestNetwork
+
     def exec(self, command: str, timeout: float = 30.0, stdin: bytes = b"") -> ExecResult: ...
 
 
@@ -90,19 +92,21 @@ def parse(output: str, expect_status: tuple[int, ...]) -> dict[str, Any]:
 
 
 def sample_in_guest(
-    sandbox: Execs,
+    sandbox: Guest,
     url: str,
     n: int = DEFAULT_SAMPLES,
-    proxy: str = GATEWAY_IN_GUEST,
+    proxy: str | None = None,
     expect_status: tuple[int, ...] = (200,),
 ) -> dict[str, Any]:
-    """n timed plain-http requests for `url` through the gateway, from inside `sandbox`.
+    """n timed plain-http requests for `url` through the gateway (the sandbox's egress address unless
+    `proxy` says otherwise), from inside `sandbox`.
 
     Returns n, ok, failures (by kind), statuses, latency_ms (p50..max, clock overhead
     subtracted), raw_latency_ms, clock_overhead_ms, url, proxy, note. Never raises for a failed
     request; an exec that fails or times out is reported under failures["exec"].
     """
     n = max(1, min(int(n), MAX_SAMPLES))
+    proxy = proxy or str(sandbox.network.egress)
     host, _, port = proxy.rpartition(":")
     script = SCRIPT.replace("{n}", str(n)).replace("{host}", host).replace("{port}", port)
     result = sandbox.exec(script, timeout=n * PER_REQUEST_BUDGET_S + 10.0, stdin=request_bytes(url))

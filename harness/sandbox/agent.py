@@ -11,8 +11,19 @@ from harness.sandbox.base import ExecResult
 PROTOCOL = b"BR1"
 """Version tag the agent answers with."""
 
+GUEST_AGENT_PORT = 7000
+"""Port the agent listens on inside every sandbox (harness/image/guest/inittab), whatever the backend."""
+
 TRANSPORT_SLACK_S = 5.0
 """Extra host-side wait beyond the command's own timeout, for the trip through slirp."""
+
+
+def free_port() -> int:
+    """An ephemeral loopback port for an agent forward; its user binds it a moment later (a clash is
+    retried by the backend)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 class AgentUnavailable(ConnectionError):

@@ -1,7 +1,13 @@
-"""The small protocol every sandbox backend implements."""
+"""The protocol every sandbox backend implements, and the records it hands its callers.
+
+Callers (fleet, bench, scenarios, report) use only what is here: a new backend is one module
+(or package) under harness/sandbox/ that exposes `create_backend(options) -> Backend` and a
+module-level `FEATURES`.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -10,6 +16,57 @@ from harness.supervisor import Supervisor
 
 BOOT_MODES = ("snapshot", "cold")
 """snapshot: restore a booted template (default, where the backend can); cold: boot from scratch every time."""
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """A TCP address."""
+
+    host: str
+    """IP address or name."""
+    port: int
+    """TCP port."""
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class GuestNetwork:
+    """A sandbox's network as its own processes see it, and how its egress reaches the host."""
+
+    egress: Endpoint
+    """The HTTP proxy the sandbox's tools use: its only way out, relayed to its own gateway listener."""
+    egress_route: str
+    """How a connection to `egress` reaches the gateway listener on the host, in words (for the report)."""
+    agent_port: int
+    """Port the guest agent listens on, from inside the sandbox."""
+    own_address: str
+    """The sandbox's own address, where its agent answers from inside."""
+    host_alias: str | None
+    """The address inside that means the host (its loopback) if isolation were broken; None when none exists."""
+    resolver: str | None
+    """The DNS server the network itself offers (which must not answer a blocked name); None when none."""
+    engine: Endpoint | None = None
+    """Where a weakened (--leaky) sandbox reaches the host's forwarded container-engine socket."""
+
+
+@dataclass(frozen=True)
+class Features:
+    """What a backend can do, so callers ask instead of assuming."""
+
+    snapshot: bool
+    """Boots can restore a booted template (--boot-mode snapshot)."""
+    reclaim: bool
+    """The guest can hand freed memory back to the host (virtio-balloon free page reporting)."""
+    own_kernel: bool
+    """The sandbox runs a kernel of its own, not the host's."""
+    weaken: bool
+    """`Backend.weaken` can really loosen the set-up for `isolation --leaky`."""
+    guest_memory: bool
+    """`Sandbox.guest_memory()` reports the guest's own MemTotal and MemFree."""
+    min_mem_mib: int | None
+    """Smallest guest RAM it boots with; None where guest RAM is not a setting."""
 
 
 @dataclass(frozen=True)
@@ -23,16 +80,20 @@ class SandboxSpec:
     gateway_port: int | None = None
     """Host loopback port of this sandbox's gateway listener (the guest's only egress)."""
     mem_mib: int = 128
-    """Guest RAM."""
+    """Guest RAM, where the backend has such a setting."""
     vcpus: int = 1
-    """Guest vCPUs."""
-    accel: str = "tcg"
-    """kvm or tcg, decided by the accel probe."""
+    """Guest vCPUs, where the backend has such a setting."""
     boot_timeout_s: float = 60.0
-    """A guest whose agent has not answered by then is a failed boot."""
-    free_page_reporting: bool = True
-    """virtio-balloon free page reporting: the guest hands freed RAM back to the host (ram-pressure turns it
-    off to measure the difference; a snapshot template is made with it on, so restore only with it on)."""
+    """A sandbox whose agent has not answered by then is a failed boot."""
+    reclaim: bool = True
+    """Hand freed guest memory back to the host, where the backend can (ram-pressure turns it off to
+    measure the difference)."""
+    user_home: Path | None = None
+    """The home a careless user would expose (the isolation scenario's honeytoken home): a backend
+    without isolation runs in it; an isolating one never sees it."""
+    user_env: Mapping[str, str] = field(default_factory=dict)
+    """Variables a careless user's shell would export (honeytoken keys only, never the host's own):
+    a backend without isolation exports them; an isolating one never sees them."""
 
 
 @dataclass(frozen=True)
@@ -76,7 +137,7 @@ class BootRecord:
     """Timestamps of one boot, all in ms since spawn on the host's monotonic clock."""
 
     phases_ms: dict[str, float] = field(default_factory=dict)
-    """Named phase durations that add up to boot_ms."""
+    """Named phase durations (names from `Backend.phases`) that add up to boot_ms."""
     marks_ms: dict[str, float] = field(default_factory=dict)
     """Named instants (first serial output, kernel start, init, network up, agent ready)."""
     boot_ms: float | None = None
@@ -88,7 +149,13 @@ class Sandbox(Protocol):
     """One booted sandbox."""
 
     id: str
+    """The spec's id."""
     boot: BootRecord
+    """How its boot went."""
+    network: GuestNetwork
+    """Its network as seen from inside."""
+    ca_bundle: str | None
+    """Path inside where the gateway's CA certificate goes for the sandbox's TLS clients; None: no trust store."""
 
     def exec(self, command: str, timeout: float = 30.0, stdin: bytes = b"") -> ExecResult:
         """Run a shell command inside; the timeout is enforced on both sides."""
@@ -102,6 +169,14 @@ class Sandbox(Protocol):
         """Host pids whose memory is this sandbox's cost (the VMM, helpers)."""
         ...
 
+    def guest_memory(self) -> dict[str, int] | None:
+        """The guest's own MemTotal and MemFree in bytes, read at boot; None where there is no guest memory."""
+        ...
+
+    def host_endpoints(self) -> dict[str, Endpoint]:
+        """Host-side addresses that lead into this sandbox (its agent's forward): what a peer must not reach."""
+        ...
+
 
 class Backend(Protocol):
     """A way to run sandboxes: one module under harness/sandbox/ per backend."""
@@ -110,9 +185,18 @@ class Backend(Protocol):
     """Backend name used on the command line."""
     accel: str
     """kvm, tcg, or "none" for backends without a hypervisor."""
+    features: Features
+    """What it can do."""
+    phases: dict[str, str]
+    """Every boot phase it records, in order, with what it means (recorded in results.json for the report)."""
 
     def boot(self, spec: SandboxSpec, supervisor: Supervisor) -> Sandbox:
         """Start a sandbox and return once its agent answers; raise BootFailed otherwise."""
+        ...
+
+    def weaken(self, engine_socket: Path) -> Backend:
+        """A variant whose sandboxes are really less isolated (isolation --leaky): an open network, the
+        host's engine socket forwarded in. Raises ConfigError where `features.weaken` is False."""
         ...
 
     def describe(self) -> dict[str, object]:

@@ -83,10 +83,13 @@ class ScenarioContext:
         return self.resources.enter_context(resource)
 
     @contextmanager
-    def fleet(self, gateway: GatewayConfig | None, **spec_overrides: Any) -> Iterator[Fleet]:
-        """A gateway (if given) plus sandboxes booted on demand, all stopped on exit."""
+    def fleet(
+        self, gateway: GatewayConfig | None, backend: Backend | None = None, **spec_overrides: Any
+    ) -> Iterator[Fleet]:
+        """A gateway (if given) plus sandboxes booted on demand (by the run's backend unless another, such
+        as its weakened variant, is given), all stopped on exit."""
         template = replace(self.template, **spec_overrides)
-        with open_fleet(self.backend, self.supervisor, self.run_dir, template, gateway) as fleet:
+        with open_fleet(backend or self.backend, self.supervisor, self.run_dir, template, gateway) as fleet:
             yield fleet
 
     def boot(self, fleet: Fleet, sandbox_id: str, **overrides: Any) -> Sandbox:

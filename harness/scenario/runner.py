@@ -15,7 +15,7 @@ from harness.config import RunConfig, build
 from harness.paths import cache_dir
 from harness.report import render_report
 from harness.results import SCHEMA, host_info, new_run_id, write_results
-from harness.sandbox import BackendOptions, SandboxSpec, create_backend
+from harness.sandbox import BackendOptions, SandboxSpec, create_backend, describe_backend
 from harness.scenario.base import Scenario, ScenarioContext
 from harness.scenario.journal import Journal, now
 from harness.scenario.loader import available_scenarios, load_scenario_module
@@ -119,12 +119,11 @@ def run_prepared(prepared: PreparedScenario) -> tuple[int, Path]:
                     cache=cache_dir(), accel=config.accel, mem_mib=config.mem_mib, boot_mode=config.boot_mode
                 ),
             )
-            data["backend"] = {"name": backend.name, **backend.describe()}
+            data["backend"] = describe_backend(backend)
             data["accel"] = backend.accel
             template = SandboxSpec(
                 id="",
                 workdir=run_dir,
-                accel=backend.accel,
                 mem_mib=config.mem_mib,
                 boot_timeout_s=config.boot_timeout_s,
             )

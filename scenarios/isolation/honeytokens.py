@@ -56,8 +56,46 @@ ANY_MARKER_RE = re.compile(rf"{MARKER_PREFIX}-[0-9a-f]{{6}}-[a-z0-9]+-[0-9a-f]{{
 """Any full marker of any run: what a clean run directory must not contain."""
 
 
+KEY_NAME_RE = re.compile(r"(?i)(key|token|secret|passw|credential|auth|session|cookie)")
+"""A variable name that suggests its value is a secret."""
+KEY_ASSIGNMENT_RE = re.compile(r"\b([A-Za-z_][A-Za-z0-9_]*)=([^\s\"'\\]+)")
+"""NAME=value as env and /proc/*/environ print it (the value stops at whitespace, quotes and backslashes,
+so the JSON-escaped form of the same text is caught too)."""
+KEY_SHAPES_RE = re.compile(
+    r"sk-ant-[A-Za-z0-9_-]{8,}|sk-(?:proj-)?[A-Za-z0-9_-]{20,}|\bA(?:KIA|SIA)[0-9A-Z]{16}\b"
+    r"|\bgh[pousr]_[A-Za-z0-9]{20,}|\bxox[abpr]-[A-Za-z0-9-]{10,}|\bglpat-[A-Za-z0-9_-]{20,}"
+)
+"""Well-known API key formats (Anthropic, OpenAI, AWS, GitHub, Slack, GitLab), wherever they appear."""
+HARMLESS_VALUES = frozenset({"proxy-managed", "", "none", "null", "true", "false"})
+"""Values of key-named variables that are not secrets (the gateway's sentinel among them)."""
+MIN_HOST_SECRET_CHARS = 8
+"""A host variable's value shorter than this is not searched for verbatim (it would match everywhere)."""
+
+
 def sha256(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def redact_key_values(text: str) -> str:
+    """Replace every key value found in `text` by a short hash: values of key-named variables, well-known
+    key shapes, and the harness's own key-named environment values wherever they appear. Honeytoken
+    markers are redacted before this (see Redactor) and keep their ids."""
+
+    def hashed(value: str) -> str:
+        return f"«redacted sha256:{sha256(value)[:HASH_SHOWN_CHARS]}»"
+
+    for name, value in os.environ.items():
+        if KEY_NAME_RE.search(name) and len(value) >= MIN_HOST_SECRET_CHARS and value in text:
+            text = text.replace(value, hashed(value))
+
+    def assignment(match: re.Match[str]) -> str:
+        name, value = match.group(1), match.group(2)
+        if not KEY_NAME_RE.search(name) or value.lower() in HARMLESS_VALUES or value.startswith("«"):
+            return match.group(0)
+        return f"{name}={hashed(value)}"
+
+    text = KEY_ASSIGNMENT_RE.sub(assignment, text)
+    return KEY_SHAPES_RE.sub(lambda m: hashed(m.group(0)), text)
 
 
 @dataclass(frozen=True)
@@ -111,7 +149,7 @@ class Redactor:
         text = self._re.sub(repl, text)
         for value, token in self._by_value.items():  # keys embedded in a longer token (sk-ant-...)
             text = text.replace(value, f"«honeytoken {token.id}»")
-        return ANY_MARKER_RE.sub("«honeytoken of another run»", text)
+        return redact_key_values(ANY_MARKER_RE.sub("«honeytoken of another run»", text))
 
 
 def _manifest_dir() -> Path:

@@ -21,16 +21,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from harness.sandbox.base import ExecResult
+from harness.sandbox.base import Endpoint, ExecResult, GuestNetwork
 
 from .honeytokens import HoneyHome, Trap
 
-GATEWAY_HOST = "10.0.2.100"
-GATEWAY_PORT = 3128
-"""Where every guest sees its gateway (QEMU guestfwd)."""
-HOST_ALIAS = "10.0.2.2"
-"""slirp's address for the host: reaching it means reaching host loopback (blocked by restrict=on)."""
-SLIRP_DNS = "10.0.2.3"
 METADATA_IP = "169.254.169.254"
 BLOCKED_HOST = "example.com"
 """A name the reference policy (balanced) blocks, as in FINDINGS probes 4 and 5."""
@@ -59,6 +53,8 @@ SEPARATOR = "==BR-PART=="
 
 class Target(Protocol):
     id: str
+    network: GuestNetwork
+    """Its egress, host alias and resolver as seen from inside: the addresses the probes aim at."""
 
     def exec(self, command: str, timeout: float = 30.0, stdin: bytes = b"") -> ExecResult: ...
 
@@ -68,10 +64,8 @@ class Peer:
     """Another sandbox of the same run, as the host knows it (the guest is never told)."""
 
     id: str
-    agent_port: int
-    """Host loopback port forwarded to the peer's agent."""
-    gateway_port: int | None
-    """Host loopback port of the peer's gateway listener (its egress identity)."""
+    endpoints: dict[str, Endpoint]
+    """Host-side addresses that lead into the peer (its agent's forward, its gateway listener), by name."""
 
 
 @dataclass
@@ -214,14 +208,16 @@ def send(payload_fmt: str, host: str, port: int, wait_s: int = NC_WAIT_S) -> str
     return f"printf '{payload_fmt}' | nc -w {wait_s} {host} {port}"
 
 
-def via_gateway_connect(authority: str, inner_fmt: str = "") -> str:
-    """CONNECT through the gateway, then send `inner_fmt` inside the tunnel if it opens."""
-    return send(crlf(f"CONNECT {authority} HTTP/1.1", f"Host: {authority}") + inner_fmt, GATEWAY_HOST, GATEWAY_PORT)
+def via_gateway_connect(env: ProbeEnv, authority: str, inner_fmt: str = "") -> str:
+    """CONNECT through the target's gateway, then send `inner_fmt` inside the tunnel if it opens."""
+    egress = env.target.network.egress
+    return send(crlf(f"CONNECT {authority} HTTP/1.1", f"Host: {authority}") + inner_fmt, egress.host, egress.port)
 
 
-def via_gateway_get(url: str, *headers: str) -> str:
+def via_gateway_get(env: ProbeEnv, url: str, *headers: str) -> str:
     host = url.split("/")[2]
-    return send(crlf(f"GET {url} HTTP/1.1", f"Host: {host}", *headers, "Connection: close"), GATEWAY_HOST, GATEWAY_PORT)
+    egress = env.target.network.egress
+    return send(crlf(f"GET {url} HTTP/1.1", f"Host: {host}", *headers, "Connection: close"), egress.host, egress.port)
 
 
 @dataclass(frozen=True)
@@ -302,19 +298,27 @@ def check_env(env: ProbeEnv) -> Verdict:
 
 def check_fs_scan(env: ProbeEnv) -> Verdict:
     # Regular files only (a FIFO would block grep forever), skipping the pseudo filesystems;
-    # busybox grep has no --exclude-dir, so find does the walking.
+    # busybox grep has no --exclude-dir, so find does the walking. HOME and the working directory go
+    # first, and a secret found there ends the scan: where / is a whole host's disk, walking it all
+    # would only spend the time budget on a verdict already reached.
     regex = env.home.regex
+    walk = "\\( -path /proc -o -path /sys -o -path /dev \\) -prune -o -type f"
     command = (
-        "find / \\( -path /proc -o -path /sys -o -path /dev \\) -prune -o -type f "
-        f"-exec grep -soHE '{regex}' {{}} +; dmesg | grep -oE '{regex}' | sed 's/^/dmesg:/'; true"
+        f"dmesg | grep -oE '{regex}' | sed 's/^/dmesg:/'; "
+        f'near=$(find "$HOME" "$PWD" {walk} -exec grep -soHE \'{regex}\' {{}} +); '
+        'echo "$near"; '
+        f"echo \"$near\" | grep -v -- '-control-' | grep -q . || find / {walk} -exec grep -soHE '{regex}' {{}} +; "
+        "true"
     )
     text, _ = env.run("scan the whole filesystem and the kernel log for markers", command, timeout=SCAN_TIMEOUT_S)
     pattern = re.compile(regex)
-    hits = []
+    found: dict[tuple[str, str], dict[str, Any]] = {}
     for line in text.splitlines():
         match = pattern.search(line)
         if match:
-            hits.append({"path": line[: match.start()].rstrip(":"), **env.home.redactor().identify(match.group(0))})
+            path = line[: match.start()].rstrip(":")
+            found.setdefault((path, match.group(0)), {"path": path, **env.home.redactor().identify(match.group(0))})
+    hits = list(found.values())
     control = [h for h in hits if h["id"] == "control"]
     leaked = [h for h in hits if h["secret"]]
     facts = {"hits": hits, "control_found_at": [h["path"] for h in control]}
@@ -371,7 +375,7 @@ def check_home(env: ProbeEnv) -> Verdict:
     candidates = " ".join(f"{base}/{rel}" for base in bases for rel in rels)
     command = (
         f'for p in {candidates}; do [ -e "$p" ] && echo "visible $p"; done; '
-        "echo \"work: $(ls -A /work | tr '\\n' ' ')\"; "
+        "echo \"work: $(ls -A . | tr '\\n' ' ')\"; "
         "grep -E ' (9p|virtiofs|nfs|fuse|cifs) ' /proc/mounts | sed 's/^/mount: /'; true"
     )
     text, _ = env.run("look for the host home's secret files and foreign mounts", command)
@@ -381,7 +385,7 @@ def check_home(env: ProbeEnv) -> Verdict:
     facts = {"visible": visible, "work": work, "shared_mounts": mounts}
     extra = [name for name in work if name != "project"]
     if visible or extra:
-        return Verdict(False, f"host home files visible: {visible}; unexpected in /work: {extra}", facts)
+        return Verdict(False, f"host home files visible: {visible}; unexpected at work: {extra}", facts)
     return Verdict(True, "only the project directory; no ~/.ssh, ~/.aws, ~/.kube, ~/.env", facts)
 
 
@@ -394,16 +398,16 @@ def check_host_loopback(env: ProbeEnv) -> Verdict:
     start = trap.count()
     port = trap.port
     request = crlf("GET /version HTTP/1.0", "Host: localhost")
-    parts = env.parallel(
-        {
-            f"guest 127.0.0.1:{port} (must be the guest's own loopback)": send(request, "127.0.0.1", port),
-            f"guest localhost:{port}": send(request, "localhost", port),
-            f"host alias {HOST_ALIAS}:{port}": send(request, HOST_ALIAS, port),
-            f"gateway CONNECT 127.0.0.1:{port}": via_gateway_connect(f"127.0.0.1:{port}", request),
-            f"gateway CONNECT localhost:{port}": via_gateway_connect(f"localhost:{port}", request),
-            f"gateway GET http://127.0.0.1:{port}/": via_gateway_get(f"http://127.0.0.1:{port}/version"),
-        }
-    )
+    commands = {
+        f"guest 127.0.0.1:{port} (must be the guest's own loopback)": send(request, "127.0.0.1", port),
+        f"guest localhost:{port}": send(request, "localhost", port),
+        f"gateway CONNECT 127.0.0.1:{port}": via_gateway_connect(env, f"127.0.0.1:{port}", request),
+        f"gateway CONNECT localhost:{port}": via_gateway_connect(env, f"localhost:{port}", request),
+        f"gateway GET http://127.0.0.1:{port}/": via_gateway_get(env, f"http://127.0.0.1:{port}/version"),
+    }
+    if (alias := env.target.network.host_alias) is not None:
+        commands[f"host alias {alias}:{port}"] = send(request, alias, port)
+    parts = env.parallel(commands)
     time.sleep(0.2)  # let the trap's accept thread log a connection that just landed
     hits = trap.hits_since(start)
     reached = [name for name, (_, out) in parts.items() if "br-canary" in out]
@@ -435,7 +439,8 @@ def check_engine_socket(env: ProbeEnv) -> Verdict:
         'echo "DOCKER_HOST=$DOCKER_HOST"; '
         'case "$DOCKER_HOST" in tcp://*) hp=${DOCKER_HOST#tcp://}; '
         f"printf '{ping}' | nc -w {NC_WAIT_S} ${{hp%:*}} ${{hp##*:}};; esac; "
-        f"printf '{ping}' | nc -w {NC_WAIT_S} {HOST_ALIAS} 2375; true"
+        + (f"printf '{ping}' | nc -w {NC_WAIT_S} {alias} 2375; " if (alias := env.target.network.host_alias) else "")
+        + "true"
     )
     text, _ = env.run("look for a container-engine socket and talk to it", command)
     time.sleep(0.2)
@@ -455,15 +460,14 @@ def check_engine_socket(env: ProbeEnv) -> Verdict:
 
 def check_blocked_domain(env: ProbeEnv) -> Verdict:
     head = crlf("GET / HTTP/1.1", f"Host: {BLOCKED_HOST}", "Connection: close")
-    parts = env.parallel(
-        {
-            f"gateway CONNECT {BLOCKED_HOST}:443": via_gateway_connect(f"{BLOCKED_HOST}:443"),
-            f"gateway GET http://{BLOCKED_HOST}/": via_gateway_get(f"http://{BLOCKED_HOST}/"),
-            f"direct to the {BLOCKED_HOST} stand-in ({HOST_ALIAS}:{env.upstream_http_port})": send(
-                head, HOST_ALIAS, env.upstream_http_port
-            ),
-        }
-    )
+    commands = {
+        f"gateway CONNECT {BLOCKED_HOST}:443": via_gateway_connect(env, f"{BLOCKED_HOST}:443"),
+        f"gateway GET http://{BLOCKED_HOST}/": via_gateway_get(env, f"http://{BLOCKED_HOST}/"),
+    }
+    if (alias := env.target.network.host_alias) is not None:
+        where = f"{alias}:{env.upstream_http_port}"
+        commands[f"direct to the {BLOCKED_HOST} stand-in ({where})"] = send(head, alias, env.upstream_http_port)
+    parts = env.parallel(commands)
     facts: dict[str, Any] = {}
     allowed = []
     for name, (rc, out) in parts.items():
@@ -491,12 +495,10 @@ NAME_ANSWER_RE = re.compile(r"Name:\s*(\S+)\s*\n\s*Address:?\s*(\S+)")
 
 def check_dns(env: ProbeEnv) -> Verdict:
     lookup = f"timeout -s KILL {NSLOOKUP_TIMEOUT_S} nslookup {BLOCKED_HOST}"
-    parts = env.parallel(
-        {
-            "system resolver": lookup,
-            f"slirp resolver {SLIRP_DNS}": f"{lookup} {SLIRP_DNS}",
-        }
-    )
+    commands = {"system resolver": lookup}
+    if (resolver := env.target.network.resolver) is not None:
+        commands[f"the network's own resolver {resolver}"] = f"{lookup} {resolver}"
+    parts = env.parallel(commands)
     resolved = {}
     for name, (_, out) in parts.items():
         answers = [addr for host, addr in NAME_ANSWER_RE.findall(out) if host.rstrip(".") == BLOCKED_HOST]
@@ -511,11 +513,11 @@ def check_dns(env: ProbeEnv) -> Verdict:
 def check_ports(env: ProbeEnv) -> Verdict:
     hello = crlf("GET / HTTP/1.0", f"Host: {ALLOWED_HOST}")
     commands = {
-        f"gateway CONNECT {ALLOWED_HOST}:{port}": via_gateway_connect(f"{ALLOWED_HOST}:{port}", hello)
+        f"gateway CONNECT {ALLOWED_HOST}:{port}": via_gateway_connect(env, f"{ALLOWED_HOST}:{port}", hello)
         for port in SCANNED_PORTS
     }
     control = f"control: gateway CONNECT {ALLOWED_HOST}:443 (must open)"
-    commands[control] = via_gateway_connect(f"{ALLOWED_HOST}:443")
+    commands[control] = via_gateway_connect(env, f"{ALLOWED_HOST}:443")
     parts = env.parallel(commands)
     facts = {name: refusal(rc, out, True) for name, (rc, out) in parts.items()}
     opened = [name for name, (_, out) in parts.items() if name != control and parse_http(out).tunnel_open]
@@ -531,7 +533,7 @@ def check_credential(env: ProbeEnv) -> Verdict:
     parts = env.parallel(
         {
             "model API request with the sentinel": via_gateway_get(
-                "http://api.anthropic.com/v1/messages", f"x-api-key: {SENTINEL}", f"x-br-probe: {nonce}"
+                env, "http://api.anthropic.com/v1/messages", f"x-api-key: {SENTINEL}", f"x-br-probe: {nonce}"
             ),
             "the key as the guest sees it": 'echo "ANTHROPIC_API_KEY=$ANTHROPIC_API_KEY"',
         }
@@ -569,9 +571,9 @@ def check_metadata(env: ProbeEnv) -> Verdict:
     parts = env.parallel(
         {
             f"direct {METADATA_IP}:80": send(crlf(f"GET {path} HTTP/1.0", f"Host: {METADATA_IP}"), METADATA_IP, 80),
-            f"gateway GET http://{METADATA_IP}{path}": via_gateway_get(f"http://{METADATA_IP}{path}"),
+            f"gateway GET http://{METADATA_IP}{path}": via_gateway_get(env, f"http://{METADATA_IP}{path}"),
             f"gateway CONNECT {METADATA_IP}:80": via_gateway_connect(
-                f"{METADATA_IP}:80", crlf(f"GET {path} HTTP/1.0", f"Host: {METADATA_IP}")
+                env, f"{METADATA_IP}:80", crlf(f"GET {path} HTTP/1.0", f"Host: {METADATA_IP}")
             ),
         }
     )
@@ -597,34 +599,35 @@ def check_peers(env: ProbeEnv) -> Verdict:
     if not env.peers:
         return Verdict(None, "not applicable: needs at least two sandboxes")
     ask = agent_request("hostname")
-    commands: dict[str, str] = {
-        "10.0.2.15:7000 (the guest's own address)": send(ask, "10.0.2.15", 7000),
-    }
+    connect = crlf(f"CONNECT {ALLOWED_HOST}:443 HTTP/1.1", f"Host: {ALLOWED_HOST}:443")
+    network = env.target.network
+    own_path = f"{network.own_address}:{network.agent_port} (the sandbox's own address)"
+    commands: dict[str, str] = {own_path: send(ask, network.own_address, network.agent_port)}
     for peer in env.peers:
-        commands[f"{peer.id} agent via host alias {HOST_ALIAS}:{peer.agent_port}"] = send(
-            ask, HOST_ALIAS, peer.agent_port
-        )
-        commands[f"{peer.id} agent via gateway CONNECT 127.0.0.1:{peer.agent_port}"] = via_gateway_connect(
-            f"127.0.0.1:{peer.agent_port}", ask
-        )
-        if peer.gateway_port:
-            commands[f"{peer.id} gateway listener via {HOST_ALIAS}:{peer.gateway_port}"] = send(
-                crlf(f"CONNECT {ALLOWED_HOST}:443 HTTP/1.1", f"Host: {ALLOWED_HOST}:443"), HOST_ALIAS, peer.gateway_port
-            )
+        for kind, endpoint in peer.endpoints.items():
+            # What the host forwards to the peer's agent speaks the agent protocol; anything else, HTTP.
+            payload = ask if kind == "agent" else connect
+            if network.host_alias is not None:
+                where = f"{network.host_alias}:{endpoint.port}"
+                commands[f"{peer.id} {kind} via host alias {where}"] = send(payload, network.host_alias, endpoint.port)
+            if kind == "agent":
+                commands[f"{peer.id} {kind} via gateway CONNECT {endpoint}"] = via_gateway_connect(
+                    env, str(endpoint), ask
+                )
     parts = env.parallel(commands)
     reached = []
     for name, (_, out) in parts.items():
-        peer_id = name.split(" ", 1)[0]
+        peer_id, _, path = name.partition(" ")
         if not any(p.id == peer_id for p in env.peers):
             continue
-        # A peer's agent answers with its hostname; a peer's gateway listener answers HTTP at all.
+        # Any agent answer on a peer's forward is the peer's agent; a peer's gateway listener answers HTTP at all.
         # (The own gateway's 403 for CONNECT 127.0.0.1:<port> is a refusal, not the peer.)
-        agent_answered = re.search(rf"BR1 0 [^\n]*\n{re.escape(peer_id)}", out) is not None
-        listener_answered = "gateway listener" in name and parse_http(out).status is not None
+        agent_answered = path.startswith("agent ") and re.search(r"BR1 0 \d+ \d+ \d+", out) is not None
+        listener_answered = not path.startswith("agent ") and parse_http(out).status is not None
         if agent_answered or listener_answered:
             reached.append(name)
-    own = parts["10.0.2.15:7000 (the guest's own address)"][1]
-    facts = {"peers": [p.id for p in env.peers], "reached": reached, "own_address_is_self": env.target.id in own}
+    own = parts[own_path][1]
+    facts = {"peers": [p.id for p in env.peers], "reached": reached, "own_address_answers": "BR1 0 " in own}
     if reached:
         return Verdict(False, f"another sandbox is reachable: {reached}", facts)
     return Verdict(True, f"no path to {len(env.peers)} other sandbox(es)' agent or gateway listener", facts)

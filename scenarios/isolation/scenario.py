@@ -47,6 +47,7 @@ from harness.errors import ConfigError
 from harness.gateway.credentials import CredentialSpec
 from harness.gateway.process import GatewayConfig
 from harness.gateway.upstream import UpstreamServer
+from harness.sandbox.base import Endpoint, Sandbox
 from harness.scenario.base import ScenarioContext
 
 from . import honeytokens, probes
@@ -120,7 +121,6 @@ class IsolationScenario:
         self.booted: list[Any] = []
         self.decoy_pid: int | None = None
         self.probed = False
-        self._original_backend: Any = None
 
     # ---- setup ---------------------------------------------------------------------------
     def setup(self, ctx: ScenarioContext) -> None:
@@ -209,10 +209,10 @@ class IsolationScenario:
 
     def _boot(self, ctx: ScenarioContext) -> None:
         self.upstream = UpstreamServer(expected={MODEL_API: ("x-api-key", self.home.api_key)}).start()
-        if self.leaky:
-            self._original_backend = ctx.backend
-            ctx.backend = leaky_mod.weaken_backend(ctx.backend, self.traps["docker"].unix_path)
-        self.fleet = self.stack.enter_context(ctx.fleet(self._gateway_config(ctx)))
+        backend = ctx.backend.weaken(self.traps["docker"].unix_path) if self.leaky else ctx.backend
+        # Only a backend without isolation lets these through; an isolating one never sees them.
+        careless_user = {"user_home": self.home.home, "user_env": {honeytokens.ENV_KEY_NAME: self.home.api_key}}
+        self.fleet = self.stack.enter_context(ctx.fleet(self._gateway_config(ctx), backend=backend, **careless_user))
         errors: list[BaseException] = []
         booted: dict[int, Any] = {}
 
@@ -233,19 +233,18 @@ class IsolationScenario:
             raise errors[0]
 
     def _provision(self, ctx: ScenarioContext) -> list[dict[str, Any]]:
-        """The project (only) into /work/project; in leaky mode also the weakenings."""
+        """The project (only) into the agent's working directory (/work in a guest); in leaky mode also the
+        weakenings."""
         project_tar = leaky_mod.home_tarball(self.home.project)
         home_tar = leaky_mod.home_tarball(self.home.home) if self.leaky else b""
         dns = self.fleet.gateway
         done = []
         for vm in self.booted:
-            result = vm.exec(
-                "mkdir -p /work/project && tar -x -C /work/project", stdin=project_tar, timeout=PROVISION_TIMEOUT_S
-            )
+            result = vm.exec("mkdir -p project && tar -x -C project", stdin=project_tar, timeout=PROVISION_TIMEOUT_S)
             steps = {"project": result.rc}
             if self.leaky:
-                steps["home"] = vm.exec("tar -x -C /root", stdin=home_tar, timeout=PROVISION_TIMEOUT_S).rc
-                script = leaky_mod.guest_weakening_script(honeytokens.ENV_KEY_NAME, dns.dns_port(vm.id))
+                steps["home"] = vm.exec('tar -x -C "$HOME"', stdin=home_tar, timeout=PROVISION_TIMEOUT_S).rc
+                script = leaky_mod.guest_weakening_script(honeytokens.ENV_KEY_NAME, vm.network, dns.dns_port(vm.id))
                 steps["env+resolver+engine"] = vm.exec(script, stdin=self.home.api_key.encode() + b"\n").rc
             if any(rc != 0 for rc in steps.values()):
                 raise RuntimeError(f"provisioning {vm.id} failed: {steps}")
@@ -279,7 +278,7 @@ class IsolationScenario:
 
     def run(self, ctx: ScenarioContext) -> None:
         facts = host_facts()
-        peers_all = [probes.Peer(vm.id, vm.agent_port, vm.spec.gateway_port) for vm in self.booted]
+        peers_all = [probes.Peer(vm.id, self._endpoints(vm)) for vm in self.booted]
         assert self.upstream is not None
         for vm in self.booted:
             env = probes.ProbeEnv(
@@ -302,6 +301,11 @@ class IsolationScenario:
             ctx.save()
         self.probed = True
         self._summarise(ctx)
+
+    def _endpoints(self, sandbox: Sandbox) -> dict[str, Endpoint]:
+        """Host-side addresses that lead into `sandbox`: its own, and its gateway listener."""
+        listener = self.fleet.egress_listener(sandbox.id)
+        return {**sandbox.host_endpoints(), **({"gateway listener": listener} if listener else {})}
 
     def _summarise(self, ctx: ScenarioContext) -> None:
         cards = ctx.data["scorecards"]
@@ -328,8 +332,6 @@ class IsolationScenario:
                     action()
                 except Exception as exc:  # keep undoing the rest; the honeytokens must go
                     problems.append(f"{label}: {type(exc).__name__}: {exc}")
-            if self._original_backend is not None:
-                ctx.backend = self._original_backend
             removed = self.home.remove()
             step.output = {**removed, "problems": problems}
         with ctx.journal.activity("check-evidence-is-clean", "rollback") as step:

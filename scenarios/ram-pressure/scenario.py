@@ -167,7 +167,7 @@ class RamPressure:
         self.arms.append(arm)
         next_cost = (ctx.template.mem_mib + VMM_OVERHEAD_MIB) * MIB
         started = time.monotonic()
-        with ctx.fleet(None, free_page_reporting=reclaim) as fleet:
+        with ctx.fleet(None, reclaim=reclaim) as fleet:
             baseline = mem_available_bytes()
             arm["baseline_mem_available_bytes"] = baseline
             n = 0

@@ -6,7 +6,9 @@
 # denies), MODEL (the stand-in model API host), BASE_MS / MAX_MS (backoff), PROXY (host port).
 # Prints one line: attempts=N reason=ok|policy|cap
 set -u
-PROXY=${PROXY:-10.0.2.100 3128}
+# The sandbox's egress, from its own HTTP_PROXY unless given as "host port".
+egress=${HTTP_PROXY#http://}
+PROXY=${PROXY:-${egress%:*} ${egress##*:}}
 OUT=/tmp/br-retry.$$
 n=0
 reason=cap

@@ -42,7 +42,6 @@ NAME = "retry-403"
 HERE = Path(__file__).resolve().parent
 AGENT_SCRIPT = HERE / "agent.sh"
 GUEST_SCRIPT = "/tmp/br-retry-agent.sh"
-GUEST_PROXY = "10.0.2.100 3128"
 
 CLIENTS = ("naive", "backoff", "reads-body", "llm-loop")
 DENY_MODES = ("403", "403-explained", "reset")
@@ -384,11 +383,13 @@ class RetryScenario:
     def _guest_runs(self, client: str, cell_id: str, cap: int) -> list[dict[str, Any]]:
         env = (
             f"CLIENT={client} CAP={cap} CELL={cell_id} BLOCKED={BLOCKED_HOST} MODEL={MODEL_HOST} "
-            f"BASE_MS={BACKOFF_BASE_MS} MAX_MS={BACKOFF_MAX_MS} PROXY='{GUEST_PROXY}'"
+            f"BASE_MS={BACKOFF_BASE_MS} MAX_MS={BACKOFF_MAX_MS}"
         )
 
         def one(guest: Sandbox) -> dict[str, Any]:
-            res = guest.exec(f"{env} sh {GUEST_SCRIPT}", timeout=cap * GUEST_ITERATION_BUDGET_S + GUEST_SLACK_S)
+            proxy = f"PROXY='{guest.network.egress.host} {guest.network.egress.port}'"
+            budget = cap * GUEST_ITERATION_BUDGET_S + GUEST_SLACK_S
+            res = guest.exec(f"{env} {proxy} sh {GUEST_SCRIPT}", timeout=budget)
             found = RESULT_LINE.search(res.text)
             if res.timed_out or not found:
                 return {"attempts": 0, "reason": "timeout" if res.timed_out else "error", "wall_s": res.duration_s}
@@ -402,12 +403,17 @@ class RetryScenario:
         cell_id = f"agent-{mode}-{breaker}"
         command = str(self.options.agent)
         env = (
-            f"BLOCKED_URL=http://{BLOCKED_HOST}/retry403/{cell_id} MODEL_URL=http://{MODEL_HOST}/v1/messages/"
-            f"{cell_id} HTTP_PROXY=http://10.0.2.100:3128 http_proxy=http://10.0.2.100:3128"
+            f"BLOCKED_URL=http://{BLOCKED_HOST}/retry403/{cell_id} MODEL_URL=http://{MODEL_HOST}/v1/messages/{cell_id}"
         )
+
+        def proxied(guest: Sandbox) -> str:
+            return f"HTTP_PROXY=http://{guest.network.egress} http_proxy=http://{guest.network.egress}"
+
         with ctx.journal.activity(f"agent@{mode}/breaker-{breaker}") as act:
             started = time.monotonic()
-            results = [g.exec(f"{env} sh -c {shell_quote(command)}", timeout=AGENT_TIMEOUT_S) for g in self.guests]
+            results = [
+                g.exec(f"{env} {proxied(g)} sh -c {shell_quote(command)}", timeout=AGENT_TIMEOUT_S) for g in self.guests
+            ]
             counts = count_cell(tail.new(), None, {g.id for g in self.guests})
             cell = {
                 "where": "guest",

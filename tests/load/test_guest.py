@@ -17,7 +17,7 @@ from harness.image import GuestImage
 from harness.load.guest import parse, request_bytes, sample_in_guest
 from harness.load.targets import GATEWAY, Upstream, start_target
 from harness.sandbox.base import ExecResult, SandboxSpec
-from harness.sandbox.qemu import Microvm
+from harness.sandbox.qemu.vm import Microvm
 from harness.supervisor import Supervisor
 
 BUSYBOX = shutil.which("busybox")
@@ -98,9 +98,10 @@ def test_sample_in_real_guest(
         gateway_ca_dir=gateway_ca_dir,
     )
     vm = Microvm(
-        SandboxSpec(id="load-guest", workdir=tmp_path / "vm", accel="tcg", gateway_port=endpoint.proxy[1]),
+        SandboxSpec(id="load-guest", workdir=tmp_path / "vm", gateway_port=endpoint.proxy[1]),
         image,
         load_supervisor,
+        "tcg",
     )
     try:
         vm.spawn()

@@ -15,7 +15,7 @@ import yaml
 
 from harness.image import GuestImage
 from harness.sandbox.base import SandboxSpec
-from harness.sandbox.qemu import Microvm
+from harness.sandbox.qemu.vm import Microvm
 from harness.scenario.loader import load_scenario_module
 from harness.scenario.runner import run_scenario
 from harness.supervisor import Supervisor
@@ -280,7 +280,7 @@ def test_kube_scenario_end_to_end_on_recorded_responses(recorded: tuple[Recorded
 # -- podrt on a real guest -----------------------------------------------------------------------------------------
 @pytest.mark.qemu
 def test_podrt_oom_kill_probe_restarts_and_rollout(image: GuestImage, supervisor: Supervisor, tmp_path: Path) -> None:
-    vm = Microvm(SandboxSpec(id="podrt", workdir=tmp_path, accel="tcg", mem_mib=mod.GUEST_MEM_MIB), image, supervisor)
+    vm = Microvm(SandboxSpec(id="podrt", workdir=tmp_path, mem_mib=mod.GUEST_MEM_MIB), image, supervisor, "tcg")
     vm.spawn()
     vm.wait_ready()
     try:

@@ -11,15 +11,9 @@ from harness.report.format import ms
 
 ORDER = 10
 
-PHASE_ORDER = ["vmm", "kernel", "userspace", "agent", "restore", "identity"]
-PHASE_MEANING = {
-    "vmm": "spawn → kernel start (VMM set-up, firmware, kernel decompression)",
-    "kernel": "kernel start → /init (guest uptime at init)",
-    "userspace": "/init → network up (modules, mounts, interfaces)",
-    "agent": "network up → first answer from the guest agent",
-    "restore": "spawn → first agent answer of a guest restored from the template snapshot",
-    "identity": "rename the clone and mix host randomness into its entropy pool",
-}
+UNDESCRIBED = "(not described by the backend)"
+"""Shown for a phase the run recorded but its backend did not describe (an older results.json)."""
+
 BOOT_TARGET_MS = 1500.0
 """Issue #2's p50 target under TCG on 2 cores."""
 
@@ -42,7 +36,8 @@ def section(data: dict[str, Any], run_dir: Path) -> Section | None:
             f"p50 {ms(boot['p50'])} {target} the {BOOT_TARGET_MS:.0f} ms target "
             f"under {data['accel']}; stdev {ms(boot['stdev'])}, n={boot['n']}."
         )
-        phases = [p for p in PHASE_ORDER if any(p in s["phases_ms"] for s in ok)]
+        meanings = phase_meanings(data)
+        phases = [p for p in meanings if any(p in s["phases_ms"] for s in ok)]
         result.charts.append(
             (
                 "Each bar is one boot, sorted by total time; segments are its phases.",
@@ -57,7 +52,7 @@ def section(data: dict[str, Any], run_dir: Path) -> Section | None:
         header = ["", "n", "p50", "p95", "p99", "min", "max", "mean", "stdev"]
         rows = [["total boot", *(_cells(boot))]]
         rows += [
-            [f"{p}: {PHASE_MEANING.get(p, '')}", *_cells(summary["phases_ms"][p])]
+            [f"{p}: {meanings[p]}", *_cells(summary["phases_ms"][p])]
             for p in phases
             if p in summary.get("phases_ms", {})
         ]
@@ -68,6 +63,14 @@ def section(data: dict[str, Any], run_dir: Path) -> Section | None:
             ("Failed boots", ["sandbox", "round", "reason"], [[s["id"], s["round"], s["error"]] for s in failed])
         )
     return result
+
+
+def phase_meanings(data: dict[str, Any]) -> dict[str, str]:
+    """Every phase the run recorded, in the backend's order, with the meaning the backend gave it;
+    a phase it did not describe is still shown, never dropped."""
+    described: dict[str, str] = dict(data.get("backend", {}).get("phases") or {})
+    seen = dict.fromkeys(name for s in data["sandboxes"] for name in s.get("phases_ms", {}))
+    return {**{p: m for p, m in described.items() if p in seen}, **{p: UNDESCRIBED for p in seen if p not in described}}
 
 
 def _cells(stats: dict[str, Any]) -> list[Any]:

@@ -23,7 +23,8 @@ from pathlib import Path
 from harness.errors import EnvironmentMissing
 from harness.image import GuestImage
 from harness.sandbox.base import SandboxSpec
-from harness.sandbox.qmp import Qmp
+from harness.sandbox.qemu.qmp import Qmp
+from harness.sandbox.qemu.vm import Microvm
 from harness.supervisor import Supervisor
 
 TEMPLATE_CMDLINE = "init_on_free=1"
@@ -41,15 +42,15 @@ DROP_CACHES = "sync; echo 3 > /proc/sys/vm/drop_caches; echo 1 > /proc/sys/vm/co
 
 def snapshot_path(cache: Path, image: GuestImage, accel: str, spec: SandboxSpec, qemu_version: str) -> Path:
     """Content-addressed: image, accelerator, QEMU and every part of the shape a restore must match."""
-    shape = f"{spec.mem_mib}|{spec.vcpus}|{spec.free_page_reporting}"
+    shape = f"{spec.mem_mib}|{spec.vcpus}|{spec.reclaim}"
     key = hashlib.sha256(f"{SNAPSHOT_FORMAT}|{image.digest}|{accel}|{shape}|{qemu_version}".encode()).hexdigest()
     return cache / "snapshots" / f"{key[:16]}.vmstate"
 
 
-def make_template(path: Path, image: GuestImage, spec: SandboxSpec, timeout_s: float = MIGRATE_TIMEOUT_S) -> Path:
+def make_template(
+    path: Path, image: GuestImage, accel: str, spec: SandboxSpec, timeout_s: float = MIGRATE_TIMEOUT_S
+) -> Path:
     """Cold-boot a template guest and migrate it to `path`; a no-op when the snapshot exists."""
-    from harness.sandbox.qemu import Microvm
-
     if path.exists():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -60,8 +61,9 @@ def make_template(path: Path, image: GuestImage, spec: SandboxSpec, timeout_s: f
             replace(spec, id="template", workdir=Path(tmp), gateway_port=None),
             image,
             sup,
+            accel,
             extra_cmdline=TEMPLATE_CMDLINE,
-            extra_args=("-qmp", f"unix:{qmp_socket},server=on,wait=off"),
+            qmp_socket=qmp_socket,
         )
         template.spawn()
         try:

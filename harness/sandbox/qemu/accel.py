@@ -18,7 +18,7 @@ from pathlib import Path
 from harness.errors import ConfigError, EnvironmentMissing
 from harness.image import GuestImage
 from harness.sandbox.base import BootFailed, SandboxSpec
-from harness.sandbox.qemu import Microvm, qemu_version
+from harness.sandbox.qemu.vm import Microvm, qemu_version
 from harness.supervisor import Supervisor
 
 CANARY_TIMEOUT_S = 15.0
@@ -59,8 +59,8 @@ def canary_boots(
 ) -> tuple[bool, str, float | None]:
     """Boot one guest under `accel`; (booted, reason, boot_ms). Never leaves the guest running."""
     with tempfile.TemporaryDirectory(prefix="br-canary-") as tmp, Supervisor(f"canary-{os.getpid()}") as supervisor:
-        spec = SandboxSpec(id="canary", workdir=Path(tmp), accel=accel, boot_timeout_s=timeout_s)
-        vm = Microvm(spec, image, supervisor, extra_args=extra_args)
+        spec = SandboxSpec(id="canary", workdir=Path(tmp), boot_timeout_s=timeout_s)
+        vm = Microvm(spec, image, supervisor, accel, extra_args=extra_args)
         vm.spawn()
         try:
             vm.wait_ready()

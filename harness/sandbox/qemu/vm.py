@@ -1,4 +1,4 @@
-"""The embedded default backend: a QEMU `microvm` guest per sandbox, booted from the harness's image."""
+"""One QEMU `microvm` guest: its command line, its network as the guest sees it, spawn, readiness, exec, stop."""
 
 from __future__ import annotations
 
@@ -6,16 +6,16 @@ import ctypes
 import os
 import re
 import shutil
-import socket
 import subprocess
 import threading
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from harness.errors import EnvironmentMissing
 from harness.image import GuestImage
-from harness.sandbox.agent import AgentUnavailable, agent_exec
-from harness.sandbox.base import BackendOptions, BootFailed, BootRecord, ExecResult, SandboxSpec
+from harness.sandbox.agent import GUEST_AGENT_PORT, AgentUnavailable, agent_exec, free_port
+from harness.sandbox.base import BootFailed, BootRecord, Endpoint, ExecResult, GuestNetwork, SandboxSpec
 from harness.supervisor import Supervisor
 
 QEMU_BINARY = "qemu-system-x86_64"
@@ -33,11 +33,25 @@ KERNEL_CMDLINE = (
 TCG_TB_SIZE_MIB = 64
 """Translation-block cache; QEMU's default (1 GiB) lets RSS grow with code translated."""
 
-GUEST_AGENT_PORT = 7000
-"""Port the guest agent listens on inside the guest; reached through a slirp hostfwd."""
+GUEST_NETWORK = GuestNetwork(
+    egress=Endpoint("10.0.2.100", 3128),
+    egress_route="QEMU user networking (slirp, restrict=on) guestfwd: one socat per guest connection to the "
+    "sandbox's own gateway listener on host loopback",
+    agent_port=GUEST_AGENT_PORT,
+    own_address="10.0.2.15",
+    host_alias="10.0.2.2",
+    resolver="10.0.2.3",
+)
+"""slirp's fixed layout: the guest's address, the host alias, slirp's DNS and the gateway's guestfwd address."""
 
-GATEWAY_GUEST_ADDR = "10.0.2.100:3128"
-"""Where the guest sees its gateway; slirp relays each connection to the host listener."""
+GUEST_PREFIX_LEN = 24
+"""slirp's network is 10.0.2.0/24."""
+
+ENGINE_GUEST_ADDR = Endpoint("10.0.2.50", 2375)
+"""Where a weakened guest finds the forwarded engine socket (a guestfwd must lie inside slirp's /24)."""
+
+GUEST_CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
+"""Where OpenSSL-style clients in the guest look for trusted CAs (the initramfs is writable)."""
 
 READY_POLL_S = 0.02
 """Pause between agent probes while a guest boots."""
@@ -55,13 +69,20 @@ COLD_PHASES = [("kernel_start", "vmm"), ("init", "kernel"), ("network", "userspa
 RESTORE_PHASES = [("agent_ready", "restore"), ("identity", "identity")]
 """(mark, phase ending at it) for a snapshot restore."""
 
+PHASES = {
+    "vmm": "spawn → kernel start (VMM set-up, firmware, kernel decompression)",
+    "kernel": "kernel start → /init (guest uptime at init)",
+    "userspace": "/init → network up (modules, mounts, interfaces)",
+    "agent": "network up → first answer from the guest agent",
+    "restore": "spawn → first agent answer of a guest restored from the template snapshot",
+    "identity": "rename the clone and mix host randomness into its entropy pool",
+}
+"""Every phase a QEMU boot records (cold: the first four; snapshot: the last two), with its meaning."""
+
 RESEED_BYTES = 64
 """Host randomness written into each restored clone's entropy pool."""
 
 MEMINFO_RE = re.compile(rb"^(MemTotal|MemFree|MemAvailable):\s+(\d+) kB", re.M)
-
-PORT_CLASH_ATTEMPTS = 3
-"""Spawns tried when another process takes the agent port between our bind test and QEMU's bind."""
 
 PR_SET_THP_DISABLE = 41
 """prctl option; inherited across fork and execve."""
@@ -99,13 +120,6 @@ def qemu_version() -> str:
     return out.splitlines()[0] if out else "unknown"
 
 
-def free_port() -> int:
-    """An ephemeral loopback port; QEMU binds it a moment later (a clash is retried, see QemuBackend.boot)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
@@ -122,29 +136,58 @@ def socat_binary() -> str:
     return path
 
 
+@dataclass(frozen=True)
+class Exposure:
+    """How much of the host a guest's network reaches: restricted by default, loosened only for --leaky."""
+
+    restricted: bool = True
+    """slirp restrict=on: no way out but the guestfwd relays and the agent's hostfwd."""
+    engine_socket: Path | None = None
+    """A host engine socket forwarded to ENGINE_GUEST_ADDR inside (leaky only)."""
+
+
+RESTRICTED = Exposure()
+"""Every sandbox's network unless weakened."""
+
+
 class Microvm:
     """One QEMU microvm: spawn, wait for its agent, exec commands, kill."""
+
+    ca_bundle = GUEST_CA_BUNDLE
 
     def __init__(
         self,
         spec: SandboxSpec,
         image: GuestImage,
         supervisor: Supervisor,
-        extra_cmdline: str = "",
-        extra_args: tuple[str, ...] = (),
+        accel: str,
         restore_from: Path | None = None,
+        extra_cmdline: str = "",
+        qmp_socket: Path | None = None,
+        exposure: Exposure = RESTRICTED,
+        extra_args: tuple[str, ...] = (),
     ) -> None:
         self.spec = spec
+        self.accel = accel
+        """kvm or tcg."""
+        self.restore_from = restore_from
+        """The template snapshot it resumes, or None for a cold boot."""
         self.restored = restore_from is not None
-        if restore_from is not None:
-            extra_args = (*extra_args, "-incoming", f"exec:cat {restore_from}")
         self.extra_cmdline = extra_cmdline
+        self.qmp_socket = qmp_socket
+        """A QMP control socket (the template needs one to migrate itself into a snapshot)."""
+        self.exposure = exposure
         self.extra_args = extra_args
+        """Appended to QEMU's argv (tests freeze a guest with -S)."""
+        self.network = (
+            GUEST_NETWORK if exposure.engine_socket is None else replace(GUEST_NETWORK, engine=ENGINE_GUEST_ADDR)
+        )
         self.id = spec.id
         self.image = image
         self.supervisor = supervisor
         self.boot = BootRecord()
         self.agent_port = free_port()
+        """Host loopback port forwarded to the guest agent."""
         self.guest_meminfo: dict[str, int] = {}
         self.proc: subprocess.Popen[bytes] | None = None
         self._spawned_at = 0.0
@@ -159,16 +202,23 @@ class Microvm:
         spec = self.spec
         gateway_port = spec.gateway_port if spec.gateway_port is not None else free_port()
         # slirp runs the cmd: once per guest connection; a tcp: target would be one shared stream.
-        relay = f"{socat_binary()} - TCP:127.0.0.1:{gateway_port}"
-        guest_ip, guest_port = GATEWAY_GUEST_ADDR.split(":")
-        netdev = (
-            f"user,id=n0,restrict=on,"
-            f"guestfwd=tcp:{guest_ip}:{guest_port}-cmd:{relay},"
-            f"hostfwd=tcp:127.0.0.1:{self.agent_port}-:{GUEST_AGENT_PORT}"
+        forwards = {GUEST_NETWORK.egress: f"{socat_binary()} - TCP:127.0.0.1:{gateway_port}"}
+        if self.exposure.engine_socket is not None:
+            forwards[ENGINE_GUEST_ADDR] = f"{socat_binary()} - UNIX-CONNECT:{self.exposure.engine_socket}"
+        netdev = ",".join(
+            [
+                "user",
+                "id=n0",
+                f"restrict={'on' if self.exposure.restricted else 'off'}",
+                *(f"guestfwd=tcp:{where}-cmd:{relay}" for where, relay in forwards.items()),
+                f"hostfwd=tcp:127.0.0.1:{self.agent_port}-:{GUEST_NETWORK.agent_port}",
+            ]
         )
         accel = (
-            ["-accel", "kvm", "-cpu", "host"] if spec.accel == "kvm" else ["-accel", f"tcg,tb-size={TCG_TB_SIZE_MIB}"]
+            ["-accel", "kvm", "-cpu", "host"] if self.accel == "kvm" else ["-accel", f"tcg,tb-size={TCG_TB_SIZE_MIB}"]
         )
+        restore = ["-incoming", f"exec:cat {self.restore_from}"] if self.restore_from is not None else []
+        qmp = ["-qmp", f"unix:{self.qmp_socket},server=on,wait=off"] if self.qmp_socket is not None else []
         return [
             qemu_binary(),
             "-name",
@@ -192,7 +242,9 @@ class Microvm:
             "-device",
             "virtio-net-device,netdev=n0",
             "-device",
-            f"virtio-balloon-device,free-page-reporting={'on' if spec.free_page_reporting else 'off'}",
+            f"virtio-balloon-device,free-page-reporting={'on' if spec.reclaim else 'off'}",
+            *qmp,
+            *restore,
             *self.extra_args,
         ]
 
@@ -204,9 +256,12 @@ class Microvm:
         return ["-kernel", str(self.image.kernel), "-initrd", str(self.image.initrd), "-append", self.cmdline()]
 
     def cmdline(self) -> str:
-        """Kernel command line: tuned defaults, TCG's TSC hint, the sandbox id, extras last."""
-        tcg = tcg_cmdline() if self.spec.accel == "tcg" else ""
-        return f"{KERNEL_CMDLINE}{tcg} br.id={self.spec.id} {self.extra_cmdline}".strip()
+        """Kernel command line: tuned defaults, TCG's TSC hint, the guest's network (the image itself
+        knows no address), the sandbox id, extras last."""
+        tcg = tcg_cmdline() if self.accel == "tcg" else ""
+        net = GUEST_NETWORK
+        network = f"br.egress={net.egress} br.addr={net.own_address}/{GUEST_PREFIX_LEN} br.gw={net.host_alias}"
+        return f"{KERNEL_CMDLINE}{tcg} {network} br.id={self.spec.id} {self.extra_cmdline}".strip()
 
     def _mark(self, name: str, at: float | None = None) -> float:
         ms = ((at if at is not None else time.monotonic()) - self._spawned_at) * 1000.0
@@ -308,100 +363,8 @@ class Microvm:
     def console_tail(self) -> list[str]:
         return list(self._console_lines)
 
+    def guest_memory(self) -> dict[str, int] | None:
+        return dict(self.guest_meminfo) or None
 
-class QemuBackend:
-    """Boots Microvms from one guest image under one accelerator, cold or from template snapshots."""
-
-    name = "qemu"
-
-    def __init__(
-        self,
-        image: GuestImage,
-        accel: str,
-        accel_reason: str = "",
-        boot_mode: str = "snapshot",
-        cache: Path | None = None,
-    ) -> None:
-        self.image = image
-        self.accel = accel
-        self.accel_reason = accel_reason
-        self.boot_mode = boot_mode
-        """snapshot: restore each sandbox from a template booted with the same device set; cold: boot it."""
-        self.cache = cache
-        self._templates: dict[tuple[int, int, bool], Path] = {}
-        self._template_lock = threading.Lock()
-
-    def template_for(self, spec: SandboxSpec) -> Path | None:
-        """The snapshot a sandbox of this shape restores from, made on first use; None when booting cold.
-
-        A restore needs the same RAM size and devices as its template, so there is one per shape."""
-        if self.boot_mode != "snapshot":
-            return None
-        from harness.sandbox.snapshot import make_template, snapshot_path
-
-        assert self.cache is not None, "snapshot boots need a cache directory"
-        shape = (spec.mem_mib, spec.vcpus, spec.free_page_reporting)
-        with self._template_lock:
-            if shape not in self._templates:
-                path = snapshot_path(self.cache, self.image, self.accel, spec, qemu_version())
-                self._templates[shape] = make_template(path, self.image, spec)
-            return self._templates[shape]
-
-    def boot(self, spec: SandboxSpec, supervisor: Supervisor) -> Microvm:
-        template = self.template_for(spec)
-        for attempt in range(1, PORT_CLASH_ATTEMPTS + 1):
-            vm = Microvm(spec, self.image, supervisor, restore_from=template)
-            vm.spawn()
-            try:
-                vm.wait_ready()
-                if vm.restored:
-                    vm.reidentify()
-                return vm
-            except BootFailed as failure:
-                vm.stop()
-                # Not a retried boot: QEMU never started the guest because its agent port was taken.
-                if "host forwarding rule" not in failure.reason or attempt == PORT_CLASH_ATTEMPTS:
-                    raise
-            except BaseException:
-                vm.stop()
-                raise
-        raise AssertionError("unreachable")
-
-    def describe(self) -> dict[str, object]:
-        return {
-            "vmm": qemu_version(),
-            "machine": MACHINE,
-            "accel": self.accel,
-            "accel_reason": self.accel_reason,
-            "boot_mode": self.boot_mode,
-            "snapshot_bytes": {
-                f"{mem}MiB/{cpus}cpu/fpr={'on' if fpr else 'off'}": path.stat().st_size
-                for (mem, cpus, fpr), path in self._templates.items()
-            },
-            "tcg_tb_size_mib": TCG_TB_SIZE_MIB if self.accel == "tcg" else None,
-            "kernel_cmdline": KERNEL_CMDLINE + (tcg_cmdline() if self.accel == "tcg" else ""),
-            "kernel_release": self.image.kernel_release,
-            "initramfs_bytes": self.image.initrd.stat().st_size,
-            "image_digest": self.image.digest,
-            "guest_modules": list(self.image.modules),
-        }
-
-
-def create_backend(options: BackendOptions) -> QemuBackend:
-    """Build (or reuse) the guest image, decide the accelerator, and make the default template snapshot
-    now, so that the first measured boot is a restore like every other one."""
-    from harness.image import build_image
-    from harness.sandbox.accel import decide_accel
-
-    qemu_binary()
-    socat_binary()
-    image = build_image(options.cache)
-    verdict = decide_accel(options.accel, image, options.cache / "accel-verdicts.json")
-    reason = verdict.reason + (" (cached verdict)" if verdict.cached else "")
-    backend = QemuBackend(image, verdict.accel, reason, options.boot_mode, options.cache)
-    backend.template_for(
-        SandboxSpec(
-            id="template", workdir=options.cache, accel=verdict.accel, mem_mib=options.mem_mib, vcpus=options.vcpus
-        )
-    )
-    return backend
+    def host_endpoints(self) -> dict[str, Endpoint]:
+        return {"agent": Endpoint("127.0.0.1", self.agent_port)}

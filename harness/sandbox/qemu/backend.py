@@ -1,0 +1,144 @@
+"""The embedded default backend: a QEMU `microvm` guest per sandbox, booted from the harness's image,
+cold or restored from a template snapshot."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import replace
+from pathlib import Path
+
+from harness.image import GuestImage, build_image
+from harness.sandbox.base import BackendOptions, BootFailed, Features, SandboxSpec
+from harness.sandbox.qemu.accel import decide_accel
+from harness.sandbox.qemu.snapshot import make_template, snapshot_path
+from harness.sandbox.qemu.vm import (
+    KERNEL_CMDLINE,
+    MACHINE,
+    PHASES,
+    RESTRICTED,
+    TCG_TB_SIZE_MIB,
+    Exposure,
+    Microvm,
+    qemu_binary,
+    qemu_version,
+    socat_binary,
+    tcg_cmdline,
+)
+from harness.supervisor import Supervisor
+
+FEATURES = Features(snapshot=True, reclaim=True, own_kernel=True, weaken=True, guest_memory=True, min_mem_mib=96)
+"""The 6.1 guest kernel panics below 96 MiB."""
+
+PORT_CLASH_ATTEMPTS = 3
+"""Spawns tried when another process takes the agent port between our bind test and QEMU's bind."""
+
+
+class QemuBackend:
+    """Boots Microvms from one guest image under one accelerator, cold or from template snapshots."""
+
+    name = "qemu"
+    features = FEATURES
+    phases = PHASES
+
+    def __init__(
+        self,
+        image: GuestImage,
+        accel: str,
+        accel_reason: str = "",
+        boot_mode: str = "snapshot",
+        cache: Path | None = None,
+        exposure: Exposure = RESTRICTED,
+    ) -> None:
+        self.image = image
+        self.accel = accel
+        self.accel_reason = accel_reason
+        self.boot_mode = boot_mode
+        """snapshot: restore each sandbox from a template booted with the same device set; cold: boot it."""
+        self.cache = cache
+        self.exposure = exposure
+        """Restricted unless weakened for --leaky."""
+        self._templates: dict[tuple[int, int, bool], Path] = {}
+        self._template_lock = threading.Lock()
+
+    def template_for(self, spec: SandboxSpec) -> Path | None:
+        """The snapshot a sandbox of this shape restores from, made on first use; None when booting cold.
+
+        A restore needs the same RAM size and devices as its template, so there is one per shape."""
+        if self.boot_mode != "snapshot":
+            return None
+        assert self.cache is not None, "snapshot boots need a cache directory"
+        shape = (spec.mem_mib, spec.vcpus, spec.reclaim)
+        with self._template_lock:
+            if shape not in self._templates:
+                path = snapshot_path(self.cache, self.image, self.accel, spec, qemu_version())
+                self._templates[shape] = make_template(path, self.image, self.accel, spec)
+            return self._templates[shape]
+
+    def boot(self, spec: SandboxSpec, supervisor: Supervisor) -> Microvm:
+        template = self.template_for(spec)
+        for attempt in range(1, PORT_CLASH_ATTEMPTS + 1):
+            vm = Microvm(spec, self.image, supervisor, self.accel, restore_from=template, exposure=self.exposure)
+            vm.spawn()
+            try:
+                vm.wait_ready()
+                if vm.restored:
+                    vm.reidentify()
+                return vm
+            except BootFailed as failure:
+                vm.stop()
+                # Not a retried boot: QEMU never started the guest because its agent port was taken.
+                if "host forwarding rule" not in failure.reason or attempt == PORT_CLASH_ATTEMPTS:
+                    raise
+            except BaseException:
+                vm.stop()
+                raise
+        raise AssertionError("unreachable")
+
+    def weaken(self, engine_socket: Path) -> QemuBackend:
+        """Unrestricted user networking (host loopback at the host alias, direct egress) and the host's
+        engine socket forwarded into every guest; same image, accelerator and templates."""
+        weak = QemuBackend(
+            self.image,
+            self.accel,
+            self.accel_reason,
+            self.boot_mode,
+            self.cache,
+            replace(self.exposure, restricted=False, engine_socket=engine_socket),
+        )
+        weak._templates = self._templates  # the netdev may differ on restore; the device set is the same
+        return weak
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "vmm": qemu_version(),
+            "machine": MACHINE,
+            "accel": self.accel,
+            "accel_reason": self.accel_reason,
+            "boot_mode": self.boot_mode,
+            "network": "restricted" if self.exposure.restricted else "unrestricted (weakened)",
+            "snapshot_bytes": {
+                f"{mem}MiB/{cpus}cpu/fpr={'on' if fpr else 'off'}": path.stat().st_size
+                for (mem, cpus, fpr), path in self._templates.items()
+            },
+            "tcg_tb_size_mib": TCG_TB_SIZE_MIB if self.accel == "tcg" else None,
+            "kernel_cmdline": KERNEL_CMDLINE + (tcg_cmdline() if self.accel == "tcg" else ""),
+            "kernel_release": self.image.kernel_release,
+            "initramfs_bytes": self.image.initrd.stat().st_size,
+            "image_digest": self.image.digest,
+            "guest_modules": list(self.image.modules),
+        }
+
+
+def create_backend(options: BackendOptions) -> QemuBackend:
+    """Build (or reuse) the guest image, decide the accelerator, and make the default template snapshot
+    now, so that the first measured boot is a restore like every other one."""
+    qemu_binary()
+    socat_binary()
+    image = build_image(options.cache)
+    verdict = decide_accel(options.accel, image, options.cache / "accel-verdicts.json")
+    reason = verdict.reason + (" (cached verdict)" if verdict.cached else "")
+    backend = QemuBackend(image, verdict.accel, reason, options.boot_mode, options.cache)
+    backend.template_for(
+        SandboxSpec(id="template", workdir=options.cache, mem_mib=options.mem_mib, vcpus=options.vcpus)
+    )
+    return backend
