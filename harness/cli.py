@@ -19,6 +19,7 @@ from harness.config import SCENARIO_ALIASES, SCENARIO_FLAGS, RunConfig, flag_nam
 from harness.errors import HarnessError
 from harness.load.bench import ProxyBenchConfig
 from harness.report.format import mib, ms
+from harness.sandbox.base import SandboxRecord
 from harness.supervisor import Interrupted, reap_leftovers
 
 console = Console(stderr=True, soft_wrap=True)
@@ -57,11 +58,11 @@ class ProgressEvents(BenchEvents):
     def round_started(self, label: str, total: int) -> None:
         self.task = self.progress.add_task(f"booting ({label})", total=total)
 
-    def sandbox_done(self, record: dict[str, Any]) -> None:
+    def sandbox_done(self, record: SandboxRecord) -> None:
         if self.task is not None:
             self.progress.advance(self.task)
-        if not record["ok"]:
-            self.progress.console.print(f"[red]✗ {record['id']}:[/] {record['error']}")
+        if not record.ok:
+            self.progress.console.print(f"[red]✗ {record.id}:[/] {record.error}")
 
     def round_finished(self, label: str) -> None:
         if self.task is not None:

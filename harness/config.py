@@ -91,13 +91,16 @@ class RunConfig:
     def validate(self) -> None:
         # Imported here, not at the top: tasks.py imports this module for the config keys on every
         # `invoke` call, and the backends pull in the QEMU code.
-        from harness.sandbox import available_backends
+        from harness.sandbox import available_backends, backend_features
         from harness.sandbox.base import BOOT_MODES
         from harness.sandbox.qemu.accel import ACCELS
 
         backends = available_backends()
         if self.backend not in backends:
             raise ConfigError(f"unknown backend {self.backend!r}; choose one of: {', '.join(backends)}")
+        floor = backend_features(self.backend).min_mem_mib
+        if floor is not None and self.mem_mib < floor:
+            raise ConfigError(f"--mem-mib must be at least {floor} for the {self.backend} backend, not {self.mem_mib}")
         if self.accel not in ACCELS:
             raise ConfigError(f"--accel must be one of {', '.join(ACCELS)}, not {self.accel!r}")
         if self.boot_mode not in BOOT_MODES:

@@ -10,9 +10,10 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from harness.config import RunConfig
-from harness.fleet import Fleet, boot_into, boot_record, open_fleet
+from harness.fleet import Fleet, boot_into, open_fleet
 from harness.gateway.process import GatewayConfig
 from harness.sandbox import Backend, Sandbox, SandboxSpec
+from harness.sandbox.base import SandboxRecord
 from harness.scenario.journal import Journal
 from harness.supervisor import Supervisor
 
@@ -70,7 +71,7 @@ class ScenarioContext:
     journal: Journal
     data: dict[str, Any] = field(default_factory=dict)
     """Scenario-specific results, saved under results.json["scenario"]["data"]."""
-    boots: list[dict[str, Any]] = field(default_factory=list)
+    boots: list[SandboxRecord] = field(default_factory=list)
     """Boot records of every sandbox the scenario booted (results.json["sandboxes"])."""
     save: Callable[[], None] = lambda: None
     """Write results.json now (the runner wires this); call it after each meaningful step."""
@@ -94,7 +95,7 @@ class ScenarioContext:
 
     def boot(self, fleet: Fleet, sandbox_id: str, **overrides: Any) -> Sandbox:
         """Boot one sandbox and record its boot like the bench does; raises BootFailed."""
-        record = boot_record(sandbox_id)
+        record = SandboxRecord(sandbox_id)
         with self._lock:
             self.boots.append(record)
         return boot_into(fleet, record, **overrides)

@@ -2,24 +2,18 @@
 
 from __future__ import annotations
 
-import signal
-import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from harness.bench import summarize_run
 from harness.config import RunConfig, build
-from harness.paths import cache_dir
-from harness.report import render_report
-from harness.results import SCHEMA, host_info, new_run_id, write_results
-from harness.sandbox import BackendOptions, SandboxSpec, create_backend, describe_backend
+from harness.run import open_run
 from harness.scenario.base import Scenario, ScenarioContext
 from harness.scenario.journal import Journal, now
 from harness.scenario.loader import available_scenarios, load_scenario_module
-from harness.supervisor import Interrupted, Supervisor, signals_raise
+from harness.supervisor import Interrupted
 
 RUN_KEYS = frozenset(f.name for f in fields(RunConfig))
 """Keys of a scenario's values that are run settings (the common flags); the rest are its own options."""
@@ -78,73 +72,35 @@ def run_scenario(name: str, values: Mapping[str, Any], out: Path | None = None) 
 
 def run_prepared(prepared: PreparedScenario) -> tuple[int, Path]:
     """Run a prepared scenario; always writes results.json (partial if interrupted) and report.html."""
-    name, config, scenario = prepared.name, prepared.config, prepared.scenario
-    run_id = new_run_id()
-    run_dir = config.out or Path("results") / run_id
-    run_dir.mkdir(parents=True, exist_ok=True)
-    journal = Journal(scenario=name)
-    data: dict[str, Any] = {
-        "schema": SCHEMA,
-        "run_id": run_id,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "partial": True,
-        "interrupted_by": None,
-        "host": host_info(),
-        "backend": {"name": config.backend},
-        "accel": None,
-        "config": prepared.config_record(),
-        "rounds": [],
-        "sandboxes": [],
-        "summary": summarize_run({"sandboxes": [], "rounds": []}),
-        "scenario": {"name": name, "journal": journal.to_dict(), "data": {}, "exit_code": None},
-    }
-    supervisor = Supervisor(run_id)
-    ctx: ScenarioContext | None = None
-
-    def save() -> None:
-        data["scenario"]["journal"] = journal.to_dict()
-        if ctx is not None:
-            data["scenario"]["data"] = ctx.data
-            data["sandboxes"] = list(ctx.boots)
-            data["summary"] = summarize_run(data)
-        write_results(run_dir, data)
-
-    save()
-    exit_code = 1
-    try:
-        with signals_raise():
-            backend = create_backend(
-                config.backend,
-                BackendOptions(
-                    cache=cache_dir(), accel=config.accel, mem_mib=config.mem_mib, boot_mode=config.boot_mode
-                ),
-            )
-            data["backend"] = describe_backend(backend)
-            data["accel"] = backend.accel
-            template = SandboxSpec(
-                id="",
-                workdir=run_dir,
-                mem_mib=config.mem_mib,
-                boot_timeout_s=config.boot_timeout_s,
-            )
+    scenario = prepared.scenario
+    journal = Journal(scenario=prepared.name)
+    section: dict[str, Any] = {"name": prepared.name, "journal": journal.to_dict(), "data": {}, "exit_code": None}
+    with open_run(prepared.config, prepared.config_record(), {"scenario": section}) as run:
+        run.before_save.append(lambda: section.update(journal=journal.to_dict()))
+        exit_code = 1
+        try:
+            backend = run.open_backend()
+            assert run.template is not None
             ctx = ScenarioContext(
-                run_dir=run_dir,
-                supervisor=supervisor,
+                run_dir=run.run_dir,
+                supervisor=run.supervisor,
                 backend=backend,
-                template=template,
+                template=run.template,
                 journal=journal,
-                save=save,
+                data=section["data"],
+                boots=run.sandboxes,
+                save=run.save,
             )
             try:
                 scenario.setup(ctx)
-                save()
+                run.save()
                 journal.steady_states["before"] = scenario.steady_state(ctx)
                 before = journal.steady_states["before"]
                 if before is not None and not before.get("met", True):
                     journal.status = "aborted"
                 else:
                     scenario.run(ctx)
-                    save()
+                    run.save()
                     after = scenario.steady_state(ctx)
                     journal.steady_states["after"] = after
                     journal.deviated = after is not None and not after.get("met", True)
@@ -156,23 +112,13 @@ def run_prepared(prepared: PreparedScenario) -> tuple[int, Path]:
                     with journal.activity("release-resources", "rollback"):
                         ctx.resources.close()
             exit_code = scenario.exit_code(ctx)
-            data["partial"] = False
-    except (KeyboardInterrupt, Interrupted) as exc:
-        journal.status = "interrupted"
-        data["interrupted_by"] = signal.Signals(exc.signum).name if isinstance(exc, Interrupted) else "SIGINT"
-        raise
-    except Exception as exc:
-        journal.status = "failed"
-        data["interrupted_by"] = f"{type(exc).__name__}: {exc}"
-        raise
-    finally:
-        journal.end = now()
-        supervisor.shutdown()
-        data["scenario"]["exit_code"] = exit_code
-        save()
-        try:
-            render_report(run_dir)
-        except Exception as exc:  # results.json is safe; a report bug must not hide the run's own outcome
-            data["report_error"] = f"{type(exc).__name__}: {exc}"
-            write_results(run_dir, data)
-    return exit_code, run_dir
+        except (KeyboardInterrupt, Interrupted):
+            journal.status = "interrupted"
+            raise
+        except Exception:
+            journal.status = "failed"
+            raise
+        finally:
+            journal.end = now()
+            section["exit_code"] = exit_code
+    return exit_code, run.run_dir
