@@ -18,8 +18,6 @@ from harness.fleet import Fleet, boot_into, open_fleet
 from harness.gateway.audit import summarise as summarise_audit
 from harness.gateway.policy import PolicyError, load_policy
 from harness.gateway.process import GatewayConfig
-from harness.gateway.upstream import DEFAULT_NAMES as UPSTREAM_NAMES
-from harness.gateway.upstream import UpstreamServer
 from harness.load.bench import ProxyBenchConfig, load_partial, run_proxy_bench
 from harness.load.guest import sample_in_guest
 from harness.metrics.memory import MemorySampler, mem_available_bytes, process_memory
@@ -27,6 +25,8 @@ from harness.results import BOOT_SAMPLES_FILE, MEMORY_SAMPLES_FILE
 from harness.run import Run, open_run
 from harness.sandbox import BootFailed
 from harness.sandbox.base import SandboxRecord
+from harness.standins.upstream import DEFAULT_NAMES as UPSTREAM_NAMES
+from harness.standins.upstream import UpstreamServer
 
 IDLE_SETTLE_S = 2.0
 """Wait after the last boot of a round before reading idle memory."""

@@ -20,6 +20,7 @@ from harness.errors import HarnessError
 from harness.load.bench import ProxyBenchConfig
 from harness.report.format import mib, ms
 from harness.sandbox.base import SandboxRecord
+from harness.scratch import sweep_scratch_dirs
 from harness.supervisor import Interrupted, reap_leftovers
 
 console = Console(stderr=True, soft_wrap=True)
@@ -142,9 +143,10 @@ def proxy_table(proxy: dict[str, Any]) -> Table:
 def clean() -> list[str]:
     from harness.scenario.runner import sweep_leftovers
 
-    removed = reap_leftovers() + sweep_leftovers()
+    removed = reap_leftovers() + sweep_scratch_dirs() + sweep_leftovers()
     for line in removed:
-        console.print(line)
+        # Plain text: a process named locust-master:squid:paced must not turn into an emoji.
+        console.print(line, markup=False, emoji=False, highlight=False)
     if not removed:
         console.print("nothing to clean")
     return removed

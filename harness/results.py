@@ -32,8 +32,12 @@ REQUIRED_SUMMARY = ("boot_ms", "success_rate", "mem_available_delta_bytes_per_sa
 PERCENTILE_KEYS = ("p50", "p95", "p99", "min", "max", "mean")
 
 
+RUN_ID_RANDOM_BYTES = 6
+"""48 random bits after the second: runs started in the same second do not collide."""
+
+
 def new_run_id() -> str:
-    return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(2)
+    return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(RUN_ID_RANDOM_BYTES)
 
 
 def _cpu_model() -> str:

@@ -13,7 +13,7 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -24,9 +24,39 @@ from harness.paths import pid_records_dir
 TERMINATE_GRACE_S = 2.0
 """How long a process group gets after SIGTERM before SIGKILL."""
 
+CHILD_ENV_ALLOWED = (
+    "PATH",
+    "HOME",
+    "USER",
+    "LOGNAME",
+    "SHELL",
+    "LANG",
+    "LANGUAGE",
+    "LC_ALL",
+    "LC_CTYPE",
+    "TERM",
+    "TZ",
+    "TMPDIR",
+    "XDG_CACHE_HOME",
+    "XDG_RUNTIME_DIR",
+    "VIRTUAL_ENV",
+    "PYTHONPATH",
+    "BLASTRADIUS_CACHE",
+)
+"""What a child inherits of the harness's environment: nothing that could be a key. Only the gateway
+needs keys, and it is handed them by name; a backend adds what its tools need (e.g. KUBECONFIG)."""
 
-class Interrupted(Exception):
-    """Raised in the main thread on SIGTERM (SIGINT raises KeyboardInterrupt)."""
+
+def child_environment(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """A scrubbed environment for a child: the allowed variables of ours, plus `extra`."""
+    return {**{name: os.environ[name] for name in CHILD_ENV_ALLOWED if name in os.environ}, **(extra or {})}
+
+
+class Interrupted(BaseException):
+    """Raised in the main thread on SIGTERM (SIGINT raises KeyboardInterrupt).
+
+    A BaseException, like KeyboardInterrupt: an `except Exception` that records a failed step (a
+    probe, a proxy target, a load thread) must never turn a cancelled run into a result."""
 
     def __init__(self, signum: int) -> None:
         super().__init__(signal.Signals(signum).name)
@@ -45,7 +75,8 @@ class ProcessRecord:
     """Human label, e.g. qemu:r0-sb1."""
 
 
-def _create_time(pid: int) -> float:
+def process_create_time(pid: int) -> float:
+    """psutil's start time of `pid`, 0.0 when it is gone: with the pid, it names one process for good."""
     try:
         return psutil.Process(pid).create_time()
     except psutil.Error:
@@ -53,14 +84,19 @@ def _create_time(pid: int) -> float:
 
 
 def pid_alive(pid: int) -> bool:
-    """True while a process with this pid exists (one we may not signal counts as alive)."""
+    """True while a process with this pid runs (one we may not signal counts as alive). A zombie has
+    ended and holds no memory; only its parent can reap it, and where an orphan's new parent is a
+    container's PID 1 that never reaps, it stays a zombie for good."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def kill_group(pid: int, grace_s: float = TERMINATE_GRACE_S) -> bool:
@@ -94,7 +130,9 @@ class Supervisor:
         self._popens: dict[int, subprocess.Popen[bytes]] = {}
 
     def spawn(self, argv: list[str], name: str, **popen_kwargs: object) -> subprocess.Popen[bytes]:
-        """Start argv in a new session and record it before returning."""
+        """Start argv in a new session and record it before returning. Its environment is scrubbed
+        (child_environment) unless the caller hands it one of its own."""
+        popen_kwargs.setdefault("env", child_environment())
         proc = subprocess.Popen(argv, start_new_session=True, **popen_kwargs)  # type: ignore[call-overload]
         self.adopt(proc.pid, name)
         with self._lock:
@@ -104,7 +142,7 @@ class Supervisor:
     def adopt(self, pid: int, name: str) -> None:
         """Take ownership of a process group started elsewhere (e.g. by a library)."""
         with self._lock:
-            self._live[pid] = ProcessRecord(pid=pid, create_time=_create_time(pid), name=name)
+            self._live[pid] = ProcessRecord(pid=pid, create_time=process_create_time(pid), name=name)
             self._write()
 
     def stop(self, pid: int, grace_s: float = TERMINATE_GRACE_S) -> None:
@@ -134,7 +172,7 @@ class Supervisor:
     def _write(self) -> None:
         payload = {
             "run_id": self.run_id,
-            "owner": {"pid": os.getpid(), "create_time": _create_time(os.getpid())},
+            "owner": {"pid": os.getpid(), "create_time": process_create_time(os.getpid())},
             "processes": [asdict(r) for r in self._live.values()],
         }
         tmp = self.record_path.with_suffix(".tmp")
@@ -177,10 +215,10 @@ def reap_leftovers() -> list[str]:
             removed.append(f"unreadable pid record {path.name}")
             continue
         owner = payload.get("owner", {})
-        if owner and _create_time(owner.get("pid", -1)) == owner.get("create_time"):
+        if owner and process_create_time(owner.get("pid", -1)) == owner.get("create_time"):
             continue  # that run is still alive; it owns its processes
         for record in payload.get("processes", []):
-            if _create_time(record["pid"]) == record["create_time"] and kill_group(record["pid"]):
+            if process_create_time(record["pid"]) == record["create_time"] and kill_group(record["pid"]):
                 removed.append(f"killed {record['name']} (pid {record['pid']}) from run {payload['run_id']}")
         path.unlink(missing_ok=True)
         removed.append(f"removed pid record of run {payload.get('run_id', path.stem)}")

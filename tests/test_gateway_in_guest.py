@@ -10,9 +10,9 @@ import pytest
 
 from harness.fleet import Fleet, open_fleet
 from harness.gateway.process import GatewayConfig
-from harness.gateway.upstream import UpstreamServer
 from harness.paths import cache_dir
 from harness.sandbox import BackendOptions, Sandbox, SandboxSpec, create_backend
+from harness.standins.upstream import UpstreamServer
 from harness.supervisor import Supervisor
 from tests.gateway.conftest import ANTHROPIC_KEY, SECRET_ENV, TEST_POLICY, credentials
 

@@ -76,12 +76,11 @@ def test_timeout_and_stop_leave_no_process(backend: HostBackend, supervisor: Sup
     slow = sandbox.exec("sleep 30; echo late", timeout=1)
     assert slow.timed_out and slow.rc == 137 and b"late" not in slow.stdout
     # A command that leaves a daemon behind: the sandbox owns it all the same.
-    assert sandbox.exec("(setsid sleep 300 &) ; echo started", timeout=5).text.strip() == "started"
-    daemon = [
-        p
-        for p in sandbox.pids()
-        if "sleep" in " ".join(psutil.Process(p).cmdline()) and "300" in " ".join(psutil.Process(p).cmdline())
-    ]
+    assert (
+        sandbox.exec("(setsid sleep 300 </dev/null >/dev/null 2>&1 &); echo started", timeout=5).text.strip()
+        == "started"
+    )
+    daemon = [p for p in sandbox.pids() if _cmdline(p) == "sleep 300"]
     assert daemon, "the orphaned daemon must stay a descendant of the sandbox"
     pids = sandbox.pids()
     sandbox.stop()
@@ -137,3 +136,10 @@ def test_isolation_on_the_host_backend_is_red_and_leaks_no_real_key(
     for path in run_dir.rglob("*"):
         if path.is_file():
             assert real_looking not in path.read_text(errors="replace"), path
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return " ".join(psutil.Process(pid).cmdline())
+    except psutil.Error:
+        return ""

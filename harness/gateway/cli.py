@@ -16,9 +16,8 @@ from pathlib import Path
 
 from harness.gateway.audit import ScrubFilter
 from harness.gateway.config import GatewayConfig
-from harness.gateway.control import ControlServer
+from harness.gateway.control import ControlServer, toxic_op
 from harness.gateway.server import Gateway
-from harness.gateway.toxics import toxic_op
 
 log = logging.getLogger("harness.gateway")
 
@@ -42,7 +41,7 @@ async def serve(config: GatewayConfig, sandboxes: dict[str, int] | None = None, 
     config.state_dir.mkdir(parents=True, exist_ok=True)
     gw = Gateway(config)
     for handler in logging.getLogger().handlers:
-        handler.addFilter(ScrubFilter(gw.audit))
+        handler.addFilter(ScrubFilter(gw.state.audit))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -58,7 +57,7 @@ async def serve(config: GatewayConfig, sandboxes: dict[str, int] | None = None, 
     ready = {
         "pid": os.getpid(),
         "control": str(control.path),
-        "ca_cert": str(gw.ca.ca_dir / "ca.pem"),
+        "ca_cert": str(gw.state.ca.ca_dir / "ca.pem"),
         "sandboxes": ports,
     }
     tmp = config.state_dir / (READY_FILE + ".tmp")
@@ -67,7 +66,7 @@ async def serve(config: GatewayConfig, sandboxes: dict[str, int] | None = None, 
     if announce:
         for sandbox, port in ports.items():
             print(f"gateway: sandbox {sandbox} -> http://{config.listen_host}:{port}", flush=True)
-        print(f"gateway: CA certificate {gw.ca.ca_dir / 'ca.pem'}; control {control.path}", flush=True)
+        print(f"gateway: CA certificate {gw.state.ca.ca_dir / 'ca.pem'}; control {control.path}", flush=True)
     watchdog = asyncio.ensure_future(_exit_with_parent(config, stop))
     try:
         await stop.wait()

@@ -4,7 +4,7 @@ Ops: health, add_sandbox {sandbox, port?}, remove_sandbox {sandbox}, stats, ca_c
 toxics (toxics.py): toxic_add {toxic}, toxic_remove {name}, toxic_clear, toxic_list; and
 set_deny {deny_mode?, loop_breaker?, loop_threshold?, loop_window_s?, loop_answer?} to switch the
 deny answer and the loop breaker (and its answer, "429" or "200-terminal") between runs without
-restarting (the breaker's memory starts afresh).
+restarting (the breaker's memory starts afresh; GatewayState.set_deny).
 Guests can never reach it: it is not a TCP port, and their only path is their own listener.
 """
 
@@ -21,12 +21,13 @@ from pathlib import Path
 from typing import Any
 
 from harness.gateway.server import Gateway
-from harness.gateway.toxics import TOXIC_OPS, set_deny, toxic_op
+from harness.gateway.toxics import DOWN, Toxic
 
 log = logging.getLogger(__name__)
 
 MAX_CONTROL_LINE = 64 * 1024
 CONTROL_TIMEOUT_S = 10.0
+TOXIC_OPS = ("toxic_add", "toxic_remove", "toxic_clear", "toxic_list")
 
 
 class ControlServer:
@@ -86,7 +87,7 @@ class ControlServer:
         if op == "stats":
             return {"ok": True, "stats": gw.snapshot_stats()}
         if op == "ca_cert":
-            return {"ok": True, "pem": gw.ca.cert_pem.decode()}
+            return {"ok": True, "pem": gw.state.ca.cert_pem.decode()}
         if op in TOXIC_OPS:
             return await toxic_op(gw, op, request)
         if op == "set_deny":
@@ -95,6 +96,53 @@ class ControlServer:
             self._on_shutdown()
             return {"ok": True}
         return {"ok": False, "error": f"unknown op {op!r}"}
+
+
+async def toxic_op(gw: Gateway, op: str, request: dict[str, Any]) -> dict[str, Any]:
+    """toxic_add / toxic_remove / toxic_clear / toxic_list; a `down` toxic opens or closes listeners."""
+    registry = gw.state.toxics
+    if op == "toxic_add":
+        toxic = registry.add(Toxic.from_dict(dict(request["toxic"])))
+        log.warning("toxic on: %s", toxic.to_dict())
+        if toxic.type == DOWN:
+            await gw.sync_down()
+        return {"ok": True, "toxic": toxic.to_dict()}
+    if op == "toxic_remove":
+        gone = registry.remove(str(request["name"]))
+        if gone is not None:
+            log.warning("toxic off: %s", gone.name)
+        await gw.sync_down()
+        return {"ok": True, "removed": gone is not None}
+    if op == "toxic_clear":
+        cleared = registry.clear()
+        await gw.sync_down()
+        return {"ok": True, "removed": [t.name for t in cleared]}
+    return {"ok": True, **registry.snapshot()}
+
+
+def set_deny(gw: Gateway, request: dict[str, Any]) -> dict[str, Any]:
+    """Switch the deny settings that the request names; the reply is all of them as they now are."""
+    state = gw.state
+    mode = request.get("deny_mode")
+    enabled = request.get("loop_breaker")
+    threshold = request.get("loop_threshold")
+    window = request.get("loop_window_s")
+    answer = request.get("loop_answer")
+    state.set_deny(
+        deny_mode=None if mode is None else str(mode),
+        loop_breaker=None if enabled is None else bool(enabled),
+        loop_threshold=None if threshold is None else int(threshold),
+        loop_window_s=None if window is None else float(window),
+        loop_answer=None if answer is None else str(answer),
+    )
+    return {
+        "ok": True,
+        "deny_mode": state.deny_mode,
+        "loop_breaker": state.breaker.enabled,
+        "loop_threshold": state.breaker.threshold,
+        "loop_window_s": state.breaker.window_s,
+        "loop_answer": state.effective_loop_answer(),
+    }
 
 
 def control_call(path: Path, op: str, timeout_s: float = CONTROL_TIMEOUT_S, **args: Any) -> dict[str, Any]:

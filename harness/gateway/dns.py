@@ -13,13 +13,10 @@ import ipaddress
 import logging
 import socket
 import struct
-from typing import TYPE_CHECKING
 
 from harness.gateway.audit import AuditRecord
 from harness.gateway.names import HostError, is_ip, normalise_host
-
-if TYPE_CHECKING:
-    from harness.gateway.server import Gateway
+from harness.gateway.state import GatewayState
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +79,8 @@ def build_response(qid: int, flags: int, question: bytes, rcode: int, answers: l
 
 
 class DnsServer:
-    def __init__(self, gw: Gateway, sandbox: str) -> None:
-        self.gw = gw
+    def __init__(self, state: GatewayState, sandbox: str) -> None:
+        self.state = state
         self.sandbox = sandbox
         self.port = 0
         self._udp: asyncio.DatagramTransport | None = None
@@ -123,7 +120,7 @@ class DnsServer:
             host = normalise_host(qname)
         except HostError:
             return self._decide(qid, flags, question, RCODE_REFUSED, [], qname, qtype_name, "bad-name")
-        if is_ip(host) or qclass != QCLASS_IN or not self.gw.policy.names_allowed(host):
+        if is_ip(host) or qclass != QCLASS_IN or not self.state.policy.names_allowed(host):
             return self._decide(qid, flags, question, RCODE_REFUSED, [], host, qtype_name, "not-allowed")
         if qtype not in (QTYPE_A, QTYPE_AAAA):
             return self._decide(qid, flags, question, RCODE_OK, [], host, qtype_name, None)
@@ -139,7 +136,7 @@ class DnsServer:
         return self._decide(qid, flags, question, RCODE_OK, answers, host, qtype_name, None)
 
     async def _resolve(self, host: str) -> list[str]:
-        override = self.gw.overrides.address_for(host)
+        override = self.state.overrides.address_for(host)
         if override is not None:
             return [override]
         infos = await asyncio.get_running_loop().getaddrinfo(host, None, type=socket.SOCK_STREAM)
@@ -157,8 +154,8 @@ class DnsServer:
         reason: str | None,
     ) -> bytes:
         allowed = rcode != RCODE_REFUSED
-        self.gw.stats["dns_answered" if allowed else "dns_refused"] += 1
-        self.gw.audit.write(
+        self.state.stats["dns_answered" if allowed else "dns_refused"] += 1
+        self.state.audit.write(
             AuditRecord(
                 event="dns",
                 sandbox=self.sandbox,

@@ -2,7 +2,7 @@
 
     cfg = GatewayConfig(policy="balanced", audit_path=run_dir / "gateway-audit.jsonl")
     with GatewayProcess(cfg) as gw:
-        port = gw.add_sandbox("r0-sb1")     # QEMU guestfwd 10.0.2.100:3128 -> 127.0.0.1:port
+        port = gw.add_sandbox("r0-sb1")  # the sandbox's egress relay connects to 127.0.0.1:port
         ...
 
 The child runs in a new session (its own process group), so stop() can kill the group and

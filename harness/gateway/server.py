@@ -1,26 +1,21 @@
-"""The gateway runtime: one asyncio loop, one listener per sandbox, shared policy and state."""
+"""The gateway runtime: one asyncio loop and one listener per sandbox; their sessions share state.GatewayState."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import socket
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from harness.gateway.audit import AuditLog, AuditRecord
+from harness.gateway.audit import AuditRecord
 from harness.gateway.config import GatewayConfig, default_ca_dir
-from harness.gateway.credentials import DEFAULT_CREDENTIALS, CredentialSpec, CredentialStore
 from harness.gateway.deny import error_answer, raw_response
-from harness.gateway.dial import Overrides
-from harness.gateway.loopbreaker import LoopBreaker
-from harness.gateway.policy import DENY_MODES, PolicyError, load_policy
-from harness.gateway.session import Session
+from harness.gateway.dns import DnsServer
+from harness.gateway.session import run_session
+from harness.gateway.state import GatewayState
 from harness.gateway.streams import STREAM_LIMIT
-from harness.gateway.tls import CertificateAuthority, upstream_client_context
-from harness.gateway.toxics import ToxicRegistry
 
 log = logging.getLogger(__name__)
 
@@ -32,45 +27,19 @@ class SandboxListener:
     sandbox: str
     server: asyncio.Server
     port: int
-    dns: Any = None  # dns.DnsServer when the policy-gated resolver is on
+    dns: DnsServer | None = None  # when the policy-gated resolver is on
     active: set[asyncio.Task[None]] = field(default_factory=set)
 
 
 class Gateway:
-    """Everything a Session needs, built once from a GatewayConfig."""
+    """The listeners: one per sandbox, each handing its connections to run_session over the shared state."""
 
     def __init__(self, config: GatewayConfig) -> None:
         self.config = config
-        self.policy = load_policy(config.policy)
-        if config.deny_mode is not None:
-            if config.deny_mode not in DENY_MODES:
-                raise PolicyError(f"deny_mode must be one of {DENY_MODES}")
-            self.policy.deny_mode = config.deny_mode
-        self.deny_mode = self.policy.deny_mode
-        self.limits = config.limits
-        self.breaker = LoopBreaker(
-            config.loop_threshold if config.loop_threshold is not None else self.policy.loop_threshold,
-            config.loop_window_s if config.loop_window_s is not None else self.policy.loop_window_s,
-            enabled=config.loop_breaker,
-        )
-        specs: list[CredentialSpec] | tuple[CredentialSpec, ...]
-        if config.credentials is not None:
-            specs = config.credentials
-        elif self.policy.credentials is not None:
-            specs = [CredentialSpec.from_dict(c) for c in self.policy.credentials]
-        else:
-            specs = DEFAULT_CREDENTIALS
-        self.credentials = CredentialStore(specs)
-        self.audit = AuditLog(config.audit_path, self.credentials.secrets())
-        self.ca = CertificateAuthority.load_or_create(config.ca_dir or default_ca_dir())
-        self.upstream_tls = upstream_client_context(config.upstream_ca_file)
-        self.overrides = Overrides(config.upstream_overrides)
-        self.dns_enabled = self.policy.dns if config.dns is None else config.dns
+        self.state = GatewayState.from_config(config)
+        self.dns_enabled = self.state.policy.dns if config.dns is None else config.dns
         self.listeners: dict[str, SandboxListener] = {}
-        self.toxics = ToxicRegistry()
         self.down: set[str] = set()  # sandboxes whose listener a `down` toxic holds closed
-        self.stats: Counter[str] = Counter()
-        self.per_sandbox: dict[str, Counter[str]] = {}
         self._conn_ids = 0
         self._active_total = 0
 
@@ -82,12 +51,10 @@ class Gateway:
         bound = server.sockets[0].getsockname()[1]
         listener = SandboxListener(sandbox, server, bound)
         if self.dns_enabled:
-            from harness.gateway.dns import DnsServer
-
-            listener.dns = DnsServer(self, sandbox)
+            listener.dns = DnsServer(self.state, sandbox)
             await listener.dns.start(self.config.listen_host)
         self.listeners[sandbox] = listener
-        self.per_sandbox.setdefault(sandbox, Counter())
+        self.state.counters(sandbox)
         log.info("sandbox %s: listening on %s:%d", sandbox, self.config.listen_host, bound)
         return listener
 
@@ -107,7 +74,7 @@ class Gateway:
         Down: the listener closes (new connections are refused) and open connections are cut.
         Back up: it listens again on the same port, which the guest's guestfwd still points at.
         """
-        want = self.toxics.down_sandboxes(list(self.listeners))
+        want = self.state.toxics.down_sandboxes(list(self.listeners))
         for sandbox in want - self.down:
             listener = self.listeners[sandbox]
             listener.server.close()
@@ -116,9 +83,9 @@ class Gateway:
             await asyncio.gather(*listener.active, return_exceptions=True)
             log.warning("sandbox %s: gateway down (toxic)", sandbox)
         for sandbox in self.down - want:
-            listener = self.listeners.get(sandbox)
-            if listener is not None:
-                listener.server = await self._listen(sandbox, listener.port)
+            back = self.listeners.get(sandbox)
+            if back is not None:
+                back.server = await self._listen(sandbox, back.port)
                 log.warning("sandbox %s: gateway back up", sandbox)
         self.down = want
 
@@ -136,10 +103,11 @@ class Gateway:
         return True
 
     async def _on_client(self, sandbox: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        state = self.state
         listener = self.listeners.get(sandbox)
         self._conn_ids += 1
         conn_id = self._conn_ids
-        counters = self.per_sandbox.setdefault(sandbox, Counter())
+        counters = state.counters(sandbox)
         sock = writer.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -147,11 +115,11 @@ class Gateway:
             writer.transport.abort()
             return
         if (
-            len(listener.active) >= self.limits.max_connections_per_sandbox
-            or self._active_total >= self.limits.max_connections_total
+            len(listener.active) >= state.limits.max_connections_per_sandbox
+            or self._active_total >= state.limits.max_connections_total
         ):
-            self.stats["connection_limit"] += 1
-            self.audit.write(
+            state.stats["connection_limit"] += 1
+            state.audit.write(
                 AuditRecord(
                     event="refused",
                     sandbox=sandbox,
@@ -172,33 +140,34 @@ class Gateway:
         assert task is not None
         listener.active.add(task)  # type: ignore[arg-type]
         self._active_total += 1
-        self.stats["connections"] += 1
+        state.stats["connections"] += 1
         counters["connections"] += 1
         try:
-            await Session(self, sandbox, conn_id, reader, writer).run()
+            await run_session(state, sandbox, conn_id, reader, writer)
         finally:
             self._active_total -= 1
             listener.active.discard(task)  # type: ignore[arg-type]
 
     # ---- control -------------------------------------------------------------------------
     def snapshot_stats(self) -> dict[str, Any]:
+        state = self.state
         return {
-            **dict(self.stats),
+            **dict(state.stats),
             "active_connections": self._active_total,
             "sandboxes": {
-                sid: {"port": lst.port, "active": len(lst.active), **dict(self.per_sandbox.get(sid, {}))}
+                sid: {"port": lst.port, "active": len(lst.active), **dict(state.per_sandbox.get(sid, {}))}
                 for sid, lst in self.listeners.items()
             },
-            "loop_trips": self.breaker.trips,
-            "audit_records": self.audit.records,
-            "audit_redactions": self.audit.redactions,
-            "toxics": self.toxics.snapshot(),
+            "loop_trips": state.breaker.trips,
+            "audit_records": state.audit.records,
+            "audit_redactions": state.audit.redactions,
+            "toxics": state.toxics.snapshot(),
         }
 
     async def close(self) -> None:
         for sandbox in list(self.listeners):
             await self.remove_sandbox(sandbox)
-        self.audit.close()
+        self.state.audit.close()
 
 
 def ca_cert_path(config: GatewayConfig) -> Path:

@@ -47,10 +47,7 @@ import random
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
-
-if TYPE_CHECKING:
-    from harness.gateway.server import Gateway
+from typing import Any, Protocol
 
 log = logging.getLogger(__name__)
 
@@ -519,63 +516,3 @@ class ToxicStream:
     def close(self) -> None:
         self.up.ctl.cancel_timers()
         self.inner.close()
-
-
-# ---- control API ops (control.py dispatches here) ---------------------------------------------
-TOXIC_OPS = ("toxic_add", "toxic_remove", "toxic_clear", "toxic_list")
-
-
-async def toxic_op(gw: Gateway, op: str, request: dict[str, Any]) -> dict[str, Any]:
-    registry = gw.toxics
-    if op == "toxic_add":
-        toxic = registry.add(Toxic.from_dict(dict(request["toxic"])))
-        log.warning("toxic on: %s", toxic.to_dict())
-        if toxic.type == DOWN:
-            await gw.sync_down()
-        return {"ok": True, "toxic": toxic.to_dict()}
-    if op == "toxic_remove":
-        gone = registry.remove(str(request["name"]))
-        if gone is not None:
-            log.warning("toxic off: %s", gone.name)
-        await gw.sync_down()
-        return {"ok": True, "removed": gone is not None}
-    if op == "toxic_clear":
-        gone = registry.clear()
-        await gw.sync_down()
-        return {"ok": True, "removed": [t.name for t in gone]}
-    return {"ok": True, **registry.snapshot()}
-
-
-def set_deny(gw: Gateway, request: dict[str, Any]) -> dict[str, Any]:
-    from harness.gateway.loopbreaker import LOOP_ANSWERS, LoopBreaker, resolve_answer
-    from harness.gateway.policy import DENY_MODES
-
-    mode = request.get("deny_mode")
-    if mode is not None and mode not in DENY_MODES:
-        raise ToxicError(f"deny_mode must be one of {DENY_MODES}")
-    answer = request.get("loop_answer")
-    if answer is not None and str(answer) not in LOOP_ANSWERS:
-        raise ToxicError(f"loop_answer must be one of {LOOP_ANSWERS}")
-    # Everything is checked before anything changes: a refused call leaves the gateway as it was.
-    if mode is not None:
-        gw.deny_mode = mode
-    old = gw.breaker
-    threshold = request.get("loop_threshold")
-    window = request.get("loop_window_s")
-    enabled = request.get("loop_breaker")
-    gw.breaker = LoopBreaker(
-        int(threshold) if threshold is not None else old.threshold,
-        float(window) if window is not None else old.window_s,
-        enabled=bool(enabled) if enabled is not None else old.enabled,
-        answer=str(answer) if answer is not None else old.answer,
-    )
-    gw.breaker.trips = old.trips  # stats keep counting across reconfigurations
-    effective = resolve_answer(gw.breaker.answer, gw.config.loop_answer, gw.policy.loop_answer)
-    return {
-        "ok": True,
-        "deny_mode": gw.deny_mode,
-        "loop_breaker": gw.breaker.enabled,
-        "loop_threshold": gw.breaker.threshold,
-        "loop_window_s": gw.breaker.window_s,
-        "loop_answer": effective,
-    }

@@ -5,9 +5,9 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
+import secrets
 import shutil
 import subprocess
-import tempfile
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -15,6 +15,7 @@ from pathlib import Path
 from harness.errors import EnvironmentMissing
 from harness.image.kernel import Kernel, fetch_kernel
 from harness.image.modules import Module, load_order, read_module_bytes
+from harness.scratch import scratch_dir
 
 BUSYBOX_PATH = Path("/bin/busybox")
 """Debian's busybox-static; a dynamically linked busybox would need its libraries in the guest."""
@@ -105,7 +106,8 @@ def _pack(root: Path, dest: Path) -> None:
         capture_output=True,
         check=True,
     ).stdout
-    partial = dest.with_suffix(".partial")
+    # A name of this writer's own: two runs that build the same image at once each rename a whole file.
+    partial = dest.with_name(f"{dest.name}.{os.getpid()}.{secrets.token_hex(4)}.partial")
     with gzip.GzipFile(partial, "wb", compresslevel=6, mtime=0) as out:
         out.write(archive)
     partial.replace(dest)
@@ -120,7 +122,7 @@ def build_image(cache: Path) -> GuestImage:
     initrd = cache / "initramfs" / f"{digest[:16]}.cpio.gz"
     if not initrd.exists():
         initrd.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(prefix="br-initramfs-") as staging:
+        with scratch_dir("br-initramfs-") as staging:
             _stage(Path(staging), modules, busybox)
             _pack(Path(staging), initrd)
     return GuestImage(

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import secrets
 import shutil
 import subprocess
 from dataclasses import dataclass
@@ -70,10 +73,19 @@ def fetch_kernel(cache: Path) -> Kernel:
     tree = cache / "kernel" / release
     if not (tree / ".complete").exists():
         deb = _download(package, debs)
-        shutil.rmtree(tree, ignore_errors=True)
-        tree.mkdir(parents=True)
-        _run(["dpkg-deb", "-x", str(deb), str(tree)], cwd=tree)
-        (tree / ".complete").touch()
+        # Unpacked beside the tree under a name of this run's own, then renamed into place: two runs
+        # that fetch at once never delete or half-write each other's tree.
+        staging = tree.with_name(f"{release}.{os.getpid()}.{secrets.token_hex(4)}.partial")
+        staging.mkdir(parents=True)
+        try:
+            _run(["dpkg-deb", "-x", str(deb), str(staging)], cwd=staging)
+            (staging / ".complete").touch()
+            if not (tree / ".complete").exists():
+                shutil.rmtree(tree, ignore_errors=True)  # a tree a killed run left half unpacked
+                with contextlib.suppress(OSError):  # another run renamed its own first: use that one
+                    staging.rename(tree)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     bzimage = tree / "boot" / f"vmlinuz-{release}"
     modules_dir = tree / "lib" / "modules" / release
     if not bzimage.exists() or not modules_dir.is_dir():

@@ -14,12 +14,12 @@ import pwd
 import shutil
 import socket
 import subprocess
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from harness.scratch import make_scratch_dir, remove_scratch_dir
 from harness.supervisor import Supervisor
 
 LOOPBACK = "127.0.0.1"
@@ -190,7 +190,7 @@ def start_squid(workdir: Path, supervisor: Supervisor) -> Peer:
     # Run as root, squid drops to the `proxy` user before opening its logs, and a run dir below a
     # private directory (pytest's, a home) is not reachable for that user. So squid's live files go
     # to a fresh directory of its own under the system temp dir, copied into the run dir on stop.
-    live = Path(tempfile.mkdtemp(prefix="br-squid-"))
+    live = make_scratch_dir("br-squid-")
     os.chmod(live, 0o755)
     conf = workdir / "squid.conf"
     conf.write_text(squid_config(live, port))
@@ -201,7 +201,7 @@ def start_squid(workdir: Path, supervisor: Supervisor) -> Peer:
         for name in ("cache.log", "access.log"):
             if (live / name).exists():
                 shutil.copyfile(live / name, workdir / name)
-        shutil.rmtree(live, ignore_errors=True)
+        remove_scratch_dir(live)
 
     # -N: foreground, no kid processes (one process to supervise and to sample), -f: our config only.
     with open(log, "ab") as out:

@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from harness.gateway.process import SENTINEL, CredentialSpec, GatewayConfig, GatewayProcess
-from harness.gateway.upstream import UpstreamServer
 from harness.load import peers
 from harness.load.peers import BLOCKED_HOST, PEERS
+from harness.standins.upstream import UpstreamServer
 from harness.supervisor import Supervisor
 
 DIRECT = "direct"

@@ -97,6 +97,14 @@ def become_subreaper() -> None:
     _libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
 
 
+def _running(process: psutil.Process) -> bool:
+    """Not gone and not a zombie waiting for its parent: a process whose memory is still a cost."""
+    try:
+        return process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 class HostProcess:
     """One 'sandbox' that is a plain host process: the guest agent behind socat on host loopback."""
 
@@ -200,7 +208,7 @@ class HostProcess:
             children = psutil.Process(self.proc.pid).children(recursive=True)
         except psutil.NoSuchProcess:
             return []
-        return [self.proc.pid, *(child.pid for child in children)]
+        return [self.proc.pid, *(child.pid for child in children if _running(child))]
 
     def stop(self) -> None:
         if self.proc is None:

@@ -44,11 +44,12 @@ import yaml
 from rich.console import RenderableType
 
 from harness.errors import ConfigError
+from harness.fleet import Fleet
 from harness.gateway.credentials import CredentialSpec
 from harness.gateway.process import GatewayConfig
-from harness.gateway.upstream import UpstreamServer
 from harness.sandbox.base import Endpoint, Sandbox
 from harness.scenario.base import ScenarioContext
+from harness.standins.upstream import UpstreamServer
 
 from . import honeytokens, probes
 from . import leaky as leaky_mod
@@ -117,8 +118,8 @@ class IsolationScenario:
         self.traps: dict[str, Any] = {}
         self.upstream: UpstreamServer | None = None
         self.stack = ExitStack()
-        self.fleet: Any = None
-        self.booted: list[Any] = []
+        self.fleet: Fleet | None = None
+        self.booted: list[Sandbox] = []
         self.decoy_pid: int | None = None
         self.probed = False
 
@@ -212,13 +213,15 @@ class IsolationScenario:
         backend = ctx.backend.weaken(self.traps["docker"].unix_path) if self.leaky else ctx.backend
         # Only a backend without isolation lets these through; an isolating one never sees them.
         careless_user = {"user_home": self.home.home, "user_env": {honeytokens.ENV_KEY_NAME: self.home.api_key}}
-        self.fleet = self.stack.enter_context(ctx.fleet(self._gateway_config(ctx), backend=backend, **careless_user))
+        fleet = self.fleet = self.stack.enter_context(
+            ctx.fleet(self._gateway_config(ctx), backend=backend, **careless_user)
+        )
         errors: list[BaseException] = []
-        booted: dict[int, Any] = {}
+        booted: dict[int, Sandbox] = {}
 
         def boot(index: int) -> None:
             try:
-                booted[index] = ctx.boot(self.fleet, f"{SANDBOX_PREFIX}-sb{index}")
+                booted[index] = ctx.boot(fleet, f"{SANDBOX_PREFIX}-sb{index}")
             except BaseException as exc:
                 errors.append(exc)
 
@@ -237,6 +240,7 @@ class IsolationScenario:
         weakenings."""
         project_tar = leaky_mod.home_tarball(self.home.project)
         home_tar = leaky_mod.home_tarball(self.home.home) if self.leaky else b""
+        assert self.fleet is not None and self.fleet.gateway is not None
         dns = self.fleet.gateway
         done = []
         for vm in self.booted:
@@ -304,6 +308,7 @@ class IsolationScenario:
 
     def _endpoints(self, sandbox: Sandbox) -> dict[str, Endpoint]:
         """Host-side addresses that lead into `sandbox`: its own, and its gateway listener."""
+        assert self.fleet is not None
         listener = self.fleet.egress_listener(sandbox.id)
         return {**sandbox.host_endpoints(), **({"gateway listener": listener} if listener else {})}
 

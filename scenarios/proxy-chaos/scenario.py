@@ -40,10 +40,10 @@ from harness.errors import ConfigError
 from harness.fleet import Fleet
 from harness.gateway.process import CredentialSpec, GatewayConfig, GatewayProcess
 from harness.gateway.toxics import Toxic
-from harness.gateway.upstream import UpstreamServer
 from harness.metrics.stats import percentile
 from harness.scenario.base import ScenarioContext
 from harness.scenario.journal import Activity, now
+from harness.standins.upstream import UpstreamServer
 
 NAME = "proxy-chaos"
 HERE = Path(__file__).resolve().parent

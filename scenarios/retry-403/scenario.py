@@ -34,9 +34,9 @@ from typing import Any
 from harness.errors import ConfigError
 from harness.fleet import Fleet
 from harness.gateway.process import CredentialSpec, GatewayConfig, GatewayProcess
-from harness.gateway.upstream import UpstreamServer
 from harness.sandbox import Sandbox
 from harness.scenario.base import ScenarioContext
+from harness.standins.upstream import UpstreamServer
 
 NAME = "retry-403"
 HERE = Path(__file__).resolve().parent

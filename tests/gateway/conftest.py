@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from harness.gateway.process import CredentialSpec, GatewayConfig, GatewayProcess
-from harness.gateway.upstream import UpstreamServer
+from harness.standins.upstream import UpstreamServer
 
 ANTHROPIC_KEY = "sk-ant-TEST-0123456789-abcdefghijklmnop"
 OPENAI_KEY = "sk-openai-TEST-9876543210-zyxwvutsrq"

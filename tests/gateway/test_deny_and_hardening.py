@@ -19,8 +19,8 @@ import pytest
 from harness.gateway.audit import summarise
 from harness.gateway.config import Limits
 from harness.gateway.dns import QTYPE_A, RCODE_OK, RCODE_REFUSED
-from harness.gateway.measure import measure_overhead
 from harness.gateway.process import GatewayConfig, GatewayError, GatewayProcess
+from harness.load.measure import measure_overhead
 
 from .conftest import connect, connect_tunnel, http_get, parse_reply, recv_all, send_raw, tls_request
 from .test_units import dns_query

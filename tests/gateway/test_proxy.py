@@ -11,7 +11,7 @@ import pytest
 
 from harness.gateway.credentials import SENTINEL
 from harness.gateway.process import GatewayProcess
-from harness.gateway.upstream import UpstreamServer
+from harness.standins.upstream import UpstreamServer
 
 from .conftest import (
     ANTHROPIC_KEY,

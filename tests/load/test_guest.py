@@ -1,14 +1,12 @@
 """sample_in_guest: the busybox-only script, run by real busybox through the real gateway.
 
-Here the "guest" is busybox sh on the host (same busybox-static the guest image ships), talking
-to a real gateway listener on loopback; QEMU-booted guests use the same code through
+Here the "guest" is the host backend (the same busybox-static the guest image ships, first on its
+PATH), talking to a real gateway listener on loopback; QEMU-booted guests use the same code through
 Sandbox.exec (see tests marked qemu)."""
 
 from __future__ import annotations
 
 import shutil
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -16,29 +14,12 @@ import pytest
 from harness.image import GuestImage
 from harness.load.guest import parse, request_bytes, sample_in_guest
 from harness.load.targets import GATEWAY, Upstream, start_target
-from harness.sandbox.base import ExecResult, SandboxSpec
+from harness.paths import cache_dir
+from harness.sandbox import BackendOptions, SandboxSpec, create_backend
 from harness.sandbox.qemu.vm import Microvm
 from harness.supervisor import Supervisor
 
 BUSYBOX = shutil.which("busybox")
-
-
-class HostBusybox:
-    """Runs a command the way the guest agent does: busybox sh -c, stdin fed, timeout enforced."""
-
-    def exec(self, command: str, timeout: float = 30.0, stdin: bytes = b"") -> ExecResult:
-        t0 = time.monotonic()
-        try:
-            r = subprocess.run(
-                [str(BUSYBOX), "sh", "-c", command],
-                input=stdin,
-                capture_output=True,
-                timeout=timeout,
-                env={"PATH": "/nonexistent"},
-            )
-        except subprocess.TimeoutExpired as exc:
-            return ExecResult(137, exc.stdout or b"", exc.stderr or b"", time.monotonic() - t0, True)
-        return ExecResult(r.returncode, r.stdout, r.stderr, time.monotonic() - t0)
 
 
 @pytest.mark.skipif(BUSYBOX is None, reason="busybox-static is installed by install.sh")
@@ -57,10 +38,15 @@ def test_sample_in_guest_through_gateway(
     )
     try:
         proxy = f"127.0.0.1:{endpoint.proxy[1]}"
-        # PATH points nowhere: only busybox applets (which busybox sh runs itself) can work.
-        ok = sample_in_guest(HostBusybox(), endpoint.urls["download"], n=4, proxy=proxy)
-        denied = sample_in_guest(HostBusybox(), endpoint.urls["blocked"], n=3, proxy=proxy)
-        refused = sample_in_guest(HostBusybox(), endpoint.urls["blocked"], n=2, proxy=proxy)
+        # The host backend: busybox applets first on PATH, as in a guest; its egress is the gateway's port.
+        backend = create_backend("host", BackendOptions(cache=cache_dir()))
+        shell = backend.boot(
+            SandboxSpec(id="busybox", workdir=tmp_path / "sb", gateway_port=endpoint.proxy[1]), load_supervisor
+        )
+        ok = sample_in_guest(shell, endpoint.urls["download"], n=4)
+        denied = sample_in_guest(shell, endpoint.urls["blocked"], n=3, proxy=proxy)
+        refused = sample_in_guest(shell, endpoint.urls["blocked"], n=2, proxy=proxy)
+        shell.stop()
     finally:
         endpoint.stop()
     assert (ok["n"], ok["ok"], ok["failures"], ok["statuses"]) == (4, 4, {}, {"200": 4})

@@ -2,7 +2,7 @@
 
 One reference run and one --leaky run (two sandboxes each) are shared by the whole module; every
 probe must pass in the first and (where the weakening applies) fail in the second. `processes`
-and `kernel` cannot be weakened on a microVM, so they are shown red against a plain host shell.
+and `kernel` cannot be weakened on a microVM, so they are shown red on the host backend.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from harness.paths import cache_dir
-from harness.sandbox.base import ExecResult
+from harness.sandbox import BackendOptions, SandboxSpec, create_backend
 from harness.scenario.loader import load_scenario_module
 from harness.scenario.runner import run_scenario
 from harness.supervisor import Supervisor
@@ -138,27 +138,24 @@ def test_report_has_green_and_red_rows_with_evidence(normal: dict[str, Any], lea
     assert bad.count('class="fail"') == leaky["info"]["leaks"] and "<details>" in bad
 
 
-class HostShell:
-    """No isolation at all: the probe commands run on the host itself."""
-
-    id = "host-shell"
-
-    def exec(self, command: str, timeout: float = 30.0, stdin: bytes = b"") -> ExecResult:
-        started = time.monotonic()
-        proc = subprocess.run(["sh", "-c", command], input=stdin, capture_output=True, timeout=timeout)
-        return ExecResult(proc.returncode, proc.stdout, proc.stderr, time.monotonic() - started)
-
-
 @pytest.fixture
 def host_env(tmp_path: Path) -> Iterator[Any]:
+    """The probes against the host backend: no isolation at all, a careless user's honeytoken home and key."""
     home = honeytokens.HoneyHome()
     home.plant()
+    assert home.home is not None
     decoy = home.new_token("decoy", "process", "argv of a host process")
+    backend = create_backend("host", BackendOptions(cache=cache_dir()))
+    spec = SandboxSpec(
+        id="host-shell", workdir=tmp_path, user_home=home.home, user_env={honeytokens.ENV_KEY_NAME: home.api_key}
+    )
     with Supervisor(f"test-iso-host-{os.getpid()}") as sup:
         sup.spawn(["/bin/sh", "-c", "sleep 600; :", decoy.value], name="decoy")
+        target = backend.boot(spec, sup)
         try:
-            yield probes.ProbeEnv(target=HostShell(), home=home, traps={}, host=SCENARIO.host_facts())
+            yield probes.ProbeEnv(target=target, home=home, traps={}, host=SCENARIO.host_facts())
         finally:
+            target.stop()
             home.remove()
 
 

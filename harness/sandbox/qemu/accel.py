@@ -10,7 +10,6 @@ import json
 import os
 import platform
 import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ from harness.errors import ConfigError, EnvironmentMissing
 from harness.image import GuestImage
 from harness.sandbox.base import BootFailed, SandboxSpec
 from harness.sandbox.qemu.vm import Microvm, qemu_version
+from harness.scratch import scratch_dir
 from harness.supervisor import Supervisor
 
 CANARY_TIMEOUT_S = 15.0
@@ -40,6 +40,8 @@ class AccelVerdict:
     """True when the verdict came from the cache rather than a fresh canary."""
     canary_ms: float | None = None
     """Canary boot time under KVM, when it booted."""
+    kvm_problem: str | None = None
+    """Why KVM cannot be used here, when it cannot (what --accel kvm reports)."""
 
 
 def kvm_device_problem(path: Path = Path("/dev/kvm")) -> str | None:
@@ -58,7 +60,7 @@ def canary_boots(
     image: GuestImage, accel: str, timeout_s: float, extra_args: tuple[str, ...] = ()
 ) -> tuple[bool, str, float | None]:
     """Boot one guest under `accel`; (booted, reason, boot_ms). Never leaves the guest running."""
-    with tempfile.TemporaryDirectory(prefix="br-canary-") as tmp, Supervisor(f"canary-{os.getpid()}") as supervisor:
+    with scratch_dir("br-canary-") as tmp, Supervisor(f"canary-{os.getpid()}") as supervisor:
         spec = SandboxSpec(id="canary", workdir=Path(tmp), boot_timeout_s=timeout_s)
         vm = Microvm(spec, image, supervisor, accel, extra_args=extra_args)
         vm.spawn()
@@ -89,11 +91,11 @@ def decide_accel(
     if problem:
         if requested == "kvm":
             raise EnvironmentMissing(f"--accel kvm but {problem}; use --accel auto or --accel tcg")
-        return AccelVerdict("tcg", f"{problem}; using TCG")
+        return AccelVerdict("tcg", f"{problem}; using TCG", kvm_problem=problem)
     key = _cache_key(image)
-    cache = json.loads(cache_file.read_text()) if cache_file.exists() else {}
-    if key in cache:
-        verdict = AccelVerdict(**{**cache[key], "cached": True})
+    cache = _read_cache(cache_file)
+    if (cached := _cached_verdict(cache.get(key))) is not None:
+        verdict = cached
     else:
         started = time.monotonic()
         booted, reason, boot_ms = canary_boots(image, "kvm", timeout_s)
@@ -101,13 +103,33 @@ def decide_accel(
             verdict = AccelVerdict("kvm", reason, canary_ms=boot_ms)
         else:
             waited = time.monotonic() - started
-            verdict = AccelVerdict(
-                "tcg",
-                f"/dev/kvm opens but a KVM canary guest failed ({reason}, gave up after {waited:.1f} s); using TCG",
-            )
+            failure = f"/dev/kvm opens but a KVM canary guest failed ({reason}, gave up after {waited:.1f} s)"
+            verdict = AccelVerdict("tcg", f"{failure}; using TCG", kvm_problem=failure)
         cache[key] = asdict(verdict)
         cache_file.parent.mkdir(parents=True, exist_ok=True)
-        cache_file.write_text(json.dumps(cache, indent=2))
+        staged = cache_file.with_name(f"{cache_file.name}.{os.getpid()}.partial")
+        staged.write_text(json.dumps(cache, indent=2))
+        staged.replace(cache_file)
     if requested == "kvm" and verdict.accel != "kvm":
-        raise EnvironmentMissing(f"--accel kvm but KVM is broken here: {verdict.reason}; use --accel tcg")
+        problem = verdict.kvm_problem or verdict.reason
+        raise EnvironmentMissing(f"--accel kvm but KVM does not work here: {problem}; run with --accel tcg or auto")
     return verdict
+
+
+def _read_cache(cache_file: Path) -> dict[str, dict[str, object]]:
+    """The cached verdicts; a file that does not parse (a crash mid-write, an edit) is a cache miss."""
+    try:
+        cache = json.loads(cache_file.read_text())
+    except (OSError, ValueError):
+        return {}
+    return cache if isinstance(cache, dict) else {}
+
+
+def _cached_verdict(entry: object) -> AccelVerdict | None:
+    """A verdict from the cache, or None when the entry is missing or not one (another version's shape)."""
+    if not isinstance(entry, dict):
+        return None
+    try:
+        return AccelVerdict(**{**entry, "cached": True})
+    except TypeError:
+        return None

@@ -13,9 +13,11 @@ but the guest kernel (no vmgenid driver) only reseeds its CRNG from that at its 
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
+import json
 import os
-import tempfile
+import secrets
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -25,6 +27,7 @@ from harness.image import GuestImage
 from harness.sandbox.base import SandboxSpec
 from harness.sandbox.qemu.qmp import Qmp
 from harness.sandbox.qemu.vm import Microvm
+from harness.scratch import scratch_dir
 from harness.supervisor import Supervisor
 
 TEMPLATE_CMDLINE = "init_on_free=1"
@@ -47,16 +50,46 @@ def snapshot_path(cache: Path, image: GuestImage, accel: str, spec: SandboxSpec,
     return cache / "snapshots" / f"{key[:16]}.vmstate"
 
 
+def snapshot_record(path: Path) -> Path:
+    """The sidecar written after a snapshot is complete: its size and digest. No sidecar, no snapshot."""
+    return path.with_suffix(".json")
+
+
+def valid_snapshot(path: Path) -> bool:
+    """A snapshot whose file is whole: same size and SHA-256 as when it was written. A truncated or
+    half-written file (a killed run, a full disk) must be rebuilt, never restored."""
+    try:
+        record = json.loads(snapshot_record(path).read_text())
+        if path.stat().st_size != record["bytes"]:
+            return False
+        with path.open("rb") as snapshot:
+            return hashlib.file_digest(snapshot, "sha256").hexdigest() == record["sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
 def make_template(
     path: Path, image: GuestImage, accel: str, spec: SandboxSpec, timeout_s: float = MIGRATE_TIMEOUT_S
 ) -> Path:
-    """Cold-boot a template guest and migrate it to `path`; a no-op when the snapshot exists."""
-    if path.exists():
-        return path
+    """The template snapshot at `path`: reused when valid, else cold-booted and migrated there.
+
+    Runs that need the same template at once take turns on a lock; each writer migrates into a name
+    of its own and renames it into place only when QEMU says the migration completed, then records
+    its size and digest, so no reader ever sees a file that two writers wrote or one left half done."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="br-template-") as tmp, Supervisor(f"template-{os.getpid()}") as sup:
+    with path.with_suffix(".lock").open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if valid_snapshot(path):
+            return path
+        snapshot_record(path).unlink(missing_ok=True)
+        _migrate_template(path, image, accel, spec, timeout_s)
+    return path
+
+
+def _migrate_template(path: Path, image: GuestImage, accel: str, spec: SandboxSpec, timeout_s: float) -> None:
+    with scratch_dir("br-template-") as tmp, Supervisor(f"template-{os.getpid()}") as sup:
         qmp_socket = Path(tmp) / "qmp.sock"
-        partial = path.with_suffix(".partial")
+        partial = path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}.partial")
         template = Microvm(
             replace(spec, id="template", workdir=Path(tmp), gateway_port=None),
             image,
@@ -81,7 +114,12 @@ def make_template(
                     time.sleep(0.02)
             if status != "completed":
                 raise EnvironmentMissing("QEMU failed to snapshot the template guest; try --boot-mode cold")
+            with partial.open("rb") as written:
+                record = {"bytes": partial.stat().st_size, "sha256": hashlib.file_digest(written, "sha256").hexdigest()}
+            partial.replace(path)
+            staged = snapshot_record(path).with_suffix(f".{os.getpid()}.json.partial")
+            staged.write_text(json.dumps(record))
+            staged.replace(snapshot_record(path))
         finally:
             template.stop()
-        partial.replace(path)
-    return path
+            partial.unlink(missing_ok=True)

@@ -1,6 +1,6 @@
 """Gateway overhead on loopback, measured side by side with direct connections in one run.
 
-    from harness.gateway.measure import measure_overhead
+    from harness.load.measure import measure_overhead
     result = measure_overhead(requests=1000, tunnel_mb=256)
 
 Latency: sequential requests on one keep-alive connection (direct vs through the gateway),
@@ -14,7 +14,6 @@ from __future__ import annotations
 import socket
 import ssl
 import statistics
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -23,7 +22,8 @@ from typing import Any
 from harness.gateway.config import GatewayConfig
 from harness.gateway.credentials import SENTINEL, CredentialSpec
 from harness.gateway.process import GatewayProcess
-from harness.gateway.upstream import DEFAULT_NAMES, UpstreamServer
+from harness.scratch import scratch_dir
+from harness.standins.upstream import DEFAULT_NAMES, UpstreamServer
 
 BENCH_HOST = "bench.test"
 BENCH_KEY = "sk-bench-0123456789abcdef"
@@ -150,8 +150,7 @@ def measure_overhead(
     ca_dir: Path | None = None,
 ) -> dict[str, Any]:
     """Added latency (ms) and tunnel throughput (MB/s) of the gateway vs direct, on loopback."""
-    with tempfile.TemporaryDirectory(prefix="br-measure-") as tmp_name:
-        tmp = Path(tmp_name)
+    with scratch_dir("br-measure-") as tmp:
         policy = tmp / "bench.yaml"
         policy.write_text(BENCH_POLICY)
         upstream = UpstreamServer(

@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import json
 import ssl
-import tempfile
 import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,6 +26,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from harness.gateway.tls import issue_leaf, make_ca, server_context_from_pem
+from harness.scratch import make_scratch_dir, remove_scratch_dir
 
 DEFAULT_NAMES = (
     "api.anthropic.com",
@@ -74,12 +74,11 @@ class UpstreamServer:
     _loop: asyncio.AbstractEventLoop | None = field(default=None, repr=False)
     _thread: threading.Thread | None = field(default=None, repr=False)
     _servers: list[asyncio.Server] = field(default_factory=list, repr=False)
-    _tmp: tempfile.TemporaryDirectory[str] | None = field(default=None, repr=False)
+    _tmp: Path | None = field(default=None, repr=False)
 
     # ---- lifecycle -----------------------------------------------------------------------
     def start(self) -> UpstreamServer:
-        self._tmp = tempfile.TemporaryDirectory(prefix="br-upstream-")
-        tmp = Path(self._tmp.name)
+        tmp = self._tmp = make_scratch_dir("br-upstream-")
         ca_key, ca_cert = make_ca("blastradius test upstream CA")
         leaf_key = ec.generate_private_key(ec.SECP256R1())
         chain = issue_leaf(ca_key, ca_cert, leaf_key, list(self.names)).public_bytes(serialization.Encoding.PEM)
@@ -131,7 +130,7 @@ class UpstreamServer:
             self._thread.join(timeout=START_TIMEOUT_S)
         loop.close()
         if self._tmp is not None:
-            self._tmp.cleanup()
+            remove_scratch_dir(self._tmp)
 
     def __enter__(self) -> UpstreamServer:
         return self.start()

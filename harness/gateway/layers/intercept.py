@@ -1,0 +1,92 @@
+"""TLS interception: terminate a CONNECT tunnel the gateway must see into.
+
+The tunnel's first bytes decide the next layer. A TLS ClientHello is answered with a leaf from
+the per-install CA for the CONNECT host, and its SNI must name that host; anything else is plain
+HTTP inside the tunnel. Either way the inner requests go to the HTTP/1 layer, bound to the
+CONNECT target, so each can be checked by method and path and given its credential.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import time
+
+from harness.gateway.context import Context
+from harness.gateway.layers.http1 import serve_http
+from harness.gateway.layers.request import TunnelDest
+from harness.gateway.streams import TlsServerStream
+
+TLS_HANDSHAKE_RECORD = 0x16
+"""The first byte of a TLS record carrying a handshake (the ClientHello)."""
+
+
+async def intercept(ctx: Context, host: str, port: int, rule: str, t0: float) -> None:
+    """Serve an open tunnel (already answered 200): TLS with our leaf, or plain HTTP inside it."""
+    stream = ctx.client
+    try:
+        async with asyncio.timeout(ctx.limits.tls_handshake_timeout_s):
+            first = await stream.read()
+    except TimeoutError:
+        return
+    if not first:
+        return
+    stream.push_back(first)
+    if first[0] != TLS_HANDSHAKE_RECORD:
+        ctx.audit(
+            event="connect",
+            decision="allow",
+            method="CONNECT",
+            scheme="http",
+            host=host,
+            port=port,
+            rule=rule,
+            status=200,
+            intercepted=True,
+        )
+        await serve_http(ctx, stream, TunnelDest(host, port, "http"))
+        return
+    tls = TlsServerStream(stream, ctx.state.ca.server_context(host))
+    try:
+        async with asyncio.timeout(ctx.limits.tls_handshake_timeout_s):
+            await tls.handshake()
+    except (ssl.SSLError, ConnectionError, OSError, TimeoutError) as exc:
+        sni = tls.sni
+        if sni is None or sni.server_name is None:
+            reason = "tls-no-sni"
+        elif not sni.ok:
+            reason = "tls-sni-mismatch"
+        else:
+            reason = f"tls-handshake-failed: {type(exc).__name__}"
+        ctx.count("denied" if "sni" in reason else "errors", 1)
+        ctx.audit(
+            event="connect",
+            decision="deny",
+            method="CONNECT",
+            scheme="https",
+            host=host,
+            port=port,
+            rule="sni-check" if "sni" in reason else rule,
+            intercepted=True,
+            reason=reason,
+            status=None,
+            duration_ms=round((time.perf_counter() - t0) * 1000.0, 3),
+        )
+        return
+    ctx.count("intercepted", 1)
+    ctx.audit(
+        event="connect",
+        decision="allow",
+        method="CONNECT",
+        scheme="https",
+        host=host,
+        port=port,
+        rule=rule,
+        status=200,
+        intercepted=True,
+        duration_ms=round((time.perf_counter() - t0) * 1000.0, 3),
+    )
+    try:
+        await serve_http(ctx, tls, TunnelDest(host, port, "https"))
+    finally:
+        tls.close()
