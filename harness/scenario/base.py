@@ -5,14 +5,15 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, ExitStack, contextmanager
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from harness.config import RunConfig
+from harness.errors import ConfigError
 from harness.fleet import Fleet, boot_into, open_fleet
 from harness.gateway.process import GatewayConfig
-from harness.sandbox import Backend, Sandbox, SandboxSpec
+from harness.sandbox import Backend, Sandbox, SandboxSpec, available_backends, backend_features
 from harness.sandbox.base import SandboxRecord
 from harness.scenario.journal import Journal
 from harness.supervisor import Supervisor
@@ -45,17 +46,28 @@ class Scenario(Protocol):
 @dataclass(frozen=True)
 class Needs:
     """What a scenario's sandboxes need, declared by its `needs(options, config)` and applied by the runner
-    before it creates the backend (so a snapshot template is made for the guest the scenario boots)."""
+    before it creates the backend (so a snapshot template is made for the guest the scenario boots, and a
+    backend that cannot do what the scenario asks is refused before anything is written)."""
 
     mem_mib: int | None = None
     """Guest RAM for every sandbox; None keeps --mem-mib."""
     boot_mode: str | None = None
     """Boot mode; None keeps --boot-mode."""
+    features: tuple[str, ...] = ()
+    """Backend features it cannot run without: names of `harness.sandbox.Features` fields (e.g. "weaken")."""
 
-    def apply(self, config: RunConfig) -> RunConfig:
-        """`config` with these needs in place, validated again."""
-        changed = replace(config, **{k: v for k, v in asdict(self).items() if v is not None})
+    def apply(self, config: RunConfig, scenario: str) -> RunConfig:
+        """`config` with these needs in place, validated again; a backend lacking a feature is a ConfigError."""
+        overrides = {"mem_mib": self.mem_mib, "boot_mode": self.boot_mode}
+        changed = replace(config, **{k: v for k, v in overrides.items() if v is not None})
         changed.validate()
+        missing = [name for name in self.features if not getattr(backend_features(changed.backend), name)]
+        if missing:
+            able = [b for b in available_backends() if all(getattr(backend_features(b), f) for f in missing)]
+            raise ConfigError(
+                f"{scenario} needs a backend with {', '.join(missing)}, which {changed.backend} lacks; "
+                f"use --backend {' or '.join(able) or '(none has it)'}"
+            )
         return changed
 
 

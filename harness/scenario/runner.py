@@ -49,7 +49,7 @@ def prepare_scenario(name: str, values: Mapping[str, Any], labels: Mapping[str, 
     options = build(module.Options, {k: v for k, v in given.items() if k not in RUN_KEYS}, labels, owner=name)
     needs = getattr(module, "needs", None)
     if callable(needs):
-        config = needs(options, config).apply(config)
+        config = needs(options, config).apply(config, name)
     return PreparedScenario(name, module, config, options, module.create(options))
 
 

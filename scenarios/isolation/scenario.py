@@ -43,12 +43,13 @@ from typing import Any
 import yaml
 from rich.console import RenderableType
 
+from harness.config import RunConfig
 from harness.errors import ConfigError
 from harness.fleet import Fleet
 from harness.gateway.credentials import CredentialSpec
 from harness.gateway.process import GatewayConfig
 from harness.sandbox.base import Endpoint, Sandbox
-from harness.scenario.base import ScenarioContext
+from harness.scenario.base import Needs, ScenarioContext
 from harness.standins.upstream import UpstreamServer
 
 from . import honeytokens, probes
@@ -410,6 +411,11 @@ def terminal_summary(data: dict[str, Any]) -> RenderableType:
             cells.append({True: "[green]pass[/]", False: "[red]FAIL[/]", None: "n/a"}[passed])
         table.add_row(f"{probe.id}: {probe.title}", *cells)
     return Group(table, f"leaks: {data.get('leaks')}")
+
+
+def needs(options: Options, config: RunConfig) -> Needs:
+    """--leaky weakens the backend for real, which only a backend that can do so may be asked to."""
+    return Needs(features=("weaken",)) if options.leaky else Needs()
 
 
 def create(options: Options) -> IsolationScenario:

@@ -416,11 +416,13 @@ class PaymentsService:
 
 
 def needs(options: Options, config: RunConfig) -> Needs:
-    """The guest the fixed workload fits in (GUEST_MEM_MIB unless --mem-mib gives at least MIN_GUEST_MEM_MIB);
-    on a real cluster no sandbox boots, so no snapshot template is worth making."""
+    """A guest kernel of its own (the pod runtime sets cgroup limits and gets OOM kills inside) the fixed workload
+    fits in (GUEST_MEM_MIB unless --mem-mib gives at least MIN_GUEST_MEM_MIB); on a real cluster no sandbox
+    boots, so no snapshot template is worth making."""
     if options.kube_context:
         return Needs(boot_mode="cold")
-    return Needs(mem_mib=config.mem_mib if config.mem_mib >= MIN_GUEST_MEM_MIB else GUEST_MEM_MIB)
+    mem_mib = config.mem_mib if config.mem_mib >= MIN_GUEST_MEM_MIB else GUEST_MEM_MIB
+    return Needs(mem_mib=mem_mib, features=("own_kernel",))
 
 
 def create(options: Options) -> PaymentsService:

@@ -247,12 +247,12 @@ def _quote(text: str) -> str:
 
 
 def needs(options: Options, config: RunConfig) -> Needs:
-    """Guests of at least RECLAIM_MIN_GUEST_MIB when a ramp runs with free page reporting on. Both arms boot
-    the same way (--boot-mode, snapshot by default): the backend keeps one template per device set, so a
-    guest with free page reporting off restores from a template made with it off."""
+    """A backend that reclaims freed guest memory, and guests of at least RECLAIM_MIN_GUEST_MIB, when a ramp
+    runs with free page reporting on. Both arms boot the same way (--boot-mode, snapshot by default): the
+    backend keeps one template per device set, so a guest with reclaim off restores from a template made so."""
     if options.reclaim == "off":
         return Needs()
-    return Needs(mem_mib=max(config.mem_mib, RECLAIM_MIN_GUEST_MIB))
+    return Needs(mem_mib=max(config.mem_mib, RECLAIM_MIN_GUEST_MIB), features=("reclaim",))
 
 
 def create(options: Options) -> RamPressure:
