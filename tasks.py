@@ -1,25 +1,31 @@
-"""Invoke tasks: parse flags, call plain functions in harness/. No logic lives here."""
+"""Invoke tasks: parse flags, call plain functions in harness/. No logic lives here.
+
+Flags of `bench` and `scenario` may also come from invoke's own config: a `bench:` or `scenario:` section in
+an invoke.yaml beside this file, or INVOKE_BENCH_<FLAG> / INVOKE_SCENARIO_<FLAG> variables (README).
+"""
 
 from pathlib import Path
 
-from invoke import task
+from invoke import Collection, task
+
+from harness.config import invoke_config
 
 
 @task(
     help={
-        "sandboxes": "sandboxes booted concurrently per round (N, default 4)",
-        "backend": "sandbox backend module (default qemu)",
+        "sandboxes": "sandboxes booted concurrently per round (N)",
+        "backend": "sandbox backend module",
         "out": "run directory (default results/<run-id>)",
-        "accel": "auto | kvm | tcg (default auto: KVM only if a canary guest boots under it)",
-        "concurrency": "boots in flight at once (default: CPU cores)",
-        "warmup": "discarded warm-up rounds (default 1)",
-        "repeat": "measured rounds (default 1)",
-        "mem_mib": "guest RAM in MiB (default 128)",
-        "boot_timeout": "seconds before a boot counts as failed (default 60)",
-        "boot_mode": "snapshot (restore a booted template, default) | cold (boot the kernel every time)",
-        "policy": "gateway policy: open | balanced | locked | path to a policy YAML (default balanced)",
-        "guest_samples": "timed requests through the gateway from inside each sandbox (default 10)",
-        "proxy": "run the Locust proxy-latency comparison (default on; --no-proxy skips it)",
+        "accel": "auto (KVM only if a canary guest boots under it) | kvm | tcg",
+        "concurrency": "boots in flight at once",
+        "warmup": "discarded warm-up rounds",
+        "repeat": "measured rounds",
+        "mem_mib": "guest RAM in MiB",
+        "boot_timeout": "seconds before a boot counts as failed",
+        "boot_mode": "snapshot (restore a booted template) | cold (boot the kernel every time)",
+        "policy": "gateway policy: open | balanced | locked | path to a policy YAML",
+        "guest_samples": "timed requests through the gateway from inside each sandbox",
+        "proxy": "run the Locust proxy-latency comparison (--no-proxy: no Locust, no peer proxy)",
         "users": "Locust users per target",
         "spawn_rate": "Locust users started per second",
         "duration": "seconds of load per target",
@@ -52,32 +58,36 @@ def bench(
     targets=None,
     traffic=None,
 ):
-    """Boot N sandboxes, measure boot phases and host RAM, write results.json and report.html."""
+    """Boot N sandboxes, measure boot phases and host RAM, write results.json and report.html.
+
+    Defaults are in README; invoke.yaml's `bench:` section and INVOKE_BENCH_<FLAG> override them, a flag both.
+    """
     from harness import cli
 
     cli.bench(
-        sandboxes=_int(sandboxes),
-        backend=backend,
-        out=Path(out) if out else None,
-        accel=accel,
-        concurrency=_int(concurrency),
-        warmup=_int(warmup),
-        repeat=_int(repeat),
-        mem_mib=_int(mem_mib),
-        boot_timeout_s=_float(boot_timeout),
-        boot_mode=boot_mode,
-        policy=policy,
-        guest_samples=_int(guest_samples),
-        proxy=cli.proxy_config(
-            proxy,
-            users=_int(users),
-            spawn_rate=_float(spawn_rate),
-            duration_s=_float(duration),
-            workers=_int(workers),
-            master_host=master_host,
-            targets=_list(targets),
-            traffic=_list(traffic),
-        ),
+        c.config.bench,
+        {
+            "sandboxes": sandboxes,
+            "backend": backend,
+            "out": out,
+            "accel": accel,
+            "concurrency": concurrency,
+            "warmup": warmup,
+            "repeat": repeat,
+            "mem_mib": mem_mib,
+            "boot_timeout": boot_timeout,
+            "boot_mode": boot_mode,
+            "policy": policy,
+            "guest_samples": guest_samples,
+            "proxy": proxy,
+            "users": users,
+            "spawn_rate": spawn_rate,
+            "duration": duration,
+            "workers": workers,
+            "master_host": master_host,
+            "targets": targets,
+            "traffic": traffic,
+        },
     )
 
 
@@ -126,16 +136,6 @@ def _int(value):
     return cli.parse_number(value, int)
 
 
-def _float(value):
-    from harness import cli
-
-    return cli.parse_number(value, float)
-
-
-def _list(value):
-    return [item.strip() for item in value.split(",") if item.strip()] if value else None
-
-
 @task
 def image(c):
     """Fetch the Debian guest kernel and build (or reuse) the busybox initramfs."""
@@ -146,6 +146,8 @@ def image(c):
 
 @task(
     iterable=["set"],
+    # Long flags only: an automatic -h for --help-options would read as --help.
+    auto_shortflags=False,
     help={
         "name": "scenario folder under scenarios/ (isolation, retry-403, proxy-chaos, payments-service, ram-pressure)",
         "set": "KEY=VALUE: set one of the scenario's options (repeatable); --help-options lists them",
@@ -191,6 +193,7 @@ def scenario(
 
     cli.scenario(
         name,
+        c.config.scenario,
         flags={
             "out": out,
             "backend": backend,
@@ -212,3 +215,7 @@ def scenario(
         sets=set or [],
         help_options=help_options,
     )
+
+
+ns = Collection(bench, gateway, clean, report, test, image, scenario)
+ns.configure(invoke_config())

@@ -15,8 +15,21 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextC
 from rich.table import Table
 
 from harness.bench import BenchConfig, BenchEvents, run_bench
-from harness.config import SCENARIO_ALIASES, SCENARIO_FLAGS, RunConfig, flag_name, parse_sets, settings
-from harness.errors import HarnessError
+from harness.config import (
+    BENCH_FLAGS,
+    PROXY_FLAGS,
+    SCENARIO_ALIASES,
+    SCENARIO_FLAGS,
+    RunConfig,
+    build,
+    check_configured,
+    flag_name,
+    layered,
+    parse_sets,
+    parse_value,
+    settings,
+)
+from harness.errors import ConfigError, HarnessError
 from harness.load.bench import ProxyBenchConfig
 from harness.report.format import mib, ms
 from harness.sandbox.base import SandboxRecord
@@ -76,11 +89,11 @@ def with_progress(body: Callable[[ProgressEvents], T]) -> T:
         return body(ProgressEvents(progress))
 
 
-def bench(**flags: Any) -> Path:
-    """Run the bench from task flags and print its summary; returns the run directory."""
+def bench(configured: Mapping[str, Any], flags: Mapping[str, Any]) -> Path:
+    """Run the bench from task flags over invoke's config (`configured`: invoke.yaml and the environment) and
+    print its summary; returns the run directory."""
     with user_errors():
-        config = BenchConfig(**{k: v for k, v in flags.items() if v is not None})
-        config.validate()
+        config = bench_config(configured, flags)
         run = with_progress(lambda events: run_bench(config, events))
     summary = run.data["summary"]
     table = Table(
@@ -162,11 +175,24 @@ def parse_number(value: str | float | None, kind: type[int] | type[float]) -> An
             raise HarnessError(f"expected a {'whole ' if kind is int else ''}number, got {value!r}") from None
 
 
-def proxy_config(enabled: bool, **flags: Any) -> ProxyBenchConfig | None:
-    """The Locust comparison's settings from bench flags; None when --no-proxy."""
-    if not enabled:
-        return None
-    return ProxyBenchConfig(**{k: v for k, v in flags.items() if v is not None})
+def bench_config(configured: Mapping[str, Any], flags: Mapping[str, Any]) -> BenchConfig:
+    """The validated bench settings: each from its flag, else from invoke's config, else BenchConfig's default.
+    `flags["proxy"]` is True unless --no-proxy was given (a switch cannot say "not given")."""
+    check_configured("bench", configured)
+    flags = {**flags, "proxy": None if flags.get("proxy") is True else flags.get("proxy")}
+    values, labels = layered("bench", BENCH_FLAGS, flags, configured)
+    proxy_values, proxy_labels = layered("bench", PROXY_FLAGS, flags, configured)
+    enabled = parse_value(values.get("proxy", True), bool, labels.get("proxy", "--proxy"))
+    if enabled:
+        values["proxy"] = build(ProxyBenchConfig, proxy_values, proxy_labels)
+    else:
+        given = [flag_name(flag) for flag in PROXY_FLAGS if flags.get(flag) is not None]
+        if given:
+            raise ConfigError(
+                f"--no-proxy runs no Locust comparison, so {', '.join(given)} would be ignored; drop one or the other"
+            )
+        values["proxy"] = None
+    return build(BenchConfig, values, labels)
 
 
 def report(run_dir: Path) -> Path:
@@ -194,17 +220,23 @@ def image() -> None:
 
 
 def scenario(
-    name: str, flags: Mapping[str, Any], aliases: Mapping[str, Any], sets: Iterable[str], help_options: bool = False
+    name: str,
+    configured: Mapping[str, Any],
+    flags: Mapping[str, Any],
+    aliases: Mapping[str, Any],
+    sets: Iterable[str],
+    help_options: bool = False,
 ) -> None:
-    """Run scenario `name` from task flags: the common `flags` (RunConfig's), option `aliases` (`--fixer X`) and
-    `--set key=value` items; with help_options, list its options instead. Everything is checked first."""
+    """Run scenario `name` from task flags: the common `flags` (RunConfig's, over invoke's config in
+    `configured`), option `aliases` (`--fixer X`) and `--set key=value` items; with help_options, list its
+    options instead. Everything is checked before anything is written."""
     from harness.scenario.runner import prepare_scenario, run_prepared
 
     with user_errors():
         if help_options:
             print(options_help(name))
             return
-        values, labels = scenario_values(flags, aliases, sets)
+        values, labels = scenario_values(configured, flags, aliases, sets)
         exit_code, run_dir = run_prepared(prepare_scenario(name, values, labels))
     summary = scenario_summary(name, json.loads((run_dir / "results.json").read_text()))
     if summary is not None:
@@ -216,17 +248,16 @@ def scenario(
 
 
 def scenario_values(
-    flags: Mapping[str, Any], aliases: Mapping[str, Any], sets: Iterable[str]
+    configured: Mapping[str, Any], flags: Mapping[str, Any], aliases: Mapping[str, Any], sets: Iterable[str]
 ) -> tuple[dict[str, Any], dict[str, str]]:
     """The scenario's raw values by setting name, and where each came from (for error messages)."""
-    values: dict[str, Any] = {}
-    labels: dict[str, str] = {}
-    for table, given in ((SCENARIO_FLAGS, flags), (SCENARIO_ALIASES, aliases)):
-        for flag, value in given.items():
-            # An unset flag arrives as None; an alias that is a switch (--leaky) as False.
-            if value is not None and value is not False:
-                values[table[flag]] = value
-                labels[table[flag]] = flag_name(flag)
+    check_configured("scenario", configured)
+    values, labels = layered("scenario", SCENARIO_FLAGS, flags, configured)
+    for flag, value in aliases.items():
+        # An alias that is a switch (--leaky) arrives as False when not given.
+        if value is not None and value is not False:
+            values[SCENARIO_ALIASES[flag]] = value
+            labels[SCENARIO_ALIASES[flag]] = flag_name(flag)
     for key, value in parse_sets(sets).items():
         values[key] = value
         labels[key] = f"--set {key}"

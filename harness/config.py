@@ -32,6 +32,34 @@ NONE_WORDS = ("", "none")
 """What an optional setting accepts as "not set" from the command line or the environment."""
 
 
+BENCH_FLAGS: dict[str, str] = {
+    "out": "out",
+    "backend": "backend",
+    "accel": "accel",
+    "mem_mib": "mem_mib",
+    "boot_timeout": "boot_timeout_s",
+    "boot_mode": "boot_mode",
+    "sandboxes": "sandboxes",
+    "concurrency": "concurrency",
+    "warmup": "warmup",
+    "repeat": "repeat",
+    "policy": "policy",
+    "guest_samples": "guest_samples",
+    "proxy": "proxy",
+}
+"""`invoke bench` flags -> BenchConfig fields."""
+
+PROXY_FLAGS: dict[str, str] = {
+    "users": "users",
+    "spawn_rate": "spawn_rate",
+    "duration": "duration_s",
+    "workers": "workers",
+    "master_host": "master_host",
+    "targets": "targets",
+    "traffic": "traffic",
+}
+"""`invoke bench` flags -> ProxyBenchConfig fields (the Locust comparison's)."""
+
 SCENARIO_FLAGS: dict[str, str] = {
     "out": "out",
     "backend": "backend",
@@ -53,6 +81,53 @@ SCENARIO_ALIASES: dict[str, str] = {
     "duration": "duration_s",
 }
 """`invoke scenario` flags that are `--set` under another name: `--fixer X` is `--set fixer=X`."""
+
+
+PER_RUN_FLAGS = ("out",)
+"""Flags that name one run and so are never read from invoke.yaml or the environment."""
+
+
+def invoke_config() -> dict[str, dict[str, None]]:
+    """The keys invoke's own config system reads for the tasks, all unset: `bench.<flag>` and
+    `scenario.<flag>` from invoke.yaml (beside tasks.py), INVOKE_BENCH_<FLAG> and INVOKE_SCENARIO_<FLAG>
+    from the environment. Invoke reads a variable only for a key declared here; defaults stay in the
+    dataclasses."""
+    bench = [flag for flag in (*BENCH_FLAGS, *PROXY_FLAGS) if flag not in PER_RUN_FLAGS]
+    scenario = [flag for flag in SCENARIO_FLAGS if flag not in PER_RUN_FLAGS]
+    return {"bench": dict.fromkeys(bench), "scenario": dict.fromkeys(scenario)}
+
+
+def layered(
+    section: str, table: Mapping[str, str], flags: Mapping[str, Any], configured: Mapping[str, Any]
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """Raw values by field for the flags in `table`: a flag given on the command line, else the value invoke's
+    config holds for it (the environment over invoke.yaml), else nothing (the dataclass default). Also where
+    each value came from, for error messages."""
+    values: dict[str, Any] = {}
+    labels: dict[str, str] = {}
+    for flag, field_name in table.items():
+        if flags.get(flag) is not None:
+            values[field_name], labels[field_name] = flags[flag], flag_name(flag)
+        elif configured.get(flag) is not None:
+            values[field_name] = configured[flag]
+            labels[field_name] = f"{section}.{flag} (invoke.yaml) or {env_var(section, flag)}"
+    return values, labels
+
+
+def check_configured(section: str, configured: Mapping[str, Any]) -> None:
+    """An invoke.yaml key under `section` that is no setting is a ConfigError naming the closest one."""
+    known = invoke_config()[section]
+    for key in configured:
+        if key not in known:
+            raise ConfigError(
+                f"invoke.yaml: {section}.{key} is not a setting of `invoke {section}`; "
+                f"{did_you_mean(key, known)}its keys: {', '.join(known)}"
+            )
+
+
+def env_var(section: str, flag: str) -> str:
+    """The environment variable invoke reads for `section.flag`: INVOKE_BENCH_MEM_MIB."""
+    return f"INVOKE_{section}_{flag}".upper()
 
 
 def flag_name(name: str) -> str:

@@ -3,14 +3,28 @@ with the fix, and scenario options (and what a scenario needs) settled before a 
 
 from __future__ import annotations
 
+import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import pytest
 
-from harness.config import RunConfig, build, field_docs, parse_sets, parse_value, settings
+from harness.bench import BenchConfig
+from harness.cli import bench_config
+from harness.config import (
+    BENCH_FLAGS,
+    PROXY_FLAGS,
+    RunConfig,
+    build,
+    field_docs,
+    parse_sets,
+    parse_value,
+    settings,
+)
 from harness.errors import ConfigError
+from harness.load.bench import ProxyBenchConfig
 from harness.scenario.runner import prepare_scenario
 
 
@@ -103,3 +117,50 @@ def test_scenarios_declare_what_their_sandboxes_need() -> None:
     retry = prepare_scenario("retry-403", {"scale": "4", "accel": "tcg"})
     assert (retry.options.scale, retry.config.accel, retry.config.mem_mib) == (4, "tcg", 128)
     assert retry.config_record()["scale"] == 4
+
+
+def test_bench_settings_layer_flags_over_invoke_config_over_defaults() -> None:
+    assert bench_config({}, {"proxy": True}) == BenchConfig()
+    configured = {"sandboxes": 8, "duration": "7.5", "targets": "gateway,squid", "proxy": None}
+    got = bench_config(configured, {"sandboxes": "2", "proxy": True})
+    assert got.sandboxes == 2 and got.proxy == ProxyBenchConfig(duration_s=7.5, targets=["gateway", "squid"])
+    assert bench_config({"proxy": "false"}, {"proxy": True}).proxy is None
+    assert bench_config({}, {"proxy": False, "users": None}).proxy is None
+
+
+def readme_flag_defaults() -> dict[str, str]:
+    """`--flag` -> the default README's `invoke bench` tables state for it."""
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text[text.index("## `invoke bench`") : text.index("### Flags from invoke.yaml")]
+    stated: dict[str, str] = {}
+    for line in section.splitlines():
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        if line.startswith("| `--") and len(cells) >= 2:
+            flags = re.findall(r"`(--[a-z-]+)", cells[0])
+            defaults = cells[1].split(", ") if len(flags) > 1 else [cells[1]]
+            stated.update(zip(flags, defaults, strict=True))
+    return stated
+
+
+def test_readme_states_the_codes_defaults() -> None:
+    """README's tables mirror the dataclasses, which state each default once; this keeps the mirror true."""
+    code = {s.name: s.default for s in settings(BenchConfig)}
+    proxy = {s.name: s.default for s in settings(ProxyBenchConfig)}
+    words = {"cores": os.cpu_count(), "all": proxy["targets"], "results/&lt;run-id&gt;": None, "": None}
+    stated = readme_flag_defaults()
+    checked = 0
+    for flag, text in stated.items():
+        name = flag[2:].replace("-", "_")
+        if name in BENCH_FLAGS and name != "proxy":
+            default = code[BENCH_FLAGS[name]]
+        elif name in PROXY_FLAGS:
+            default = proxy[PROXY_FLAGS[name]]
+        else:
+            continue  # --no-proxy: a switch, not a value
+        expected = words[text] if text in words else text.split(",") if isinstance(default, list) else text
+        if isinstance(default, (int, float)) and not isinstance(expected, list) and expected is not None:
+            assert float(expected) == default, (flag, text, default)
+        else:
+            assert expected == default, (flag, text, default)
+        checked += 1
+    assert checked >= 18, stated
