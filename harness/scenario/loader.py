@@ -1,10 +1,11 @@
 """The one way a scenario folder is imported.
 
-`scenarios/retry-403/` becomes the package `scenarios.retry_403` (the folder name with `-` as `_`,
-under the top-level package `scenarios`), registered in sys.modules like any import. Modules in a
-folder import each other relatively (`from . import probes`), tests reach them with
-`load_scenario_module("retry-403", "probes")`, and once loaded `import scenarios.retry_403.probes`
-works too. This module imports nothing heavy: the report loads scenario report sections through it.
+`scenarios/payments-service/` becomes the package `scenarios.payments_service` (the folder name with `-`
+as `_`, under the top-level package `scenarios`), registered in sys.modules like any import. Modules in
+a folder import each other relatively (`from . import manifests`), tests reach them with
+`load_scenario_module("payments-service", "manifests")`, and once the folder is loaded
+`import scenarios.payments_service.manifests` works too. This module imports nothing heavy: the report
+loads scenario report sections through it.
 """
 
 from __future__ import annotations
