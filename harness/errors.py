@@ -5,8 +5,8 @@ class HarnessError(Exception):
     """A failure the user can act on; its message says what to do."""
 
 
-class ConfigError(HarnessError):
-    """A bad flag or config value."""
+class ConfigError(HarnessError, ValueError):
+    """A bad flag or config value (a ValueError too: code that parses values may catch it as one)."""
 
 
 class EnvironmentMissing(HarnessError):

@@ -7,10 +7,13 @@ import os
 import platform
 import secrets
 import time
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 import psutil
+
+from harness.sandbox.base import SandboxRecord
 
 SCHEMA = "blastradius/results/v1"
 """Bumped on any incompatible change to results.json."""
@@ -21,18 +24,10 @@ BOOT_SAMPLES_FILE = "boot-samples.jsonl"
 
 REQUIRED_TOP = ("schema", "run_id", "created", "partial", "host", "backend", "accel", "config", "sandboxes", "summary")
 REQUIRED_HOST = ("cpu_model", "cores", "memory_bytes", "kernel", "python")
-REQUIRED_SANDBOX = (
-    "id",
-    "round",
-    "ok",
-    "error",
-    "boot_ms",
-    "phases_ms",
-    "host_rss_bytes",
-    "host_pss_bytes",
-    "host_uss_bytes",
-    "guest_mem_total_bytes",
-)
+OPTIONAL_SANDBOX = ("marks_ms", "provision_ms", "guest_mem_free_bytes")
+"""Fields of SandboxRecord that every entry written now has but a v1 reader must not require: provision_ms
+came later within v1, and readers treat the other two as optional (read with .get)."""
+REQUIRED_SANDBOX = tuple(f.name for f in fields(SandboxRecord) if f.name not in OPTIONAL_SANDBOX)
 REQUIRED_SUMMARY = ("boot_ms", "success_rate", "mem_available_delta_bytes_per_sandbox", "pss_bytes_per_sandbox_p50")
 PERCENTILE_KEYS = ("p50", "p95", "p99", "min", "max", "mean")
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from harness.scenario import run_scenario
+from harness.scenario.runner import run_scenario
 
 THRESHOLD = 3
 SCALE = 3
