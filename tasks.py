@@ -12,6 +12,7 @@ from harness.config import invoke_config
 
 
 @task(
+    auto_shortflags=False,  # bench's flags share first letters; invoke would print a broken `--=STRING` row
     help={
         "sandboxes": "sandboxes booted concurrently per round (N)",
         "backend": "sandbox backend module",
@@ -33,7 +34,7 @@ from harness.config import invoke_config
         "master_host": "bind the Locust master here and wait for remote workers (Locust distributed mode)",
         "targets": "comma list: direct,gateway,gateway-intercept,squid,tinyproxy,mitmproxy",
         "traffic": "comma list: model,download,blocked",
-    }
+    },
 )
 def bench(
     c,

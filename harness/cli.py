@@ -55,7 +55,8 @@ def user_errors() -> Iterator[None]:
         console.print(f"[bold red]error:[/] {escape(' '.join(str(exc).split()))}", highlight=False)
         sys.exit(EXIT_ERROR)
     except (KeyboardInterrupt, Interrupted) as exc:
-        console.print(f"[yellow]interrupted ({exc or 'SIGINT'}); partial results were written[/]")
+        name = str(exc) if isinstance(exc, Interrupted) else "SIGINT"  # KeyboardInterrupt's str is empty
+        console.print(f"[yellow]interrupted ({name}); partial results were written[/]")
         sys.exit(128 + exc.signum if isinstance(exc, Interrupted) else EXIT_INTERRUPTED)
 
 

@@ -24,7 +24,7 @@ from harness.report import render_report
 from harness.results import SCHEMA, host_info, new_run_id, write_results
 from harness.sandbox import Backend, BackendOptions, SandboxSpec, create_backend, describe_backend
 from harness.sandbox.base import SandboxRecord
-from harness.supervisor import Interrupted, Supervisor, signals_raise
+from harness.supervisor import Interrupted, Supervisor, interruption, signals_deferred, signals_raise
 
 
 @dataclass
@@ -118,13 +118,16 @@ def open_run(
         run.data["interrupted_by"] = f"{type(exc).__name__}: {exc}"
         raise
     finally:
-        run.supervisor.shutdown()
-        run.save()
-        try:
-            render_report(run_dir)
-        except Exception as exc:  # the results are safe on disk; a report bug must not hide the run's own error
-            run.data["report_error"] = f"{type(exc).__name__}: {exc}"
+        with signals_deferred() as late:
+            run.supervisor.shutdown()
             run.save()
+            try:
+                render_report(run_dir)
+            except Exception as exc:  # the results are safe on disk; a report bug must not hide the run's own error
+                run.data["report_error"] = f"{type(exc).__name__}: {exc}"
+                run.save()
+        if late:  # a signal while the run was being put away: everything is written, now honour it
+            raise interruption(late[0])
 
 
 def summarize_run(sandboxes: list[SandboxRecord], rounds: list[dict[str, Any]]) -> dict[str, Any]:

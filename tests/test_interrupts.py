@@ -153,3 +153,25 @@ def test_signal_during_the_isolation_probes_is_no_leak(tmp_path: Path, signum: i
         for card in scenario["data"].get("scorecards", [])
         for probe in card["probes"]
     )
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_signal_while_the_report_renders_leaves_whole_files(tmp_path: Path, signum: int) -> None:
+    out = tmp_path / "render"
+    run = Run("bench", "--backend", "host", "--sandboxes", "2", "--no-proxy", "--out", str(out))
+
+    def finished_not_rendered() -> bool:
+        try:
+            return json.loads((out / "results.json").read_text())["partial"] is False
+        except (OSError, ValueError, KeyError):
+            return False
+
+    run.wait_for("the run's last save", finished_not_rendered)
+    written = (out / "results.json").read_text()
+    output = run.interrupt(signum)
+    assert run.proc.returncode == 128 + signum, output
+    assert (out / "results.json").read_text() == written
+    # The signal waited for the report: it is whole, and no staging file is left.
+    assert (out / "report.html").read_text().rstrip().endswith("</html>")
+    assert list(out.glob(".report.html.*")) == []
+    assert "Traceback" not in output and f"interrupted ({signal.Signals(signum).name})" in output

@@ -7,6 +7,7 @@ Each module in harness/report/sections/, and each scenario folder's report.py, c
 from __future__ import annotations
 
 import importlib
+import os
 import pkgutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,5 +94,8 @@ def render_report(run_dir: Path) -> Path:
     )
     html = env.get_template("report.html.j2").render(data=data, sections=_sections(data, run_dir))
     path = run_dir / REPORT_FILE
-    path.write_text(html)
+    # Whole or absent: an interrupted write leaves only the staging file, never half a report.
+    staged = path.with_name(f".{REPORT_FILE}.{os.getpid()}.partial")
+    staged.write_text(html)
+    staged.replace(path)
     return path
