@@ -200,9 +200,10 @@ def report(run_dir: Path) -> Path:
     from harness.report import render_report
 
     with user_errors():
-        if not (run_dir / "results.json").exists():
-            raise HarnessError(f"{run_dir}/results.json not found; pass a results/<run-id> directory")
-        path = render_report(run_dir)
+        try:
+            path = render_report(run_dir)
+        except OSError as exc:
+            raise HarnessError(f"cannot write the report into {run_dir}: {exc.strerror}") from None
     console.print(f"report: {path}")
     return path
 

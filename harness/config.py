@@ -14,6 +14,7 @@ import ast
 import difflib
 import inspect
 import itertools
+import os
 import textwrap
 import types
 import typing
@@ -34,6 +35,7 @@ NONE_WORDS = ("", "none")
 
 BENCH_FLAGS: dict[str, str] = {
     "out": "out",
+    "force": "force",
     "backend": "backend",
     "accel": "accel",
     "mem_mib": "mem_mib",
@@ -62,6 +64,7 @@ PROXY_FLAGS: dict[str, str] = {
 
 SCENARIO_FLAGS: dict[str, str] = {
     "out": "out",
+    "force": "force",
     "backend": "backend",
     "accel": "accel",
     "mem_mib": "mem_mib",
@@ -83,7 +86,7 @@ SCENARIO_ALIASES: dict[str, str] = {
 """`invoke scenario` flags that are `--set` under another name: `--fixer X` is `--set fixer=X`."""
 
 
-PER_RUN_FLAGS = ("out",)
+PER_RUN_FLAGS = ("out", "force")
 """Flags that name one run and so are never read from invoke.yaml or the environment."""
 
 
@@ -154,6 +157,8 @@ class RunConfig:
     """Sandbox backend: one module under harness/sandbox/."""
     out: Path | None = None
     """Run directory; results/<run-id> when not given."""
+    force: bool = False
+    """Empty a run directory that holds an earlier run before this one writes into it."""
     accel: str = "auto"
     """auto (KVM only if a canary guest boots under it, else TCG), kvm or tcg."""
     mem_mib: int = 128
@@ -182,6 +187,30 @@ class RunConfig:
             raise ConfigError(f"--boot-mode must be one of {', '.join(BOOT_MODES)}, not {self.boot_mode!r}")
         if self.boot_timeout_s <= 0:
             raise ConfigError("--boot-timeout must be positive")
+        if self.out is not None:
+            check_run_dir(self.out, self.force)
+
+
+RUN_MARKER = "results.json"
+"""A directory with this file in it is a blastradius run, which --force may empty."""
+
+
+def check_run_dir(out: Path, force: bool) -> None:
+    """--out must name a directory this run can have to itself: new, empty, or (with --force) an earlier
+    run's. Never one that holds anything else, --force or not: emptying it could destroy a user's files."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; name a directory for the run")
+    if out.is_dir() and any(out.iterdir()):
+        if not (out / RUN_MARKER).exists():
+            raise ConfigError(f"--out {out} holds files that are not a blastradius run; name a new directory")
+        if not force:
+            raise ConfigError(
+                f"--out {out} holds an earlier run, whose files would mix with this one's; "
+                "pass --force to empty it first, or name a new directory"
+            )
+    existing = next((parent for parent in (out, *out.parents) if parent.exists()), None)
+    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"--out {out}: {existing} is not writable; name a directory you can write to")
 
 
 @dataclass(frozen=True)

@@ -11,3 +11,7 @@ class ConfigError(HarnessError, ValueError):
 
 class EnvironmentMissing(HarnessError):
     """A host prerequisite (binary, package, device) is missing or broken."""
+
+
+class ResultsUnreadable(HarnessError, ValueError):
+    """A results.json that is missing, not JSON, or not of this schema."""

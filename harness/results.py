@@ -13,6 +13,7 @@ from typing import Any
 
 import psutil
 
+from harness.errors import ResultsUnreadable
 from harness.sandbox.base import SandboxRecord
 
 SCHEMA = "blastradius/results/v1"
@@ -87,9 +88,28 @@ def write_results(run_dir: Path, data: dict[str, Any]) -> Path:
 
 
 def load_results(run_dir: Path) -> dict[str, Any]:
+    """results.json of a run directory, checked against the schema; anything else is one line naming the fix."""
     path = run_dir / RESULTS_FILE
-    data = json.loads(path.read_text())
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ResultsUnreadable(f"{path} not found; pass a results/<run-id> directory") from None
+    except OSError as exc:
+        raise ResultsUnreadable(f"{path} cannot be read: {exc.strerror}") from None
+    except ValueError as exc:
+        raise ResultsUnreadable(
+            f"{path} is not JSON ({exc}): it was cut short or damaged; run again to get a new one"
+        ) from None
+    if not isinstance(data, dict):
+        raise ResultsUnreadable(f"{path} holds a JSON {type(data).__name__}, not a blastradius run")
+    if data.get("schema") != SCHEMA:
+        raise ResultsUnreadable(
+            f"{path} is of schema {data.get('schema')!r}, not {SCHEMA!r}: "
+            "render it with the blastradius version that wrote it"
+        )
     problems = validate(data)
     if problems:
-        raise ValueError(f"{path} does not conform to {SCHEMA}: " + "; ".join(problems))
+        raise ResultsUnreadable(
+            f"{path} does not conform to {SCHEMA} ({len(problems)} problem(s): {'; '.join(problems[:3])})"
+        )
     return data

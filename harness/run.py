@@ -9,6 +9,8 @@ with open_run(config, config_record, sections) as run:   # run dir, header, resu
 
 from __future__ import annotations
 
+import os
+import shutil
 import signal
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -17,7 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from harness.config import RunConfig
+from harness.config import RUN_MARKER, RunConfig
+from harness.errors import ConfigError
 from harness.metrics.stats import summarize
 from harness.paths import cache_dir
 from harness.report import render_report
@@ -74,6 +77,24 @@ class Run:
         return write_results(self.run_dir, {**self.data, "sandboxes": [r.to_json() for r in self.sandboxes]})
 
 
+def prepare_run_dir(run_dir: Path, force: bool) -> None:
+    """Make the run directory (emptied of an earlier run with --force, which RunConfig.validate allowed);
+    a file system that refuses is one line naming the fix."""
+    try:
+        if force and (run_dir / RUN_MARKER).exists():
+            for entry in run_dir.iterdir():
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry)
+                else:
+                    entry.unlink()
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".write-test.{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(f"--out {run_dir}: {exc.strerror}; name a directory you can write to") from None
+
+
 @contextmanager
 def open_run(
     config: RunConfig, config_record: Mapping[str, Any], sections: Mapping[str, Any] | None = None
@@ -84,7 +105,7 @@ def open_run(
     and the report rendered; the body's own exception propagates unchanged."""
     run_id = new_run_id()
     run_dir = config.out or Path("results") / run_id
-    run_dir.mkdir(parents=True, exist_ok=True)
+    prepare_run_dir(run_dir, config.force)
     run = Run(
         run_id=run_id,
         run_dir=run_dir,

@@ -151,12 +151,12 @@ def test_readme_states_the_codes_defaults() -> None:
     checked = 0
     for flag, text in stated.items():
         name = flag[2:].replace("-", "_")
-        if name in BENCH_FLAGS and name != "proxy":
+        if name in BENCH_FLAGS and name not in ("proxy", "force"):
             default = code[BENCH_FLAGS[name]]
         elif name in PROXY_FLAGS:
             default = proxy[PROXY_FLAGS[name]]
         else:
-            continue  # --no-proxy: a switch, not a value
+            continue  # --no-proxy, --force: switches, not values
         expected = words[text] if text in words else text.split(",") if isinstance(default, list) else text
         if isinstance(default, (int, float)) and not isinstance(expected, list) and expected is not None:
             assert float(expected) == default, (flag, text, default)
