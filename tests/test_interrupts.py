@@ -148,6 +148,8 @@ def test_signal_during_the_isolation_probes_is_no_leak(tmp_path: Path, signum: i
     data = assert_interrupted(run, output, out, signum)
     scenario = data["scenario"]
     assert scenario["journal"]["status"] == "interrupted" and not scenario["data"].get("leaks")
+    steps = [step for step in scenario["journal"]["run"] if step["name"].startswith("probe:")]
+    assert steps[-1]["status"] == "interrupted" and all(s["status"] == "succeeded" for s in steps[:-1]), steps
     assert all(
         "Interrupted" not in str(probe.get("reason")) and "KeyboardInterrupt" not in str(probe.get("reason"))
         for card in scenario["data"].get("scorecards", [])
