@@ -1,25 +1,33 @@
-"""Invoke tasks: parse flags, call plain functions in harness/. No logic lives here."""
+"""Invoke tasks: parse flags, call plain functions in harness/. No logic lives here.
+
+Flags of `bench` and `scenario` may also come from invoke's own config: a `bench:` or `scenario:` section in
+an invoke.yaml beside this file, or INVOKE_BENCH_<FLAG> / INVOKE_SCENARIO_<FLAG> variables (README).
+"""
 
 from pathlib import Path
 
-from invoke import task
+from invoke import Collection, task
+
+from harness.config import invoke_config
 
 
 @task(
+    auto_shortflags=False,  # bench's flags share first letters; invoke would print a broken `--=STRING` row
     help={
-        "sandboxes": "sandboxes booted concurrently per round (N, default 4)",
-        "backend": "sandbox backend module (default qemu)",
+        "sandboxes": "sandboxes booted concurrently per round (N)",
+        "backend": "sandbox backend module",
         "out": "run directory (default results/<run-id>)",
-        "accel": "auto | kvm | tcg (default auto: KVM only if a canary guest boots under it)",
-        "concurrency": "boots in flight at once (default: CPU cores)",
-        "warmup": "discarded warm-up rounds (default 1)",
-        "repeat": "measured rounds (default 1)",
-        "mem_mib": "guest RAM in MiB (default 128)",
-        "boot_timeout": "seconds before a boot counts as failed (default 60)",
-        "boot_mode": "snapshot (restore a booted template, default) | cold (boot the kernel every time)",
-        "policy": "gateway policy: open | balanced | locked | path to a policy YAML (default balanced)",
-        "guest_samples": "timed requests through the gateway from inside each sandbox (default 10)",
-        "proxy": "run the Locust proxy-latency comparison (default on; --no-proxy skips it)",
+        "force": "empty --out first when it holds an earlier run (never a directory of other files)",
+        "accel": "auto (KVM only if a canary guest boots under it) | kvm | tcg",
+        "concurrency": "boots in flight at once",
+        "warmup": "discarded warm-up rounds",
+        "repeat": "measured rounds",
+        "mem_mib": "guest RAM in MiB",
+        "boot_timeout": "seconds before a boot counts as failed",
+        "boot_mode": "snapshot (restore a booted template) | cold (boot the kernel every time)",
+        "policy": "gateway policy: open | balanced | locked | path to a policy YAML",
+        "guest_samples": "timed requests through the gateway from inside each sandbox",
+        "proxy": "run the Locust proxy-latency comparison (--no-proxy: no Locust, no peer proxy)",
         "users": "Locust users per target",
         "spawn_rate": "Locust users started per second",
         "duration": "seconds of load per target",
@@ -27,13 +35,14 @@ from invoke import task
         "master_host": "bind the Locust master here and wait for remote workers (Locust distributed mode)",
         "targets": "comma list: direct,gateway,gateway-intercept,squid,tinyproxy,mitmproxy",
         "traffic": "comma list: model,download,blocked",
-    }
+    },
 )
 def bench(
     c,
     sandboxes=None,
     backend=None,
     out=None,
+    force=False,
     accel=None,
     concurrency=None,
     warmup=None,
@@ -52,32 +61,37 @@ def bench(
     targets=None,
     traffic=None,
 ):
-    """Boot N sandboxes, measure boot phases and host RAM, write results.json and report.html."""
+    """Boot N sandboxes, measure boot phases and host RAM, write results.json and report.html.
+
+    Defaults are in README; invoke.yaml's `bench:` section and INVOKE_BENCH_<FLAG> override them, a flag both.
+    """
     from harness import cli
 
     cli.bench(
-        sandboxes=_int(sandboxes),
-        backend=backend,
-        out=Path(out) if out else None,
-        accel=accel,
-        concurrency=_int(concurrency),
-        warmup=_int(warmup),
-        repeat=_int(repeat),
-        mem_mib=_int(mem_mib),
-        boot_timeout_s=_float(boot_timeout),
-        boot_mode=boot_mode,
-        policy=policy,
-        guest_samples=_int(guest_samples),
-        proxy=cli.proxy_config(
-            proxy,
-            users=_int(users),
-            spawn_rate=_float(spawn_rate),
-            duration_s=_float(duration),
-            workers=_int(workers),
-            master_host=master_host,
-            targets=_list(targets),
-            traffic=_list(traffic),
-        ),
+        c.config.bench,
+        {
+            "sandboxes": sandboxes,
+            "backend": backend,
+            "out": out,
+            "force": force or None,
+            "accel": accel,
+            "concurrency": concurrency,
+            "warmup": warmup,
+            "repeat": repeat,
+            "mem_mib": mem_mib,
+            "boot_timeout": boot_timeout,
+            "boot_mode": boot_mode,
+            "policy": policy,
+            "guest_samples": guest_samples,
+            "proxy": proxy,
+            "users": users,
+            "spawn_rate": spawn_rate,
+            "duration": duration,
+            "workers": workers,
+            "master_host": master_host,
+            "targets": targets,
+            "traffic": traffic,
+        },
     )
 
 
@@ -139,16 +153,6 @@ def _int(value):
     return cli.parse_number(value, int)
 
 
-def _float(value):
-    from harness import cli
-
-    return cli.parse_number(value, float)
-
-
-def _list(value):
-    return [item.strip() for item in value.split(",") if item.strip()] if value else None
-
-
 @task
 def image(c):
     """Fetch the Debian guest kernel and build (or reuse) the busybox initramfs."""
@@ -158,31 +162,43 @@ def image(c):
 
 
 @task(
+    iterable=["set"],
+    # Long flags only: an automatic -h for --help-options would read as --help.
+    auto_shortflags=False,
     help={
         "name": "scenario folder under scenarios/ (isolation, retry-403, proxy-chaos, payments-service, ram-pressure)",
-        "sandboxes": "sandboxes to run the scenario in",
+        "set": "KEY=VALUE: set one of the scenario's options (repeatable); --help-options lists them",
+        "help_options": "list the scenario's options (type, default, meaning) and the common flags, then exit",
         "out": "run directory (default results/<run-id>)",
-        "backend": "sandbox backend module (default qemu)",
+        "force": "empty --out first when it holds an earlier run (never a directory of other files)",
+        "backend": "sandbox backend module",
         "accel": "auto | kvm | tcg",
-        "mem_mib": "guest RAM in MiB",
-        "leaky": "isolation: deliberately weaken the setup so the probes must turn red",
-        "file": "proxy-chaos: timeline YAML",
-        "agent": "run this agent command inside the sandbox instead of the built-in reference client/fixer",
-        "fixer": "payments-service: reference | memory-only | probe-only",
-        "kube_context": "payments-service: a real cluster context instead of the embedded pod runtime",
-        "max_sandboxes": "ram-pressure: cap on sandboxes",
-        "duration": "seconds of load where the scenario runs load",
-        "boot_mode": "snapshot (default) | cold",
-    }
+        "mem_mib": "guest RAM in MiB (a scenario may need more, and says so)",
+        "boot_timeout": "seconds before a boot counts as failed",
+        "boot_mode": "snapshot | cold",
+        "sandboxes": "--set sandboxes=N (isolation, retry-403)",
+        "leaky": "--set leaky=true (isolation: weaken the setup so the probes must turn red)",
+        "file": "--set file=PATH (proxy-chaos: timeline YAML)",
+        "agent": "--set agent=CMD (retry-403, payments-service: your agent instead of the built-in clients/fixer)",
+        "fixer": "--set fixer=NAME (payments-service: reference | memory-only | probe-only | none)",
+        "kube_context": "--set kube_context=CTX (payments-service: a real cluster instead of the embedded runtime)",
+        "max_sandboxes": "--set max_sandboxes=N (ram-pressure: cap on sandboxes)",
+        "duration": "--set duration_s=SECONDS (proxy-chaos: seconds of load at least)",
+    },
 )
 def scenario(
     c,
     name,
-    sandboxes=None,
+    set=None,
+    help_options=False,
     out=None,
+    force=False,
     backend=None,
     accel=None,
     mem_mib=None,
+    boot_timeout=None,
+    boot_mode=None,
+    sandboxes=None,
     leaky=False,
     file=None,
     agent=None,
@@ -190,24 +206,36 @@ def scenario(
     kube_context=None,
     max_sandboxes=None,
     duration=None,
-    boot_mode=None,
 ):
     """Run one scenario and write results.json + report.html; exits non-zero when the scenario fails."""
     from harness import cli
 
     cli.scenario(
         name,
-        out=Path(out) if out else None,
-        sandboxes=_int(sandboxes),
-        backend=backend,
-        accel=accel,
-        mem_mib=_int(mem_mib),
-        leaky=leaky or None,
-        file=file,
-        agent=agent,
-        fixer=fixer,
-        kube_context=kube_context,
-        max_sandboxes=_int(max_sandboxes),
-        duration_s=_float(duration),
-        boot_mode=boot_mode,
+        c.config.scenario,
+        flags={
+            "out": out,
+            "force": force or None,
+            "backend": backend,
+            "accel": accel,
+            "mem_mib": mem_mib,
+            "boot_timeout": boot_timeout,
+            "boot_mode": boot_mode,
+        },
+        aliases={
+            "sandboxes": sandboxes,
+            "leaky": leaky,
+            "file": file,
+            "agent": agent,
+            "fixer": fixer,
+            "kube_context": kube_context,
+            "max_sandboxes": max_sandboxes,
+            "duration": duration,
+        },
+        sets=set or [],
+        help_options=help_options,
     )
+
+
+ns = Collection(bench, gateway, clean, report, test, image, scenario)
+ns.configure(invoke_config())

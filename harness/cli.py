@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -15,10 +15,25 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextC
 from rich.table import Table
 
 from harness.bench import BenchConfig, BenchEvents, run_bench
-from harness.errors import HarnessError
+from harness.config import (
+    BENCH_FLAGS,
+    PROXY_FLAGS,
+    SCENARIO_ALIASES,
+    SCENARIO_FLAGS,
+    RunConfig,
+    build,
+    check_configured,
+    flag_name,
+    layered,
+    parse_sets,
+    parse_value,
+    settings,
+)
+from harness.errors import ConfigError, HarnessError
 from harness.gateway.errors import SetupError
 from harness.load.bench import ProxyBenchConfig
 from harness.report.format import mib, ms
+from harness.sandbox.base import SandboxRecord
 from harness.scratch import sweep_scratch_dirs
 from harness.supervisor import Interrupted, reap_leftovers
 
@@ -42,7 +57,8 @@ def user_errors() -> Iterator[None]:
         console.print(f"[bold red]error:[/] {escape(' '.join(str(exc).split()))}", highlight=False)
         sys.exit(EXIT_ERROR)
     except (KeyboardInterrupt, Interrupted) as exc:
-        console.print(f"[yellow]interrupted ({exc or 'SIGINT'}); partial results were written[/]")
+        name = str(exc) if isinstance(exc, Interrupted) else "SIGINT"  # KeyboardInterrupt's str is empty
+        console.print(f"[yellow]interrupted ({name}); partial results were written[/]")
         sys.exit(128 + exc.signum if isinstance(exc, Interrupted) else EXIT_INTERRUPTED)
 
 
@@ -59,11 +75,11 @@ class ProgressEvents(BenchEvents):
     def round_started(self, label: str, total: int) -> None:
         self.task = self.progress.add_task(f"booting ({label})", total=total)
 
-    def sandbox_done(self, record: dict[str, Any]) -> None:
+    def sandbox_done(self, record: SandboxRecord) -> None:
         if self.task is not None:
             self.progress.advance(self.task)
-        if not record["ok"]:
-            self.progress.console.print(f"[red]✗ {record['id']}:[/] {record['error']}")
+        if not record.ok:
+            self.progress.console.print(f"[red]✗ {record.id}:[/] {record.error}")
 
     def round_finished(self, label: str) -> None:
         if self.task is not None:
@@ -76,11 +92,11 @@ def with_progress(body: Callable[[ProgressEvents], T]) -> T:
         return body(ProgressEvents(progress))
 
 
-def bench(**flags: Any) -> Path:
-    """Run the bench from task flags and print its summary; returns the run directory."""
+def bench(configured: Mapping[str, Any], flags: Mapping[str, Any]) -> Path:
+    """Run the bench from task flags over invoke's config (`configured`: invoke.yaml and the environment) and
+    print its summary; returns the run directory."""
     with user_errors():
-        config = BenchConfig(**{k: v for k, v in flags.items() if v is not None})
-        config.validate()
+        config = bench_config(configured, flags)
         run = with_progress(lambda events: run_bench(config, events))
     summary = run.data["summary"]
     table = Table(
@@ -141,7 +157,7 @@ def proxy_table(proxy: dict[str, Any]) -> Table:
 
 
 def clean() -> list[str]:
-    from harness.scenario import sweep_leftovers
+    from harness.scenario.runner import sweep_leftovers
 
     removed = reap_leftovers() + sweep_scratch_dirs() + sweep_leftovers()
     for line in removed:
@@ -162,20 +178,34 @@ def parse_number(value: str | float | None, kind: type[int] | type[float]) -> An
             raise HarnessError(f"expected a {'whole ' if kind is int else ''}number, got {value!r}") from None
 
 
-def proxy_config(enabled: bool, **flags: Any) -> ProxyBenchConfig | None:
-    """The Locust comparison's settings from bench flags; None when --no-proxy."""
-    if not enabled:
-        return None
-    return ProxyBenchConfig(**{k: v for k, v in flags.items() if v is not None})
+def bench_config(configured: Mapping[str, Any], flags: Mapping[str, Any]) -> BenchConfig:
+    """The validated bench settings: each from its flag, else from invoke's config, else BenchConfig's default.
+    `flags["proxy"]` is True unless --no-proxy was given (a switch cannot say "not given")."""
+    check_configured("bench", configured)
+    flags = {**flags, "proxy": None if flags.get("proxy") is True else flags.get("proxy")}
+    values, labels = layered("bench", BENCH_FLAGS, flags, configured)
+    proxy_values, proxy_labels = layered("bench", PROXY_FLAGS, flags, configured)
+    enabled = parse_value(values.get("proxy", True), bool, labels.get("proxy", "--proxy"))
+    if enabled:
+        values["proxy"] = build(ProxyBenchConfig, proxy_values, proxy_labels)
+    else:
+        given = [flag_name(flag) for flag in PROXY_FLAGS if flags.get(flag) is not None]
+        if given:
+            raise ConfigError(
+                f"--no-proxy runs no Locust comparison, so {', '.join(given)} would be ignored; drop one or the other"
+            )
+        values["proxy"] = None
+    return build(BenchConfig, values, labels)
 
 
 def report(run_dir: Path) -> Path:
     from harness.report import render_report
 
     with user_errors():
-        if not (run_dir / "results.json").exists():
-            raise HarnessError(f"{run_dir}/results.json not found; pass a results/<run-id> directory")
-        path = render_report(run_dir)
+        try:
+            path = render_report(run_dir)
+        except OSError as exc:
+            raise HarnessError(f"cannot write the report into {run_dir}: {exc.strerror}") from None
     console.print(f"report: {path}")
     return path
 
@@ -193,11 +223,25 @@ def image() -> None:
     )
 
 
-def scenario(name: str, out: Path | None, **options: Any) -> None:
-    from harness.scenario import run_scenario
+def scenario(
+    name: str,
+    configured: Mapping[str, Any],
+    flags: Mapping[str, Any],
+    aliases: Mapping[str, Any],
+    sets: Iterable[str],
+    help_options: bool = False,
+) -> None:
+    """Run scenario `name` from task flags: the common `flags` (RunConfig's, over invoke's config in
+    `configured`), option `aliases` (`--fixer X`) and `--set key=value` items; with help_options, list its
+    options instead. Everything is checked before anything is written."""
+    from harness.scenario.runner import prepare_scenario, run_prepared
 
     with user_errors():
-        exit_code, run_dir = run_scenario(name, options, out=out)
+        if help_options:
+            print(options_help(name))
+            return
+        values, labels = scenario_values(configured, flags, aliases, sets)
+        exit_code, run_dir = run_prepared(prepare_scenario(name, values, labels))
     summary = scenario_summary(name, json.loads((run_dir / "results.json").read_text()))
     if summary is not None:
         console.print(summary)
@@ -207,9 +251,55 @@ def scenario(name: str, out: Path | None, **options: Any) -> None:
     sys.exit(exit_code)
 
 
+def scenario_values(
+    configured: Mapping[str, Any], flags: Mapping[str, Any], aliases: Mapping[str, Any], sets: Iterable[str]
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """The scenario's raw values by setting name, and where each came from (for error messages)."""
+    check_configured("scenario", configured)
+    values, labels = layered("scenario", SCENARIO_FLAGS, flags, configured)
+    for flag, value in aliases.items():
+        # An alias that is a switch (--leaky) arrives as False when not given.
+        if value is not None and value is not False:
+            values[SCENARIO_ALIASES[flag]] = value
+            labels[SCENARIO_ALIASES[flag]] = flag_name(flag)
+    for key, value in parse_sets(sets).items():
+        values[key] = value
+        labels[key] = f"--set {key}"
+    return values, labels
+
+
+def options_help(name: str) -> str:
+    """Every option of scenario `name` (type, default, meaning, alias flag), then the common flags: plain
+    lines, readable in a pipe as in a terminal."""
+    from harness.scenario.loader import load_scenario_module
+
+    alias_of = {field: flag_name(flag) for flag, field in SCENARIO_ALIASES.items()}
+    lines = [f"{name} options, set with --set KEY=VALUE (repeatable):"]
+    for option in settings(load_scenario_module(name).Options):
+        alias = f"   (also {alias_of[option.name]})" if option.name in alias_of else ""
+        lines += [f"  {option.name}: {option.kind} = {_shown(option.default)}{alias}", f"      {option.help}"]
+    lines.append("common flags:")
+    flag_of = {field: flag for flag, field in SCENARIO_FLAGS.items()}
+    for setting in settings(RunConfig):
+        lines += [
+            f"  {flag_name(flag_of[setting.name])}: {setting.kind} = {_shown(setting.default)}",
+            f"      {setting.help}",
+        ]
+    return "\n".join(lines)
+
+
+def _shown(default: Any) -> str:
+    """A default as a user would type it."""
+    if default is None:
+        return "none"
+    if isinstance(default, Path):
+        return str(default.relative_to(Path.cwd())) if default.is_relative_to(Path.cwd()) else str(default)
+    return str(default).lower() if isinstance(default, bool) else str(default)
+
+
 def scenario_summary(name: str, results: dict[str, Any]) -> RenderableType | None:
     """What the scenario's own `terminal_summary(data)` makes of its saved data, if it has one."""
-    from harness.scenario import load_scenario_module
+    from harness.scenario.loader import load_scenario_module
 
     render = getattr(load_scenario_module(name), "terminal_summary", None)
     return render(results["scenario"]["data"]) if callable(render) else None

@@ -15,11 +15,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 from harness.gateway.process import GatewayConfig, GatewayProcess
 from harness.sandbox import Backend, BootFailed, Sandbox, SandboxSpec
-from harness.sandbox.base import Endpoint
+from harness.sandbox.base import Endpoint, SandboxRecord
 from harness.supervisor import Supervisor, pid_alive
 
 
@@ -124,42 +123,23 @@ class Fleet:
                 self.gateway.remove_sandbox(sandbox_id)
 
 
-def boot_record(sandbox_id: str, round_index: int = 0) -> dict[str, Any]:
-    """The results.json entry of one boot, before it has happened."""
-    return {
-        "id": sandbox_id,
-        "round": round_index,
-        "ok": False,
-        "error": None,
-        "boot_ms": None,
-        "phases_ms": {},
-        "marks_ms": {},
-        "provision_ms": None,
-        "host_rss_bytes": None,
-        "host_pss_bytes": None,
-        "host_uss_bytes": None,
-        "guest_mem_total_bytes": None,
-        "guest_mem_free_bytes": None,
-    }
-
-
-def boot_into(fleet: Fleet, record: dict[str, Any], **overrides: object) -> Sandbox:
-    """Boot record["id"] and fill `record` in, failure included; re-raises BootFailed."""
+def boot_into(fleet: Fleet, record: SandboxRecord, **overrides: object) -> Sandbox:
+    """Boot record.id and fill `record` in, failure included; re-raises BootFailed."""
     try:
-        sandbox = fleet.boot(record["id"], **overrides)
+        sandbox = fleet.boot(record.id, **overrides)
     except BootFailed as exc:
-        record.update(error=exc.reason, phases_ms=exc.boot.phases_ms, marks_ms=exc.boot.marks_ms)
+        record.error = exc.reason
+        record.phases_ms = exc.boot.phases_ms
+        record.marks_ms = exc.boot.marks_ms
         raise
     meminfo = sandbox.guest_memory() or {}
-    record.update(
-        ok=True,
-        boot_ms=sandbox.boot.boot_ms,
-        phases_ms=sandbox.boot.phases_ms,
-        marks_ms=sandbox.boot.marks_ms,
-        provision_ms=fleet.provision_ms.get(record["id"]),
-        guest_mem_total_bytes=meminfo.get("MemTotal"),
-        guest_mem_free_bytes=meminfo.get("MemFree"),
-    )
+    record.ok = True
+    record.boot_ms = sandbox.boot.boot_ms
+    record.phases_ms = sandbox.boot.phases_ms
+    record.marks_ms = sandbox.boot.marks_ms
+    record.provision_ms = fleet.provision_ms.get(record.id)
+    record.guest_mem_total_bytes = meminfo.get("MemTotal")
+    record.guest_mem_free_bytes = meminfo.get("MemFree")
     return sandbox
 
 

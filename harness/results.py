@@ -7,10 +7,14 @@ import os
 import platform
 import secrets
 import time
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 import psutil
+
+from harness.errors import ResultsUnreadable
+from harness.sandbox.base import SandboxRecord
 
 SCHEMA = "blastradius/results/v1"
 """Bumped on any incompatible change to results.json."""
@@ -21,18 +25,10 @@ BOOT_SAMPLES_FILE = "boot-samples.jsonl"
 
 REQUIRED_TOP = ("schema", "run_id", "created", "partial", "host", "backend", "accel", "config", "sandboxes", "summary")
 REQUIRED_HOST = ("cpu_model", "cores", "memory_bytes", "kernel", "python")
-REQUIRED_SANDBOX = (
-    "id",
-    "round",
-    "ok",
-    "error",
-    "boot_ms",
-    "phases_ms",
-    "host_rss_bytes",
-    "host_pss_bytes",
-    "host_uss_bytes",
-    "guest_mem_total_bytes",
-)
+OPTIONAL_SANDBOX = ("marks_ms", "provision_ms", "guest_mem_free_bytes")
+"""Fields of SandboxRecord that every entry written now has but a v1 reader must not require: provision_ms
+came later within v1, and readers treat the other two as optional (read with .get)."""
+REQUIRED_SANDBOX = tuple(f.name for f in fields(SandboxRecord) if f.name not in OPTIONAL_SANDBOX)
 REQUIRED_SUMMARY = ("boot_ms", "success_rate", "mem_available_delta_bytes_per_sandbox", "pss_bytes_per_sandbox_p50")
 PERCENTILE_KEYS = ("p50", "p95", "p99", "min", "max", "mean")
 
@@ -92,9 +88,28 @@ def write_results(run_dir: Path, data: dict[str, Any]) -> Path:
 
 
 def load_results(run_dir: Path) -> dict[str, Any]:
+    """results.json of a run directory, checked against the schema; anything else is one line naming the fix."""
     path = run_dir / RESULTS_FILE
-    data = json.loads(path.read_text())
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ResultsUnreadable(f"{path} not found; pass a results/<run-id> directory") from None
+    except OSError as exc:
+        raise ResultsUnreadable(f"{path} cannot be read: {exc.strerror}") from None
+    except ValueError as exc:
+        raise ResultsUnreadable(
+            f"{path} is not JSON ({exc}): it was cut short or damaged; run again to get a new one"
+        ) from None
+    if not isinstance(data, dict):
+        raise ResultsUnreadable(f"{path} holds a JSON {type(data).__name__}, not a blastradius run")
+    if data.get("schema") != SCHEMA:
+        raise ResultsUnreadable(
+            f"{path} is of schema {data.get('schema')!r}, not {SCHEMA!r}: "
+            "render it with the blastradius version that wrote it"
+        )
     problems = validate(data)
     if problems:
-        raise ValueError(f"{path} does not conform to {SCHEMA}: " + "; ".join(problems))
+        raise ResultsUnreadable(
+            f"{path} does not conform to {SCHEMA} ({len(problems)} problem(s): {'; '.join(problems[:3])})"
+        )
     return data

@@ -204,6 +204,31 @@ def signals_raise() -> Iterator[None]:
             signal.signal(sig, old)
 
 
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[list[int]]:
+    """For a run's last steps (stop children, save, render the report): SIGTERM, SIGHUP and SIGINT are
+    noted, not acted on, so those steps finish whole; the caller raises for them afterwards."""
+    received: list[int] = []
+
+    def handler(signum: int, _frame: object) -> None:
+        received.append(signum)
+
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)}
+    try:
+        yield received
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def interruption(signum: int) -> BaseException:
+    """What a signal becomes in the main thread: KeyboardInterrupt for SIGINT, Interrupted otherwise."""
+    return KeyboardInterrupt() if signum == signal.SIGINT else Interrupted(signum)
+
+
 def reap_leftovers() -> list[str]:
     """Kill processes recorded by runs whose owner is gone; return a line per thing removed."""
     removed: list[str] = []

@@ -8,13 +8,13 @@ import signal
 import subprocess
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from harness.bench import BenchConfig, BenchEvents, run_bench
 from harness.paths import pid_records_dir
 from harness.results import load_results
+from harness.sandbox.base import SandboxRecord
 from tests.conftest import HOST_SECRET, HOST_SECRET_ENV, REPO, invoke_cmd, qemu_pids_of
 
 pytestmark = pytest.mark.qemu
@@ -50,7 +50,7 @@ def test_bench_two_sandboxes_end_to_end(tmp_path: Path, monkeypatch: pytest.Monk
 
 
 class FailAfterFirstBoot(BenchEvents):
-    def sandbox_done(self, record: dict[str, Any]) -> None:
+    def sandbox_done(self, record: SandboxRecord) -> None:
         raise RuntimeError("injected failure in a bench step")
 
 

@@ -21,7 +21,7 @@ from harness.paths import cache_dir
 from harness.sandbox import BackendOptions, Sandbox, SandboxSpec, backend_features, create_backend
 from harness.sandbox.base import Features
 from harness.sandbox.host import HostBackend
-from harness.scenario import run_scenario
+from harness.scenario.runner import run_scenario
 from harness.supervisor import Supervisor, pid_alive
 
 

@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from harness.bench import summarize_run
 from harness.metrics.stats import percentile, summarize
 from harness.report import render_report
 from harness.results import SCHEMA, host_info, load_results, validate, write_results
+from harness.run import summarize_run
+from harness.sandbox.base import SandboxRecord
 
 
 def test_percentile_interpolates() -> None:
@@ -60,7 +61,7 @@ def results(partial: bool = False) -> dict:
         "sandboxes": [sandbox(0), sandbox(1), sandbox(2, ok=False)],
         "files": {"memory_samples": "mem.jsonl"},
     }
-    data["summary"] = summarize_run(data)
+    data["summary"] = summarize_run([SandboxRecord(**s) for s in data["sandboxes"]], data["rounds"])
     return data
 
 

@@ -19,10 +19,7 @@ DEFAULT_SAMPLES = 10
 MAX_SAMPLES = 200
 PER_REQUEST_BUDGET_S = 3.0
 """Exec timeout per request under TCG, generous: a timed-out exec loses all samples."""
-TCG_NOTE = (
-    "Measured inside the guest with busybox nc; under TCG every guest instruction is emulated, so "
-    "these figures are far above the host-side ones and say more about the accelerator than the gateway."
-)
+NOTE = "Measured inside the sandbox with busybox nc; the median cost of taking a timestamp there is subtracted."
 
 SCRIPT = """\
 req=/tmp/.br-req.$$; out=/tmp/.br-out.$$
@@ -114,5 +111,5 @@ def sample_in_guest(
     if result.timed_out or (result.rc != 0 and figures["n"] == 0):
         figures["failures"]["exec"] = 1
         figures["exec_error"] = result.stderr.decode(errors="replace")[-300:] or f"rc {result.rc}"
-    figures.update(url=url, proxy=proxy, exec_s=round(result.duration_s, 3), note=TCG_NOTE)
+    figures.update(url=url, proxy=proxy, exec_s=round(result.duration_s, 3), note=NOTE)
     return figures

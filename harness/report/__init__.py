@@ -1,15 +1,17 @@
 """results.json -> report.html. Reads only the run directory, never QEMU or gateway code.
 
-Each module in harness/report/sections/ contributes one section: `ORDER: int` and
-`section(data, run_dir) -> Section | None` (None when the run has nothing for it).
+Each module in harness/report/sections/, and each scenario folder's report.py, contributes one section:
+`ORDER: int` and `section(data, run_dir) -> Section | None` (None when the run has nothing for it).
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 import pkgutil
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import jinja2
@@ -41,31 +43,43 @@ class Section:
     must escape everything it puts in it. Empty for sections that only use notes/charts/tables."""
 
 
+def _section_modules() -> tuple[list[tuple[str, ModuleType]], list[tuple[str, Exception]]]:
+    """(anchor, module) of every section module, and (name, error) of those that could not be imported:
+    the generic ones in harness/report/sections/, then each scenario folder's report.py."""
+    from harness.report import sections as package
+    from harness.scenario.loader import SCENARIOS_DIR, available_scenarios, load_scenario_module
+
+    modules: list[tuple[str, ModuleType]] = []
+    failed: list[tuple[str, Exception]] = []
+    generic = [(info.name, f"{package.__name__}.{info.name}") for info in pkgutil.iter_modules(package.__path__)]
+    for name, qualified in generic:
+        try:
+            modules.append((name, importlib.import_module(qualified)))
+        except Exception as exc:
+            failed.append((name, exc))
+    for name in available_scenarios():
+        if (SCENARIOS_DIR / name / "report.py").exists():
+            try:
+                modules.append((name, load_scenario_module(name, "report")))
+            except Exception as exc:
+                failed.append((name, exc))
+    return modules, failed
+
+
 def _sections(data: dict[str, Any], run_dir: Path) -> list[Section]:
     """Every section module's part; one that fails is shown as its error, so the rest still render."""
-    from harness.report import sections as package
-
-    built = []
-    modules = []
-    for info in pkgutil.iter_modules(package.__path__):
-        try:
-            modules.append(importlib.import_module(f"{package.__name__}.{info.name}"))
-        except Exception as exc:
-            built.append(
-                (
-                    SECTION_ERROR_ORDER,
-                    Section(title=f"Section {info.name} failed to load", notes=[f"{type(exc).__name__}: {exc}"]),
-                )
-            )
-    for module in modules:
+    modules, failed = _section_modules()
+    built = [
+        (SECTION_ERROR_ORDER, Section(title=f"Section {name} failed to load", notes=[f"{type(exc).__name__}: {exc}"]))
+        for name, exc in failed
+    ]
+    for anchor, module in modules:
         try:
             section = module.section(data, run_dir)
         except Exception as exc:
-            section = Section(
-                title=f"Section {module.__name__.rsplit('.', 1)[-1]} failed", notes=[f"{type(exc).__name__}: {exc}"]
-            )
+            section = Section(title=f"Section {anchor} failed", notes=[f"{type(exc).__name__}: {exc}"])
         if section is not None:
-            section.anchor = section.anchor or module.__name__.rsplit(".", 1)[-1]
+            section.anchor = section.anchor or anchor
             built.append((module.ORDER, section))
     return [section for _, section in sorted(built, key=lambda pair: pair[0])]
 
@@ -80,5 +94,8 @@ def render_report(run_dir: Path) -> Path:
     )
     html = env.get_template("report.html.j2").render(data=data, sections=_sections(data, run_dir))
     path = run_dir / REPORT_FILE
-    path.write_text(html)
+    # Whole or absent: an interrupted write leaves only the staging file, never half a report.
+    staged = path.with_name(f".{REPORT_FILE}.{os.getpid()}.partial")
+    staged.write_text(html)
+    staged.replace(path)
     return path

@@ -211,3 +211,40 @@ class BootFailed(Exception):
         super().__init__(reason)
         self.reason = reason
         self.boot = boot
+
+
+@dataclass
+class SandboxRecord:
+    """One sandbox's boot and what it cost: an entry of results.json["sandboxes"], filled in as the run goes
+    (by the fleet at boot, by the bench with host memory) and turned into JSON only when results are saved."""
+
+    id: str
+    """The sandbox's id."""
+    round: int = 0
+    """Bench round it booted in (negative: a warm-up round); 0 in a scenario."""
+    ok: bool = False
+    """It booted and its agent answered."""
+    error: str | None = None
+    """Why the boot failed; None when it did not."""
+    boot_ms: float | None = None
+    """Spawn to agent ready."""
+    phases_ms: dict[str, float] = field(default_factory=dict)
+    """Boot phase durations, named by the backend's `phases` (reached so far, for a failed boot)."""
+    marks_ms: dict[str, float] = field(default_factory=dict)
+    """Named instants of the boot."""
+    provision_ms: float | None = None
+    """Time after agent-ready spent installing the gateway CA."""
+    host_rss_bytes: int | None = None
+    """Host RSS of its processes with the round idle (the bench measures it)."""
+    host_pss_bytes: int | None = None
+    """Host PSS of its processes with the round idle: its fair share of shared pages."""
+    host_uss_bytes: int | None = None
+    """Host USS of its processes with the round idle: what stopping it would free."""
+    guest_mem_total_bytes: int | None = None
+    """MemTotal inside, where the backend reports guest memory."""
+    guest_mem_free_bytes: int | None = None
+    """MemFree inside at boot, where the backend reports guest memory."""
+
+    def to_json(self) -> dict[str, object]:
+        """The results.json entry (keys are the field names)."""
+        return dict(vars(self))

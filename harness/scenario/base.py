@@ -9,9 +9,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-from harness.fleet import Fleet, boot_into, boot_record, open_fleet
+from harness.config import RunConfig
+from harness.errors import ConfigError
+from harness.fleet import Fleet, boot_into, open_fleet
 from harness.gateway.process import GatewayConfig
-from harness.sandbox import Backend, Sandbox, SandboxSpec
+from harness.sandbox import Backend, Sandbox, SandboxSpec, available_backends, backend_features
+from harness.sandbox.base import SandboxRecord
 from harness.scenario.journal import Journal
 from harness.supervisor import Supervisor
 
@@ -40,13 +43,39 @@ class Scenario(Protocol):
         """0 when the scenario passed (e.g. no leak); non-zero gates CI."""
 
 
+@dataclass(frozen=True)
+class Needs:
+    """What a scenario's sandboxes need, declared by its `needs(options, config)` and applied by the runner
+    before it creates the backend (so a snapshot template is made for the guest the scenario boots, and a
+    backend that cannot do what the scenario asks is refused before anything is written)."""
+
+    mem_mib: int | None = None
+    """Guest RAM for every sandbox; None keeps --mem-mib."""
+    boot_mode: str | None = None
+    """Boot mode; None keeps --boot-mode."""
+    features: tuple[str, ...] = ()
+    """Backend features it cannot run without: names of `harness.sandbox.Features` fields (e.g. "weaken")."""
+
+    def apply(self, config: RunConfig, scenario: str) -> RunConfig:
+        """`config` with these needs in place, validated again; a backend lacking a feature is a ConfigError."""
+        overrides = {"mem_mib": self.mem_mib, "boot_mode": self.boot_mode}
+        changed = replace(config, **{k: v for k, v in overrides.items() if v is not None})
+        changed.validate()
+        missing = [name for name in self.features if not getattr(backend_features(changed.backend), name)]
+        if missing:
+            able = [b for b in available_backends() if all(getattr(backend_features(b), f) for f in missing)]
+            raise ConfigError(
+                f"{scenario} needs a backend with {', '.join(missing)}, which {changed.backend} lacks; "
+                f"use --backend {' or '.join(able) or '(none has it)'}"
+            )
+        return changed
+
+
 @dataclass
 class ScenarioContext:
     """What a scenario gets to work with. Everything it starts belongs to `supervisor`."""
 
     run_dir: Path
-    options: dict[str, Any]
-    """Flags given on the command line (None where not given)."""
     supervisor: Supervisor
     backend: Backend
     template: SandboxSpec
@@ -54,7 +83,7 @@ class ScenarioContext:
     journal: Journal
     data: dict[str, Any] = field(default_factory=dict)
     """Scenario-specific results, saved under results.json["scenario"]["data"]."""
-    boots: list[dict[str, Any]] = field(default_factory=list)
+    boots: list[SandboxRecord] = field(default_factory=list)
     """Boot records of every sandbox the scenario booted (results.json["sandboxes"])."""
     save: Callable[[], None] = lambda: None
     """Write results.json now (the runner wires this); call it after each meaningful step."""
@@ -65,10 +94,6 @@ class ScenarioContext:
     def keep(self, resource: AbstractContextManager[T]) -> T:
         """Enter a context manager (a fleet, a stand-in server) for the rest of the run."""
         return self.resources.enter_context(resource)
-
-    def option(self, name: str, default: Any) -> Any:
-        value = self.options.get(name)
-        return default if value is None else value
 
     @contextmanager
     def fleet(
@@ -82,7 +107,7 @@ class ScenarioContext:
 
     def boot(self, fleet: Fleet, sandbox_id: str, **overrides: Any) -> Sandbox:
         """Boot one sandbox and record its boot like the bench does; raises BootFailed."""
-        record = boot_record(sandbox_id)
+        record = SandboxRecord(sandbox_id)
         with self._lock:
             self.boots.append(record)
         return boot_into(fleet, record, **overrides)

@@ -9,6 +9,8 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from harness.supervisor import Interrupted
+
 STATUSES = ("running", "completed", "failed", "aborted", "interrupted")
 """Journal status: completed = ran to the end (it may still have deviated), failed = a step raised,
 aborted = a steady-state check before the run did not hold, interrupted = SIGINT/SIGTERM."""
@@ -30,11 +32,11 @@ class Activity:
     """UTC ISO timestamp."""
     end: str | None = None
     status: str = "running"
-    """succeeded, failed or running."""
+    """succeeded, failed, interrupted (a signal cancelled it) or running."""
     output: Any = None
     """Plain data the step produced (evidence, measurements)."""
     error: str | None = None
-    """Exception text when status is failed."""
+    """Exception text when status is failed; the signal when interrupted."""
     duration_s: float | None = None
 
 
@@ -61,6 +63,10 @@ class Journal:
         try:
             yield step
             step.status = "succeeded"
+        except (KeyboardInterrupt, Interrupted) as exc:
+            step.status = "interrupted"  # cancelled from outside: the step neither failed nor succeeded
+            step.error = "SIGINT" if isinstance(exc, KeyboardInterrupt) else str(exc)
+            raise
         except BaseException as exc:
             step.status = "failed"
             step.error = "".join(traceback.format_exception_only(type(exc), exc)).strip()

@@ -33,47 +33,28 @@ import contextlib
 import importlib
 import json
 import platform
-import sys
 import threading
 import time
-import types
 from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 from rich.console import RenderableType
 
+from harness.config import RunConfig
+from harness.errors import ConfigError
 from harness.fleet import Fleet
 from harness.gateway.credentials import CredentialSpec
 from harness.gateway.process import GatewayConfig
 from harness.sandbox.base import Endpoint, Sandbox
-from harness.scenario.base import ScenarioContext
+from harness.scenario.base import Needs, ScenarioContext
 from harness.standins.upstream import UpstreamServer
 
-PACKAGE = "scenarios_isolation"
-"""Import name for this folder's modules (scenario folders are not a Python package)."""
+from . import honeytokens, probes
+from . import leaky as leaky_mod
 
-
-def load_package() -> types.ModuleType:
-    """Register this folder as a package so probes.py etc. import each other and tests import them."""
-    if PACKAGE not in sys.modules:
-        package = types.ModuleType(PACKAGE)
-        package.__path__ = [str(Path(__file__).resolve().parent)]
-        sys.modules[PACKAGE] = package
-    return sys.modules[PACKAGE]
-
-
-load_package()
-honeytokens = importlib.import_module(f"{PACKAGE}.honeytokens")
-probes = importlib.import_module(f"{PACKAGE}.probes")
-leaky_mod = importlib.import_module(f"{PACKAGE}.leaky")
-
-OPTIONS = {
-    "sandboxes": "sandboxes to probe (default 2; the peers probe needs two)",
-    "leaky": "weaken the set-up for real so the probes must turn red",
-}
-DEFAULT_SANDBOXES = 2
 CANARY_PORT = 6443
 """Like a local cluster API (minikube) on the host (FINDINGS probe 2)."""
 PROVISION_TIMEOUT_S = 20.0
@@ -86,6 +67,20 @@ MODEL_API_PLAIN_PORT = 80
 """busybox's ssl_client sends no signature_algorithms extension, so OpenSSL 3 (the gateway)
 refuses its handshake; guests therefore call the model-API stand-in over plain http, which the
 reference policy allows for that one host (everything else stays as in `balanced`)."""
+
+
+@dataclass(frozen=True)
+class Options:
+    """`invoke scenario isolation --set key=value`."""
+
+    sandboxes: int = 2
+    """Sandboxes to probe (the peers probe needs two)."""
+    leaky: bool = False
+    """Weaken the set-up for real so the probes must turn red."""
+
+    def validate(self) -> None:
+        if self.sandboxes < 1:
+            raise ConfigError(f"isolation needs at least one sandbox, not --sandboxes {self.sandboxes}")
 
 
 def reference_policy() -> dict[str, Any]:
@@ -118,7 +113,7 @@ class IsolationScenario:
     name = "isolation"
 
     def __init__(self, sandboxes: int, leaky: bool) -> None:
-        self.sandboxes = max(1, sandboxes)
+        self.sandboxes = sandboxes
         self.leaky = leaky
         self.home = honeytokens.HoneyHome()
         self.traps: dict[str, Any] = {}
@@ -418,13 +413,15 @@ def terminal_summary(data: dict[str, Any]) -> RenderableType:
     return Group(table, f"leaks: {data.get('leaks')}")
 
 
-def create(options: dict[str, Any]) -> IsolationScenario:
-    return IsolationScenario(
-        sandboxes=int(options.get("sandboxes") or DEFAULT_SANDBOXES), leaky=bool(options.get("leaky"))
-    )
+def needs(options: Options, config: RunConfig) -> Needs:
+    """--leaky weakens the backend for real, which only a backend that can do so may be asked to."""
+    return Needs(features=("weaken",)) if options.leaky else Needs()
+
+
+def create(options: Options) -> IsolationScenario:
+    return IsolationScenario(sandboxes=options.sandboxes, leaky=options.leaky)
 
 
 def sweep_leftovers() -> list[str]:
     """For `invoke clean`: remove honeytoken homes that a SIGKILLed run could not roll back."""
-    load_package()
-    return importlib.import_module(f"{PACKAGE}.honeytokens").sweep_leftovers()
+    return honeytokens.sweep_leftovers()

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from .manifests import compile_pod, parse_deployment
+
 PODRT_DIR = Path(__file__).resolve().parent / "podrt"
 """podrt.sh, shim.sh, the kubectl shim and the image programs, pushed into the guest at setup."""
 
@@ -140,13 +142,12 @@ class EmbeddedCluster:
 
     def apply(self, text: str) -> str:
         """Compile the manifests into a new generation and flip podrt to it; returns the new pod's name."""
-        from_manifests = _sibling("manifests")
-        deployment = from_manifests.parse_deployment(text)
+        deployment = parse_deployment(text)
         self.generation += 1
         # ReplicaSet-style name: a hash of the template plus a random suffix, like the real controller's.
         template_hash = hashlib.sha256(text.encode()).hexdigest()[:10]
         pod = f"{deployment.name}-{template_hash}-{secrets.token_hex(3)[:5]}"
-        files = from_manifests.compile_pod(deployment, pod, self.timing)
+        files = compile_pod(deployment, pod, self.timing)
         spec_dir = f"{GUEST_ROOT}/spec.{self.generation}"
         for name, content in files.items():
             self.push(f"{spec_dir}/{name}", content.encode())
@@ -195,9 +196,3 @@ class EmbeddedCluster:
             f"podrt wrote no status within {timeout_s:g} s: "
             f"{self.sandbox.exec(f'cat {GUEST_ROOT}/podrt.log').text[-800:]}"
         )
-
-
-def _sibling(name: str) -> Any:
-    import sys
-
-    return sys.modules[f"payments_service.{name}"]

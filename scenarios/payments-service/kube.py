@@ -8,13 +8,14 @@ can run on our machines, so this path has not been run against a live cluster.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from kubernetes import client, config, watch
 from kubernetes.client.exceptions import ApiException
+
+from .manifests import parse_deployment
 
 HTTP_CONFLICT = 409
 HTTP_NOT_FOUND = 404
@@ -86,7 +87,7 @@ class KubeCluster:
 
     def apply(self, text: str) -> str:
         """Create the Deployment, or replace it when it exists (what `kubectl apply` amounts to here)."""
-        deployment = sys.modules["payments_service.manifests"].parse_deployment(text)
+        deployment = parse_deployment(text)
         self.deployment = deployment
         self.namespace = deployment.namespace
         try:

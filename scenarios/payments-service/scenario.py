@@ -11,36 +11,24 @@ rollback stop the sandbox and gateway (or delete the Deployment)
 from __future__ import annotations
 
 import difflib
-import importlib.util
 import re
-import sys
 import time
 from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
-from typing import Any
+from typing import Any, Literal
+
+from harness.config import RunConfig
+from harness.errors import ConfigError
+from harness.scenario.base import Needs
+
+from . import embedded, grader, manifests
 
 HERE = Path(__file__).resolve().parent
 
 MANIFEST_FILES = ("deployment.yaml",)
 """The manifests planted in the sandbox (and applied to a cluster)."""
 
-
-def load_sibling(name: str) -> ModuleType:
-    """Import a module next to this file (the folder name has a hyphen, so it is no package)."""
-    full = f"payments_service.{name}"
-    if full not in sys.modules:
-        spec = importlib.util.spec_from_file_location(full, HERE / f"{name}.py")
-        assert spec and spec.loader
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[full] = module
-        spec.loader.exec_module(module)
-    return sys.modules[full]
-
-
-manifests = load_sibling("manifests")
-embedded = load_sibling("embedded")
-grader = load_sibling("grader")
 
 MIB = 1024 * 1024
 
@@ -50,34 +38,59 @@ GUEST_MEM_MIB = 384
 MIN_GUEST_MEM_MIB = 320
 """Below this a correctly fixed pod would be OOM-killed by the guest, not by its own limit."""
 
-FIXERS = ("reference", "memory-only", "probe-only", "none")
-"""Built-in fixers: both fixes, one of them (partial fixes the grade must fail), or nothing."""
-
 LIMIT_STEP_MIB = 64
 """The reference fixer rounds a raised limit up to a multiple of this, as people do."""
 
-DEFAULTS: dict[str, Any] = {
-    "fixer": "reference",
-    "broken_window_s": 90.0,
-    "soak_s": 60.0,
-    "ready_timeout_s": 120.0,
-    "observe_period_s": 1.0,
-    "probe_period_s": None,
-    "probe_initial_delay_s": None,
-    "backoff_base_s": 10,
-    "backoff_max_s": 300,
-    "agent_timeout_s": 900.0,
-    "kubeconfig": None,
-}
-"""Realistic demo timings (the manifest's own probe periods, the kubelet's back-off); tests shorten them."""
 
-OPTIONS = {
-    "fixer": "reference | memory-only | probe-only | none (ignored with --agent)",
-    "agent": "command run inside the sandbox in /work/payments-service (kubectl there talks to podrt)",
-    "kube_context": "run on this kubeconfig context instead of the embedded pod runtime",
-    "mem_mib": f"guest RAM (raised to {GUEST_MEM_MIB} when below {MIN_GUEST_MEM_MIB})",
-    **{k: f"default {v}" for k, v in DEFAULTS.items() if k != "fixer"},
-}
+@dataclass(frozen=True)
+class Options:
+    """`invoke scenario payments-service --set key=value`. The timings default to a realistic demo (the
+    manifest's own probe periods, the kubelet's back-off); tests shorten them."""
+
+    fixer: Literal["reference", "memory-only", "probe-only", "none"] = "reference"
+    """Built-in fixer: both fixes, one of them (a partial fix the grade must fail), or nothing; ignored with agent."""
+    agent: str | None = None
+    """Command run inside the sandbox in /work/payments-service instead of a built-in fixer (kubectl talks to podrt)."""
+    kube_context: str | None = None
+    """Run on this kubeconfig context of a real cluster instead of the embedded pod runtime."""
+    kubeconfig: Path | None = None
+    """The kubeconfig file for kube_context; none: KUBECONFIG or ~/.kube/config."""
+    broken_window_s: float = 90.0
+    """Longest wait for the seeded pod to show both failures (an OOM kill and a liveness kill)."""
+    soak_s: float = 60.0
+    """Ready n/n must hold this long after the fix to pass."""
+    ready_timeout_s: float = 120.0
+    """Longest wait for the fixed pod to become Ready."""
+    observe_period_s: float = 1.0
+    """Seconds between observations of the pod."""
+    probe_period_s: int | None = None
+    """Override of the manifest's probe periods (seconds); none keeps the manifest's."""
+    probe_initial_delay_s: int | None = None
+    """Override of the manifest's probe initial delays (seconds); none keeps the manifest's."""
+    backoff_base_s: int = 10
+    """The pod runtime's first CrashLoopBackOff delay (the kubelet's), doubled per restart."""
+    backoff_max_s: int = 300
+    """The pod runtime's longest CrashLoopBackOff delay (the kubelet's)."""
+    agent_timeout_s: float = 900.0
+    """Seconds the agent command may run."""
+
+    def validate(self) -> None:
+        if self.kube_context and self.agent:
+            raise ConfigError("payments-service: --agent runs inside an embedded sandbox; drop it or --kube-context")
+
+
+TIMINGS = (
+    "broken_window_s",
+    "soak_s",
+    "ready_timeout_s",
+    "observe_period_s",
+    "probe_period_s",
+    "probe_initial_delay_s",
+    "backoff_base_s",
+    "backoff_max_s",
+    "agent_timeout_s",
+)
+"""The options recorded as the run's timings in results.json."""
 
 
 def _container_block(lines: list[str], name: str) -> tuple[int, int]:
@@ -170,10 +183,8 @@ def count_model_calls(records: list[dict[str, Any]], sandbox_id: str) -> dict[st
 class PaymentsService:
     name = "payments-service"
 
-    def __init__(self, options: dict[str, Any]) -> None:
-        self.options = {**DEFAULTS, **{k: v for k, v in options.items() if v is not None}}
-        if self.options["fixer"] not in FIXERS:
-            raise ValueError(f"unknown fixer {self.options['fixer']!r}; choose one of: {', '.join(FIXERS)}")
+    def __init__(self, options: Options) -> None:
+        self.options = options
         self.stack = ExitStack()
         self.target: Any = None
         self.sandbox: Any = None
@@ -186,22 +197,19 @@ class PaymentsService:
     def setup(self, ctx: Any) -> None:
         o = self.options
         ctx.data.update(
-            target="kubernetes" if o.get("kube_context") else "embedded",
-            fixer="agent" if o.get("agent") else o["fixer"],
-            agent_command=o.get("agent"),
-            timings={k: o[k] for k in DEFAULTS if k not in ("fixer", "kubeconfig")},
+            target="kubernetes" if o.kube_context else "embedded",
+            fixer="agent" if o.agent else o.fixer,
+            agent_command=o.agent,
+            timings={k: getattr(o, k) for k in TIMINGS},
             timeline=[],
             events=[],
         )
         originals = {name: (HERE / name).read_text() for name in MANIFEST_FILES}
         with ctx.journal.activity("seed-broken-deployment") as step:
-            if o.get("kube_context"):
-                if o.get("agent"):
-                    raise ValueError(
-                        "--agent runs inside an embedded sandbox; with --kube-context use a built-in fixer"
-                    )
-                kube = load_sibling("kube")
-                cluster = kube.KubeCluster.from_context(o["kube_context"], o.get("kubeconfig"))
+            if o.kube_context:
+                from . import kube  # the kubernetes client is only worth importing for a real cluster
+
+                cluster = kube.KubeCluster.from_context(o.kube_context, str(o.kubeconfig) if o.kubeconfig else None)
                 local = ctx.run_dir / "manifests"
                 local.mkdir(parents=True, exist_ok=True)
                 for name, text in originals.items():
@@ -213,12 +221,8 @@ class PaymentsService:
                 self._boot(ctx)
                 self.target = embedded.EmbeddedCluster(
                     self.sandbox,
-                    embedded.RuntimeSettings(
-                        backoff_base_s=int(o["backoff_base_s"]), backoff_max_s=int(o["backoff_max_s"])
-                    ),
-                    manifests.Timing(
-                        probe_period_s=o["probe_period_s"], probe_initial_delay_s=o["probe_initial_delay_s"]
-                    ),
+                    embedded.RuntimeSettings(backoff_base_s=o.backoff_base_s, backoff_max_s=o.backoff_max_s),
+                    manifests.Timing(probe_period_s=o.probe_period_s, probe_initial_delay_s=o.probe_initial_delay_s),
                     "payments-service",
                 )
                 self.target.install(originals)
@@ -233,12 +237,11 @@ class PaymentsService:
     def _boot(self, ctx: Any) -> None:
         from harness.gateway.process import GatewayConfig
 
-        mem = max(int(ctx.option("mem_mib", GUEST_MEM_MIB)), MIN_GUEST_MEM_MIB)
-        ctx.data["guest_mem_mib"] = mem
+        ctx.data["guest_mem_mib"] = ctx.template.mem_mib  # sized by needs()
         gateway = GatewayConfig(
             policy="balanced", audit_path=ctx.run_dir / "gateway-audit.jsonl", state_dir=ctx.run_dir / "gateway"
         )
-        self.fleet = self.stack.enter_context(ctx.fleet(gateway, mem_mib=mem))
+        self.fleet = self.stack.enter_context(ctx.fleet(gateway))
         self.sandbox = ctx.boot(self.fleet, "payments")
 
     # -- observing ---------------------------------------------------------------------------------------------
@@ -275,7 +278,7 @@ class PaymentsService:
         return {
             "met": self.grade.passed,
             "hypothesis": "payments-service is Ready n/n with zero restarts over "
-            f"a {self.options['soak_s']:g} s soak after the fix",
+            f"a {self.options.soak_s:g} s soak after the fix",
             "grade": self.grade.summary,
         }
 
@@ -298,7 +301,7 @@ class PaymentsService:
                 statuses,
                 events,
                 final,
-                float(o["soak_s"]),
+                o.soak_s,
                 changed=after != self.before,
                 apply_errors=self.target.apply_errors,
             )
@@ -311,7 +314,7 @@ class PaymentsService:
         """Watch the seeded pod until it has shown both failures (an OOM kill and a liveness kill) or the window
         ends; a real cluster's kubelet back-off makes these minutes apart, so the window bounds it."""
         o = self.options
-        deadline = time.monotonic() + float(o["broken_window_s"])
+        deadline = time.monotonic() + o.broken_window_s
         status: dict[str, Any] | None = None
         events: list[dict[str, Any]] = []
         while time.monotonic() < deadline:
@@ -323,7 +326,7 @@ class PaymentsService:
             )
             if oom and liveness_kill:
                 break
-            time.sleep(float(o["observe_period_s"]))
+            time.sleep(o.observe_period_s)
         self.status_at_fix, self.events_at_fix = status, events
         self.broken_pods = {r["pod"] for r in ctx.data["timeline"]}
         ctx.data["events"] = list(events)
@@ -348,24 +351,22 @@ class PaymentsService:
         o = self.options
         started = time.monotonic()
         out: dict[str, Any] = {"fixer": ctx.data["fixer"], "started_s": round(started - self.t0, 2), "notes": []}
-        if o.get("agent"):
-            result = self.sandbox.exec(
-                f"cd {embedded.GUEST_MANIFESTS} && {o['agent']}", timeout=float(o["agent_timeout_s"])
-            )
+        if o.agent:
+            result = self.sandbox.exec(f"cd {embedded.GUEST_MANIFESTS} && {o.agent}", timeout=o.agent_timeout_s)
             out.update(
                 agent_rc=result.rc,
                 agent_timed_out=result.timed_out,
                 agent_stdout_tail=result.text[-2000:],
                 agent_stderr_tail=result.stderr.decode(errors="replace")[-2000:],
             )
-        elif o["fixer"] != "none":
+        elif o.fixer != "none":
             for name, text in self.target.manifests().items():
                 fixed, notes = reference_fix(
                     text,
                     self.status_at_fix,
                     self.events_at_fix,
-                    fix_memory=o["fixer"] in ("reference", "memory-only"),
-                    fix_probe=o["fixer"] in ("reference", "probe-only"),
+                    fix_memory=o.fixer in ("reference", "memory-only"),
+                    fix_probe=o.fixer in ("reference", "probe-only"),
                 )
                 if fixed != text:
                     self.target.write(name, fixed)
@@ -398,11 +399,11 @@ class PaymentsService:
                 if ready_at is None and pod["ready_containers"] == pod["total_containers"]:
                     ready_at = now
             ctx.data["events"] = all_events
-            if ready_at is not None and now - ready_at >= float(o["soak_s"]):
+            if ready_at is not None and now - ready_at >= o.soak_s:
                 break
-            if ready_at is None and now - started >= float(o["ready_timeout_s"]):
+            if ready_at is None and now - started >= o.ready_timeout_s:
                 break
-            time.sleep(float(o["observe_period_s"]))
+            time.sleep(o.observe_period_s)
         return statuses, events, rollout
 
     # -- rollback / exit ---------------------------------------------------------------------------------------
@@ -414,13 +415,17 @@ class PaymentsService:
         return 0 if self.grade is not None and self.grade.passed else 1
 
 
-def create(options: dict[str, Any]) -> PaymentsService:
-    # The runner builds the backend (and its default snapshot template) from this same dict after
-    # create(), so raising the guest RAM here makes that template the one this scenario restores from.
-    if options.get("kube_context"):
-        options["boot_mode"] = "cold"  # no sandbox is booted, so no template is worth making
-    elif int(options.get("mem_mib") or 0) < MIN_GUEST_MEM_MIB:
-        options["mem_mib"] = GUEST_MEM_MIB
+def needs(options: Options, config: RunConfig) -> Needs:
+    """A guest kernel of its own (the pod runtime sets cgroup limits and gets OOM kills inside) the fixed workload
+    fits in (GUEST_MEM_MIB unless --mem-mib gives at least MIN_GUEST_MEM_MIB); on a real cluster no sandbox
+    boots, so no snapshot template is worth making."""
+    if options.kube_context:
+        return Needs(boot_mode="cold")
+    mem_mib = config.mem_mib if config.mem_mib >= MIN_GUEST_MEM_MIB else GUEST_MEM_MIB
+    return Needs(mem_mib=mem_mib, features=("own_kernel",))
+
+
+def create(options: Options) -> PaymentsService:
     return PaymentsService(options)
 
 

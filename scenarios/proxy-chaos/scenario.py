@@ -30,11 +30,13 @@ import json
 import math
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from harness.errors import ConfigError
 from harness.fleet import Fleet
 from harness.gateway.process import CredentialSpec, GatewayConfig, GatewayProcess
 from harness.gateway.toxics import Toxic
@@ -52,10 +54,6 @@ MODEL_KEY_ENV = "BR_CHAOS_MODEL_KEY"
 MODEL_KEY = "sk-ant-chaos-standin-0123456789abcdef"
 LOAD_SANDBOX = "load"
 """The gateway listener the Locust users come through (a sandbox id toxics can be scoped to)."""
-OPTIONS = {
-    "file": "timeline YAML (default scenarios/proxy-chaos/latency-spike.yaml)",
-    "duration_s": "stretch the load beyond what the timeline needs (seconds)",
-}
 METRICS = ("p95_ms", "p50_ms", "error_rate_pct", "rps")
 BIN_S = 1.0
 DEFAULT_USERS = 8
@@ -73,27 +71,50 @@ rules:
 """
 
 
-def create(options: dict[str, Any]) -> ChaosScenario:
+@dataclass(frozen=True)
+class Options:
+    """`invoke scenario proxy-chaos --set key=value`."""
+
+    file: Path = DEFAULT_FILE
+    """Timeline YAML: the load, the steady-state probes and the faults (see this module's docstring)."""
+    duration_s: float = 0.0
+    """Seconds of load at least, to stretch it beyond what the timeline needs."""
+
+    def validate(self) -> None:
+        if not self.file.is_file():
+            raise ConfigError(f"proxy-chaos: timeline {self.file} not found; pass --file PATH to a timeline YAML")
+        if self.duration_s < 0:
+            raise ConfigError("proxy-chaos: --duration must be >= 0")
+
+
+def create(options: Options) -> ChaosScenario:
     return ChaosScenario(options)
 
 
 def load_timeline(path: Path) -> dict[str, Any]:
-    """Read and check a timeline; toxics are validated by the gateway's own parser."""
-    spec = yaml.safe_load(path.read_text()) or {}
+    """Read and check a timeline; toxics are validated by the gateway's own parser. A bad timeline is a
+    ConfigError naming the file, before the run writes anything."""
+    try:
+        spec = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not YAML: {exc}") from None
     faults = spec.get("faults") or []
     if not faults:
-        raise ValueError(f"{path}: a timeline needs at least one fault")
+        raise ConfigError(f"{path}: a timeline needs at least one fault")
     for index, fault in enumerate(faults):
         fault.setdefault("name", f"fault-{index}")
         if "at_s" not in fault or "for_s" not in fault or "toxic" not in fault:
-            raise ValueError(f"{path}: fault {fault['name']} needs at_s, for_s and toxic")
+            raise ConfigError(f"{path}: fault {fault['name']} needs at_s, for_s and toxic")
         fault["toxic"] = {**fault["toxic"], "name": fault["name"]}
-        Toxic.from_dict(fault["toxic"])
+        try:
+            Toxic.from_dict(fault["toxic"])
+        except ValueError as exc:
+            raise ConfigError(f"{path}: fault {fault['name']}: {exc}") from None
     steady = spec.setdefault("steady_state", {})
     steady.setdefault("window_s", DEFAULT_WINDOW_S)
     for probe in steady.setdefault("probes", []):
         if probe.get("metric") not in METRICS or "below" not in probe:
-            raise ValueError(f"{path}: probe {probe} needs metric (one of {METRICS}) and below")
+            raise ConfigError(f"{path}: probe {probe} needs metric (one of {METRICS}) and below")
     spec.setdefault("load", {})
     spec.setdefault("recovery_s", DEFAULT_RECOVERY_S)
     spec.setdefault("title", path.stem)
@@ -153,12 +174,11 @@ def series(points: list[tuple[float, float, bool]], start: float, end: float) ->
 
 
 class ChaosScenario:
-    # A plain class: the runner loads this file outside sys.modules (no dataclass string annotations).
     name = NAME
 
-    def __init__(self, options: dict[str, Any]) -> None:
+    def __init__(self, options: Options) -> None:
         self.options = options
-        self.file = Path(options.get("file") or DEFAULT_FILE)
+        self.file = options.file
         self.spec = load_timeline(self.file)
         self.upstream: UpstreamServer | None = None
         self.fleet: Fleet | None = None
@@ -209,7 +229,7 @@ class ChaosScenario:
         load = self.spec["load"]
         steady = self.spec["steady_state"]
         duration = 2 * float(steady["window_s"]) + self.timeline_s() + float(self.spec["recovery_s"]) + LOAD_SLACK_S
-        duration = max(duration, float(ctx.option("duration_s", 0)))
+        duration = max(duration, self.options.duration_s)
         users = int(load.get("users", DEFAULT_USERS))
         plan = LoadPlan(
             target="gateway-chaos",

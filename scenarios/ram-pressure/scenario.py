@@ -9,17 +9,18 @@ can show the difference side by side. Every sandbox is stopped at the end of eac
 from __future__ import annotations
 
 import time
-from typing import Any, NamedTuple
+from dataclasses import dataclass
+from typing import Any, Literal, NamedTuple
 
 import psutil
 
+from harness.config import RunConfig
+from harness.errors import ConfigError
 from harness.metrics.memory import mem_available_bytes, memory_pressure, process_memory
 from harness.sandbox import BootFailed
+from harness.scenario.base import Needs
 
 MIB = 1024 * 1024
-
-DEFAULT_CAP = 12
-"""Sandboxes per ramp unless --max-sandboxes says otherwise."""
 
 MIN_FLOOR_MIB = 2048
 """MemAvailable floor: keep at least this much (or FLOOR_FRACTION of RAM, if larger) for the host itself."""
@@ -32,39 +33,47 @@ MAX_PSI_SOME_AVG10 = 10.0
 VMM_OVERHEAD_MIB = 96
 """Prior for a sandbox's cost beyond its guest RAM (QEMU + TCG translation cache), until one is measured."""
 
-WORKLOADS = ("none", "burst", "hold")
-"""none: idle guests; burst: each guest allocates and frees burst_mib once (what reclaim can give back);
-hold: each guest keeps hold_mib allocated (payments-service's ~150Mi by default)."""
-
 ALLOC_AWK = (
     'awk -v mib={mib} \'BEGIN {{ chunk = sprintf("%1048576s", ""); '
     "for (i = 0; i < mib; i++) heap[i] = chunk i{hold} }}'"
 )
 """Allocate and touch `mib` distinct MiB in the guest (the payments workload's allocator)."""
 
-DEFAULTS: dict[str, Any] = {
-    "max_sandboxes": DEFAULT_CAP,
-    "min_mem_available_mib": None,
-    "max_psi_some_avg10": MAX_PSI_SOME_AVG10,
-    "reclaim": "both",
-    "workload": "burst",
-    "burst_mib": 96,
-    "hold_mib": 150,
-    "settle_s": 5.0,
-}
-"""settle_s: wait after each boot (and its workload) before sampling; free page reporting acts after ~2 s
-and then works through the freed blocks."""
-
 RECLAIM_MIN_GUEST_MIB = 256
 """Guest RAM below which free page reporting never acts: the guest kernel (6.1) reports only while
 32 free 2 MiB blocks stand above its low watermark, which a 128 MiB guest never has. Measured: a
 256 MiB guest went 290 -> 200 MiB RSS within 6 s of freeing a 100 MiB burst, a 128 MiB one not at all."""
 
-OPTIONS = {k: f"default {v}" for k, v in DEFAULTS.items()}
+
+@dataclass(frozen=True)
+class Options:
+    """`invoke scenario ram-pressure --set key=value`."""
+
+    max_sandboxes: int = 12
+    """Cap on sandboxes per ramp."""
+    min_mem_available_mib: int | None = None
+    """Host MemAvailable floor in MiB; none: MIN_FLOOR_MIB or FLOOR_FRACTION of RAM, whichever is larger."""
+    max_psi_some_avg10: float = MAX_PSI_SOME_AVG10
+    """Memory PSI `some avg10` (percent) above which the host is already suffering and the ramp stops."""
+    reclaim: Literal["on", "off", "both"] = "both"
+    """Free page reporting: on, off, or one ramp each, side by side."""
+    workload: Literal["none", "burst", "hold"] = "burst"
+    """none: idle guests; burst: each allocates and frees burst_mib once; hold: each keeps hold_mib."""
+    burst_mib: int = 96
+    """MiB each guest allocates and frees with workload=burst (what reclaim can give back)."""
+    hold_mib: int = 150
+    """MiB each guest keeps allocated with workload=hold (payments-service's ~150Mi)."""
+    settle_s: float = 5.0
+    """Wait after each boot and its workload before sampling; free page reporting acts after ~2 s and
+    then works through the freed blocks."""
+
+    def validate(self) -> None:
+        if self.max_sandboxes < 1 or self.burst_mib < 1 or self.hold_mib < 1 or self.settle_s < 0:
+            raise ConfigError("ram-pressure needs max_sandboxes, burst_mib and hold_mib >= 1 and settle_s >= 0")
 
 
 class Thresholds(NamedTuple):
-    """(A NamedTuple: the runner loads this module without registering it, which dataclasses need.)"""
+    """The stop conditions of one ramp (see stop_reason)."""
 
     min_mem_available_bytes: int
     max_psi_some_avg10: float
@@ -96,19 +105,15 @@ def stop_reason(
 class RamPressure:
     name = "ram-pressure"
 
-    def __init__(self, options: dict[str, Any]) -> None:
-        self.options = {**DEFAULTS, **{k: v for k, v in options.items() if v is not None}}
-        if self.options["workload"] not in WORKLOADS:
-            raise ValueError(f"unknown workload {self.options['workload']!r}; choose one of: {', '.join(WORKLOADS)}")
+    def __init__(self, options: Options) -> None:
+        self.options = options
         self.arms: list[dict[str, Any]] = []
 
     def setup(self, ctx: Any) -> None:
         o = self.options
-        floor = (
-            int(o["min_mem_available_mib"]) * MIB if o["min_mem_available_mib"] is not None else default_floor_bytes()
-        )
-        self.limits = Thresholds(floor, float(o["max_psi_some_avg10"]), int(o["max_sandboxes"]))
-        settings = {"on": [True], "off": [False], "both": [True, False]}[str(o["reclaim"])]
+        floor = o.min_mem_available_mib * MIB if o.min_mem_available_mib is not None else default_floor_bytes()
+        self.limits = Thresholds(floor, o.max_psi_some_avg10, o.max_sandboxes)
+        settings = {"on": [True], "off": [False], "both": [True, False]}[o.reclaim]
         self.settings = settings
         ctx.data.update(
             thresholds={
@@ -116,9 +121,9 @@ class RamPressure:
                 "max_psi_some_avg10": self.limits.max_psi_some_avg10,
                 "cap": self.limits.cap,
             },
-            workload={"kind": o["workload"], "burst_mib": o["burst_mib"], "hold_mib": o["hold_mib"]},
+            workload={"kind": o.workload, "burst_mib": o.burst_mib, "hold_mib": o.hold_mib},
             guest_mem_mib=ctx.template.mem_mib,
-            settle_s=o["settle_s"],
+            settle_s=o.settle_s,
             arms=self.arms,
         )
 
@@ -140,11 +145,11 @@ class RamPressure:
 
     def _workload(self, sandbox: Any) -> None:
         o = self.options
-        if o["workload"] == "burst":
-            sandbox.exec(ALLOC_AWK.format(mib=int(o["burst_mib"]), hold=""), timeout=60)
-        elif o["workload"] == "hold":
+        if o.workload == "burst":
+            sandbox.exec(ALLOC_AWK.format(mib=o.burst_mib, hold=""), timeout=60)
+        elif o.workload == "hold":
             # Backgrounded with setsid so it outlives the agent connection, like a service in the guest.
-            command = ALLOC_AWK.format(mib=int(o["hold_mib"]), hold='; system("sleep 100000")')
+            command = ALLOC_AWK.format(mib=o.hold_mib, hold='; system("sleep 100000")')
             sandbox.exec(f"setsid sh -c {_quote(command)} </dev/null >/dev/null 2>&1 &", timeout=10)
             time.sleep(1)
 
@@ -192,7 +197,7 @@ class RamPressure:
                     break
                 n += 1
                 self._workload(sandbox)
-                time.sleep(float(o["settle_s"]))
+                time.sleep(o.settle_s)
                 pss: dict[str, int] = {}
                 for sid, pids in fleet.pids().items():
                     pss[sid] = sum(process_memory(pid)["pss"] for pid in pids)
@@ -241,12 +246,16 @@ def _quote(text: str) -> str:
     return "'" + text.replace("'", "'\\''") + "'"
 
 
-def create(options: dict[str, Any]) -> RamPressure:
-    # Both arms boot the same way (--boot-mode, snapshot by default): the backend keeps one template per
-    # device set, so a guest with free page reporting off restores from a template made with it off.
-    # The runner builds the backend from this dict after create(), so the raised RAM sizes its template.
-    if options.get("reclaim", DEFAULTS["reclaim"]) != "off":
-        options["mem_mib"] = max(int(options.get("mem_mib") or 0), RECLAIM_MIN_GUEST_MIB)
+def needs(options: Options, config: RunConfig) -> Needs:
+    """A backend that reclaims freed guest memory, and guests of at least RECLAIM_MIN_GUEST_MIB, when a ramp
+    runs with free page reporting on. Both arms boot the same way (--boot-mode, snapshot by default): the
+    backend keeps one template per device set, so a guest with reclaim off restores from a template made so."""
+    if options.reclaim == "off":
+        return Needs()
+    return Needs(mem_mib=max(config.mem_mib, RECLAIM_MIN_GUEST_MIB), features=("reclaim",))
+
+
+def create(options: Options) -> RamPressure:
     return RamPressure(options)
 
 

@@ -27,9 +27,11 @@ import re
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from harness.errors import ConfigError
 from harness.fleet import Fleet
 from harness.gateway.process import CredentialSpec, GatewayConfig, GatewayProcess
 from harness.sandbox import Sandbox
@@ -53,13 +55,27 @@ MODEL_HOST = "api.anthropic.com"
 MODEL_KEY_ENV = "BR_RETRY403_MODEL_KEY"
 MODEL_KEY = "sk-ant-retry403-standin-0123456789abcdef"  # a stand-in's key: the upstream checks it arrived
 
-OPTIONS = {
-    "sandboxes": "guests running the in-guest clients (default 1; 0 = host clients only)",
-    "scale": "host-side clients per cell, each behind its own gateway listener (default 16)",
-    "agent": "your own agent command, run in each sandbox per deny mode and breaker setting",
-    "threshold": "loop breaker: identical denied requests before it answers 429 / 200-terminal (default 5)",
-}
-DEFAULTS: dict[str, Any] = {"sandboxes": 1, "scale": 16, "threshold": 5}
+
+@dataclass(frozen=True)
+class Options:
+    """`invoke scenario retry-403 --set key=value`."""
+
+    sandboxes: int = 1
+    """Guests running the in-guest clients (0: host clients only)."""
+    scale: int = 16
+    """Host-side clients per cell, each behind its own gateway listener."""
+    threshold: int = 5
+    """Loop breaker: identical denied requests before it answers 429 / 200-terminal."""
+    agent: str | None = None
+    """Your own agent command, run in each sandbox per deny mode and breaker setting."""
+
+    def validate(self) -> None:
+        if self.sandboxes < 0 or self.scale < 1 or self.threshold < 1:
+            raise ConfigError("retry-403 needs sandboxes >= 0, scale >= 1 and threshold >= 1")
+        if self.agent and not self.sandboxes:
+            raise ConfigError("retry-403: --agent runs inside the sandboxes; give --sandboxes 1 or more")
+
+
 LOOP_WINDOW_S = 60.0
 # Attempt caps. The guest is a TCG VM where each nc round trip costs tens of ms: keep its loops short.
 GUEST_CAP = 20
@@ -86,7 +102,7 @@ PERMANENT_ANY = re.compile(
 PERMANENT_MACHINE = re.compile(rb'(?im)^x-proxy-error:|"retryable": *false')
 
 
-def create(options: dict[str, Any]) -> RetryScenario:
+def create(options: Options) -> RetryScenario:
     return RetryScenario(options)
 
 
@@ -212,11 +228,9 @@ def count_cell(records: list[dict[str, Any]], cell: str | None, sandboxes: set[s
 
 # ---- the scenario ------------------------------------------------------------------------------
 class RetryScenario:
-    # A plain class: the runner loads this file outside sys.modules, where dataclasses cannot look
-    # their string annotations up.
     name = NAME
 
-    def __init__(self, options: dict[str, Any]) -> None:
+    def __init__(self, options: Options) -> None:
         self.options = options
         self.upstream: UpstreamServer | None = None
         self.fleet: Fleet | None = None
@@ -224,9 +238,6 @@ class RetryScenario:
         self.host_ports: dict[str, int] = {}
         self.cells: list[dict[str, Any]] = []
         self.checks: list[str] = []
-
-    def opt(self, ctx: ScenarioContext, key: str) -> Any:
-        return ctx.option(key, DEFAULTS.get(key))
 
     @property
     def gateway(self) -> GatewayProcess:
@@ -242,7 +253,7 @@ class RetryScenario:
         config = GatewayConfig(
             policy=policy,
             deny_mode="403",
-            loop_threshold=int(self.opt(ctx, "threshold")),
+            loop_threshold=self.options.threshold,
             loop_window_s=LOOP_WINDOW_S,
             audit_path=ctx.run_dir / "gateway-audit.jsonl",
             state_dir=ctx.run_dir / "gateway",
@@ -256,10 +267,10 @@ class RetryScenario:
         )
         self.fleet = ctx.keep(ctx.fleet(config))
         with ctx.journal.activity("open-host-client-listeners") as act:
-            for i in range(int(self.opt(ctx, "scale"))):
+            for i in range(self.options.scale):
                 self.host_ports[f"host-{i}"] = self.gateway.add_sandbox(f"host-{i}")
             act.output = {"listeners": len(self.host_ports)}
-        n_guests = int(self.opt(ctx, "sandboxes"))
+        n_guests = self.options.sandboxes
         if n_guests:
             with ctx.journal.activity("boot-sandboxes") as act:
                 with ThreadPoolExecutor(max_workers=n_guests) as pool:
@@ -284,7 +295,7 @@ class RetryScenario:
     def run(self, ctx: ScenarioContext) -> None:
         tail = AuditTail(self.gateway.audit_path)
         tail.new()  # setup's records are not any cell's
-        threshold = int(self.opt(ctx, "threshold"))
+        threshold = self.options.threshold
         data: dict[str, Any] = {
             "threshold": threshold,
             "window_s": LOOP_WINDOW_S,
@@ -316,7 +327,7 @@ class RetryScenario:
                             cell = self.run_cell(where, client, mode, breaker, tail)
                             act.output = {k: cell[k] for k in ("blocked_requests", "model_calls", "gave_up")}
                         ctx.save()
-                if ctx.options.get("agent"):
+                if self.options.agent:
                     self.run_agent(ctx, mode, breaker, tail)
                 with ctx.journal.activity(f"probe:collateral@{setting}", "probe") as act:
                     data["collateral"][mode][breaker] = act.output = self.collateral(mode, breaker, threshold)
@@ -390,7 +401,7 @@ class RetryScenario:
     def run_agent(self, ctx: ScenarioContext, mode: str, breaker: str, tail: AuditTail) -> None:
         """The user's own agent, inside each sandbox; counted per sandbox from the audit log."""
         cell_id = f"agent-{mode}-{breaker}"
-        command = str(ctx.options["agent"])
+        command = str(self.options.agent)
         env = (
             f"BLOCKED_URL=http://{BLOCKED_HOST}/retry403/{cell_id} MODEL_URL=http://{MODEL_HOST}/v1/messages/{cell_id}"
         )

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import yaml
 
-from harness.scenario import run_scenario
+from harness.scenario.runner import run_scenario
 
 LATENCY_MS = 300
 TIMELINE = {

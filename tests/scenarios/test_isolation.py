@@ -22,7 +22,8 @@ import pytest
 
 from harness.paths import cache_dir
 from harness.sandbox import BackendOptions, SandboxSpec, create_backend
-from harness.scenario import load_scenario_module, run_scenario
+from harness.scenario.loader import load_scenario_module
+from harness.scenario.runner import run_scenario
 from harness.supervisor import Supervisor
 
 REPO = Path(__file__).resolve().parents[2]

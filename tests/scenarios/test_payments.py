@@ -16,7 +16,8 @@ import yaml
 from harness.image import GuestImage
 from harness.sandbox.base import SandboxSpec
 from harness.sandbox.qemu.vm import Microvm
-from harness.scenario import load_scenario_module, run_scenario
+from harness.scenario.loader import load_scenario_module
+from harness.scenario.runner import run_scenario
 from harness.supervisor import Supervisor
 
 mod = load_scenario_module("payments-service")
@@ -236,7 +237,7 @@ def recorded(tmp_path: Path) -> Iterator[tuple[RecordedApi, Path]]:
 
 def test_kube_client_reads_oomkilled_restarts_and_readiness(recorded: tuple[RecordedApi, Path]) -> None:
     api, kubeconfig = recorded
-    kube = load_scenario_module("payments-service").load_sibling("kube")
+    kube = load_scenario_module("payments-service", "kube")
     cluster = kube.KubeCluster.from_context("recorded", str(kubeconfig))
     assert cluster.apply(BROKEN) == "payments-service"
     status, events = cluster.observe()

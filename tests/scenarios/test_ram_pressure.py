@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 
 from harness.metrics.memory import mem_available_bytes
-from harness.scenario import load_scenario_module, run_scenario
+from harness.scenario.loader import load_scenario_module
+from harness.scenario.runner import run_scenario
 from tests.conftest import qemu_pids_of
 
 mod = load_scenario_module("ram-pressure")

@@ -10,6 +10,12 @@ from harness.report import Section
 ORDER = 25
 
 
+TCG_CAVEAT = (
+    "Under TCG every guest instruction is emulated, so these figures are far above the host-side ones and "
+    "say more about the accelerator than the gateway."
+)
+
+
 def section(data: dict[str, Any], run_dir: Path) -> Section | None:
     guest = data.get("guest_latency")
     if not guest:
@@ -18,9 +24,11 @@ def section(data: dict[str, Any], run_dir: Path) -> Section | None:
     sandboxes = guest["sandboxes"]
     first = next(iter(sandboxes.values()), {})
     result.notes.append(
-        f"GET {guest['url']} through each sandbox's own gateway listener, timed in the guest "
-        f"(accelerator {guest['accel']}). {first.get('note', '')}"
+        f"GET {guest['url']} through each sandbox's own gateway listener, timed in the sandbox "
+        f"(backend {data['backend'].get('name')}, accelerator {guest['accel']}). {first.get('note', '')}"
     )
+    if guest["accel"] == "tcg":
+        result.notes.append(TCG_CAVEAT)
     rows = []
     for sandbox_id, figures in sandboxes.items():
         latency = figures.get("latency_ms") or {}

@@ -1,4 +1,5 @@
-"""Host memory: per-sandbox VMM RSS/PSS/USS, MemAvailable delta, MemAvailable and PSI over the run."""
+"""Host memory: per-sandbox RSS/PSS/USS of its host processes, MemAvailable delta, MemAvailable and PSI over
+the run."""
 
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ def section(data: dict[str, Any], run_dir: Path) -> Section | None:
         pss_p50 = summary["pss_bytes_per_sandbox_p50"]
         verdict = "meets" if pss_p50 / MIB <= PSS_TARGET_MIB else "misses"
         result.notes.append(
-            f"Idle VMM PSS per sandbox p50 {mib(pss_p50)} ({verdict} the {PSS_TARGET_MIB:.0f} MiB target); "
+            f"Idle host PSS per sandbox (every host process of it: {_processes(data)}) p50 {mib(pss_p50)} "
+            f"({verdict} the {PSS_TARGET_MIB:.0f} MiB target); "
             f"host MemAvailable fell by {mib(summary['mem_available_delta_bytes_per_sandbox'])} per sandbox "
             f"with all N idle, read {data['config'].get('idle_settle_s')} s after the last boot."
         )
@@ -84,3 +86,10 @@ def section(data: dict[str, Any], run_dir: Path) -> Section | None:
     if not result.charts and not result.notes:
         return None
     return result
+
+
+def _processes(data: dict[str, Any]) -> str:
+    """What a sandbox's host processes are on this backend, in words."""
+    return {"qemu": "the VMM", "host": "the agent listener and what it runs"}.get(
+        data["backend"].get("name", ""), "as its backend counts them"
+    )

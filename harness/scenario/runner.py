@@ -1,0 +1,124 @@
+"""Runs one scenario: options, backend, journal and results.json around its steps."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from harness.config import RunConfig, build
+from harness.run import open_run
+from harness.scenario.base import Scenario, ScenarioContext
+from harness.scenario.journal import Journal, now
+from harness.scenario.loader import available_scenarios, load_scenario_module
+from harness.supervisor import Interrupted
+
+RUN_KEYS = frozenset(f.name for f in fields(RunConfig))
+"""Keys of a scenario's values that are run settings (the common flags); the rest are its own options."""
+
+
+@dataclass(frozen=True)
+class PreparedScenario:
+    """A scenario with every setting parsed and validated, before anything of its run is written."""
+
+    name: str
+    """Folder name under scenarios/."""
+    module: ModuleType
+    """Its scenario.py."""
+    config: RunConfig
+    """The run settings, with what the scenario needs (guest size, boot mode) applied."""
+    options: Any
+    """Its typed `Options`."""
+    scenario: Scenario
+    """What its `create(options)` made."""
+
+    def config_record(self) -> dict[str, Any]:
+        """results.json["config"]: the run settings and every option, paths as text."""
+        merged = {**asdict(self.config), **asdict(self.options)}
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in merged.items()}
+
+
+def prepare_scenario(name: str, values: Mapping[str, Any], labels: Mapping[str, str] | None = None) -> PreparedScenario:
+    """Parse and validate `values` (run settings and the scenario's options by name; None = not given) and
+    create the scenario; a bad name or value is a ConfigError naming the fix, and nothing is written."""
+    module = load_scenario_module(name)
+    given = {k: v for k, v in values.items() if v is not None}
+    config = build(RunConfig, {k: v for k, v in given.items() if k in RUN_KEYS}, labels)
+    options = build(module.Options, {k: v for k, v in given.items() if k not in RUN_KEYS}, labels, owner=name)
+    needs = getattr(module, "needs", None)
+    if callable(needs):
+        config = needs(options, config).apply(config, name)
+    return PreparedScenario(name, module, config, options, module.create(options))
+
+
+def sweep_leftovers() -> list[str]:
+    """Ask every scenario that plants things on the host (a module-level `sweep_leftovers()`) to remove
+    what a killed run left; return a line per thing removed."""
+    removed: list[str] = []
+    for name in available_scenarios():
+        sweep = getattr(load_scenario_module(name), "sweep_leftovers", None)
+        if callable(sweep):
+            removed += [f"{name}: {line}" for line in sweep()]
+    return removed
+
+
+def run_scenario(name: str, values: Mapping[str, Any], out: Path | None = None) -> tuple[int, Path]:
+    """Run scenario `name` with `values` (see prepare_scenario); always writes results.json (partial if
+    interrupted) and report.html."""
+    return run_prepared(prepare_scenario(name, {**values, "out": out}))
+
+
+def run_prepared(prepared: PreparedScenario) -> tuple[int, Path]:
+    """Run a prepared scenario; always writes results.json (partial if interrupted) and report.html."""
+    scenario = prepared.scenario
+    journal = Journal(scenario=prepared.name)
+    section: dict[str, Any] = {"name": prepared.name, "journal": journal.to_dict(), "data": {}, "exit_code": None}
+    with open_run(prepared.config, prepared.config_record(), {"scenario": section}) as run:
+        run.before_save.append(lambda: section.update(journal=journal.to_dict()))
+        exit_code = 1
+        try:
+            backend = run.open_backend()
+            assert run.template is not None
+            ctx = ScenarioContext(
+                run_dir=run.run_dir,
+                supervisor=run.supervisor,
+                backend=backend,
+                template=run.template,
+                journal=journal,
+                data=section["data"],
+                boots=run.sandboxes,
+                save=run.save,
+            )
+            try:
+                scenario.setup(ctx)
+                run.save()
+                journal.steady_states["before"] = scenario.steady_state(ctx)
+                before = journal.steady_states["before"]
+                if before is not None and not before.get("met", True):
+                    journal.status = "aborted"
+                else:
+                    scenario.run(ctx)
+                    run.save()
+                    after = scenario.steady_state(ctx)
+                    journal.steady_states["after"] = after
+                    journal.deviated = after is not None and not after.get("met", True)
+                    journal.status = "completed"
+            finally:
+                try:
+                    scenario.rollback(ctx)
+                finally:
+                    with journal.activity("release-resources", "rollback"):
+                        ctx.resources.close()
+            exit_code = scenario.exit_code(ctx)
+        except (KeyboardInterrupt, Interrupted):
+            journal.status = "interrupted"
+            raise
+        except Exception:
+            journal.status = "failed"
+            raise
+        finally:
+            journal.end = now()
+            section["exit_code"] = exit_code
+    return exit_code, run.run_dir

@@ -1,0 +1,1 @@
+"""payments-service: a memory-starved service, broken on purpose, fixed and graded (scenario.py)."""

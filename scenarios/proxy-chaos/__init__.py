@@ -1,0 +1,1 @@
+"""proxy-chaos: faults inside the gateway under load, against a steady-state hypothesis (scenario.py)."""

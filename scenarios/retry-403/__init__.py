@@ -1,0 +1,1 @@
+"""retry-403: how long agents keep hammering a blocked domain, and which gateway answer ends it (scenario.py)."""
