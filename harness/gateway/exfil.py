@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,8 +29,6 @@ EXFIL_RULE = "credential-exfiltration"
 """The rule its deny names."""
 REDACTION_BYTE = b"*"
 """What a key form in an upstream's answer is overwritten with: same length, so framing holds."""
-FOREIGN_CACHE_SIZE = 4096
-"""Destinations whose foreign-form tuple is remembered (one tuple per host:port and TLS-ness)."""
 
 
 def _aligned(encode: Callable[[bytes], bytes], key: bytes, group: int, bits: int) -> list[bytes]:
@@ -79,8 +78,46 @@ class KeyLeak(Exception):
         self.where = where
 
 
+def find(forms: tuple[KeyForm, ...], data: bytes) -> KeyForm | None:
+    """The first of forms that occurs in data."""
+    for form in forms:
+        if form.pattern in data:
+            return form
+    return None
+
+
+def _proper_prefixes(pattern: bytes) -> bytes:
+    """A regex matching every proper prefix of pattern, as nested optional groups (anchored by the caller)."""
+    inner = b""
+    for byte in reversed(pattern[1:-1]):
+        inner = re.escape(bytes([byte])) + (b"(?:" + inner + b")?" if inner else b"")
+    return re.escape(pattern[:1]) + (b"(?:" + inner + b")?" if inner else b"")
+
+
+class Forms:
+    """A set of key forms, with what searching a stream for them needs, computed once per set."""
+
+    __slots__ = ("_partial", "forms", "keep")
+
+    def __init__(self, forms: tuple[KeyForm, ...]) -> None:
+        self.forms = forms
+        """The forms, in search order."""
+        self.keep = max(len(f.pattern) for f in forms) - 1
+        """The most bytes of a form that can end a read without the form being whole."""
+        self._partial = re.compile(b"(?:" + b"|".join(_proper_prefixes(f.pattern) for f in forms) + rb")\Z")
+
+    def find(self, data: bytes) -> KeyForm | None:
+        """The first form that occurs in data."""
+        return find(self.forms, data)
+
+    def partial_len(self, tail: bytes) -> int:
+        """The length of the longest end of tail that some form begins with (0: none); one C-level search."""
+        match = self._partial.search(tail)
+        return len(tail) - match.start() if match is not None else 0
+
+
 class KnownKeys:
-    """Every form of every key the gateway holds."""
+    """Every form of every key the gateway holds, and the sets of them each destination is searched for."""
 
     def __init__(self, keys: list[tuple[str, str, tuple[str, int]]]) -> None:
         """keys: (credential name, secret, bound host:port) of each secret present on this host."""
@@ -91,10 +128,16 @@ class KnownKeys:
                 for pattern in make(raw):
                     forms.setdefault(pattern, KeyForm(pattern, name, encoding, bound))
         self.forms: tuple[KeyForm, ...] = tuple(forms.values())
-        self._by_bound: dict[tuple[str, int], tuple[KeyForm, ...]] = {}
-        self._foreign: dict[tuple[str, int, bool], tuple[KeyForm, ...]] = {}
-        for form in self.forms:
-            self._by_bound[form.bound] = (*self._by_bound.get(form.bound, ()), form)
+        bounds = {f.bound for f in self.forms}
+        self._all = Forms(self.forms) if self.forms else None
+        # Only two kinds of set exist: every key's forms, or every key's but one host's own. They are
+        # built once here, so no request ever builds one.
+        self._all_but: dict[tuple[str, int], Forms | None] = {}
+        self._own: dict[tuple[str, int], Forms] = {}
+        for bound in bounds:
+            others = tuple(f for f in self.forms if f.bound != bound)
+            self._all_but[bound] = Forms(others) if others else None
+            self._own[bound] = Forms(tuple(f for f in self.forms if f.bound == bound))
         self._names = tuple((f.pattern.lower().decode("ascii"), f) for f in self.forms)
 
     def __bool__(self) -> bool:
@@ -104,19 +147,16 @@ class KnownKeys:
         """Every form as text, for the audit log's scrubber."""
         return [f.pattern.decode("ascii") for f in self.forms]
 
-    def foreign(self, host: str, port: int, verified_tls: bool) -> tuple[KeyForm, ...]:
-        """The forms that must not reach host:port: every key's, but a key's own inside verified TLS."""
-        cache_key = (host, port, verified_tls)
-        found = self._foreign.get(cache_key)
-        if found is None:
-            found = tuple(f for f in self.forms if not (verified_tls and f.bound == (host, port)))
-            if len(self._foreign) < FOREIGN_CACHE_SIZE:
-                self._foreign[cache_key] = found
-        return found
+    def foreign(self, host: str, port: int, verified_tls: bool) -> Forms | None:
+        """The forms that must not reach host:port: every key's, but a key's own inside verified TLS
+        (None: nothing to search for)."""
+        if verified_tls:
+            return self._all_but.get((host, port), self._all)
+        return self._all
 
-    def own(self, host: str, port: int) -> tuple[KeyForm, ...]:
+    def own(self, host: str, port: int) -> Forms | None:
         """The forms of the keys bound to host:port: what its answers are scrubbed of."""
-        return self._by_bound.get((host, port), ())
+        return self._own.get((host, port))
 
     def find_in_name(self, name: str) -> KeyForm | None:
         """A key in a host name (hex or base32 in a label leaks through DNS before any request is sent).
@@ -128,14 +168,6 @@ class KnownKeys:
         return None
 
 
-def find(forms: tuple[KeyForm, ...], data: bytes) -> KeyForm | None:
-    """The first form that occurs in data."""
-    for form in forms:
-        if form.pattern in data:
-            return form
-    return None
-
-
 class _HeldTail:
     """A body on its way through, holding back only what could be the start of a key's form.
 
@@ -145,9 +177,9 @@ class _HeldTail:
     arrived in. A streamed answer (server-sent events) is thus not delayed, and the relay copies
     nothing it did not copy before, except to cut a chunk where a possible prefix begins."""
 
-    def __init__(self, forms: tuple[KeyForm, ...]) -> None:
+    def __init__(self, forms: Forms) -> None:
         self.forms = forms
-        self.keep = max(len(f.pattern) for f in forms) - 1
+        self.keep = forms.keep
         self.tail = b""
         """The stream's last `keep` bytes so far: with the next read's first, the seam to search."""
         self.pending: deque[bytes] = deque()
@@ -155,22 +187,10 @@ class _HeldTail:
 
     def search(self, data: bytes) -> KeyForm | None:
         """A form inside data, or across the seam between what came before and data."""
-        form = find(self.forms, data)
-        return form if form is not None else find(self.forms, self.tail + data[: self.keep])
-
-    def _prefix_len(self) -> int:
-        """The length of the longest end of the stream that a form begins with (0: none)."""
-        tail = self.tail
-        best = 0
-        for form in self.forms:
-            pattern = form.pattern
-            i = tail.find(pattern[:1], max(0, len(tail) - len(pattern) + 1))
-            while i >= 0 and len(tail) - i > best:
-                if pattern.startswith(tail[i:]):
-                    best = len(tail) - i
-                    break
-                i = tail.find(pattern[:1], i + 1)
-        return best
+        form = self.forms.find(data)
+        if form is not None or not self.tail:
+            return form
+        return self.forms.find(self.tail + data[: self.keep])
 
     def push(self, data: bytes) -> list[bytes]:
         """Take data (already searched); return what may go on now."""
@@ -178,7 +198,7 @@ class _HeldTail:
         self.tail = data[-keep:] if len(data) >= keep else (self.tail + data)[-keep:]
         self.pending.append(data)
         self.pending_len += len(data)
-        excess = self.pending_len - self._prefix_len()
+        excess = self.pending_len - self.forms.partial_len(self.tail)
         out = []
         while excess > 0:
             first = self.pending[0]
@@ -216,14 +236,16 @@ class Scrubber(_HeldTail):
     """Overwrites a key's forms in an upstream's answer, with the same number of bytes so that
     Content-Length and chunk sizes stay true."""
 
-    def __init__(self, forms: tuple[KeyForm, ...]) -> None:
+    def __init__(self, forms: Forms) -> None:
         super().__init__(forms)
         self.redactions = 0
         """Forms overwritten so far."""
 
-    def header(self, value: bytes) -> bytes:
-        """A response header's value, scrubbed."""
-        return self._scrub(value)
+    def headers(self, headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+        """A response's headers, scrubbed (searched as one blob: one pass per form, not per header)."""
+        if self.forms.find(b"\n".join(value for _, value in headers)) is None:
+            return headers
+        return [(name, self._scrub(value)) for name, value in headers]
 
     def feed(self, data: bytes) -> list[bytes]:
         """The scrubbed chunks that may go to the sandbox now."""
@@ -237,7 +259,7 @@ class Scrubber(_HeldTail):
         return self.push(merged)
 
     def _scrub(self, data: bytes) -> bytes:
-        for form in self.forms:
+        for form in self.forms.forms:
             if form.pattern in data:
                 self.redactions += data.count(form.pattern)
                 data = data.replace(form.pattern, REDACTION_BYTE * len(form.pattern))

@@ -21,7 +21,7 @@ import h11
 
 from harness.gateway.credentials import BoundCredential, inject
 from harness.gateway.dial import DialError, Overrides, open_upstream
-from harness.gateway.exfil import BodyScanner, KeyForm, Scrubber
+from harness.gateway.exfil import BodyScanner, Forms, Scrubber
 from harness.gateway.framing import FramingError, check_response
 from harness.gateway.names import format_authority
 from harness.gateway.streams import READ_CHUNK, PlainStream, Stream
@@ -200,9 +200,9 @@ class Route:
     """The Host header sent: the normalised host, and the port when it is not the scheme's default."""
     cred: BoundCredential | None
     """The credential injected, or None."""
-    leak_forms: tuple[KeyForm, ...]
+    leak_forms: Forms | None
     """Forms of keys that must not go to this destination: the body is searched for them."""
-    scrub_forms: tuple[KeyForm, ...]
+    scrub_forms: Forms | None
     """Forms of the injected key: overwritten in the answer (an echo must not hand it back)."""
 
 
@@ -229,8 +229,8 @@ async def forward(
         if not isinstance(event, h11.EndOfMessage):
             raise ClientGone("request ended early")
     out = h11.Request(method=request.method, target=route.target, headers=headers)
-    scanner = BodyScanner(route.leak_forms) if has_body and route.leak_forms else None
-    scrubber = Scrubber(route.scrub_forms) if route.scrub_forms else None
+    scanner = BodyScanner(route.leak_forms) if has_body and route.leak_forms is not None else None
+    scrubber = Scrubber(route.scrub_forms) if route.scrub_forms is not None else None
     scheme, host, port = route.scheme, route.host, route.port
     attempts = 2 if not has_body else 1
     for attempt in range(attempts):
@@ -330,7 +330,7 @@ async def _relay_response(
             timeout = idle_timeout_s
             headers = filter_headers(list(event.headers))
             if scrubber is not None:
-                headers = [(k, scrubber.header(v)) for k, v in headers]
+                headers = scrubber.headers(headers)
             client.write(
                 client_conn.send(h11.Response(status_code=event.status_code, headers=headers, reason=event.reason))
             )

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from harness.gateway.dial import DialError, Overrides, is_protected_address, resolve
-from harness.gateway.exfil import BodyScanner, KeyLeak, KnownKeys, Scrubber, find
+from harness.gateway.exfil import BodyScanner, Forms, KeyForm, KeyLeak, KnownKeys, Scrubber, find
 from harness.gateway.fds import FD_RESERVE, FDS_PER_SANDBOX, FdBudget
 from harness.gateway.framing import FramingError, check_request_head, head_end
 from harness.gateway.names import HostError, normalise_host
@@ -245,14 +245,18 @@ def key_encodings() -> list[bytes]:
 
 @pytest.mark.parametrize("encoded", key_encodings())
 def test_every_encoding_is_found(keys: KnownKeys, encoded: bytes) -> None:
-    assert find(keys.foreign("evil.test", 443, True), b"prefix " + encoded + b" suffix") is not None
+    forms = keys.foreign("evil.test", 443, True)
+    assert forms is not None and forms.find(b"prefix " + encoded + b" suffix") is not None
 
 
 def test_a_key_is_foreign_everywhere_but_its_own_host_in_tls(keys: KnownKeys) -> None:
-    assert keys.foreign(*BOUND, True) == ()
-    assert keys.foreign(*BOUND, False) == keys.forms  # plain http to its own host
-    assert keys.foreign("api.anthropic.com", 8443, True) == keys.forms
-    assert keys.foreign("evil.test", 443, True) == keys.forms
+    def searched(forms: Forms | None) -> tuple[KeyForm, ...]:
+        return () if forms is None else forms.forms
+
+    assert searched(keys.foreign(*BOUND, True)) == ()
+    assert searched(keys.foreign(*BOUND, False)) == keys.forms  # plain http to its own host
+    assert searched(keys.foreign("api.anthropic.com", 8443, True)) == keys.forms
+    assert searched(keys.foreign("evil.test", 443, True)) == keys.forms
 
 
 def test_a_key_in_a_name(keys: KnownKeys) -> None:
@@ -263,7 +267,7 @@ def test_a_key_in_a_name(keys: KnownKeys) -> None:
 
 @pytest.mark.parametrize("split", range(1, len(KEY)))
 def test_the_body_scanner_releases_no_part_of_a_split_key(keys: KnownKeys, split: int) -> None:
-    scanner = BodyScanner(keys.foreign("evil.test", 443, True))
+    scanner = BodyScanner(Forms(keys.forms))
     body = b"a" * 300 + KEY.encode() + b"z" * 10
     cut = 300 + split
     released = b"".join(scanner.feed(body[:cut]))
@@ -274,7 +278,7 @@ def test_the_body_scanner_releases_no_part_of_a_split_key(keys: KnownKeys, split
 
 @pytest.mark.parametrize("size", [1, 3, 7, 38, 39, 40, 200])
 def test_the_body_scanner_finds_a_key_spread_over_many_small_reads(keys: KnownKeys, size: int) -> None:
-    scanner = BodyScanner(keys.foreign("evil.test", 443, True))
+    scanner = BodyScanner(Forms(keys.forms))
     body = b"a" * 500 + base64.b64encode(b"x" + KEY.encode()) + b"z" * 500
     released = b""
     with pytest.raises(KeyLeak):
@@ -285,7 +289,7 @@ def test_the_body_scanner_finds_a_key_spread_over_many_small_reads(keys: KnownKe
 
 
 def test_the_body_scanner_passes_a_clean_body_whole(keys: KnownKeys) -> None:
-    scanner = BodyScanner(keys.foreign("evil.test", 443, True))
+    scanner = BodyScanner(Forms(keys.forms))
     body = bytes(range(256)) * 100
     pieces = [piece for i in range(0, len(body), 777) for piece in scanner.feed(body[i : i + 777])]
     out = b"".join(pieces + scanner.flush())
@@ -294,7 +298,7 @@ def test_the_body_scanner_passes_a_clean_body_whole(keys: KnownKeys) -> None:
 
 @pytest.mark.parametrize("size", [1, 5, 39, 64, 1000])
 def test_the_scrubber_overwrites_split_keys_and_keeps_the_length(keys: KnownKeys, size: int) -> None:
-    scrubber = Scrubber(keys.own(*BOUND))
+    scrubber = Scrubber(Forms(keys.forms))
     body = b"echo x-api-key: " + KEY.encode() + b" and again " + base64.b64encode(KEY.encode()) + b" end"
     pieces = [piece for i in range(0, len(body), size) for piece in scrubber.feed(body[i : i + size])]
     out = b"".join(pieces + scrubber.flush())
@@ -331,8 +335,20 @@ def test_removed_sandboxes_take_nothing() -> None:
 
 def test_a_streamed_answer_is_not_held_back(keys: KnownKeys) -> None:
     """Server-sent events go on at once: only what could begin a key's form waits for the next read."""
-    scrubber = Scrubber(keys.own(*BOUND))
+    scrubber = Scrubber(Forms(keys.forms))
     event = b'data: {"type":"content_block_delta","delta":{"text":"stack"}}\n\n'
     assert scrubber.feed(event) == [event]  # the very chunk, uncopied
     assert scrubber.feed(b"event: ping\n\nsk-ant-UN") == [b"event: ping\n\n"]  # a possible start waits
     assert b"".join(scrubber.feed(b"RELATED text")) == b"sk-ant-UNRELATED text"
+
+
+def test_partial_len_is_the_longest_proper_prefix_at_the_end(keys: KnownKeys) -> None:
+    forms = Forms(keys.forms)
+    text = b'{"text":"sk-ant is how a key starts; %73%6b too"} c2stYW50 736b2d ' * 2
+    for end in range(len(text)):
+        tail = text[max(0, end - forms.keep) : end]
+        brute = max(
+            (len(tail) - i for f in keys.forms for i in range(len(tail)) if f.pattern.startswith(tail[i:])),
+            default=0,
+        )
+        assert forms.partial_len(tail) == brute, tail

@@ -21,7 +21,7 @@ import h11
 from harness.gateway.context import Context
 from harness.gateway.deny import error_answer, raw_response
 from harness.gateway.dial import DialError
-from harness.gateway.exfil import EXFIL_EVENT, EXFIL_RULE, KeyForm, KeyLeak, find
+from harness.gateway.exfil import EXFIL_EVENT, EXFIL_RULE, Forms, KeyLeak
 from harness.gateway.forward import Route, forward
 from harness.gateway.layers.answers import RequestFields, deny, toxic_answer
 from harness.gateway.names import DEFAULT_PORTS, HostError, format_authority, parse_authority
@@ -170,13 +170,13 @@ async def handle_request(
     if cred is not None and scheme != "https":
         up_scheme, up_port = "https", DEFAULT_PORTS["https"] if port == DEFAULT_PORTS["http"] else port
     fields = RequestFields(method=method, scheme=scheme, host=host, port=port, path=norm_path, intercepted=intercepted)
-    leak_forms: tuple[KeyForm, ...] = ()
+    leak_forms: Forms | None = None
     if state.keys:
         leak_forms = state.keys.foreign(host, port, up_scheme == "https")
         form = state.keys.find_in_name(host)
         where = "host name"
-        if form is None:
-            form, where = find(leak_forms, head), "request head"
+        if form is None and leak_forms is not None:
+            form, where = leak_forms.find(head), "request head"
         if form is not None:
             return await _exfiltration(ctx, conn, stream, KeyLeak(form, where), fields)
     decision = state.policy.check_request(host, port, method, norm_path)
@@ -211,7 +211,7 @@ async def handle_request(
         authority=host_value(host, up_port, up_scheme),
         cred=cred,
         leak_forms=leak_forms,
-        scrub_forms=state.keys.own(host, port) if injected else (),
+        scrub_forms=state.keys.own(host, port) if injected else None,
     )
     try:
         ex = await forward(
