@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -50,6 +51,14 @@ needs keys, and it is handed them by name; a backend adds what its tools need (e
 def child_environment(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """A scrubbed environment for a child: the allowed variables of ours, plus `extra`."""
     return {**{name: os.environ[name] for name in CHILD_ENV_ALLOWED if name in os.environ}, **(extra or {})}
+
+
+def run_tool(
+    argv: list[str], env: Mapping[str, str] | None = None, **run_kwargs: Any
+) -> subprocess.CompletedProcess[Any]:
+    """A short-lived helper command (a version probe, cpio, apt-get): subprocess.run with a scrubbed
+    environment, plus `env` for what that tool needs."""
+    return subprocess.run(argv, env=child_environment(env), **run_kwargs)
 
 
 class Interrupted(BaseException):

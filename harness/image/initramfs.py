@@ -7,7 +7,6 @@ import hashlib
 import os
 import secrets
 import shutil
-import subprocess
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -16,6 +15,7 @@ from harness.errors import EnvironmentMissing
 from harness.image.kernel import Kernel, fetch_kernel
 from harness.image.modules import Module, load_order, read_module_bytes
 from harness.scratch import scratch_dir
+from harness.supervisor import run_tool
 
 BUSYBOX_PATH = Path("/bin/busybox")
 """Debian's busybox-static; a dynamically linked busybox would need its libraries in the guest."""
@@ -81,7 +81,7 @@ def _stage(root: Path, modules: list[Module], busybox: Path) -> None:
     for directory in ("bin", "sbin", "etc", "proc", "sys", "dev", "tmp", "run", "root", "work", "lib/modules"):
         (root / directory).mkdir(parents=True, exist_ok=True)
     shutil.copy2(busybox, root / "bin" / "busybox")
-    applets = subprocess.run([str(busybox), "--list"], capture_output=True, text=True, check=True).stdout.split()
+    applets = run_tool([str(busybox), "--list"], capture_output=True, text=True, check=True).stdout.split()
     for applet in applets:
         if applet != "busybox":
             os.symlink("busybox", root / "bin" / applet)
@@ -99,7 +99,7 @@ def _pack(root: Path, dest: Path) -> None:
     if shutil.which("cpio") is None:
         raise EnvironmentMissing("cpio not found; run `apt-get install cpio`")
     names = sorted(str(p.relative_to(root)) for p in root.rglob("*"))
-    archive = subprocess.run(
+    archive = run_tool(
         ["cpio", "--create", "--format=newc", "--owner=0:0", "--quiet", "--reproducible"],
         cwd=root,
         input="\n".join(names).encode(),

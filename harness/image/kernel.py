@@ -6,11 +6,11 @@ import contextlib
 import os
 import secrets
 import shutil
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
 from harness.errors import EnvironmentMissing
+from harness.supervisor import run_tool
 
 KERNEL_META_PACKAGE = "linux-image-cloud-amd64"
 """Debian's meta package; it depends on exactly one versioned kernel image package."""
@@ -34,7 +34,7 @@ class Kernel:
 def _run(cmd: list[str], cwd: Path) -> str:
     if shutil.which(cmd[0]) is None:
         raise EnvironmentMissing(f"`{cmd[0]}` not found; this needs a Debian host with apt and dpkg")
-    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=APT_TIMEOUT_S)
+    proc = run_tool(cmd, env=network_proxies(), cwd=cwd, capture_output=True, text=True, timeout=APT_TIMEOUT_S)
     if proc.returncode != 0:
         detail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
         raise EnvironmentMissing(f"`{' '.join(cmd)}` failed ({detail}); run `apt-get update` and check the apt sources")
@@ -61,6 +61,14 @@ def versioned_image_package(meta_deb: Path) -> str:
         if name.startswith("linux-image-") and name != KERNEL_META_PACKAGE:
             return name
     raise EnvironmentMissing(f"{meta_deb.name} names no linux-image-* dependency: {depends.strip()!r}")
+
+
+PROXY_VARIABLES = ("http_proxy", "https_proxy", "no_proxy", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY")
+"""apt-get download may need the user's network proxy; nothing else of the environment goes to it."""
+
+
+def network_proxies() -> dict[str, str]:
+    return {name: os.environ[name] for name in PROXY_VARIABLES if name in os.environ}
 
 
 def fetch_kernel(cache: Path) -> Kernel:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from harness.scratch import make_scratch_dir, remove_scratch_dir
-from harness.supervisor import Supervisor
+from harness.supervisor import Supervisor, run_tool
 
 LOOPBACK = "127.0.0.1"
 BLOCKED_HOST = "blocked.test"
@@ -100,7 +100,7 @@ def version(name: str) -> str | None:
         return None
     flag = {"squid": "-v", "tinyproxy": "-v", "mitmproxy": "--version"}[name]
     try:
-        out = subprocess.run([exe, flag], capture_output=True, text=True, timeout=20).stdout
+        out = run_tool([exe, flag], capture_output=True, text=True, timeout=20).stdout
     except (OSError, subprocess.TimeoutExpired):
         return None
     return out.strip().splitlines()[0] if out.strip() else None

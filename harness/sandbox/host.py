@@ -36,7 +36,7 @@ from harness.sandbox.base import (
     GuestNetwork,
     SandboxSpec,
 )
-from harness.supervisor import Supervisor
+from harness.supervisor import Supervisor, run_tool
 
 FEATURES = Features(snapshot=False, reclaim=False, own_kernel=False, weaken=False, guest_memory=False, min_mem_mib=None)
 """A plain process: nothing to snapshot, no guest memory, no kernel of its own, nothing left to weaken."""
@@ -80,7 +80,7 @@ def userland(cache: Path) -> Path:
     staging = root.with_name(f"{key}.{os.getpid()}.partial")
     shutil.rmtree(staging, ignore_errors=True)
     (staging / "bin").mkdir(parents=True)
-    applets = subprocess.run([str(busybox), "--list"], capture_output=True, text=True, check=True).stdout.split()
+    applets = run_tool([str(busybox), "--list"], capture_output=True, text=True, check=True).stdout.split()
     for applet in applets:
         os.symlink(busybox, staging / "bin" / applet)
     (staging / "br-agent").write_bytes(agent)
@@ -251,7 +251,7 @@ class HostBackend:
         raise ConfigError("the host backend has no isolation to weaken; run --leaky with --backend qemu")
 
     def describe(self) -> dict[str, object]:
-        version = subprocess.run([socat_binary(), "-V"], capture_output=True, text=True, timeout=10).stdout
+        version = run_tool([socat_binary(), "-V"], capture_output=True, text=True, timeout=10).stdout
         return {
             "isolation": "none: plain host processes of the invoking user (the negative control)",
             "agent_listener": next((line for line in version.splitlines() if "socat version" in line), "socat"),

@@ -16,7 +16,7 @@ from harness.errors import EnvironmentMissing
 from harness.image import GuestImage
 from harness.sandbox.agent import GUEST_AGENT_PORT, AgentUnavailable, agent_exec, free_port
 from harness.sandbox.base import BootFailed, BootRecord, Endpoint, ExecResult, GuestNetwork, SandboxSpec
-from harness.supervisor import Supervisor
+from harness.supervisor import Supervisor, run_tool
 
 QEMU_BINARY = "qemu-system-x86_64"
 """The VMM; Debian package qemu-system-x86."""
@@ -116,7 +116,7 @@ def qemu_binary() -> str:
 
 
 def qemu_version() -> str:
-    out = subprocess.run([qemu_binary(), "--version"], capture_output=True, text=True, timeout=10).stdout
+    out = run_tool([qemu_binary(), "--version"], capture_output=True, text=True, timeout=10).stdout
     return out.splitlines()[0] if out else "unknown"
 
 
