@@ -132,7 +132,14 @@ def test_slow_close_delays_the_close(gw: GatewayProcess, port: int) -> None:
     gw.add_toxic({"type": "slow_close", "attributes": {"delay": delay_ms}})
     sock, _ = tunnel_get(port, "/x")
     with sock:
+        # The whole response, however many reads it takes (head and body may come apart), then the close.
         first = sock.recv(65536)
+        head, _, body = first.partition(b"\r\n\r\n")
+        length = int(
+            next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length"))
+        )
+        while len(body) < length:
+            body += sock.recv(65536)
         got_data = time.monotonic()
         rest = read_chunks(sock)
     assert first.startswith(b"HTTP/1.1 200") and rest == []
