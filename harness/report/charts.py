@@ -50,7 +50,8 @@ def stacked_bars(labels: list[str], series: dict[str, list[float]], ylabel: str,
             bottoms = [b + v for b, v in zip(bottoms, values, strict=True)]
         ax.set_ylabel(ylabel)
         ax.set_title(title)
-        ax.legend(**LEGEND_OUTSIDE)
+        if series:  # a boot that recorded no phases has nothing to name
+            ax.legend(**LEGEND_OUTSIDE)
         ax.tick_params(axis="x", labelrotation=60, labelsize="small")
         return to_data_uri(fig)
 
