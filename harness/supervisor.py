@@ -48,6 +48,17 @@ CHILD_ENV_ALLOWED = (
 needs keys, and it is handed them by name; a backend adds what its tools need (e.g. KUBECONFIG)."""
 
 
+OWNER_ENV = "BLASTRADIUS_OWNER"
+"""Every supervised child carries its run's owner (pid:start time) in its environment, and what it starts
+inherits it: `invoke clean` finds a SIGKILLed run's processes even where their pid record was never
+written (a kill between a spawn and its record)."""
+
+
+def owner_mark() -> str:
+    """This process as OWNER_ENV names it."""
+    return f"{os.getpid()}:{process_create_time(os.getpid())!r}"
+
+
 def child_environment(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """A scrubbed environment for a child: the allowed variables of ours, plus `extra`."""
     return {**{name: os.environ[name] for name in CHILD_ENV_ALLOWED if name in os.environ}, **(extra or {})}
@@ -141,7 +152,8 @@ class Supervisor:
     def spawn(self, argv: list[str], name: str, **popen_kwargs: object) -> subprocess.Popen[bytes]:
         """Start argv in a new session and record it before returning. Its environment is scrubbed
         (child_environment) unless the caller hands it one of its own."""
-        popen_kwargs.setdefault("env", child_environment())
+        env = popen_kwargs.get("env")
+        popen_kwargs["env"] = {**(env if isinstance(env, Mapping) else child_environment()), OWNER_ENV: owner_mark()}
         proc = subprocess.Popen(argv, start_new_session=True, **popen_kwargs)  # type: ignore[call-overload]
         self.adopt(proc.pid, name)
         with self._lock:
@@ -256,4 +268,23 @@ def reap_leftovers() -> list[str]:
                 removed.append(f"killed {record['name']} (pid {record['pid']}) from run {payload['run_id']}")
         path.unlink(missing_ok=True)
         removed.append(f"removed pid record of run {payload.get('run_id', path.stem)}")
+    return removed + _reap_orphans_by_owner_mark()
+
+
+def _reap_orphans_by_owner_mark() -> list[str]:
+    """Kill processes whose OWNER_ENV names an owner that is gone (whether or not a record names them)."""
+    removed: list[str] = []
+    for process in psutil.process_iter():
+        try:
+            mark = process.environ().get(OWNER_ENV)
+            if not mark or process.status() == psutil.STATUS_ZOMBIE:
+                continue
+            owner_pid, _, created = mark.partition(":")
+            if process_create_time(int(owner_pid)) == float(created):
+                continue  # its run is still alive
+            name = " ".join(process.cmdline()[:2])
+            process.kill()
+            removed.append(f"killed {name} (pid {process.pid}) of a run that is gone (pid {owner_pid})")
+        except (psutil.Error, ValueError):
+            continue
     return removed

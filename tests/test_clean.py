@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from harness.scratch import make_scratch_dir, remove_scratch_dir, sweep_scratch_dirs
+from harness.supervisor import pid_alive
 from tests.conftest import REPO
 
 KILLED_RUN = """
@@ -50,3 +51,29 @@ def test_a_live_owners_scratch_dir_is_left_alone() -> None:
     finally:
         remove_scratch_dir(mine)
     assert not mine.exists()
+
+
+UNRECORDED_RUN = """
+import sys, time
+from harness.supervisor import Supervisor
+supervisor = Supervisor("test-unrecorded-" + sys.argv[1])
+child = supervisor.spawn(["sleep", "300"], name="late")
+supervisor.record_path.unlink()  # as if the kill had come between the spawn and its record
+print(child.pid, flush=True)
+time.sleep(300)
+"""
+
+
+def test_clean_finds_a_killed_runs_process_that_was_never_recorded() -> None:
+    run = subprocess.Popen(
+        [sys.executable, "-c", UNRECORDED_RUN, str(os.getpid())], cwd=REPO, stdout=subprocess.PIPE, text=True
+    )
+    assert run.stdout is not None
+    orphan = int(run.stdout.readline())
+    os.kill(run.pid, signal.SIGKILL)
+    run.wait(timeout=10)
+    cleaned = subprocess.run(
+        [str(Path(sys.executable).parent / "invoke"), "clean"], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
+    assert cleaned.returncode == 0 and f"(pid {orphan})" in cleaned.stderr, cleaned.stderr
+    assert not pid_alive(orphan)
