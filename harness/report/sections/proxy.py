@@ -81,9 +81,9 @@ def section(data: dict[str, Any], run_dir: Path) -> Section | None:
             )
         if t.get("host_saturated") or (t.get("saturation") or {}).get("host_saturated"):
             result.notes.append(f"{name}: the host's CPUs were > 90 % busy during the run: figures are host-bound.")
+
     for check in proxy.get("checks", []):
-        detail = {k: v for k, v in check.items() if k not in ("name", "limit", "status")}
-        result.notes.append(f"Target — {check['name']} {check['limit']}: {check['status'].upper()} {detail}")
+        result.notes.append(_check_note(check))
 
     if ok:
         labels = list(ok)
@@ -243,3 +243,20 @@ def section(data: dict[str, Any], run_dir: Path) -> Section | None:
             "above, by design of the accelerator, not of the gateway."
         )
     return result
+
+
+def _check_note(check: dict[str, Any]) -> str:
+    """One target check in words: the two figures it compares, their ratio, or why it has none."""
+    figures = [
+        f"{key.rsplit('_', 1)[0]} {value:g} {key.rsplit('_', 1)[1]}"
+        for key, value in check.items()
+        if key.endswith(("_ms", "_rps")) and isinstance(value, (int, float))
+    ]
+    ratio = check.get("ratio")
+    if ratio is not None:
+        figures.append(f"ratio {ratio}x")
+    elif figures:
+        figures.append("no ratio: the peer's figure is not above zero (within the noise of direct)")
+    if check.get("reason"):
+        figures.append(str(check["reason"]))
+    return f"Target — {check['name']} {check['limit']}: {check['status'].upper()} ({'; '.join(figures)})"
