@@ -33,7 +33,7 @@ NONE_WORDS = ("", "none")
 """What an optional setting accepts as "not set" from the command line or the environment."""
 
 
-BENCH_FLAGS: dict[str, str] = {
+RUN_FLAGS: dict[str, str] = {
     "out": "out",
     "force": "force",
     "backend": "backend",
@@ -41,6 +41,11 @@ BENCH_FLAGS: dict[str, str] = {
     "mem_mib": "mem_mib",
     "boot_timeout": "boot_timeout_s",
     "boot_mode": "boot_mode",
+}
+"""The flags every run has (the bench and each scenario) -> RunConfig fields."""
+
+BENCH_FLAGS: dict[str, str] = {
+    **RUN_FLAGS,
     "sandboxes": "sandboxes",
     "concurrency": "concurrency",
     "warmup": "warmup",
@@ -62,16 +67,8 @@ PROXY_FLAGS: dict[str, str] = {
 }
 """`invoke bench` flags -> ProxyBenchConfig fields (the Locust comparison's)."""
 
-SCENARIO_FLAGS: dict[str, str] = {
-    "out": "out",
-    "force": "force",
-    "backend": "backend",
-    "accel": "accel",
-    "mem_mib": "mem_mib",
-    "boot_timeout": "boot_timeout_s",
-    "boot_mode": "boot_mode",
-}
-"""`invoke scenario`'s common flags -> RunConfig fields."""
+SCENARIO_FLAGS: dict[str, str] = RUN_FLAGS
+"""`invoke scenario`'s common flags: exactly the run's."""
 
 SCENARIO_ALIASES: dict[str, str] = {
     "sandboxes": "sandboxes",
