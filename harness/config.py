@@ -151,7 +151,8 @@ class RunConfig:
     """What every run is parameterised by, the bench and each scenario alike."""
 
     backend: str = "qemu"
-    """Sandbox backend: one module under harness/sandbox/."""
+    """Sandbox backend: a module under harness/sandbox/ (MODULE:ARGUMENT where it takes one, such as
+    command:stack.yaml), or several separated by commas, each run in turn into a sub-run of its own."""
     out: Path | None = None
     """Run directory; results/<run-id> when not given."""
     force: bool = False
@@ -168,16 +169,19 @@ class RunConfig:
     def validate(self) -> None:
         # Imported here, not at the top: tasks.py imports this module for the config keys on every
         # `invoke` call, and the backends pull in the QEMU code.
-        from harness.sandbox import available_backends, backend_features
+        from harness.sandbox import backend_features, backend_label
         from harness.sandbox.base import BOOT_MODES
         from harness.sandbox.qemu.accel import ACCELS
 
-        backends = available_backends()
-        if self.backend not in backends:
-            raise ConfigError(f"unknown backend {self.backend!r}; choose one of: {', '.join(backends)}")
-        floor = backend_features(self.backend).min_mem_mib
-        if floor is not None and self.mem_mib < floor:
-            raise ConfigError(f"--mem-mib must be at least {floor} for the {self.backend} backend, not {self.mem_mib}")
+        if not self.backends:
+            raise ConfigError("--backend names no backend; give one, or several separated by commas")
+        labels = [backend_label(name) for name in self.backends]
+        if len(set(labels)) != len(labels):
+            raise ConfigError(f"--backend {self.backend} names a backend twice; name each once")
+        for name in self.backends:
+            floor = backend_features(name).min_mem_mib
+            if floor is not None and self.mem_mib < floor:
+                raise ConfigError(f"--mem-mib must be at least {floor} for the {name} backend, not {self.mem_mib}")
         if self.accel not in ACCELS:
             raise ConfigError(f"--accel must be one of {', '.join(ACCELS)}, not {self.accel!r}")
         if self.boot_mode not in BOOT_MODES:
@@ -186,6 +190,11 @@ class RunConfig:
             raise ConfigError("--boot-timeout must be positive")
         if self.out is not None:
             check_run_dir(self.out, self.force)
+
+    @property
+    def backends(self) -> list[str]:
+        """The backends of --backend, in the order given."""
+        return [name.strip() for name in self.backend.split(",") if name.strip()]
 
 
 RUN_MARKER = "results.json"

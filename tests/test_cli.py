@@ -27,7 +27,7 @@ def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
     [
         (["--sandboxes", "0"], "--sandboxes must be between 1 and"),
         (["--sandboxes", "two"], "expected a whole number, got 'two'"),
-        (["--backend", "nope"], "unknown backend 'nope'; choose one of: host, qemu"),
+        (["--backend", "nope"], "unknown backend 'nope'; choose one of: "),
         (["--accel", "hvf"], "--accel must be one of auto, kvm, tcg"),
         (["--mem-mib", "32"], "--mem-mib must be at least 96"),
         (["--boot-mode", "warm"], "--boot-mode must be one of snapshot, cold, not 'warm'"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import socket
 import time
+from pathlib import Path
 
 from harness.sandbox.base import ExecResult
 
@@ -37,10 +38,28 @@ def _recv_all(sock: socket.socket) -> bytes:
     return b"".join(chunks)
 
 
+def _connect(address: int | Path, timeout: float) -> socket.socket:
+    """A host loopback port (a VMM's forward, a host listener) or a unix socket (a jail's channel)."""
+    if isinstance(address, int):
+        return socket.create_connection(("127.0.0.1", address), timeout=timeout)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(str(address))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 def agent_exec(
-    port: int, command: str, timeout: float = 30.0, stdin: bytes = b"", transport_timeout: float | None = None
+    address: int | Path,
+    command: str,
+    timeout: float = 30.0,
+    stdin: bytes = b"",
+    transport_timeout: float | None = None,
 ) -> ExecResult:
-    """Run `command` through the agent listening behind host port `port`.
+    """Run `command` through the agent behind `address`: a host loopback port or a unix socket path.
 
     transport_timeout bounds the socket wait; by default the command's timeout plus slack.
     """
@@ -50,18 +69,18 @@ def agent_exec(
     request = b"%s %d %s\n" % (PROTOCOL, whole_seconds, base64.b64encode(command.encode()))
     started = time.monotonic()
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=transport_timeout) as sock:
+        with _connect(address, transport_timeout) as sock:
             sock.sendall(request + stdin)
             sock.shutdown(socket.SHUT_WR)
             reply = _recv_all(sock)
     except (ConnectionError, TimeoutError, OSError) as exc:
-        raise AgentUnavailable(f"agent on port {port}: {exc}") from exc
+        raise AgentUnavailable(f"agent at {address}: {exc}") from exc
     duration = time.monotonic() - started
     header, sep, body = reply.partition(b"\n")
     fields = header.split()
     if not sep or len(fields) != 5 or fields[0] != PROTOCOL:
         # slirp accepts the host connection before the guest listens, then closes it: no header.
-        raise AgentUnavailable(f"agent on port {port} gave no valid header: {header[:80]!r}")
+        raise AgentUnavailable(f"agent at {address} gave no valid header: {header[:80]!r}")
     rc, out_len, err_len, timed_out = (int(f) for f in fields[1:])
     if len(body) != out_len + err_len:
         raise AgentUnavailable(f"agent reply truncated: {len(body)} of {out_len + err_len} bytes")

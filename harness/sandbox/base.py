@@ -110,6 +110,8 @@ class BackendOptions:
     """vCPUs per sandbox."""
     boot_mode: str = "snapshot"
     """snapshot (restore a booted template) or cold (boot the kernel each time), where the backend can."""
+    argument: str | None = None
+    """What follows the colon in `--backend MODULE:ARGUMENT` (the command backend's YAML file); None without."""
 
 
 @dataclass
