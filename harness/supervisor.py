@@ -14,6 +14,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -148,13 +149,27 @@ class Supervisor:
         self._lock = threading.Lock()
         self._live: dict[int, ProcessRecord] = {}
         self._popens: dict[int, subprocess.Popen[bytes]] = {}
+        self._spawner: ThreadPoolExecutor | None = None
 
     def spawn(self, argv: list[str], name: str, **popen_kwargs: object) -> subprocess.Popen[bytes]:
         """Start argv in a new session and record it before returning. Its environment is scrubbed
-        (child_environment) unless the caller hands it one of its own."""
+        (child_environment) unless the caller hands it one of its own.
+
+        Every child is forked by one long-lived spawner thread, whoever asks: a child that dies with its
+        parent (bwrap --die-with-parent, PR_SET_PDEATHSIG) dies when the parent *thread* ends, and boots
+        run on short-lived pool threads."""
         env = popen_kwargs.get("env")
         popen_kwargs["env"] = {**(env if isinstance(env, Mapping) else child_environment()), OWNER_ENV: owner_mark()}
-        proc = subprocess.Popen(argv, start_new_session=True, **popen_kwargs)  # type: ignore[call-overload]
+        with self._lock:
+            if self._spawner is None:
+                self._spawner = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"spawner-{self.run_id}")
+            spawner = self._spawner
+        proc: subprocess.Popen[bytes] = spawner.submit(
+            subprocess.Popen,
+            argv,
+            start_new_session=True,
+            **popen_kwargs,  # type: ignore[arg-type]
+        ).result()
         self.adopt(proc.pid, name)
         with self._lock:
             self._popens[proc.pid] = proc
@@ -186,6 +201,10 @@ class Supervisor:
         leftovers = self.live()
         for record in leftovers:
             self.stop(record.pid)
+        with self._lock:
+            spawner, self._spawner = self._spawner, None
+        if spawner is not None:
+            spawner.shutdown(wait=True)
         with contextlib.suppress(FileNotFoundError):
             self.record_path.unlink()
         return leftovers
