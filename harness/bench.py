@@ -6,9 +6,10 @@ import contextlib
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import asdict, dataclass, field
+from contextlib import ExitStack, contextmanager
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from harness.gateway.process import GatewayConfig
 from harness.load.bench import ProxyBenchConfig, load_partial, run_proxy_bench
 from harness.load.guest import sample_in_guest
 from harness.metrics.memory import MemorySampler, mem_available_bytes, process_memory
+from harness.multirun import Comparison, open_comparison
 from harness.results import BOOT_SAMPLES_FILE, MEMORY_SAMPLES_FILE
 from harness.run import Run, open_run
 from harness.sandbox import BootFailed
@@ -108,9 +110,11 @@ def run_round(
     measured: bool,
     events: BenchEvents,
     while_live: Callable[[list[SandboxRecord]], None] | None = None,
+    title: str = "",
 ) -> list[SandboxRecord]:
     """Boot N at once, read idle memory, stop them all, and check no VMM is left."""
     label = f"round {round_index}" if measured else f"warm-up {-round_index}"
+    label = f"{title} {label}" if title else label
     prefix = f"r{round_index}" if measured else f"w{-round_index}"
     records = [SandboxRecord(f"{prefix}-sb{i}", round_index) for i in range(config.sandboxes)]
     mem_before = mem_available_bytes()
@@ -168,69 +172,141 @@ def sample_guests(run: Run, config: BenchConfig, fleet: Fleet, ok: list[SandboxR
     run.data["guest_latency"] = {"url": GUEST_SAMPLE_URL, "accel": run.data["accel"], "sandboxes": samples}
 
 
-def run_bench(config: BenchConfig, events: BenchEvents | None = None) -> Run:
-    """Run the whole bench; always writes results.json (partial when interrupted) and the report."""
-    config.validate()
-    events = events or BenchEvents()
-    sections = {
+@dataclass
+class BackendBench:
+    """One backend's bench run, open for rounds: its run directory, gateway, fleet and memory sampler."""
+
+    run: Run
+    """Its run: results.json, report, supervisor."""
+    config: BenchConfig
+    """Its settings (`backend` names this one backend)."""
+    fleet: Fleet
+    """Its gateway and sandboxes."""
+    events: BenchEvents
+    """Progress callbacks."""
+    title: str = ""
+    """Prefix of its round labels in progress output (the backend, when several share a run)."""
+
+    def round(self, round_index: int) -> None:
+        """Boot, measure and stop one round; negative indexes are warm-ups. The last measured round also times
+        requests through the gateway from inside (--guest-samples)."""
+        config, run = self.config, self.run
+        measured = round_index >= 0
+        last = round_index == config.repeat - 1
+        sample = (
+            (lambda ok: sample_guests(run, config, self.fleet, ok, self.events))
+            if last and config.guest_samples
+            else None
+        )
+        records = run_round(run, config, self.fleet, round_index, measured, self.events, sample, self.title)
+        if measured:
+            run.sandboxes += records
+            with (run.run_dir / BOOT_SAMPLES_FILE).open("a") as boot_samples:
+                for record in records:
+                    boot_samples.write(json.dumps(record.to_json()) + "\n")
+        run.save()
+
+
+def bench_rounds(config: BenchConfig) -> list[int]:
+    """Every round's index in the order run: warm-ups (negative) first, then the measured ones."""
+    return [-warm for warm in range(1, config.warmup + 1)] + list(range(config.repeat))
+
+
+def bench_sections() -> dict[str, Any]:
+    """results.json sections every bench run starts with."""
+    return {
         "leftover_vmm_pids": [],
         "files": {"memory_samples": MEMORY_SAMPLES_FILE, "boot_samples": BOOT_SAMPLES_FILE},
     }
-    with open_run(config, _config_dict(config), sections) as run:
-        run_dir = run.run_dir
-        fleet: Fleet | None = None
-        upstream: UpstreamServer | None = None
-        sampler = MemorySampler(run_dir / MEMORY_SAMPLES_FILE, lambda: fleet.pids() if fleet else {})
+
+
+@contextmanager
+def open_bench_fleet(run: Run, config: BenchConfig, events: BenchEvents, title: str = "") -> Iterator[BackendBench]:
+    """The run's backend made, an upstream stand-in and the gateway started, and the fleet open for rounds; on
+    the way out (however it ends) every sandbox is stopped and the gateway's audit summarised."""
+    run_dir = run.run_dir
+    fleet: Fleet | None = None
+    upstream: UpstreamServer | None = None
+    sampler = MemorySampler(run_dir / MEMORY_SAMPLES_FILE, lambda: fleet.pids() if fleet else {})
+    try:
+        backend = run.open_backend(events.stage)
+        events.stage(
+            f"{title or backend.name}: accelerator {backend.accel} — {run.data['backend'].get('accel_reason', '')}"
+        )
+        assert run.template is not None
+        upstream = UpstreamServer(names=(*UPSTREAM_NAMES, GUEST_SAMPLE_HOST)).start()
+        gateway_config = GatewayConfig(
+            policy=config.policy,
+            audit_path=run_dir / GATEWAY_AUDIT_FILE,
+            state_dir=run_dir / "gateway",
+            upstream_overrides=upstream.overrides(),
+            upstream_ca_file=upstream.ca_file,
+        )
+        events.stage(f"starting the gateway (policy {config.policy}); every sandbox egresses through it")
+        with open_fleet(backend, run.supervisor, run_dir, run.template, gateway_config) as fleet:
+            run.data["gateway"] = {"policy": config.policy, "audit_file": GATEWAY_AUDIT_FILE}
+            sampler.start()
+            yield BackendBench(run, config, fleet, events, title)
+    finally:
+        sampler.stop()
+        if upstream is not None:
+            upstream.stop()
+        if fleet is not None:
+            run.data["leftover_vmm_pids"] += fleet.stop_all()
+        # The fleet's exit stopped the gateway, so its audit log is complete.
+        if (run_dir / GATEWAY_AUDIT_FILE).exists():
+            run.data.setdefault("gateway", {})["decisions"] = summarise_audit(run_dir / GATEWAY_AUDIT_FILE)
+        run.save()
+
+
+def run_bench(config: BenchConfig, events: BenchEvents | None = None) -> Run:
+    """Run the whole bench on one backend; always writes results.json (partial when interrupted) and the
+    report. (Several backends: run_bench_comparison.)"""
+    config.validate()
+    events = events or BenchEvents()
+    with open_run(config, _config_dict(config), bench_sections()) as run:
         try:
-            backend = run.open_backend(events.stage)
-            events.stage(f"accelerator: {backend.accel} — {run.data['backend'].get('accel_reason', '')}")
-            assert run.template is not None
-            upstream = UpstreamServer(names=(*UPSTREAM_NAMES, GUEST_SAMPLE_HOST)).start()
-            gateway_config = GatewayConfig(
-                policy=config.policy,
-                audit_path=run_dir / GATEWAY_AUDIT_FILE,
-                state_dir=run_dir / "gateway",
-                upstream_overrides=upstream.overrides(),
-                upstream_ca_file=upstream.ca_file,
-            )
-            events.stage(f"starting the gateway (policy {config.policy}); every sandbox egresses through it")
-            with open_fleet(backend, run.supervisor, run_dir, run.template, gateway_config) as fleet:
-                run.data["gateway"] = {"policy": config.policy, "audit_file": GATEWAY_AUDIT_FILE}
-                sampler.start()
-                for warm in range(1, config.warmup + 1):
-                    run_round(run, config, fleet, -warm, measured=False, events=events)
-                    run.save()
-                with (run_dir / BOOT_SAMPLES_FILE).open("a") as boot_samples:
-                    for round_index in range(config.repeat):
-                        last = round_index == config.repeat - 1
-                        records = run_round(
-                            run,
-                            config,
-                            fleet,
-                            round_index,
-                            measured=True,
-                            events=events,
-                            while_live=(lambda ok: sample_guests(run, config, fleet, ok, events))
-                            if last and config.guest_samples
-                            else None,
-                        )
-                        run.sandboxes += records
-                        for record in records:
-                            boot_samples.write(json.dumps(record.to_json()) + "\n")
-                        run.save()
+            with open_bench_fleet(run, config, events) as bench:
+                for round_index in bench_rounds(config):
+                    bench.round(round_index)
             if config.proxy is not None:
                 events.stage("proxy latency under load: Locust through direct, gateway and peer proxies")
-                run.data["proxy"] = run_proxy_bench(config.proxy, run_dir, run.supervisor)
+                run.data["proxy"] = run_proxy_bench(config.proxy, run.run_dir, run.supervisor)
                 run.save()
         finally:
-            sampler.stop()
-            if upstream is not None:
-                upstream.stop()
-            if config.proxy is not None and "proxy" not in run.data and (partial_proxy := load_partial(run_dir)):
+            if config.proxy is not None and "proxy" not in run.data and (partial_proxy := load_partial(run.run_dir)):
                 run.data["proxy"] = partial_proxy
-            if fleet is not None:
-                run.data["leftover_vmm_pids"] += fleet.stop_all()
-            # The fleet's exit stopped the gateway, so its audit log is complete.
-            if (run_dir / GATEWAY_AUDIT_FILE).exists():
-                run.data.setdefault("gateway", {})["decisions"] = summarise_audit(run_dir / GATEWAY_AUDIT_FILE)
     return run
+
+
+def run_bench_comparison(config: BenchConfig, events: BenchEvents | None = None) -> tuple[Comparison, list[Run]]:
+    """The bench on several backends (--backend a,b,...) in one run, under the same conditions: each backend
+    has a sub-run of its own (X/<label>/), all are prepared first, and then they take turns, round by round
+    in a rotating order, so no two ever run at once and host drift is spread over all of them. The proxy
+    comparison does not depend on the backend: it runs once, after every fleet is down, into X/results.json."""
+    config.validate()
+    events = events or BenchEvents()
+    runs: list[Run] = []
+    with open_comparison(config, "bench", _config_dict(config)) as comparison:
+        try:
+            with ExitStack() as stack:
+                benches: dict[str, BackendBench] = {}
+                for name in config.backends:
+                    sub = replace(config, backend=name, out=comparison.sub_dir(name), proxy=None)
+                    run = stack.enter_context(open_run(sub, _config_dict(sub), bench_sections()))
+                    runs.append(run)
+                    benches[name] = stack.enter_context(open_bench_fleet(run, sub, events, comparison.label(name)))
+                for turn, round_index in enumerate(bench_rounds(config)):
+                    for name in comparison.rotation(turn):
+                        benches[name].round(round_index)
+                    comparison.save()
+            if config.proxy is not None:
+                events.stage("proxy latency under load: Locust through direct, gateway and peer proxies")
+                comparison.data["proxy"] = run_proxy_bench(config.proxy, comparison.run_dir, comparison.supervisor)
+        finally:
+            partial_proxy = (
+                config.proxy is not None and "proxy" not in comparison.data and load_partial(comparison.run_dir)
+            )
+            if partial_proxy:
+                comparison.data["proxy"] = partial_proxy
+    return comparison, runs

@@ -14,7 +14,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from harness.bench import BenchConfig, BenchEvents, run_bench
+from harness.bench import BenchConfig, BenchEvents, run_bench, run_bench_comparison
 from harness.config import (
     BENCH_FLAGS,
     PROXY_FLAGS,
@@ -33,6 +33,7 @@ from harness.errors import ConfigError, HarnessError
 from harness.gateway.errors import SetupError
 from harness.load.bench import ProxyBenchConfig
 from harness.report.format import mib, ms
+from harness.run import Run
 from harness.sandbox.base import SandboxRecord
 from harness.scratch import sweep_scratch_dirs
 from harness.supervisor import Interrupted, reap_leftovers
@@ -97,7 +98,31 @@ def bench(configured: Mapping[str, Any], flags: Mapping[str, Any]) -> Path:
     print its summary; returns the run directory."""
     with user_errors():
         config = bench_config(configured, flags)
-        run = with_progress(lambda events: run_bench(config, events))
+        if len(config.backends) > 1:
+            comparison, runs = with_progress(lambda events: run_bench_comparison(config, events))
+            run_dir, proxy = comparison.run_dir, comparison.data.get("proxy")
+        else:
+            runs = [with_progress(lambda events: run_bench(config, events))]
+            run_dir, proxy = runs[0].run_dir, runs[0].data.get("proxy")
+    for run in runs:
+        console.print(boot_table(run, config))
+        summary = run.data["summary"]
+        console.print(
+            f"success rate {summary['success_rate']:.0%} ({summary['failures']} failed of {summary['boots']}); "
+            f"MemAvailable Δ per idle sandbox {mib(summary['mem_available_delta_bytes_per_sandbox'])}"
+        )
+    if proxy:
+        console.print(proxy_table(proxy))
+    console.print(f"results: {run_dir / 'results.json'}\nreport:  {run_dir / 'report.html'}")
+    leftovers = {run.data["backend"]["name"]: run.data["leftover_vmm_pids"] for run in runs}
+    if any(leftovers.values()):
+        console.print(f"[red]sandbox processes survived stop: {leftovers}[/]")
+        sys.exit(1)
+    return run_dir
+
+
+def boot_table(run: Run, config: BenchConfig) -> Table:
+    """One backend's boot time, its phases and its host PSS per sandbox, with their spread."""
     summary = run.data["summary"]
     table = Table(
         title=f"blastradius bench — {run.data['backend']['name']} under {run.data['accel']}, "
@@ -111,18 +136,7 @@ def bench(configured: Mapping[str, Any], flags: Mapping[str, Any]) -> Path:
         table.add_row(f"  phase {phase}", *(ms(stats[k]) for k in ("p50", "p95", "p99", "min", "max", "stdev")))
     pss = summary["pss_bytes_per_sandbox"]
     table.add_row("host PSS / sandbox", *(mib(pss[k]) for k in ("p50", "p95", "p99", "min", "max", "stdev")))
-    console.print(table)
-    console.print(
-        f"success rate {summary['success_rate']:.0%} ({summary['failures']} failed of {summary['boots']}); "
-        f"MemAvailable Δ per idle sandbox {mib(summary['mem_available_delta_bytes_per_sandbox'])}"
-    )
-    if run.data.get("proxy"):
-        console.print(proxy_table(run.data["proxy"]))
-    console.print(f"results: {run.run_dir / 'results.json'}\nreport:  {run.run_dir / 'report.html'}")
-    if run.data["leftover_vmm_pids"]:
-        console.print(f"[red]VMM processes survived stop: {run.data['leftover_vmm_pids']}[/]")
-        sys.exit(1)
-    return run.run_dir
+    return table
 
 
 def proxy_table(proxy: dict[str, Any]) -> Table:
@@ -236,17 +250,28 @@ def scenario(
     """Run scenario `name` from task flags: the common `flags` (RunConfig's, over invoke's config in
     `configured`), option `aliases` (`--fixer X`) and `--set key=value` items; with help_options, list its
     options instead. Everything is checked before anything is written."""
-    from harness.scenario.runner import prepare_scenario, run_prepared
+    from harness.scenario.runner import prepare_comparison, prepare_scenario, run_comparison, run_prepared
 
     with user_errors():
         if help_options:
             print(options_help(name))
             return
         values, labels = scenario_values(configured, flags, aliases, sets)
-        exit_code, run_dir = run_prepared(prepare_scenario(name, values, labels))
-    summary = scenario_summary(name, json.loads((run_dir / "results.json").read_text()))
-    if summary is not None:
-        console.print(summary)
+        prepared = prepare_scenario(name, values, labels)
+        if len(prepared.config.backends) > 1:
+            exit_code, run_dir = run_comparison(name, *prepare_comparison(name, values, labels))
+            sub_dirs = [run_dir / entry["dir"] for entry in json.loads((run_dir / "results.json").read_text())["runs"]]
+        else:
+            exit_code, run_dir = run_prepared(prepared)
+            sub_dirs = [run_dir]
+    for sub_dir in sub_dirs:
+        if not (sub_dir / "results.json").exists():
+            continue
+        if len(sub_dirs) > 1:
+            console.print(f"[bold]{sub_dir.name}[/]")
+        summary = scenario_summary(name, json.loads((sub_dir / "results.json").read_text()))
+        if summary is not None:
+            console.print(summary)
     console.print(
         f"scenario {name}: exit {exit_code}\nresults: {run_dir / 'results.json'}\nreport:  {run_dir / 'report.html'}"
     )

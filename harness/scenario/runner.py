@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 from harness.config import RunConfig, build
+from harness.multirun import open_comparison
+from harness.results import new_run_id
 from harness.run import open_run
+from harness.sandbox import backend_label
 from harness.scenario.base import Scenario, ScenarioContext
 from harness.scenario.journal import Journal, now
 from harness.scenario.loader import available_scenarios, load_scenario_module
@@ -51,6 +54,36 @@ def prepare_scenario(name: str, values: Mapping[str, Any], labels: Mapping[str, 
     if callable(needs):
         config = needs(options, config).apply(config, name)
     return PreparedScenario(name, module, config, options, module.create(options))
+
+
+def prepare_comparison(
+    name: str, values: Mapping[str, Any], labels: Mapping[str, str] | None = None
+) -> tuple[RunConfig, list[PreparedScenario]]:
+    """Scenario `name` once per backend of a --backend list, each prepared (and so checked: a backend that
+    lacks what the scenario needs is refused) before anything is written; returns the comparison's settings,
+    with its run directory decided, and the sub-runs, each into a directory of its own under it."""
+    whole = prepare_scenario(name, values, labels)
+    out = whole.config.out or Path("results") / new_run_id()
+    config = replace(whole.config, out=out)
+    subs = [
+        prepare_scenario(name, {**values, "backend": backend, "out": out / backend_label(backend)}, labels)
+        for backend in config.backends
+    ]
+    return config, subs
+
+
+def run_comparison(name: str, config: RunConfig, subs: list[PreparedScenario]) -> tuple[int, Path]:
+    """Run prepared sub-runs one after the other (never two at once) under one comparison directory; the exit
+    code is the worst of theirs. Always writes every results.json and the comparison's report."""
+    exit_code = 0
+    record = {**subs[0].config_record(), "backend": config.backend, "out": str(config.out)}
+    with open_comparison(config, f"scenario:{name}", record) as comparison:
+        comparison.rotation(0)
+        for prepared in subs:
+            code, _ = run_prepared(prepared)
+            exit_code = max(exit_code, code)
+            comparison.save()
+    return exit_code, comparison.run_dir
 
 
 def sweep_leftovers() -> list[str]:
