@@ -11,7 +11,9 @@ SYSTEM_PACKAGES=(
     qemu-system-x86   # the VMM of the embedded default (microvm machine type)
     busybox-static    # guest userland
     cpio              # packs the initramfs
-    socat             # relays each guest connection to its gateway listener
+    socat             # relays each guest connection to its gateway listener (and a jail's, inside and out)
+    bubblewrap        # the bwrap backend (and the command backend's bubblewrap example)
+    runsc             # the gvisor backend: gVisor's runtime
     python3 python3-venv python3-pip
     ca-certificates
     squid             # peer proxy the gateway is benchmarked against (our own instance per run)

@@ -173,8 +173,11 @@ class RunConfig:
         from harness.sandbox.base import BOOT_MODES
         from harness.sandbox.qemu.accel import ACCELS
 
-        if not self.backends:
-            raise ConfigError("--backend names no backend; give one, or several separated by commas")
+        if not self.backends or self.backend != ",".join(self.backends):
+            raise ConfigError(
+                f"--backend {self.backend!r}: give one backend, or several separated by commas "
+                "with no space or empty name"
+            )
         labels = [backend_label(name) for name in self.backends]
         if len(set(labels)) != len(labels):
             raise ConfigError(f"--backend {self.backend} names a backend twice; name each once")

@@ -1,0 +1,119 @@
+"""Several backends in one run: a sub-run each, taking turns in a rotating order, one comparison on top;
+and a run interrupted by SIGINT, SIGTERM or SIGKILL leaves no jail behind."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from harness.supervisor import pid_alive
+from tests.conftest import REPO
+
+INVOKE = str(Path(sys.executable).parent / "invoke")
+
+pytestmark = pytest.mark.slow
+
+
+def invoke(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([INVOKE, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+def test_bench_takes_turns_between_backends(tmp_path: Path) -> None:
+    out = tmp_path / "x"
+    result = invoke("bench", "--backend", "bwrap,host", "--sandboxes", "2", "--warmup", "0", "--repeat", "2",
+                    "--no-proxy", "--out", str(out))  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    top = json.loads((out / "results.json").read_text())
+    assert top["kind"] == "comparison" and not top["partial"]
+    assert [run["label"] for run in top["runs"]] == ["bwrap", "host"]
+    assert top["order"] == [["bwrap", "host"], ["host", "bwrap"]]
+    for name in ("bwrap", "host"):
+        sub = json.loads((out / name / "results.json").read_text())
+        assert sub["backend"]["name"] == name and not sub["partial"]
+        ok = [s for s in sub["sandboxes"] if s["ok"]]
+        assert len(ok) == 4 and all(s["boot_ms"] and s["host_pss_bytes"] for s in ok)
+        assert (out / name / "report.html").exists()
+
+
+def test_isolation_runs_every_probe_on_every_backend(tmp_path: Path) -> None:
+    out = tmp_path / "y"
+    result = invoke("scenario", "isolation", "--backend", "bwrap,host", "--out", str(out))
+    assert result.returncode == 1, result.stderr  # the host backend leaks: that is its job
+    verdicts = {}
+    for name in ("bwrap", "host"):
+        scorecards = json.loads((out / name / "results.json").read_text())["scenario"]["data"]["scorecards"]
+        assert len(scorecards) == 2
+        verdicts[name] = {p["id"]: p["passed"] for p in scorecards[0]["probes"]}
+    assert verdicts["bwrap"]["kernel"] is False and verdicts["host"]["kernel"] is False
+    assert sum(v is False for v in verdicts["host"].values()) >= 5
+    assert verdicts["bwrap"]["processes"] is True and verdicts["host"]["processes"] is False
+
+
+@pytest.mark.parametrize(
+    ("backends", "message"),
+    [
+        ("bwrap,nope", "unknown backend 'nope'"),
+        ("bwrap,bwrap", "names a backend twice"),
+        ("bwrap,", "no space or empty name"),
+        ("bwrap, host", "no space or empty name"),
+    ],
+)
+def test_a_bad_backend_list_is_one_line(tmp_path: Path, backends: str, message: str) -> None:
+    result = invoke("bench", "--backend", backends, "--no-proxy", "--warmup", "0", "--out", str(tmp_path / "z"))
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "z").exists()
+
+
+def _family(pid: int) -> set[int]:
+    try:
+        return {pid, *(child.pid for child in psutil.Process(pid).children(recursive=True))}
+    except psutil.NoSuchProcess:
+        return set()
+
+
+def _names(pids: set[int]) -> set[str]:
+    names = set()
+    for pid in pids:
+        with contextlib.suppress(psutil.Error):
+            names.add(psutil.Process(pid).name())
+    return names
+
+
+@pytest.mark.parametrize("backend", ["bwrap"])
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL])
+def test_an_interrupted_run_leaves_no_jail(tmp_path: Path, backend: str, signum: signal.Signals) -> None:
+    out = tmp_path / "run"
+    argv = [INVOKE, "bench", "--backend", f"{backend},host", "--sandboxes", "2", "--warmup", "0",
+            "--repeat", "50", "--no-proxy", "--out", str(out)]  # fmt: skip
+    run = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    seen: set[int] = set()
+    deadline = time.monotonic() + 120
+    # Until jails are up: the family then holds the jail, its init and the relays.
+    while "bwrap" not in _names(seen):
+        assert run.poll() is None and time.monotonic() < deadline, run.stderr.read() if run.stderr else ""
+        seen |= _family(run.pid)
+        time.sleep(0.05)
+    seen |= _family(run.pid)
+    os.kill(run.pid, signum)
+    run.wait(timeout=60)
+    if signum == signal.SIGKILL:
+        cleaned = invoke("clean", timeout=120)
+        assert cleaned.returncode == 0, cleaned.stderr
+    else:
+        assert run.returncode == 128 + signum
+        top = json.loads((out / "results.json").read_text())
+        assert top["partial"] and top["interrupted_by"] == signum.name
+        sub = json.loads((out / backend / "results.json").read_text())
+        assert sub["partial"]
+    time.sleep(0.5)
+    left = [pid for pid in seen - {run.pid} if pid_alive(pid)]
+    assert not left, [psutil.Process(pid).cmdline() for pid in left if pid_alive(pid)]
