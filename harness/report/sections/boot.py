@@ -34,7 +34,8 @@ def section(data: dict[str, Any], run_dir: Path) -> Section | None:
         target = "meets" if boot["p50"] <= BOOT_TARGET_MS else "misses"
         result.notes.append(
             f"p50 {ms(boot['p50'])} {target} the {BOOT_TARGET_MS:.0f} ms target "
-            f"under {data['accel']}; stdev {ms(boot['stdev'])}, n={boot['n']}."
+            f"{'with no hypervisor' if data['accel'] == 'none' else 'under ' + data['accel']}; "
+            f"stdev {ms(boot['stdev'])}, n={boot['n']}."
         )
         meanings = phase_meanings(data)
         phases = [p for p in meanings if any(p in s["phases_ms"] for s in ok)]

@@ -13,10 +13,15 @@ ORDER = 0
 
 def section(data: dict[str, Any], run_dir: Path) -> Section:
     host, config, backend = data["host"], data["config"], data["backend"]
+    features = backend.get("features", {})
+    # Guest RAM and a boot mode are settings only of backends that have them (a jail has neither).
+    has_guest_ram = features.get("min_mem_mib") is not None or not features
     rows = [
         ["backend", backend.get("name")],
-        ["accelerator", f"{data['accel']} — {backend.get('accel_reason', '')}"],
-        ["VMM", backend.get("vmm", "—")],
+        ["isolation", backend.get("isolation")],
+        ["version", backend.get("version")],
+        ["accelerator", f"{data['accel']} — {backend.get('accel_reason', '')}" if data["accel"] != "none" else None],
+        ["VMM", backend.get("vmm")],
         ["host CPU", f"{host['cpu_model']}, {host['cores']} cores"],
         ["host memory", mib(host["memory_bytes"])],
         ["host kernel / python", f"{host['kernel']} / {host['python']}"],
@@ -24,10 +29,11 @@ def section(data: dict[str, Any], run_dir: Path) -> Section:
         ["boot concurrency", config.get("concurrency")],
         ["warm-up rounds (discarded)", config.get("warmup")],
         ["measured rounds", config.get("repeat")],
-        ["guest RAM", f"{config.get('mem_mib')} MiB"],
-        ["boot mode", _boot_mode(backend)],
-        ["guest kernel", backend.get("kernel_release", "—")],
-        ["kernel command line", backend.get("kernel_cmdline", "—")],
+        ["guest RAM", f"{config.get('mem_mib')} MiB" if has_guest_ram else None],
+        ["boot mode", _boot_mode(backend) if features.get("snapshot", True) else None],
+        ["guest kernel", backend.get("kernel_release")],
+        ["kernel command line", backend.get("kernel_cmdline")],
+        ["egress", backend.get("egress")],
     ]
     notes = []
     if data["partial"]:
@@ -42,7 +48,7 @@ def section(data: dict[str, Any], run_dir: Path) -> Section:
             "All guests ran under TCG (software emulation): boot times and VMM memory are far "
             "above what the same guest costs under KVM."
         )
-    # A scenario run has no rounds or warm-ups: leave out what does not apply rather than print None.
+    # Leave out what does not apply (a scenario's rounds, a jail's VMM) rather than print None.
     rows = [row for row in rows if row[1] is not None]
     return Section(title="Conditions", tables=[("", ["", ""], rows)], notes=notes)
 
