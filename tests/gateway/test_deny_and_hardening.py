@@ -356,6 +356,7 @@ def test_bad_policy_fails_fast_with_the_reason(tmp_path: Path, ca_dir: Path) -> 
 
 
 def test_control_reports_stats(gateway: GatewayProcess, port: int) -> None:
+    http_get(port, "http://example.com/stats")  # a denied request of its own: no reliance on earlier tests
     stats = gateway.stats()
     assert stats["connections"] > 0 and stats["denied"] > 0
     assert json.dumps(stats)
