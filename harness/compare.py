@@ -372,8 +372,8 @@ def compute_comparison(
         "baseline": base,
         "method": {
             "statistic": "median (p50)",
-            "interval": f"{ab.CONFIDENCE:.0%} percentile bootstrap, {resamples} resamples, seed {seed}",
-            "test": "Mann-Whitney U, two-sided, normal approximation with tie and continuity correction",
+            "interval": f"{ab.CONFIDENCE:.0%} percentile-bootstrap interval ({resamples} resamples, seed {seed})",
+            "test": "two-sided Mann-Whitney U test (normal approximation, tie and continuity corrected)",
             "alpha": ab.ALPHA,
             "min_samples": ab.MIN_SAMPLES,
             "significant": "the interval of the difference excludes 0 and p < alpha",

@@ -21,8 +21,8 @@ def section(comparison: dict[str, Any], run_dir: Path) -> Section:
     method = comparison["method"]
     result.notes.insert(
         0,
-        f"Baseline: {comparison['baseline']}. Every other run's figures are compared with its: the "
-        f"{method['statistic']} difference and ratio with a {method['interval']} interval, and a "
+        f"Baseline: {comparison['baseline']}. Every other run's figures are compared with its: the difference "
+        f"of the {method['statistic']} and their ratio, each with a {method['interval']}, and a "
         f"{method['test']}. A difference is called significant only when {method['significant']} "
         f"(alpha {method['alpha']}); with fewer than {method['min_samples']} samples on either side only the "
         "medians are given.",
@@ -43,10 +43,14 @@ def section(comparison: dict[str, Any], run_dir: Path) -> Section:
     rows.append(["directory", *(run["dir"] for run in runs)])
     result.tables.append(("Conditions per run", header, rows))
     for rotation in comparison.get("rotations", []):
+        result.notes.append(
+            f"{rotation['dir']} ran its backends in turn, round by round ({rotation['what'] or 'run'}), in an "
+            "order rotated from round to round so that no backend always runs first or always follows the same "
+            "one (table below)."
+        )
         result.tables.append(
             (
-                f"Order the backends ran in, per round ({rotation['what'] or 'run'} in {rotation['dir']}): rotated "
-                "so that no backend always runs first, on a host the one before it just warmed",
+                f"Order per round in {rotation['dir']}",
                 ["round", "order"],
                 [[index, " → ".join(order)] for index, order in enumerate(rotation["order"])],
             )

@@ -40,12 +40,12 @@ def section(comparison: dict[str, Any], run_dir: Path) -> Section | None:
             [
                 figure["title"],
                 label,
+                words.verdict_cell(ab, label, base),
                 words.value(ab["p50_candidate"], unit),
                 words.value(ab["p50_baseline"], unit),
                 f"{words.signed(ab['diff'], unit)} {words.interval(ab['diff_ci'], unit)}",
                 words.ratio(ab["ratio"], ab["ratio_ci"]),
                 words.p_value(ab["p_value"]),
-                words.verdict_cell(ab, label, base),
             ]
         )
         if ab["ratio"] is not None and ab["ratio"] > 0:
@@ -63,7 +63,7 @@ def section(comparison: dict[str, Any], run_dir: Path) -> Section | None:
         (
             f"p50 of each run against {base}'s (Δ and ratio with their {comparison['method']['confidence']:.0%} "
             "intervals; each figure's own section gives its samples and conditions)",
-            ["figure", "run", "p50", f"{base} p50", "Δ p50 [interval]", "ratio [interval]", "U test", "verdict"],
+            ["figure", "run", "verdict", "p50", f"{base} p50", "Δ p50 [interval]", "ratio [interval]", "U test"],
             rows,
         )
     )
