@@ -475,6 +475,7 @@ def isolation_matrix(runs: Sequence[RunInput]) -> dict[str, Any] | None:
                 "detector_armed": _steady_before(run.data).get("met") if detector else None,
                 "evidence_clean": (info.get("evidence_clean") or {}).get("clean"),
                 "red": sum(1 for cell in cells.values() if cell["verdict"] == "fail"),
+                "ran": sum(1 for cell in cells.values() if cell["verdict"] != "missing"),
                 "cells": cells,
             }
         )

@@ -97,21 +97,10 @@ LEGEND = (
 """Formatted with the comparison's method."""
 
 
-def conditions_short(run: dict[str, Any]) -> str:
-    """A run's conditions in a few words: accelerator, cores, N, warm-ups + measured rounds."""
-    c = run["conditions"]
-    parts = [str(c.get("accel")), f"{c.get('cores')} cores", f"N={c.get('sandboxes')}"]
-    if c.get("repeat") is not None:
-        parts.append(f"{c.get('warmup')}+{c.get('repeat')} rounds")
-    return ", ".join(parts)
-
-
-def conditions_line(run: dict[str, Any]) -> str:
-    """A run's conditions in one line: backend, accelerator, cores, N, warm-ups, measured rounds."""
+def conditions(run: dict[str, Any]) -> str:
+    """A run's conditions in a few words: backend, accelerator, cores, N, warm-up + measured rounds (a
+    scenario has no rounds)."""
     c = run["conditions"]
     parts = [f"{c.get('backend')} under {c.get('accel')}", f"{c.get('cores')} cores", f"N={c.get('sandboxes')}"]
-    if c.get("repeat") is not None:
-        parts += [f"{c.get('warmup')} warm-up round(s)", f"{c.get('repeat')} measured round(s)"]
-    else:
-        parts.append(f"{c.get('what')} (no rounds)")
+    parts.append(f"{c.get('warmup')}+{c.get('repeat')} rounds" if c.get("repeat") is not None else str(c.get("what")))
     return ", ".join(parts)

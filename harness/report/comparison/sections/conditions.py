@@ -39,7 +39,7 @@ def section(comparison: dict[str, Any], run_dir: Path) -> Section:
     rows.append(["boots that reached agent-ready", *(_success(run["success"]) for run in runs)])
     rows.append(["run id", *(run["run_id"] for run in runs)])
     rows.append(["created", *(run["created"] for run in runs)])
-    rows.append(["complete", *("yes" if not run["partial"] else f"PARTIAL ({run['interrupted_by']})" for run in runs)])
+    rows.append(["complete", *("yes" if not run["partial"] else "PARTIAL (see the note above)" for run in runs)])
     rows.append(["directory", *(run["dir"] for run in runs)])
     result.tables.append(("Conditions per run", header, rows))
     for rotation in comparison.get("rotations", []):

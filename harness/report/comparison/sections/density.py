@@ -38,8 +38,8 @@ def section(comparison: dict[str, Any], run_dir: Path) -> Section | None:
                 row.append(f"— ({basis['reason']})")
             else:
                 row.append(f"{basis['sandboxes']:,}" + (f" ({basis['reason']})" if basis["reason"] else ""))
-        row.append(words.conditions_line(runs[entry["label"]]))
+        row.append(words.conditions(runs[entry["label"]]))
         rows.append(row)
-    bases = "; ".join(f"{b['short']}: {b['by']}" for b in entries[0]["bases"])
-    result.tables.append((f"Idle sandboxes that fit in the host's memory, by cost ({bases})", header, rows))
+    result.notes.append("Costs: " + "; ".join(f"{b['short']} = {b['by']}" for b in entries[0]["bases"]) + ".")
+    result.tables.append(("Idle sandboxes that fit in the host's memory", header, rows))
     return result

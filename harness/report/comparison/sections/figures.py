@@ -37,7 +37,7 @@ def _figure(figure: dict[str, Any], runs: dict[str, dict[str, Any]], base: str) 
     percentiles = figure["percentiles"]
     header = [
         "run",
-        "accel, cores, N, rounds (warm-up+measured)",
+        "conditions: backend, accel, cores, N, warm-up+measured rounds",
         "boots ok",
         "n",
         *percentiles,
@@ -76,7 +76,7 @@ def _figure(figure: dict[str, Any], runs: dict[str, dict[str, Any]], base: str) 
         rows.append(
             [
                 label,
-                words.conditions_short(run),
+                words.conditions(run),
                 f"{success['ok']}/{success['boots']}",
                 stats["n"],
                 *(words.value(stats[p], unit) for p in percentiles),

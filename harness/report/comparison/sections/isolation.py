@@ -60,17 +60,21 @@ def section(comparison: dict[str, Any], run_dir: Path) -> Section | None:
                 "<i>Fails when:</i> {}</p></details></td>{}</tr>"
             ).format(probe["id"], probe["title"], probe["proves"], probe["fails_when"], Markup(cells))
         )
-    red = "".join(
-        Markup('<td class="{}"><b>{} red</b> of {}</td>').format(
-            "fail" if run["red"] else "pass", run["red"], len(matrix["probes"])
-        )
-        for run in runs
-    )
+    red = "".join(_red(run, len(matrix["probes"])) for run in runs)
     result.html = Markup(
         '<div class="wide"><table class="matrix"><caption>Probe by run ({} probes)</caption>'
         "<tr><th>probe</th>{}</tr>{}<tr><th>red probes</th>{}</tr></table></div>"
     ).format(len(matrix["probes"]), Markup(head), Markup("".join(body)), Markup(red))
     return result
+
+
+def _red(run: dict[str, Any], probes: int) -> Markup:
+    """The red probes of a run; a run that reached no probe has none to count."""
+    ran = run.get("ran", probes)
+    if not ran:
+        return Markup('<td class="missing">no probe run</td>')
+    of = f"{probes}" if ran == probes else f"{ran} run of {probes}"
+    return Markup('<td class="{}"><b>{} red</b> of {}</td>').format("fail" if run["red"] else "pass", run["red"], of)
 
 
 def _cell(cell: dict[str, Any] | None) -> Markup:
