@@ -164,7 +164,7 @@ def load_inputs(dirs: Sequence[Path], lenient: bool = False) -> tuple[list[RunIn
     found: list[tuple[str, Path, dict[str, Any], Path | None]] = []
     rotations: list[tuple[Path, str, list[list[str]], dict[str, int]]] = []
     problems: list[str] = []
-    seen: dict[Path, Path] = {}
+    seen: set[Path] = set()
     for given in dirs:
         path = Path(given).expanduser().resolve()
         try:
@@ -222,10 +222,10 @@ def _load(path: Path, given: Path | str) -> dict[str, Any]:
     return load_results(path)
 
 
-def _once(path: Path, given: Path | str, seen: dict[Path, Path]) -> None:
+def _once(path: Path, given: Path | str, seen: set[Path]) -> None:
     if path in seen:
         raise ConfigError(f"{given}: the run {path} is given twice; a run compared with itself tells nothing")
-    seen[path] = path
+    seen.add(path)
 
 
 def _backend_label(data: Mapping[str, Any]) -> str:
@@ -543,6 +543,12 @@ def comparison_of(run_dir: Path, data: Mapping[str, Any]) -> dict[str, Any]:
     if isinstance(saved, dict):
         return saved
     runs, rotations, problems = load_inputs([run_dir], lenient=True)
+    if data.get("partial"):
+        problems = [
+            f"PARTIAL: this run over several backends was interrupted by {data.get('interrupted_by')}; the runs "
+            "below are those that had started, each as far as it got.",
+            *problems,
+        ]
     if not runs:
         return {**EMPTY, "notes": [*problems, "No run of this comparison could be read."]}
     baseline = (data.get("config") or {}).get("baseline")

@@ -242,6 +242,13 @@ def test_flags_may_come_before_between_and_after_the_runs(tmp_path: Path) -> Non
     assert result.returncode == 0, result.stderr
 
 
+def test_help_and_list_name_compare() -> None:
+    listed = invoke("--list")
+    assert listed.returncode == 0 and "compare" in listed.stdout
+    helped = invoke("compare", "--help")  # a flag after compare is never taken for a run directory
+    assert helped.returncode == 0 and "--baseline" in helped.stdout and "RUN_DIR" in helped.stdout
+
+
 def test_a_run_against_its_copy_is_no_significant_difference(tmp_path: Path) -> None:
     a, copy = run_copy("bench-host-b", tmp_path / "a"), run_copy("bench-host-b", tmp_path / "copy")
     assert invoke("compare", str(a), str(copy), "--out", str(tmp_path / "cmp")).returncode == 0
@@ -261,6 +268,9 @@ def test_report_of_a_multi_backend_directory_is_a_comparison(tmp_path: Path) -> 
     html = render_report(multi).read_text()
     assert "blastradius comparison" in html and "host → bwrap" in html and "bwrap → host" in html
     self_contained(html)
+    data = load_results(multi)
+    write_results(multi, {**data, "partial": True, "interrupted_by": "SIGINT"})
+    assert "PARTIAL: this run over several backends was interrupted by SIGINT" in render_report(multi).read_text()
     shutil.rmtree(multi / "bwrap")
     html = render_report(multi).read_text()
     assert "run &#39;bwrap&#39; of" in html and "bwrap: no such directory" in html
