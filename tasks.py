@@ -9,6 +9,7 @@ from pathlib import Path
 from invoke import Collection, task
 
 from harness.config import invoke_config
+from harness.taskargs import VariadicTask
 
 
 @task(
@@ -140,6 +141,29 @@ def report(c, run_dir):
     cli.report(Path(run_dir))
 
 
+@task(
+    klass=VariadicTask,  # `runs` takes every word after `compare` that is not a flag (invoke has no *args)
+    positional=["runs"],
+    iterable=["runs"],
+    auto_shortflags=False,
+    help={
+        "runs": "run directories (several; a comparison directory counts as its runs), as words after `compare`",
+        "out": "comparison directory (default results/compare-<run-id>)",
+        "baseline": "label of the run the others are compared with (default: the first)",
+        "force": "empty --out first when it holds an earlier run or comparison (never a directory of other files)",
+    },
+)
+def compare(c, runs, out=None, baseline=None, force=False):
+    """Compare runs side by side: invoke compare RUN_DIR RUN_DIR... [--out DIR] [--baseline LABEL] [--force].
+
+    Writes results.json and report.html into --out; the word after compare and every later one that is not a
+    flag is a run directory, so compare goes last on a command line.
+    """
+    from harness import cli
+
+    cli.compare(runs, out, baseline, force)
+
+
 @task(help={"marker": "pytest -m expression, e.g. 'not qemu'"})
 def test(c, marker=None):
     """Run the test suite."""
@@ -237,5 +261,5 @@ def scenario(
     )
 
 
-ns = Collection(bench, gateway, clean, report, test, image, scenario)
+ns = Collection(bench, gateway, clean, report, compare, test, image, scenario)
 ns.configure(invoke_config())

@@ -226,6 +226,20 @@ def report(run_dir: Path) -> Path:
     return path
 
 
+def compare(runs: Iterable[str], out: str | None, baseline: str | None, force: bool) -> Path:
+    """Compare the run directories `runs` (a comparison directory counts as its runs) and print the report's
+    path; bad input is one line and exit 2."""
+    from harness.compare import compare_runs
+
+    with user_errors():
+        try:
+            path = compare_runs([Path(run) for run in runs], Path(out) if out else None, baseline=baseline, force=force)
+        except OSError as exc:
+            raise HarnessError(f"cannot write the comparison into {out or 'results/'}: {exc.strerror}") from None
+    console.print(f"results: {path.parent / 'results.json'}\nreport:  {path}")
+    return path
+
+
 def image() -> None:
     from harness.image import build_image
     from harness.paths import cache_dir

@@ -32,6 +32,12 @@ REQUIRED_SANDBOX = tuple(f.name for f in fields(SandboxRecord) if f.name not in 
 REQUIRED_SUMMARY = ("boot_ms", "success_rate", "mem_available_delta_bytes_per_sandbox", "pss_bytes_per_sandbox_p50")
 PERCENTILE_KEYS = ("p50", "p95", "p99", "min", "max", "mean")
 
+COMPARISON_KIND = "comparison"
+"""results.json["kind"] of a directory that compares runs (`invoke compare`, or a run over several backends,
+whose sub-runs sit in directories of their own); a single run's results.json has no "kind"."""
+REQUIRED_COMPARISON = ("schema", "kind", "run_id", "created", "partial", "runs")
+REQUIRED_COMPARED_RUN = ("label", "dir")
+
 
 RUN_ID_RANDOM_BYTES = 6
 """48 random bits after the second: runs started in the same second do not collide."""
@@ -64,7 +70,10 @@ def host_info() -> dict[str, Any]:
 
 
 def validate(data: dict[str, Any]) -> list[str]:
-    """Problems that make `data` unreadable as results; empty when it conforms."""
+    """Problems that make `data` unreadable as results (a single run's, or a comparison's); empty when it
+    conforms."""
+    if data.get("kind") == COMPARISON_KIND:
+        return validate_comparison(data)
     problems = []
     if data.get("schema") != SCHEMA:
         problems.append(f"schema is {data.get('schema')!r}, expected {SCHEMA!r}")
@@ -78,6 +87,23 @@ def validate(data: dict[str, Any]) -> list[str]:
     return problems
 
 
+def validate_comparison(data: dict[str, Any]) -> list[str]:
+    """Problems that make `data` unreadable as a comparison; empty when it conforms."""
+    problems = []
+    if data.get("schema") != SCHEMA:
+        problems.append(f"schema is {data.get('schema')!r}, expected {SCHEMA!r}")
+    problems += [f"missing top-level key {k!r}" for k in REQUIRED_COMPARISON if k not in data]
+    runs = data.get("runs")
+    if not isinstance(runs, list):
+        return [*problems, "runs is not a list"] if "runs" in data else problems
+    for index, run in enumerate(runs):
+        if not isinstance(run, dict):
+            problems.append(f"runs[{index}] is not an object")
+            continue
+        problems += [f"runs[{index}] lacks {k!r}" for k in REQUIRED_COMPARED_RUN if k not in run]
+    return problems
+
+
 def write_results(run_dir: Path, data: dict[str, Any]) -> Path:
     """Write results.json atomically, so an interrupt never leaves half a file."""
     path = run_dir / RESULTS_FILE
@@ -88,7 +114,8 @@ def write_results(run_dir: Path, data: dict[str, Any]) -> Path:
 
 
 def load_results(run_dir: Path) -> dict[str, Any]:
-    """results.json of a run directory, checked against the schema; anything else is one line naming the fix."""
+    """results.json of a run directory (or of a comparison: "kind" is COMPARISON_KIND), checked against the
+    schema; anything else is one line naming the fix."""
     path = run_dir / RESULTS_FILE
     try:
         data = json.loads(path.read_text())

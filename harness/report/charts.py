@@ -158,3 +158,79 @@ def time_series_windows(
         axes[0].set_title(title)
         axes[-1].set_xlabel(xlabel)
         return to_data_uri(fig)
+
+
+LOG_SCALE_SPREAD = 20.0
+"""Largest over smallest positive median beyond which a chart of several runs switches to a log axis."""
+
+
+def wants_log(groups: list[list[float]]) -> bool:
+    """True when the groups' medians are too far apart for one linear axis to show them all."""
+    import statistics
+
+    medians = [statistics.median(g) for g in groups if g]
+    return bool(medians) and min(medians) > 0 and max(medians) / min(medians) > LOG_SCALE_SPREAD
+
+
+def distributions(labels: list[str], groups: list[list[float]], ylabel: str, title: str) -> str:
+    """One box per label (quartiles, median, whiskers to 1.5 IQR) with every sample drawn over it, jittered
+    sideways; a log axis when the medians are far apart (see wants_log)."""
+    import random
+
+    jitter = random.Random(0)  # the same report for the same data
+    with figure(height=max(2.8, FIGSIZE[1])) as fig:
+        ax = fig.add_subplot()
+        present = [(i, g) for i, g in enumerate(groups) if g]
+        if present:
+            ax.boxplot(
+                [g for _, g in present],
+                positions=[i for i, _ in present],
+                widths=0.5,
+                showfliers=False,
+                medianprops={"color": "#222"},
+            )
+        for index, group in present:
+            color = PALETTE[index % len(PALETTE)]
+            xs = [index + jitter.uniform(-0.18, 0.18) for _ in group]
+            ax.plot(xs, group, "o", color=color, alpha=0.6, markersize=4)
+        ax.set_xticks(range(len(labels)), labels)
+        ax.set_xlim(-0.6, len(labels) - 0.4)
+        if wants_log(groups):
+            ax.set_yscale("log")
+            ylabel += " (log scale)"
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.tick_params(axis="x", labelrotation=20, labelsize="small")
+        return to_data_uri(fig)
+
+
+def forest(
+    rows: list[tuple[str, float, tuple[float, float] | None, str]],
+    xlabel: str,
+    title: str,
+    colors: dict[str, str],
+    reference: float = 1.0,
+) -> str:
+    """One row per (label, estimate, interval or None, kind): a dot with its interval as a bar, coloured by
+    kind, against a dashed reference line; a log axis (ratios)."""
+    with figure(height=max(2.4, 0.36 * len(rows) + 1.2)) as fig:
+        ax = fig.add_subplot()
+        for y, (_, estimate, ci, kind) in enumerate(rows):
+            color = colors.get(kind, "#555")
+            if ci is not None:
+                ax.plot([ci[0], ci[1]], [y, y], "-", color=color, linewidth=2.5, alpha=0.6)
+            ax.plot([estimate], [y], "o", color=color, markersize=6)
+        ax.axvline(reference, color="#888", linestyle="--", linewidth=1)
+        ax.set_yticks(range(len(rows)), [row[0] for row in rows], fontsize="small")
+        ax.set_ylim(len(rows) - 0.5, -0.5)
+        ax.set_xscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_title(title)
+        handles = [
+            plt.Line2D([], [], marker="o", linestyle="", color=color, label=kind)
+            for kind, color in colors.items()
+            if any(row[3] == kind for row in rows)
+        ]
+        if handles:
+            ax.legend(handles=handles, **LEGEND_OUTSIDE)
+        return to_data_uri(fig)

@@ -1,0 +1,1 @@
+"""The comparison report's sections, one module each (see harness.report.comparison)."""
