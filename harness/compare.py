@@ -282,6 +282,10 @@ def conditions(data: Mapping[str, Any]) -> dict[str, Any]:
     """What a run's figures were measured under (see CONDITIONS); None where it does not apply."""
     host, config, backend = data.get("host") or {}, data.get("config") or {}, data.get("backend") or {}
     bench = run_kind(data) == "bench"
+    features = backend.get("features") or {}
+    # A jail has no guest RAM setting and no snapshot: "n/a" there, not the flag's unused default.
+    has_guest_ram = not features or features.get("min_mem_mib") is not None
+    can_snapshot = not features or features.get("snapshot", False)
     return {
         "what": run_kind(data),
         "backend": backend.get("name"),
@@ -293,8 +297,8 @@ def conditions(data: Mapping[str, Any]) -> dict[str, Any]:
         "concurrency": config.get("concurrency"),
         "warmup": config.get("warmup") if bench else None,
         "repeat": config.get("repeat") if bench else None,
-        "mem_mib": config.get("mem_mib"),
-        "boot_mode": backend.get("boot_mode") or config.get("boot_mode"),
+        "mem_mib": config.get("mem_mib") if has_guest_ram else "n/a",
+        "boot_mode": (backend.get("boot_mode") or config.get("boot_mode")) if can_snapshot else "n/a",
     }
 
 
@@ -426,7 +430,7 @@ def _caveats(records: Sequence[Mapping[str, Any]]) -> list[str]:
     labels = dict(CONDITIONS)
     for key in CONDITIONS_THAT_MATTER:
         values = {r["label"]: r["conditions"].get(key) for r in records}
-        if len({repr(v) for v in values.values() if v is not None}) > 1:
+        if len({repr(v) for v in values.values() if v not in (None, "n/a")}) > 1:
             listed = "; ".join(f"{label}: {value if value is not None else '—'}" for label, value in values.items())
             notes.append(
                 f"The runs differ in {labels[key]} ({listed}): differences below are partly this one's, "
