@@ -146,8 +146,11 @@ def run_round(
             mem_available_delta_bytes_per_sandbox=(mem_before - mem_idle) // len(ok),
         )
         for record in ok:
+            pids = fleet.live[record.id].pids()
+            if not pids:
+                continue  # a backend that cannot name its host processes (a command stack without pids): n/a, not 0
             totals = {"rss": 0, "pss": 0, "uss": 0}
-            for pid in fleet.live[record.id].pids():
+            for pid in pids:
                 for key, value in process_memory(pid).items():
                     totals[key] += value
             record.host_rss_bytes, record.host_pss_bytes, record.host_uss_bytes = (

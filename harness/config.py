@@ -169,7 +169,7 @@ class RunConfig:
     def validate(self) -> None:
         # Imported here, not at the top: tasks.py imports this module for the config keys on every
         # `invoke` call, and the backends pull in the QEMU code.
-        from harness.sandbox import backend_features, backend_label
+        from harness.sandbox import backend_features, backend_label, check_backend_argument
         from harness.sandbox.base import BOOT_MODES
         from harness.sandbox.qemu.accel import ACCELS
 
@@ -182,6 +182,7 @@ class RunConfig:
         if len(set(labels)) != len(labels):
             raise ConfigError(f"--backend {self.backend} names a backend twice; name each once")
         for name in self.backends:
+            check_backend_argument(name)
             floor = backend_features(name).min_mem_mib
             if floor is not None and self.mem_mib < floor:
                 raise ConfigError(f"--mem-mib must be at least {floor} for the {name} backend, not {self.mem_mib}")

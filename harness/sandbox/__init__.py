@@ -22,6 +22,7 @@ __all__ = [
     "available_backends",
     "backend_features",
     "backend_label",
+    "check_backend_argument",
     "create_backend",
     "describe_backend",
     "split_backend",
@@ -72,6 +73,15 @@ def backend_features(name: str) -> Features:
     module_name, _ = split_backend(name)
     features: Features = importlib.import_module(f"{__name__}.{module_name}").FEATURES
     return features
+
+
+def check_backend_argument(name: str) -> None:
+    """Cheap checks of what follows the colon, before anything of the run is written: a backend module may
+    define `check_argument(argument)` (the command backend parses its stack file there) raising ConfigError."""
+    module_name, argument = split_backend(name)
+    check = getattr(importlib.import_module(f"{__name__}.{module_name}"), "check_argument", None)
+    if callable(check):
+        check(argument)
 
 
 def sweep_backend_leftovers() -> list[str]:
