@@ -507,6 +507,8 @@ class CommandSandbox:
             result = self._exec(READY_COMMAND, min(READY_EXEC_TIMEOUT_S, remaining), b"", grace_s=0.0)
             if result.rc == 0 and result.text.strip() == "ready":
                 ready = _since(self._started)
+                if self.create_proc.poll() not in (None, 0):
+                    continue  # it answered, but create failed meanwhile: the next turn reports that
                 self.boot.marks_ms["ready"] = ready
                 self.boot.boot_ms = ready
                 self.boot.phases_ms = {"stack": ready}
