@@ -9,7 +9,9 @@ import json
 import os
 import secrets
 import shutil
+import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -25,11 +27,19 @@ from harness.errors import ConfigError
 from harness.fleet import open_fleet
 from harness.gateway.process import GatewayConfig
 from harness.paths import cache_dir
-from harness.sandbox import BackendOptions, Sandbox, SandboxSpec, backend_features, create_backend
+from harness.sandbox import (
+    BackendOptions,
+    Sandbox,
+    SandboxSpec,
+    backend_features,
+    create_backend,
+    sweep_backend_leftovers,
+)
 from harness.sandbox.base import BootFailed
 from harness.sandbox.command import FEATURES, CommandBackend, CommandSandbox, load_stack
+from harness.scratch import remove_scratch_dir
 from harness.standins.upstream import UpstreamServer
-from harness.supervisor import OWNER_ENV, Supervisor, owner_mark, pid_alive
+from harness.supervisor import OWNER_ENV, Supervisor, kill_group, owner_mark, pid_alive, process_create_time
 from tests.conftest import REPO, invoke_cmd
 
 EXAMPLES = REPO / "examples" / "command-backends"
@@ -270,6 +280,74 @@ def test_a_failed_boot_says_why_and_leaves_nothing(
     assert reason in caught.value.reason
     time.sleep(0.1)
     assert marked_processes(str(tmp_path)) == [] and supervisor.live() == []
+
+
+@pytest.mark.slow
+def test_a_bench_without_a_pids_command_reports_host_memory_as_na_not_zero(tmp_path: Path) -> None:
+    from harness.bench import BenchConfig, run_bench
+
+    out = tmp_path / "run"
+    backend = f"command:{write_stack(tmp_path, GOOD)}"
+    run_bench(BenchConfig(backend=backend, sandboxes=2, warmup=0, out=out, proxy=None, guest_samples=0))
+    data = json.loads((out / "results.json").read_text())
+    assert [s["ok"] for s in data["sandboxes"]] == [True, True] and data["leftover_vmm_pids"] == []
+    assert [s["host_pss_bytes"] for s in data["sandboxes"]] == [None, None]
+    assert data["backend"]["name"] == backend and data["backend"]["stack"]["name"] == "host-shell"
+    assert "Host memory per sandbox: n/a: the stack has no pids command" in (out / "report.html").read_text()
+
+
+KILLED_RUN = """
+import sys, time
+from pathlib import Path
+from harness.paths import cache_dir
+from harness.sandbox import BackendOptions, SandboxSpec, create_backend
+from harness.supervisor import Supervisor
+backend = create_backend("command:" + sys.argv[1], BackendOptions(cache=cache_dir()))
+supervisor = Supervisor("test-command-killed-" + sys.argv[3])
+sandbox = backend.boot(SandboxSpec(id="k0", workdir=Path(sys.argv[2])), supervisor)
+print(supervisor.record_path, sandbox.scratch, flush=True)
+time.sleep(300)
+"""
+
+
+@pytest.mark.slow
+def test_after_a_sigkill_clean_finds_the_processes_and_runs_the_stop_command(tmp_path: Path) -> None:
+    data = json.loads(json.dumps(DAEMON_STACK))
+    data["commands"]["stop"] = 'echo "$BR_SANDBOX_ID" >"$BR_WORKDIR/stopped"'  # what removes a container or a pod
+    workdir = tmp_path / "k0"
+    run = subprocess.Popen(
+        [sys.executable, "-c", KILLED_RUN, str(write_stack(tmp_path, data)), str(workdir), str(os.getpid())],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert run.stdout is not None
+    record_path, scratch = run.stdout.readline().split()
+    daemon = int((workdir / "daemon.pid").read_text())
+    owner = f"{run.pid}:{process_create_time(run.pid)!r}"
+    os.kill(run.pid, signal.SIGKILL)
+    run.wait(timeout=10)
+    assert pid_alive(daemon)  # a jail's --die-with-parent would not reach this far: only clean does
+    # What `invoke clean` does first (reap_leftovers), for this run only: the real one reaps every gone run's.
+    for entry in json.loads(Path(record_path).read_text())["processes"]:
+        if process_create_time(entry["pid"]) == entry["create_time"]:
+            kill_group(entry["pid"])
+    for process in psutil.process_iter():
+        try:
+            if process.environ().get(OWNER_ENV) == owner:
+                process.kill()
+        except psutil.Error:
+            continue
+    Path(record_path).unlink()
+    time.sleep(0.1)
+    assert not pid_alive(daemon) and marked_processes(str(tmp_path)) == []
+    # Then every backend's sweep: this one runs the stop command of each sandbox of a run that is gone.
+    swept = sweep_backend_leftovers()
+    assert any("ran the stop command of command sandbox k0" in line for line in swept), swept
+    assert (workdir / "stopped").read_text() == "k0\n"
+    assert not any("command sandbox k0" in line for line in sweep_backend_leftovers())  # once
+    assert Path(scratch).exists()  # sweep_scratch_dirs removes it by its record, as for any run
+    remove_scratch_dir(Path(scratch))
 
 
 # ---- the shipped examples ----------------------------------------------------------------

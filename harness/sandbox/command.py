@@ -40,7 +40,9 @@ The commands' contract:
   through `exec` (`cat > DEST`).
 - `stop` stops the sandbox and removes what create made. Afterwards the harness kills everything left
   in create's process group, every exec still running, and any process that still carries this
-  sandbox's BR_WORKDIR and run owner in its environment; then it removes BR_SCRATCH.
+  sandbox's BR_WORKDIR and run owner in its environment; then it removes BR_SCRATCH. If the harness
+  itself is SIGKILLed, `invoke clean` kills those processes and runs the stop command (with the same
+  variables) for every sandbox of a run that is gone.
 - `pids` prints the host pids whose memory is the sandbox's cost, one per line. Without it (a remote
   cluster, a VM manager's daemon), host memory is n/a in the results, never 0.
 
@@ -70,6 +72,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import math
 import os
 import posixpath
@@ -87,6 +90,7 @@ import psutil
 import yaml
 
 from harness.errors import ConfigError
+from harness.paths import pid_records_dir
 from harness.sandbox.base import (
     BackendOptions,
     BootFailed,
@@ -99,7 +103,15 @@ from harness.sandbox.base import (
 )
 from harness.sandbox.jail import JAIL_SPAWNER, jail_rootfs
 from harness.scratch import make_scratch_dir, remove_scratch_dir
-from harness.supervisor import OWNER_ENV, Supervisor, child_environment, owner_mark, pid_alive
+from harness.supervisor import (
+    OWNER_ENV,
+    Supervisor,
+    child_environment,
+    owner_mark,
+    pid_alive,
+    process_create_time,
+    run_tool,
+)
 
 FEATURES = Features(snapshot=False, reclaim=False, own_kernel=False, weaken=False, guest_memory=False, min_mem_mib=None)
 """Static: flags are checked against it before the file is read. The stack's own_kernel is a claim, reported
@@ -173,6 +185,14 @@ TIMEOUT_EXIT_CODES = (124, 137)
 
 KILLED_RC = 137
 """What an exec the host had to kill reports (128 + SIGKILL), as the guest agent does."""
+
+RECORDS_DIR_NAME = "command-sandboxes"
+"""Under the pid records: one JSON file per live sandbox (its stop command and variables), so that `invoke
+clean` can stop what a SIGKILLed run's stack left outside its processes (a container, a pod, a VM)."""
+
+COMMAND_MAX_BYTES = 128 * 1024 - len("BR_COMMAND=") - 1
+"""BR_COMMAND travels in the environment, where Linux takes at most 128 KiB per variable (MAX_ARG_STRLEN);
+a larger command goes in through stdin (`exec sh -s`) or copy_in."""
 
 DNS_LABEL_MAX = 63
 """BR_SANDBOX_NAME's longest (a Kubernetes pod name, a DNS label)."""
@@ -471,6 +491,18 @@ class CommandSandbox:
         """Spawn the create command (from the long-lived spawner thread: a tool it execs that dies with
         its parent, like `bwrap --die-with-parent`, must not die with a boot thread)."""
         self.workdir.mkdir(parents=True, exist_ok=True)
+        self._record().write_text(
+            json.dumps(
+                {
+                    "sandbox": self.id,
+                    "stack": str(self.stack.path),
+                    "stop": self.stack.commands["stop"],
+                    "variables": self.variables,
+                    "workdir": str(self.workdir),
+                    "owner": {"pid": os.getpid(), "create_time": process_create_time(os.getpid())},
+                }
+            )
+        )
         self._started = time.monotonic()
         with (self.workdir / "create.log").open("ab") as log:
             self.create_proc = JAIL_SPAWNER.submit(
@@ -522,6 +554,11 @@ class CommandSandbox:
         return self._exec(command, timeout, stdin, grace_s=EXEC_GRACE_S)
 
     def _exec(self, command: str, timeout: float, stdin: bytes, grace_s: float) -> ExecResult:
+        if len(command.encode()) > COMMAND_MAX_BYTES:
+            raise ValueError(
+                f"a command of {len(command.encode())} bytes does not fit in BR_COMMAND ({COMMAND_MAX_BYTES} at most); "
+                "send a long script as stdin to `sh -s` instead"
+            )
         extra = {"BR_COMMAND": command, "BR_TIMEOUT": str(whole_seconds(timeout))}
         return self._run("exec", extra, timeout, stdin, grace_s)
 
@@ -575,6 +612,11 @@ class CommandSandbox:
                 with contextlib.suppress(psutil.Error):
                     process.kill()
             remove_scratch_dir(self.scratch)
+            self._record().unlink(missing_ok=True)
+
+    def _record(self) -> Path:
+        """This sandbox's entry under RECORDS_DIR_NAME, for `invoke clean`."""
+        return _records_dir() / f"{hashlib.sha256(str(self.workdir).encode()).hexdigest()[:16]}.json"
 
     def guest_memory(self) -> dict[str, int] | None:
         return None
@@ -737,6 +779,47 @@ class CommandBackend:
         }
 
 
+def _records_dir() -> Path:
+    directory = pid_records_dir() / RECORDS_DIR_NAME
+    directory.mkdir(parents=True, exist_ok=True)
+    return directory
+
+
+def sweep_leftovers() -> list[str]:
+    """For `invoke clean`, after it killed a gone run's processes: run the stop command of each sandbox that
+    run left, with the variables it had, so a container, pod or VM its stack made is removed too."""
+    done: list[str] = []
+    for path in sorted(_records_dir().glob("*.json")):
+        try:
+            record = json.loads(path.read_text())
+            owner, command, variables = record["owner"], record["stop"], dict(record["variables"])
+        except (OSError, ValueError, KeyError, TypeError):
+            path.unlink(missing_ok=True)
+            done.append(f"unreadable command-sandbox record {path.name}")
+            continue
+        if process_create_time(owner["pid"]) == owner["create_time"]:
+            continue  # its run is alive and stops it itself
+        workdir = Path(record.get("workdir", "/"))
+        try:
+            result = run_tool(
+                ["/bin/sh", "-c", command],
+                env=variables,
+                cwd=workdir if workdir.is_dir() else "/",
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                timeout=STOP_TIMEOUT_S,
+            )
+            outcome = f"exit {result.returncode}"
+        except (subprocess.TimeoutExpired, OSError) as exc:
+            outcome = type(exc).__name__
+        path.unlink(missing_ok=True)
+        done.append(
+            f"ran the stop command of command sandbox {record.get('sandbox')} ({record.get('stack')}) "
+            f"of a run that is gone: {outcome}"
+        )
+    return done
+
+
 def create_backend(options: BackendOptions) -> CommandBackend:
     """Validate the stack file; stage the jail rootfs only for a stack that names BR_ROOTFS."""
     stack = load_stack(options.argument)
@@ -744,4 +827,13 @@ def create_backend(options: BackendOptions) -> CommandBackend:
     return CommandBackend(stack, rootfs)
 
 
-__all__ = ["FEATURES", "CommandBackend", "CommandSandbox", "Stack", "check_argument", "create_backend", "load_stack"]
+__all__ = [
+    "FEATURES",
+    "CommandBackend",
+    "CommandSandbox",
+    "Stack",
+    "check_argument",
+    "create_backend",
+    "load_stack",
+    "sweep_leftovers",
+]

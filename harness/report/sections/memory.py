@@ -56,8 +56,9 @@ def section(data: dict[str, Any], run_dir: Path) -> Section | None:
         ]
         result.tables.append(("Per sandbox", ["sandbox", "RSS", "PSS", "USS", "guest MemTotal", "guest MemFree"], rows))
     elif any(s["ok"] for s in data["sandboxes"]):
-        why = data["backend"].get("host_memory") or "the backend named no host process of its sandboxes"
-        result.notes.append(f"Host memory per sandbox: n/a ({why}).")
+        why = str(data["backend"].get("host_memory", ""))
+        note = why if why.startswith("n/a") else "n/a: the backend named no host process of any sandbox"
+        result.notes.append(f"Host memory per sandbox: {note}.")
     samples = read_samples(run_dir / data.get("files", {}).get("memory_samples", "memory-samples.jsonl"))
     if samples:
         times = [s["t_s"] for s in samples]
