@@ -430,7 +430,10 @@ def test_the_bwrap_example_behind_a_real_gateway(supervisor: Supervisor, tmp_pat
     backend = create_backend(f"command:{EXAMPLES / 'bwrap.yaml'}", BackendOptions(cache=cache_dir()))
     assert isinstance(backend, CommandBackend) and backend.rootfs is not None
     described = backend.describe()
-    assert described["egress"]["gateway"] == "behind" and described["own_kernel_claimed"] is False  # type: ignore[index]
+    assert described["egress_mode"] == "behind" and described["own_kernel_claimed"] is False
+    assert "claims no kernel of its own" in str(described["isolation"]) and "gateway listener" in str(
+        described["egress"]
+    )
     assert described["stack"]["sha256"] and "create" in described["stack"]["commands"]  # type: ignore[index]
     upstream = UpstreamServer().start()
     config = GatewayConfig(

@@ -101,7 +101,7 @@ from harness.sandbox.base import (
     GuestNetwork,
     SandboxSpec,
 )
-from harness.sandbox.jail import JAIL_SPAWNER, jail_rootfs
+from harness.sandbox.jail import jail_rootfs
 from harness.scratch import make_scratch_dir, remove_scratch_dir
 from harness.supervisor import (
     OWNER_ENV,
@@ -488,8 +488,8 @@ class CommandSandbox:
 
     # ---- boot ----------------------------------------------------------------------------
     def start(self) -> None:
-        """Spawn the create command (from the long-lived spawner thread: a tool it execs that dies with
-        its parent, like `bwrap --die-with-parent`, must not die with a boot thread)."""
+        """Record the sandbox for `invoke clean`, then spawn the create command (through the supervisor's
+        long-lived spawner thread: a tool it execs that dies with its parent must not die with a boot thread)."""
         self.workdir.mkdir(parents=True, exist_ok=True)
         self._record().write_text(
             json.dumps(
@@ -505,8 +505,7 @@ class CommandSandbox:
         )
         self._started = time.monotonic()
         with (self.workdir / "create.log").open("ab") as log:
-            self.create_proc = JAIL_SPAWNER.submit(
-                self.supervisor.spawn,
+            self.create_proc = self.supervisor.spawn(
                 ["/bin/sh", "-c", self.stack.commands["create"]],
                 name=f"command-create:{self.id}",
                 stdin=subprocess.DEVNULL,
@@ -514,7 +513,7 @@ class CommandSandbox:
                 stderr=log,
                 env=child_environment(self.variables),
                 cwd=self.workdir,
-            ).result()
+            )
         self.boot.marks_ms["create_spawned"] = _since(self._started)
 
     def wait_ready(self) -> None:
@@ -750,13 +749,30 @@ class CommandBackend:
         raise ConfigError("the command backend has no --leaky variant (the stack is yours); run --leaky with qemu")
 
     def describe(self) -> dict[str, object]:
+        """What the report's conditions show (isolation, version, egress: in words), and the stack itself: its
+        file, sha256 and commands, never an environment value."""
         stack = self.stack
+        claim = {True: "claims a kernel of its own", False: "claims no kernel of its own", None: "no kernel claim"}
         if stack.gateway == "behind":
-            audit = "on the path: every request passes the sandbox's own gateway listener (the stack relays to it)"
+            egress = (
+                f"the stack's proxy {stack.proxy} → its own relay → the sandbox's own gateway listener "
+                "(the gateway's policy and audit are on the path)"
+            )
         else:
-            audit = "NOT on the path: the stack brings its own proxy, so the gateway's policy and audit see nothing"
+            egress = (
+                f"the stack's own proxy {stack.proxy}: the harness's gateway is NOT on the path "
+                "(its policy and audit see nothing)"
+            )
         return {
-            "isolation": f"the user's own stack {stack.name!r}, run by its commands; measured, not vouched for",
+            "isolation": (
+                f"your own stack {stack.name!r}, run by its commands; it {claim[stack.own_kernel]} "
+                "(a claim: the isolation scenario measures it)"
+            ),
+            "version": f"{stack.path.name}, sha256 {stack.sha256[:16]}",
+            "egress": egress,
+            "egress_mode": stack.gateway,
+            "proxy": str(stack.proxy),
+            "own_kernel_claimed": stack.own_kernel,
             "stack": {
                 "name": stack.name,
                 "description": stack.description,
@@ -764,8 +780,6 @@ class CommandBackend:
                 "sha256": stack.sha256,
                 "commands": dict(stack.commands),
             },
-            "egress": {"proxy": str(stack.proxy), "gateway": stack.gateway, "gateway_audit": audit},
-            "own_kernel_claimed": stack.own_kernel,
             "ca_bundle": stack.ca_bundle,
             "boot_timeout_s": stack.boot_timeout_s,
             "host_alias": stack.host_alias,
