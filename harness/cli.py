@@ -55,7 +55,8 @@ def user_errors() -> Iterator[None]:
     try:
         yield
     except (HarnessError, SetupError) as exc:
-        console.print(f"[bold red]error:[/] {escape(' '.join(str(exc).split()))}", highlight=False)
+        # No emoji: "bwrap:x:" is a backend name, not a :x: shortcode.
+        console.print(f"[bold red]error:[/] {escape(' '.join(str(exc).split()))}", highlight=False, emoji=False)
         sys.exit(EXIT_ERROR)
     except (KeyboardInterrupt, Interrupted) as exc:
         name = str(exc) if isinstance(exc, Interrupted) else "SIGINT"  # KeyboardInterrupt's str is empty

@@ -82,6 +82,8 @@ def check_backend_argument(name: str) -> None:
     check = getattr(importlib.import_module(f"{__name__}.{module_name}"), "check_argument", None)
     if callable(check):
         check(argument)
+    elif argument is not None:
+        raise ConfigError(f"--backend {name}: the {module_name} backend takes nothing after a colon; drop it")
 
 
 def sweep_backend_leftovers() -> list[str]:

@@ -7,8 +7,9 @@ import threading
 from dataclasses import replace
 from pathlib import Path
 
+from harness.errors import ConfigError
 from harness.image import GuestImage, build_image
-from harness.sandbox.base import BackendOptions, BootFailed, Features, SandboxSpec
+from harness.sandbox.base import BOOT_MODES, BackendOptions, BootFailed, Features, SandboxSpec
 from harness.sandbox.qemu.accel import decide_accel
 from harness.sandbox.qemu.snapshot import make_template, snapshot_path
 from harness.sandbox.qemu.vm import (
@@ -129,6 +130,12 @@ class QemuBackend:
         }
 
 
+def check_argument(argument: str | None) -> None:
+    """`qemu:cold` or `qemu:snapshot` picks the boot mode for this backend alone, so one run can compare both."""
+    if argument is not None and argument not in BOOT_MODES:
+        raise ConfigError(f"--backend qemu:{argument}: after the colon give a boot mode: {', '.join(BOOT_MODES)}")
+
+
 def create_backend(options: BackendOptions) -> QemuBackend:
     """Build (or reuse) the guest image, decide the accelerator, and make the default template snapshot
     now, so that the first measured boot is a restore like every other one."""
@@ -137,7 +144,8 @@ def create_backend(options: BackendOptions) -> QemuBackend:
     image = build_image(options.cache)
     verdict = decide_accel(options.accel, image, options.cache / "accel-verdicts.json")
     reason = verdict.reason + (" (cached verdict)" if verdict.cached else "")
-    backend = QemuBackend(image, verdict.accel, reason, options.boot_mode, options.cache)
+    boot_mode = options.argument or options.boot_mode
+    backend = QemuBackend(image, verdict.accel, reason, boot_mode, options.cache)
     backend.template_for(
         SandboxSpec(id="template", workdir=options.cache, mem_mib=options.mem_mib, vcpus=options.vcpus)
     )
