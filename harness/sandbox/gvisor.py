@@ -86,8 +86,8 @@ syscall filters less restrictive")."""
 
 DEBUG_LOG = True
 """runsc's own logs (info level, one file per runsc process) go to the sandbox's workdir, so a failed
-boot can say what runsc said last. No measurable cost (2026-12-02, 10 boots each, 2 cores: median
-363 ms with, 367 ms without); about 20 KB of text per sandbox."""
+boot can say what runsc said last. Within noise (2026-12-02, 2 cores, two runs of 10 boots each way:
+median 363 and 342 ms with, 367 and 326 ms without); about 20 KB of text per sandbox."""
 
 CHECK_TIMEOUT_S = 20.0
 """The start-up check (a container that runs /bin/true) gets this long; ptrace takes ~0.2 s."""
