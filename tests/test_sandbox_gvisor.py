@@ -21,10 +21,11 @@ from pathlib import Path
 import psutil
 import pytest
 
-from harness.bench import GUEST_SAMPLE_HOST
+from harness.bench import GUEST_SAMPLE_HOST, GUEST_SAMPLE_URL
 from harness.errors import EnvironmentMissing
 from harness.fleet import open_fleet
 from harness.gateway.process import GatewayConfig
+from harness.load.guest import sample_in_guest
 from harness.metrics.memory import process_memory
 from harness.paths import cache_dir
 from harness.sandbox import BackendOptions, SandboxSpec, backend_features, create_backend, describe_backend
@@ -208,11 +209,15 @@ def test_two_sandboxes_behind_a_real_gateway(backend: GvisorBackend, tmp_path: P
                 answer = box.exec(f"nc {box.network.egress.host} {box.network.egress.port}", stdin=request.encode())
                 assert answer.text.startswith("HTTP/1.1 200"), answer
                 assert "BEGIN CERTIFICATE" in box.exec(f"cat {box.ca_bundle}").text  # the fleet installed its CA
+            # The bench's in-sandbox latency: gVisor refuses adjtimex, so the file-mtime clock takes over.
+            timed = sample_in_guest(box, GUEST_SAMPLE_URL, n=3)
+            assert (timed["ok"], timed["clock"], timed["failures"]) == (3, "file-mtime", {}), timed
+            assert timed["latency_ms"]["p50"] > 0
     finally:
         upstream.stop()
     audit = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
     requests = [(entry["sandbox"], entry["status"]) for entry in audit if entry.get("event") == "request"]
-    assert requests == [("gva", 200), ("gvb", 200)]  # each known by its own listener
+    assert requests == [("gva", 200), ("gvb", 200), *[("gvb", 200)] * 3]  # each known by its own listener
 
 
 def test_stop_leaves_no_process_and_no_record(backend: GvisorBackend, tmp_path: Path) -> None:

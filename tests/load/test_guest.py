@@ -66,6 +66,7 @@ def test_parse_and_request_shape() -> None:
     assert figures["n"] == 3 and figures["ok"] == 1
     assert figures["failures"] == {"nc_rc_1": 1, "http_502": 1}
     assert figures["latency_ms"]["p50"] == pytest.approx(4.4)
+    assert figures["clock"] is None and parse("K file-mtime\n" + out, (200,))["clock"] == "file-mtime"
 
 
 @pytest.mark.qemu

@@ -29,6 +29,11 @@ def section(data: dict[str, Any], run_dir: Path) -> Section | None:
     )
     if guest["accel"] == "tcg":
         result.notes.append(TCG_CAVEAT)
+    if first.get("clock") == "file-mtime":
+        result.notes.append(
+            "This sandbox refuses adjtimex (gVisor does), so each timestamp is the mtime of a file touched "
+            "inside: as fine as its kernel keeps file times, and each costs two process starts (subtracted)."
+        )
     rows = []
     for sandbox_id, figures in sandboxes.items():
         latency = figures.get("latency_ms") or {}
