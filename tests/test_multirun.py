@@ -88,7 +88,11 @@ def _names(pids: set[int]) -> set[str]:
     return names
 
 
-@pytest.mark.parametrize("backend", ["bwrap"])
+JAIL_PROCESS = {"bwrap": "bwrap", "gvisor": "runsc"}
+"""A process name that shows the backend's jail is up."""
+
+
+@pytest.mark.parametrize("backend", sorted(JAIL_PROCESS))
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL])
 def test_an_interrupted_run_leaves_no_jail(tmp_path: Path, backend: str, signum: signal.Signals) -> None:
     out = tmp_path / "run"
@@ -98,7 +102,7 @@ def test_an_interrupted_run_leaves_no_jail(tmp_path: Path, backend: str, signum:
     seen: set[int] = set()
     deadline = time.monotonic() + 120
     # Until jails are up: the family then holds the jail, its init and the relays.
-    while "bwrap" not in _names(seen):
+    while not any(name.startswith(JAIL_PROCESS[backend]) for name in _names(seen)):
         assert run.poll() is None and time.monotonic() < deadline, run.stderr.read() if run.stderr else ""
         seen |= _family(run.pid)
         time.sleep(0.05)
