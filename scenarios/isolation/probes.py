@@ -630,31 +630,30 @@ def judge_kernel(inside: KernelView, host: KernelView, host_uptime: tuple[float,
         own.append(f"a kernel log naming {'gVisor' if log == 'gVisor' else 'its own boot'}")
 
     name = "gVisor's sentry" if log == "gVisor" else f"Linux {inside.release}" if inside.release else "unknown"
+    # The judgement and its signs first: the report shows the head of the facts.
     facts: dict[str, Any] = {
-        "guest_boot_id": inside.boot_id or "",
-        "host_boot_id": host.boot_id or "",
-        "guest_kernel": inside.release or "",
-        "host_kernel": host.release or "",
-        "guest_proc_version": inside.version or "",
-        "host_proc_version": host.version or "",
-        "guest_uptime_s": inside.uptime_s,
-        "host_uptime_s": list(host_uptime) if host_uptime else None,
-        "kernel_log": inside.log[:300],
+        "judgement": "the host's kernel" if shared else "a kernel of its own" if len(own) >= 2 else "unproven",
         "signs": {"boot_id": boot, "release": release, "proc_version": version, "uptime": clock, "log": log},
         "host_signs": shared,
         "own_signs": own,
         "same_build_booted_separately": version == "same" and separate_boot,
+        "guest_boot_id": inside.boot_id or "",
+        "host_boot_id": host.boot_id or "",
+        "guest_kernel": inside.release or "",
+        "host_kernel": host.release or "",
+        "guest_uptime_s": inside.uptime_s,
+        "host_uptime_s": list(host_uptime) if host_uptime else None,
+        "kernel_log": inside.log[:300],
+        "guest_proc_version": inside.version or "",
+        "host_proc_version": host.version or "",
     }
     if shared:
-        facts["judgement"] = "the host's kernel"
         return Verdict(False, f"the host's own kernel: {'; '.join(shared)}", facts)
     if len(own) >= 2:
-        facts["judgement"] = "a kernel of its own"
         return Verdict(True, f"a kernel of its own ({name}; host {host.release}): {'; '.join(own)}", facts)
-    facts["judgement"] = "unproven"
     return Verdict(
         False,
-        f"cannot tell it from the host's kernel: {len(own)} sign of its own ({'; '.join(own) or 'none'}), "
+        f"cannot tell it from the host's kernel: {len(own)} sign(s) of its own ({'; '.join(own) or 'none'}), "
         "two are needed",
         facts,
     )
