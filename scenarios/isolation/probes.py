@@ -318,8 +318,8 @@ def refusal(rc: int, text: str, connect: bool) -> dict[str, Any]:
         curl_rc = 56 if connect and answer.status != 200 else 0
     elif "refused" in text.lower():
         level, curl_rc = "tcp (connection refused)", 7
-    elif "unreachable" in text.lower():
-        level, curl_rc = "tcp (network unreachable)", 7
+    elif "unreachable" in text.lower() or "no route" in text.lower():
+        level, curl_rc = "tcp (no route: network or host unreachable)", 7
     elif rc != 0 and "timed out" in text.lower():
         level, curl_rc = "tcp (timed out)", 28
     else:
