@@ -490,7 +490,10 @@ def check_processes(env: ProbeEnv) -> Verdict:
     elif any(s["pid"] == 1 for s in supervisors):
         pid1_words += " (the sandbox's supervisor)"
     seen = ", ".join(f"{s['name']} (PID {s['pid']})" for s in supervisors) or "none"
-    shows = f"PID 1 is {pid1_words}; sandbox supervisor visible inside: {seen}"
+    threads = facts["kernel_threads"]
+    shows = (
+        f"{threads} of them kernel threads; " if threads else ""
+    ) + f"PID 1 is {pid1_words}; sandbox supervisor visible inside: {seen}"
     if decoy:
         return Verdict(
             False,
@@ -771,7 +774,7 @@ def check_engine_socket(env: ProbeEnv) -> Verdict:
     text, _ = env.run("look for a container-engine socket and talk to it", command)
     time.sleep(0.2)
     hits = trap.hits_since(start)
-    present = [line[7:] for line in text.splitlines() if line.startswith("socket ")]
+    present = list(dict.fromkeys(line[7:] for line in text.splitlines() if line.startswith("socket ")))
     answered = "br-fake-docker" in text
     docker_host = next((line[12:] for line in text.splitlines() if line.startswith("DOCKER_HOST=")), "")
     facts = {
