@@ -55,7 +55,7 @@ class Fleet:
         spec = replace(
             self.template,
             id=sandbox_id,
-            workdir=self.run_dir / "sandboxes" / sandbox_id,
+            workdir=self.workdir(sandbox_id),
             gateway_port=gateway_port,
             **overrides,
         )  # type: ignore[arg-type]
@@ -88,6 +88,10 @@ class Fleet:
             assert self.gateway is not None
             self._ca_cache = self.gateway.ca_cert_pem()
         return self._ca_cache
+
+    def workdir(self, sandbox_id: str) -> Path:
+        """The host-side directory of a sandbox (its logs and sockets; never shared into it)."""
+        return self.run_dir / "sandboxes" / sandbox_id
 
     def egress_listener(self, sandbox_id: str) -> Endpoint | None:
         """The host-side address of a sandbox's gateway listener: its egress identity."""

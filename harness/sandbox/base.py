@@ -39,8 +39,8 @@ class GuestNetwork:
     """The HTTP proxy the sandbox's tools use: its only way out, relayed to its own gateway listener."""
     egress_route: str
     """How a connection to `egress` reaches the gateway listener on the host, in words (for the report)."""
-    agent_port: int
-    """Port the guest agent listens on, from inside the sandbox."""
+    agent_port: int | None
+    """Port the guest agent listens on, from inside the sandbox; None where it listens on a unix socket."""
     own_address: str
     """The sandbox's own address, where its agent answers from inside."""
     host_alias: str | None
@@ -49,6 +49,8 @@ class GuestNetwork:
     """The DNS server the network itself offers (which must not answer a blocked name); None when none."""
     engine: Endpoint | None = None
     """Where a weakened (--leaky) sandbox reaches the host's forwarded container-engine socket."""
+    agent_socket: str | None = None
+    """Path inside of the unix socket the guest agent listens on (a jail's channel); None where it has a port."""
 
 
 @dataclass(frozen=True)

@@ -139,10 +139,11 @@ def jail_network() -> GuestNetwork:
             f"a relay inside on {JAIL_EGRESS} → unix socket {CHANNEL_MOUNT}/{PROXY_SOCKET} (bind-mounted) → "
             "host socat → the sandbox's own gateway listener"
         ),
-        agent_port=0,
+        agent_port=None,
         own_address="127.0.0.1",
         host_alias=None,
         resolver=None,
+        agent_socket=f"{CHANNEL_MOUNT}/{AGENT_SOCKET}",
     )
 
 
@@ -312,3 +313,13 @@ class JailSandbox:
 
     def host_endpoints(self) -> dict[str, Endpoint]:
         return {}
+
+    def host_paths(self) -> dict[str, Path]:
+        """Host paths that lead into this jail (its channel directory and sockets, its workspace): what a
+        peer must not see. A jail has no TCP address on the host; these are its doors."""
+        return {
+            "channel directory": self.channel,
+            "agent socket": self.agent_socket,
+            "proxy socket": self.bridge.socket,
+            "workspace": self.workspace,
+        }

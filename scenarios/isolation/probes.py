@@ -7,7 +7,13 @@ against host-side ground truth (trap listeners that log every connection, the up
 request log). Commands use only busybox applets (sh, nc, grep, nslookup, ps, timeout).
 
 A probe's evidence is a list of {what, command, rc, timed_out, output} with every honeytoken
-marker redacted to its id and hash; `passed` is True, False, or None (not applicable).
+marker redacted to its id and hash; `passed` is True, False, or None (not applicable, with the reason).
+
+Every probe means the same on every backend (a QEMU microVM, a bwrap or gVisor jail, the plain host
+process, a user's command stack). Where a backend lacks what a path needs (a host alias, a resolver
+of its own, an agent port), the probe says what it aims at instead -- 127.0.0.1 inside is the host's
+loopback exactly when the sandbox shares the host's network, so it is always tried -- and it never
+passes because a check was skipped.
 """
 
 from __future__ import annotations
@@ -16,12 +22,15 @@ import base64
 import json
 import re
 import secrets
+import shlex
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
 
 from harness.sandbox.base import Endpoint, ExecResult, GuestNetwork
+from harness.supervisor import OWNER_ENV
 
 from .honeytokens import HoneyHome, Trap
 
@@ -49,6 +58,35 @@ EXCERPT_CHARS = 700
 SCAN_TIMEOUT_S = 60.0
 PARALLEL_TIMEOUT_S = 30.0
 SEPARATOR = "==BR-PART=="
+LOOPBACK = "127.0.0.1"
+"""Inside: the sandbox's own loopback, or the host's when the sandbox shares the host's network."""
+ENGINE_TCP_PORT = 2375
+"""Docker's plain-TCP API port: where a forwarded engine usually answers."""
+SUPERVISORS = (
+    "bwrap",
+    "runsc",
+    "qemu-system",
+    "firecracker",
+    "containerd-shim",
+    "conmon",
+    "crun",
+    "runc",
+    "dockerd",
+    "sbx",
+)
+"""Executables that run sandboxes from the host: one visible inside is the sandbox's supervisor showing
+through (bwrap is PID 1 of its own jail), or the host's process table."""
+PROCESS_LIST_MAX = 60
+"""Processes kept in the processes probe's facts (the host backend lists all of the host's)."""
+COMMAND_CHARS = 160
+"""Characters kept of each listed process's command line."""
+UPTIME_SLACK_S = 1.0
+"""How far the uptime read inside may lie outside the host's readings taken around the same exec and
+still count as the host's own clock (the exec's own latency is inside the window already)."""
+PEER_SOCKET_TIMEOUT_S = 5
+"""socat's wait on a unix socket (an agent's answer) inside a jail."""
+FIND_SOCAT = "S=$(command -v socat || command -v /usr/bin/socat)"
+"""Sets $S to socat inside, if there is one (a jail's rootfs has it in /usr/bin, off the agent's PATH)."""
 
 
 class Target(Protocol):
@@ -59,6 +97,13 @@ class Target(Protocol):
     def exec(self, command: str, timeout: float = 30.0, stdin: bytes = b"") -> ExecResult: ...
 
 
+@runtime_checkable
+class HasHostPaths(Protocol):
+    """A sandbox whose doors on the host are files, not ports (a jail's channel directory and sockets)."""
+
+    def host_paths(self) -> dict[str, Path]: ...
+
+
 @dataclass
 class Peer:
     """Another sandbox of the same run, as the host knows it (the guest is never told)."""
@@ -66,13 +111,31 @@ class Peer:
     id: str
     endpoints: dict[str, Endpoint]
     """Host-side addresses that lead into the peer (its agent's forward, its gateway listener), by name."""
+    paths: dict[str, str] = field(default_factory=dict)
+    """Host paths that lead into the peer (a jail's channel directory and sockets, its workspace, its
+    directory on the host), by name: what must not be visible inside another sandbox."""
+
+
+def host_boot_clock() -> float:
+    """The host kernel's uptime now (CLOCK_BOOTTIME: the clock /proc/uptime shows)."""
+    return time.clock_gettime(time.CLOCK_BOOTTIME)
 
 
 @dataclass
 class HostFacts:
+    """Host-side ground truth the probes compare against, read on the host (never from a sandbox)."""
+
     boot_id: str
     kernel_release: str
     process_count: int
+    proc_version: str = ""
+    """The host's /proc/version, whole."""
+    pid1: str = ""
+    """The host's PID 1 command line (to tell whether a sandbox sees the host's own init)."""
+    resolvers: tuple[str, ...] = ()
+    """The host's own nameservers (its /etc/resolv.conf): a sandbox must not reach them either."""
+    clock: Callable[[], float] = host_boot_clock
+    """The host's uptime now; read around each kernel probe, so its window brackets the reading inside."""
 
 
 @dataclass
@@ -166,6 +229,8 @@ class Probe:
     finding: str
     """The FINDINGS.md / issue probe it automates."""
     check: Callable[[ProbeEnv], Verdict]
+    method: str = ""
+    """How it judges, the same on every backend, and what it aims at where a backend lacks an address."""
 
     def describe(self) -> dict[str, str]:
         return {
@@ -174,6 +239,7 @@ class Probe:
             "proves": self.proves,
             "fails_when": self.fails_when,
             "finding": self.finding,
+            "method": self.method,
         }
 
 
@@ -252,6 +318,8 @@ def refusal(rc: int, text: str, connect: bool) -> dict[str, Any]:
         curl_rc = 56 if connect and answer.status != 200 else 0
     elif "refused" in text.lower():
         level, curl_rc = "tcp (connection refused)", 7
+    elif "unreachable" in text.lower() or "no route" in text.lower():
+        level, curl_rc = "tcp (no route: network or host unreachable)", 7
     elif rc != 0 and "timed out" in text.lower():
         level, curl_rc = "tcp (timed out)", 28
     else:
@@ -273,6 +341,26 @@ def markers_in(env: ProbeEnv, text: str) -> list[dict[str, Any]]:
     return [m for m in env.home.redactor().find(text) if m["secret"]]
 
 
+def host_addresses(network: GuestNetwork) -> dict[str, str]:
+    """Addresses inside that would reach the host's loopback if isolation were broken, with what each means.
+
+    127.0.0.1 is always tried: it is the sandbox's own loopback, unless the sandbox shares the host's
+    network (the host backend, a jail without a network namespace), when it is the host's. The host
+    alias, where a backend has one (QEMU's 10.0.2.2), is the host itself."""
+    found = {LOOPBACK: "loopback inside: the host's only if the sandbox shares the host's network"}
+    alias = network.host_alias
+    if alias == LOOPBACK:
+        found[LOOPBACK] = "the host alias is 127.0.0.1: the sandbox shares the host's network"
+    elif alias is not None:
+        found[alias] = "the host alias"
+    return found
+
+
+def http_statuses(text: str) -> list[int]:
+    """Every HTTP status line in a reply, in order (a proxy's answer, then what a tunnel carried)."""
+    return [int(code) for code in re.findall(r"HTTP/1\.[01] (\d{3})", text)]
+
+
 # ---- the probes --------------------------------------------------------------------------
 def check_env(env: ProbeEnv) -> Verdict:
     parts = env.parallel(
@@ -290,10 +378,18 @@ def check_env(env: ProbeEnv) -> Verdict:
             if m.group(2).strip() not in ("", SENTINEL)
         }
     )
-    facts = {"markers": found, "key_variables_with_values": keys}
+    # Every process the harness starts on the host carries OWNER_ENV: seeing it inside means the environment
+    # of a host-side process is readable (bwrap's PID 1 is the bwrap process itself; the host backend sees all).
+    host_side = re.search(rf"^{OWNER_ENV}=", parts["process environments"][1], re.M) is not None
+    facts = {
+        "markers": found,
+        "key_variables_with_values": keys,
+        "host_started_environment_visible": host_side,
+    }
     if found or keys:
         return Verdict(False, f"secrets in the environment: {len(found)} honeytoken(s), variables {keys}", facts)
-    return Verdict(True, "no key or honeytoken in env or any /proc/*/environ", facts)
+    note = "; the (scrubbed) environment of a process started on the host is readable inside" if host_side else ""
+    return Verdict(True, f"no key or honeytoken in env or any /proc/*/environ{note}", facts)
 
 
 def check_fs_scan(env: ProbeEnv) -> Verdict:
@@ -333,6 +429,35 @@ def check_fs_scan(env: ProbeEnv) -> Verdict:
     return Verdict(True, "only the positive control (in the mounted project) matched", facts)
 
 
+PS_LINE_RE = re.compile(r"^\s*(\d+)\s+(.*)$")
+
+
+def parse_process_list(listing: str) -> list[tuple[int, str]]:
+    """(pid, command) for each line of busybox `ps -o pid,args` (its header skipped)."""
+    rows = []
+    for line in listing.splitlines():
+        match = PS_LINE_RE.match(line)
+        if match:
+            rows.append((int(match.group(1)), match.group(2).strip()))
+    return rows
+
+
+def executable_name(command: str) -> str:
+    """The program a ps line runs: busybox shows `{comm} argv...` when they differ, so take argv[0]."""
+    words = re.sub(r"^\{[^}]*\}\s*", "", command).split()
+    return words[0].rsplit("/", 1)[-1] if words else ""
+
+
+def supervisors_in(rows: list[tuple[int, str]]) -> list[dict[str, Any]]:
+    """Sandbox runtimes (SUPERVISORS) among the processes listed inside."""
+    found = []
+    for pid, command in rows:
+        name = executable_name(command)
+        if any(name.startswith(known) for known in SUPERVISORS):
+            found.append({"pid": pid, "name": name})
+    return found
+
+
 def check_processes(env: ProbeEnv) -> Verdict:
     parts = env.parallel(
         {
@@ -341,26 +466,208 @@ def check_processes(env: ProbeEnv) -> Verdict:
         }
     )
     listing = parts["process list"][1]
-    count = max(0, len([line for line in listing.splitlines() if line.strip()]) - 1)
+    rows = parse_process_list(listing)
+    count = len(rows)
     decoy = [m for m in markers_in(env, listing + parts["command lines"][1]) if m["id"] == "decoy"]
-    facts = {"guest_processes": count, "host_processes": env.host.process_count, "decoy_seen": bool(decoy)}
+    pid1 = next((command for pid, command in rows if pid == 1), "")
+    supervisors = supervisors_in(rows)
+    host_pid1 = bool(env.host.pid1) and pid1.strip() == env.host.pid1.strip()
+    shown = [f"{pid} {command[:COMMAND_CHARS]}" for pid, command in rows[:PROCESS_LIST_MAX]]
+    facts = {
+        "guest_processes": count,
+        "host_processes": env.host.process_count,
+        "decoy_seen": bool(decoy),
+        "pid1": pid1[:COMMAND_CHARS],
+        "pid1_is_hosts": host_pid1,
+        "supervisor_visible": supervisors,
+        "kernel_threads": sum(1 for _, command in rows if command.startswith("[")),
+        "process_list": shown,
+        "process_list_omitted": max(0, count - PROCESS_LIST_MAX),
+    }
+    pid1_words = executable_name(pid1) or "unknown"
+    if host_pid1:
+        pid1_words += " (the host's own init)"
+    elif any(s["pid"] == 1 for s in supervisors):
+        pid1_words += " (the sandbox's supervisor)"
+    seen = ", ".join(f"{s['name']} (PID {s['pid']})" for s in supervisors) or "none"
+    threads = facts["kernel_threads"]
+    shows = (
+        f"{threads} of them kernel threads; " if threads else ""
+    ) + f"PID 1 is {pid1_words}; sandbox supervisor visible inside: {seen}"
     if decoy:
-        return Verdict(False, f"a host process (the decoy) is visible: {count} processes listed", facts)
-    return Verdict(True, f"{count} processes, none of the host's {env.host.process_count} (decoy absent)", facts)
+        return Verdict(
+            False,
+            f"a host process (the decoy) is visible: {count} processes listed, the host has "
+            f"{env.host.process_count}; {shows}",
+            facts,
+        )
+    return Verdict(
+        True, f"{count} processes, none of the host's {env.host.process_count} (decoy absent); {shows}", facts
+    )
+
+
+# ---- the kernel probe: several independent signs, judged without booting anything ----------------
+KERNEL_MARK = "==BR-K"
+KERNEL_PARTS = {
+    "boot_id": "cat /proc/sys/kernel/random/boot_id 2>&1",
+    "release": "uname -r 2>&1",
+    "version": "cat /proc/version 2>&1",
+    "uptime": "cat /proc/uptime 2>&1",
+    "log": "dmesg 2>&1 | grep -m 3 -iE 'linux version|gvisor|klogctl|not permitted|denied'",
+}
+"""What the kernel probe reads inside, one section each: the kernel's boot id, release, full version
+string, boot clock and what its log (dmesg) says it is, or why there is no log to read."""
+KERNEL_COMMAND = "; ".join(f'echo "{KERNEL_MARK} {name}"; {command}' for name, command in KERNEL_PARTS.items())
+UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+GVISOR_LOG_RE = re.compile(r"Starting gVisor", re.I)
+LINUX_LOG_RE = re.compile(r"(Linux version .+)")
+
+
+@dataclass(frozen=True)
+class KernelView:
+    """What one side shows of the kernel it runs on."""
+
+    boot_id: str | None
+    """/proc/sys/kernel/random/boot_id: random per boot of a Linux kernel; None when absent (gVisor has none)."""
+    release: str | None
+    """uname -r."""
+    version: str | None
+    """/proc/version whole: release, builder, compiler and build date; None when unreadable."""
+    uptime_s: float | None = None
+    """/proc/uptime's first field: the kernel's own boot clock."""
+    log: str = ""
+    """What dmesg says the kernel is (its 'Linux version' line, gVisor's 'Starting gVisor...'), or why it
+    says nothing (klogctl: Operation not permitted)."""
+
+
+def parse_kernel_view(text: str) -> KernelView:
+    """The sections KERNEL_COMMAND printed, into a KernelView (a missing or unreadable part is None)."""
+    sections: dict[str, list[str]] = {}
+    current: list[str] | None = None
+    for line in text.splitlines():
+        if line.startswith(KERNEL_MARK + " "):
+            current = sections.setdefault(line[len(KERNEL_MARK) + 1 :].strip(), [])
+        elif current is not None:
+            current.append(line.rstrip())
+
+    def first(name: str) -> str:
+        return next((line.strip() for line in sections.get(name, []) if line.strip()), "")
+
+    boot_id = first("boot_id")
+    release = first("release")
+    version = first("version")
+    uptime = first("uptime").split()
+    return KernelView(
+        boot_id=boot_id if UUID_RE.match(boot_id) else None,
+        release=release if release and " " not in release else None,
+        version=version if version.startswith("Linux version") else None,
+        uptime_s=float(uptime[0]) if uptime and re.fullmatch(r"\d+(\.\d+)?", uptime[0]) else None,
+        log="\n".join(line for line in sections.get("log", []) if line.strip()),
+    )
+
+
+def _compare(inside: str | None, host: str | None) -> str:
+    if inside is None:
+        return "absent"
+    return "same" if inside == host else "different"
+
+
+def judge_kernel(inside: KernelView, host: KernelView, host_uptime: tuple[float, float] | None = None) -> Verdict:
+    """Whose kernel answers inside: the host's (red), one of its own (green), or no telling (red).
+
+    A container sharing the host's kernel shows the host's boot id and the host's exact /proc/version
+    (and, where it may read the log, the host's 'Linux version' line). gVisor's sentry shows neither:
+    it has no boot_id file, reports release 4.4.0 with a /proc/version of its own, keeps its own uptime,
+    and its dmesg says 'Starting gVisor...'. A microVM has its own boot id, version, uptime and log.
+
+    Red on any sign of the host's kernel: the host's boot id; the host's exact /proc/version (unless the
+    boot id and uptime show a separate boot of the same build); a log naming the host's kernel; the
+    host's uptime; or no boot id with the host's release (the host's kernel with the file hidden -- a
+    separate kernel gains nothing by hiding its boot id and copying the host's release, so it is not
+    given the benefit of the doubt). Green needs no such sign and at least two signs of its own, so no
+    single spoofable file (a bind-mounted boot_id, a time namespace's uptime) decides. `host_uptime`
+    brackets the inside reading: the host's uptime read just before and just after the exec."""
+    boot = _compare(inside.boot_id, host.boot_id)
+    release = _compare(inside.release, host.release)
+    version = _compare(inside.version, host.version)
+    if inside.uptime_s is None or host_uptime is None:
+        clock = "unknown"
+    else:
+        low, high = host_uptime
+        same = low - UPTIME_SLACK_S <= inside.uptime_s <= high + UPTIME_SLACK_S
+        clock = "the host's" if same else "its own"
+    separate_boot = boot == "different" and clock == "its own"
+
+    if GVISOR_LOG_RE.search(inside.log):
+        log = "gVisor"
+    elif match := LINUX_LOG_RE.search(inside.log):
+        line = match.group(1).strip()
+        if line == host.version and (line != inside.version or not separate_boot):
+            log = "the host's kernel"
+        elif line == inside.version:
+            log = "its own Linux kernel"
+        else:
+            log = "another Linux kernel"
+    else:
+        log = "nothing (" + (inside.log.splitlines()[0][:80] if inside.log else "no kernel log readable") + ")"
+
+    shared: list[str] = []
+    own: list[str] = []
+    if boot == "same":
+        shared.append("the host's boot id")
+    elif boot == "different":
+        own.append("a boot id of its own")
+    if version == "same" and not separate_boot:
+        shared.append("the host's exact /proc/version")
+    elif version == "different":
+        own.append("a /proc/version of its own")
+    if boot == "absent" and release == "same":
+        shared.append("no boot id but the host's release (the host's kernel with the file hidden)")
+    if clock == "the host's":
+        shared.append("the host's uptime")
+    elif clock == "its own":
+        own.append("an uptime of its own")
+    if log == "the host's kernel":
+        shared.append("a kernel log naming the host's kernel")
+    elif log in ("gVisor", "its own Linux kernel"):
+        own.append(f"a kernel log naming {'gVisor' if log == 'gVisor' else 'its own boot'}")
+
+    name = "gVisor's sentry" if log == "gVisor" else f"Linux {inside.release}" if inside.release else "unknown"
+    # The judgement and its signs first: the report shows the head of the facts.
+    facts: dict[str, Any] = {
+        "judgement": "the host's kernel" if shared else "a kernel of its own" if len(own) >= 2 else "unproven",
+        "signs": {"boot_id": boot, "release": release, "proc_version": version, "uptime": clock, "log": log},
+        "host_signs": shared,
+        "own_signs": own,
+        "same_build_booted_separately": version == "same" and separate_boot,
+        "guest_boot_id": inside.boot_id or "",
+        "host_boot_id": host.boot_id or "",
+        "guest_kernel": inside.release or "",
+        "host_kernel": host.release or "",
+        "guest_uptime_s": inside.uptime_s,
+        "host_uptime_s": list(host_uptime) if host_uptime else None,
+        "kernel_log": inside.log[:300],
+        "guest_proc_version": inside.version or "",
+        "host_proc_version": host.version or "",
+    }
+    if shared:
+        return Verdict(False, f"the host's own kernel: {'; '.join(shared)}", facts)
+    if len(own) >= 2:
+        return Verdict(True, f"a kernel of its own ({name}; host {host.release}): {'; '.join(own)}", facts)
+    return Verdict(
+        False,
+        f"cannot tell it from the host's kernel: {len(own)} sign(s) of its own ({'; '.join(own) or 'none'}), "
+        "two are needed",
+        facts,
+    )
 
 
 def check_kernel(env: ProbeEnv) -> Verdict:
-    text, _ = env.run("boot id and kernel", "cat /proc/sys/kernel/random/boot_id; uname -r; uname -v")
-    lines = [*text.splitlines(), "", ""]
-    facts = {
-        "guest_boot_id": lines[0].strip(),
-        "host_boot_id": env.host.boot_id,
-        "guest_kernel": lines[1].strip(),
-        "host_kernel": env.host.kernel_release,
-    }
-    if not facts["guest_boot_id"] or facts["guest_boot_id"] == env.host.boot_id:
-        return Verdict(False, "same boot id as the host: the host's own kernel", facts)
-    return Verdict(True, f"own kernel ({facts['guest_kernel']}; host {facts['host_kernel']})", facts)
+    before = env.host.clock()
+    text, _ = env.run("boot id, release, /proc/version, uptime and kernel log", KERNEL_COMMAND)
+    after = env.host.clock()
+    host = KernelView(env.host.boot_id, env.host.kernel_release, env.host.proc_version or None)
+    return judge_kernel(parse_kernel_view(text), host, (before, after))
 
 
 def check_home(env: ProbeEnv) -> Verdict:
@@ -376,17 +683,30 @@ def check_home(env: ProbeEnv) -> Verdict:
     command = (
         f'for p in {candidates}; do [ -e "$p" ] && echo "visible $p"; done; '
         "echo \"work: $(ls -A . | tr '\\n' ' ')\"; "
-        "grep -E ' (9p|virtiofs|nfs|fuse|cifs) ' /proc/mounts | sed 's/^/mount: /'; true"
+        "grep -E ' (9p|virtiofs|nfs|fuse|cifs) ' /proc/mounts | sed 's/^/mount: /'; "
+        "grep -vE ' /(proc|sys|dev)(/| )' /proc/mounts | awk '{print \"point: \" $2 \" \" $3}'; true"
     )
     text, _ = env.run("look for the host home's secret files and foreign mounts", command)
     visible = sorted({line.split(" ", 1)[1] for line in text.splitlines() if line.startswith("visible ")})
     work = next((line[6:].split() for line in text.splitlines() if line.startswith("work: ")), [])
     mounts = [line[7:] for line in text.splitlines() if line.startswith("mount: ")]
-    facts = {"visible": visible, "work": work, "shared_mounts": mounts}
+    points = [line[7:] for line in text.splitlines() if line.startswith("point: ")]
+    facts = {
+        "visible": visible,
+        "work": work,
+        "shared_mounts": mounts,
+        "mount_points": points,
+        "homes_checked": bases,
+    }
     extra = [name for name in work if name != "project"]
     if visible or extra:
         return Verdict(False, f"host home files visible: {visible}; unexpected at work: {extra}", facts)
-    return Verdict(True, "only the project directory; no ~/.ssh, ~/.aws, ~/.kube, ~/.env", facts)
+    return Verdict(
+        True,
+        f"only the project directory; none of {len(rels)} planted files under $HOME, /root, /home/* or the "
+        "host home's own path",
+        facts,
+    )
 
 
 def _trap_window(env: ProbeEnv, name: str) -> int:
@@ -405,7 +725,8 @@ def check_host_loopback(env: ProbeEnv) -> Verdict:
         f"gateway CONNECT localhost:{port}": via_gateway_connect(env, f"localhost:{port}", request),
         f"gateway GET http://127.0.0.1:{port}/": via_gateway_get(env, f"http://127.0.0.1:{port}/version"),
     }
-    if (alias := env.target.network.host_alias) is not None:
+    alias = env.target.network.host_alias
+    if alias is not None and alias != LOOPBACK:
         commands[f"host alias {alias}:{port}"] = send(request, alias, port)
     parts = env.parallel(commands)
     time.sleep(0.2)  # let the trap's accept thread log a connection that just landed
@@ -416,10 +737,17 @@ def check_host_loopback(env: ProbeEnv) -> Verdict:
         "canary_connections": len(hits),
         "reached_by": reached,
         "paths": {name: refusal(rc, out, "CONNECT" in name) for name, (rc, out) in parts.items()},
+        "host_addresses": host_addresses(env.target.network),
     }
     if hits or reached:
         return Verdict(False, f"the host canary got {len(hits)} connection(s); reached by {reached}", facts)
-    return Verdict(True, "canary untouched: localhost inside is the guest's own, the host is unreachable", facts)
+    return Verdict(
+        True,
+        f"canary untouched by {len(parts)} paths: localhost inside is the sandbox's own"
+        + ("" if alias is not None else " (it has no host alias)")
+        + ", the gateway refuses host loopback",
+        facts,
+    )
 
 
 def check_engine_socket(env: ProbeEnv) -> Verdict:
@@ -434,20 +762,29 @@ def check_engine_socket(env: ProbeEnv) -> Verdict:
         str(trap.unix_path),
     ]
     ping = crlf("GET /_ping HTTP/1.0", "Host: docker")
+    tcp = [f"{address}:{ENGINE_TCP_PORT}" for address in host_addresses(env.target.network)]
     command = (
         f'for s in {" ".join(sockets)}; do [ -S "$s" ] && echo "socket $s"; done; '
         'echo "DOCKER_HOST=$DOCKER_HOST"; '
         'case "$DOCKER_HOST" in tcp://*) hp=${DOCKER_HOST#tcp://}; '
         f"printf '{ping}' | nc -w {NC_WAIT_S} ${{hp%:*}} ${{hp##*:}};; esac; "
-        + (f"printf '{ping}' | nc -w {NC_WAIT_S} {alias} 2375; " if (alias := env.target.network.host_alias) else "")
+        + "".join(f"printf '{ping}' | nc -w {NC_WAIT_S} {where.replace(':', ' ')}; " for where in tcp)
         + "true"
     )
     text, _ = env.run("look for a container-engine socket and talk to it", command)
     time.sleep(0.2)
     hits = trap.hits_since(start)
-    present = [line[7:] for line in text.splitlines() if line.startswith("socket ")]
+    present = list(dict.fromkeys(line[7:] for line in text.splitlines() if line.startswith("socket ")))
     answered = "br-fake-docker" in text
-    facts = {"sockets": present, "engine_answered": answered, "engine_connections": len(hits)}
+    docker_host = next((line[12:] for line in text.splitlines() if line.startswith("DOCKER_HOST=")), "")
+    facts = {
+        "sockets": present,
+        "engine_answered": answered,
+        "engine_connections": len(hits),
+        "sockets_checked": sockets,
+        "tcp_checked": tcp,
+        "docker_host": docker_host,
+    }
     if present or answered or hits:
         return Verdict(
             False,
@@ -455,59 +792,98 @@ def check_engine_socket(env: ProbeEnv) -> Verdict:
             f"{len(hits)} connection(s) to the host socket",
             facts,
         )
-    return Verdict(True, "no engine socket, no DOCKER_HOST, the host socket saw nothing", facts)
+    return Verdict(
+        True,
+        f"none of {len(sockets)} engine socket paths (the host's own among them), no DOCKER_HOST, nothing on "
+        f"{' or '.join(tcp)}; the host socket saw nothing",
+        facts,
+    )
 
 
 def check_blocked_domain(env: ProbeEnv) -> Verdict:
-    head = crlf("GET / HTTP/1.1", f"Host: {BLOCKED_HOST}", "Connection: close")
+    nonce = secrets.token_hex(6)
+    head = crlf("GET / HTTP/1.1", f"Host: {BLOCKED_HOST}", f"x-br-probe: {nonce}", "Connection: close")
     commands = {
         f"gateway CONNECT {BLOCKED_HOST}:443": via_gateway_connect(env, f"{BLOCKED_HOST}:443"),
         f"gateway GET http://{BLOCKED_HOST}/": via_gateway_get(env, f"http://{BLOCKED_HOST}/"),
     }
-    if (alias := env.target.network.host_alias) is not None:
-        where = f"{alias}:{env.upstream_http_port}"
-        commands[f"direct to the {BLOCKED_HOST} stand-in ({where})"] = send(head, alias, env.upstream_http_port)
-    parts = env.parallel(commands)
+    # Direct egress is aimed at the stand-in on host loopback, which answers as example.com: the same
+    # target on every backend (127.0.0.1 inside, and the host alias where there is one).
+    port = env.upstream_http_port
+    direct = {
+        f"direct to the {BLOCKED_HOST} stand-in ({address}:{port}, {meaning})": send(head, address, port)
+        for address, meaning in host_addresses(env.target.network).items()
+    }
+    parts = env.parallel({**commands, **direct})
+    arrived = [r for r in env.upstream_received() if r.headers.get("x-br-probe") == nonce]
     facts: dict[str, Any] = {}
     allowed = []
     for name, (rc, out) in parts.items():
         how = refusal(rc, out, "CONNECT" in name)
         facts[name] = how
         answer = parse_http(out)
-        if name.startswith("direct"):
+        if name in direct:
             if answer.status is not None:
                 allowed.append(name)
         elif answer.status is not None and answer.status < 400:
             allowed.append(name)
-    if allowed:
-        return Verdict(False, f"{BLOCKED_HOST} reachable via {allowed}", facts)
+    facts["direct_requests_at_the_stand_in"] = len(arrived)
+    if allowed or arrived:
+        where = allowed or "a direct path"
+        return Verdict(False, f"{BLOCKED_HOST} reachable via {where} ({len(arrived)} direct arrival(s))", facts)
     proxied = facts[f"gateway GET http://{BLOCKED_HOST}/"]
+    tried = ", ".join(host_addresses(env.target.network))
     return Verdict(
         True,
         f"denied by the gateway ({proxied['level']} {proxied['status']}, curl exit "
-        f"{proxied['curl_exit']}); direct egress fails",
+        f"{proxied['curl_exit']}); direct to the stand-in via {tried} fails and it logged nothing",
         facts,
     )
 
 
 NAME_ANSWER_RE = re.compile(r"Name:\s*(\S+)\s*\n\s*Address:?\s*(\S+)")
+DNS_CODE_RE = re.compile(r"can't find [^:]+: (\w+)")
+
+
+def lookup_outcome(rc: int, text: str, answers: list[str]) -> str:
+    """How one nslookup ended, in words: an address, a resolver's refusal code, or no resolver at all."""
+    if answers:
+        return "resolved to " + ", ".join(answers)
+    if match := DNS_CODE_RE.search(text):
+        return f"a resolver answered {match.group(1)} (a DNS channel exists, the name got no address)"
+    if rc == 137:
+        return f"no resolver answered within {NSLOOKUP_TIMEOUT_S} s"
+    return "no resolver reachable"
 
 
 def check_dns(env: ProbeEnv) -> Verdict:
     lookup = f"timeout -s KILL {NSLOOKUP_TIMEOUT_S} nslookup {BLOCKED_HOST}"
-    commands = {"system resolver": lookup}
+    commands = {
+        "resolv.conf": "cat /etc/resolv.conf 2>&1",
+        "system resolver": lookup,
+    }
     if (resolver := env.target.network.resolver) is not None:
         commands[f"the network's own resolver {resolver}"] = f"{lookup} {resolver}"
+    # Not every backend's network offers a resolver; the host's own is the same target on every one.
+    for server in env.host.resolvers:
+        if server != resolver:
+            commands[f"the host's resolver {server}"] = f"{lookup} {server}"
     parts = env.parallel(commands)
+    conf = parts.pop("resolv.conf")[1]
     resolved = {}
-    for name, (_, out) in parts.items():
+    outcomes = {}
+    for name, (rc, out) in parts.items():
         answers = [addr for host, addr in NAME_ANSWER_RE.findall(out) if host.rstrip(".") == BLOCKED_HOST]
         if answers:
             resolved[name] = answers
-    facts = {"resolved": resolved}
+        outcomes[name] = lookup_outcome(rc, out, answers)
+    nameservers = re.findall(r"^\s*nameserver\s+(\S+)", conf, re.M)
+    facts = {"resolved": resolved, "outcomes": outcomes, "resolv_conf_nameservers": nameservers}
     if resolved:
         return Verdict(False, f"blocked name {BLOCKED_HOST} resolves: {resolved}", facts)
-    return Verdict(True, f"{BLOCKED_HOST} does not resolve through any resolver the guest can reach", facts)
+    system = "system resolver" + (f" ({', '.join(nameservers)})" if nameservers else " (resolv.conf names none)")
+    said = "; ".join(f"{system if name == 'system resolver' else name}: {how}" for name, how in outcomes.items())
+    return Verdict(True, f"{BLOCKED_HOST} gets no address: {said}", facts)
 
 
 def check_ports(env: ProbeEnv) -> Verdict:
@@ -568,9 +944,12 @@ def check_metadata(env: ProbeEnv) -> Verdict:
     trap = env.traps["metadata"]
     start = trap.count()
     path = "/latest/meta-data/iam/security-credentials/"
+    direct = f"direct {METADATA_IP}:80"
     parts = env.parallel(
         {
-            f"direct {METADATA_IP}:80": send(crlf(f"GET {path} HTTP/1.0", f"Host: {METADATA_IP}"), METADATA_IP, 80),
+            # A TCP connect and nothing more: where a real metadata service answers (the host backend on a
+            # cloud machine), asking it for credentials would copy the operator's own into the results.
+            direct: f"nc -w {NC_WAIT_S} {METADATA_IP} 80 -e true && echo connected",
             f"gateway GET http://{METADATA_IP}{path}": via_gateway_get(env, f"http://{METADATA_IP}{path}"),
             f"gateway CONNECT {METADATA_IP}:80": via_gateway_connect(
                 env, f"{METADATA_IP}:80", crlf(f"GET {path} HTTP/1.0", f"Host: {METADATA_IP}")
@@ -579,15 +958,23 @@ def check_metadata(env: ProbeEnv) -> Verdict:
     )
     time.sleep(0.2)
     hits = trap.hits_since(start)
-    reached = [name for name, (_, out) in parts.items() if "br-metadata" in out or markers_in(env, out)]
-    facts = {
-        "metadata_connections": len(hits),
-        "reached_by": reached,
-        "paths": {name: refusal(rc, out, "CONNECT" in name) for name, (rc, out) in parts.items()},
-    }
+    connected = parts[direct][0] == 0 and "connected" in parts[direct][1]
+    reached = [
+        name
+        for name, (_, out) in parts.items()
+        if "br-metadata" in out or markers_in(env, out) or (name == direct and connected)
+    ]
+    paths = {name: refusal(rc, out, "CONNECT" in name) for name, (rc, out) in parts.items()}
+    if connected:
+        paths[direct]["level"] = "none (TCP connection opened; no request sent)"
+    facts = {"metadata_connections": len(hits), "reached_by": reached, "paths": paths}
     if hits or reached:
         return Verdict(False, f"cloud metadata reachable ({len(hits)} connection(s)) via {reached}", facts)
-    return Verdict(True, f"{METADATA_IP} unreachable directly and through the gateway", facts)
+    return Verdict(
+        True,
+        f"{METADATA_IP} unreachable: no TCP connection directly ({paths[direct]['level']}), denied by the gateway",
+        facts,
+    )
 
 
 def agent_request(command: str) -> str:
@@ -595,42 +982,116 @@ def agent_request(command: str) -> str:
     return f"BR1 5 {base64.b64encode(command.encode()).decode()}\\n"
 
 
+def agent_answered(text: str) -> bool:
+    """A guest agent's reply header (rc 0) is in `text`."""
+    return re.search(r"BR1 0 \d+ \d+ \d+", text) is not None
+
+
+def own_agent_path(network: GuestNetwork, ask: str) -> tuple[str, str] | None:
+    """The sandbox's own agent, reached from inside the way a peer's would be: the probe's positive control.
+
+    A port at the sandbox's own address (a microVM, the host process), or the unix socket of a jail's
+    channel; None when the backend names neither."""
+    if network.agent_port:
+        where = f"{network.own_address}:{network.agent_port}"
+        return f"own agent at {where} (control: must answer)", send(ask, network.own_address, network.agent_port)
+    if network.agent_socket:
+        sock = shlex.quote(network.agent_socket)
+        return f"own agent at {network.agent_socket} (control: must answer)", (
+            f"{FIND_SOCAT}; if [ -n \"$S\" ]; then printf '{ask}' | "
+            f'"$S" -t {PEER_SOCKET_TIMEOUT_S} - UNIX-CONNECT:{sock}; '
+            f"else [ -S {sock} ] && echo 'socket present; no socat inside to speak to it'; fi"
+        )
+    return None
+
+
+def peer_paths_command(paths: dict[str, str], ask: str) -> str:
+    """Which of a peer's host paths exist inside, and whether its agent socket answers if it does."""
+    quoted = " ".join(shlex.quote(path) for path in paths.values())
+    command = f'for p in {quoted}; do [ -e "$p" ] && echo "visible $p"; done; '
+    if "agent socket" in paths:
+        sock = shlex.quote(paths["agent socket"])
+        command += (
+            f"{FIND_SOCAT}; [ -S {sock} ] && [ -n \"$S\" ] && printf '{ask}' | "
+            f'"$S" -t {PEER_SOCKET_TIMEOUT_S} - UNIX-CONNECT:{sock}; '
+        )
+    return command + "true"
+
+
 def check_peers(env: ProbeEnv) -> Verdict:
     if not env.peers:
         return Verdict(None, "not applicable: needs at least two sandboxes")
+    if not any(peer.endpoints or peer.paths for peer in env.peers):
+        return Verdict(None, "not applicable: the backend names no host address or path that leads into its sandboxes")
     ask = agent_request("hostname")
     connect = crlf(f"CONNECT {ALLOWED_HOST}:443 HTTP/1.1", f"Host: {ALLOWED_HOST}:443")
     network = env.target.network
-    own_path = f"{network.own_address}:{network.agent_port} (the sandbox's own address)"
-    commands: dict[str, str] = {own_path: send(ask, network.own_address, network.agent_port)}
+    commands: dict[str, str] = {}
+    control = own_agent_path(network, ask)
+    if control is not None:
+        commands[control[0]] = control[1]
+    # name -> (kind, how): how is "direct", "gateway" (a tunnel through the own gateway) or "paths".
+    aimed: dict[str, tuple[str, str]] = {}
     for peer in env.peers:
         for kind, endpoint in peer.endpoints.items():
             # What the host forwards to the peer's agent speaks the agent protocol; anything else, HTTP.
             payload = ask if kind == "agent" else connect
-            if network.host_alias is not None:
-                where = f"{network.host_alias}:{endpoint.port}"
-                commands[f"{peer.id} {kind} via host alias {where}"] = send(payload, network.host_alias, endpoint.port)
-            if kind == "agent":
-                commands[f"{peer.id} {kind} via gateway CONNECT {endpoint}"] = via_gateway_connect(
-                    env, str(endpoint), ask
-                )
+            for address, meaning in host_addresses(network).items():
+                name = f"{peer.id} {kind} via {address}:{endpoint.port} ({meaning})"
+                commands[name] = send(payload, address, endpoint.port)
+                aimed[name] = (kind, "direct")
+            name = f"{peer.id} {kind} via gateway CONNECT {endpoint}"
+            commands[name] = via_gateway_connect(env, str(endpoint), payload)
+            aimed[name] = (kind, "gateway")
+        if peer.paths:
+            name = f"{peer.id} host paths ({', '.join(peer.paths)})"
+            commands[name] = peer_paths_command(peer.paths, ask)
+            aimed[name] = ("paths", "paths")
     parts = env.parallel(commands)
     reached = []
-    for name, (_, out) in parts.items():
-        peer_id, _, path = name.partition(" ")
-        if not any(p.id == peer_id for p in env.peers):
-            continue
-        # Any agent answer on a peer's forward is the peer's agent; a peer's gateway listener answers HTTP at all.
-        # (The own gateway's 403 for CONNECT 127.0.0.1:<port> is a refusal, not the peer.)
-        agent_answered = path.startswith("agent ") and re.search(r"BR1 0 \d+ \d+ \d+", out) is not None
-        listener_answered = not path.startswith("agent ") and parse_http(out).status is not None
-        if agent_answered or listener_answered:
+    visible: list[str] = []
+    for name, (kind, how) in aimed.items():
+        out = parts[name][1]
+        if how == "paths":
+            seen = [line[8:] for line in out.splitlines() if line.startswith("visible ")]
+            visible += seen
+            hit = bool(seen) or agent_answered(out)
+        elif kind == "agent":
+            hit = agent_answered(out)
+        elif how == "direct":
+            hit = parse_http(out).status is not None  # a peer's gateway listener answers HTTP at all
+        else:
+            # The own gateway answers first (403 for loopback); only an opened tunnel carries the peer's answer.
+            statuses = http_statuses(out)
+            hit = bool(statuses) and statuses[0] == 200 and len(statuses) > 1
+        if hit:
             reached.append(name)
-    own = parts[own_path][1]
-    facts = {"peers": [p.id for p in env.peers], "reached": reached, "own_address_answers": "BR1 0 " in own}
+    own = parts[control[0]][1] if control is not None else ""
+    control_ok = control is not None and (agent_answered(own) or "socket present" in own)
+    facts = {
+        "peers": [p.id for p in env.peers],
+        "reached": reached,
+        "own_address_answers": control_ok,
+        "own_agent_control": control[0] if control is not None else "none: the backend names no agent port or socket",
+        "paths_tried": len(aimed),
+        "peer_paths_checked": {peer.id: peer.paths for peer in env.peers},
+        "peer_paths_visible": visible,
+    }
     if reached:
         return Verdict(False, f"another sandbox is reachable: {reached}", facts)
-    return Verdict(True, f"no path to {len(env.peers)} other sandbox(es)' agent or gateway listener", facts)
+    if control is not None and not control_ok:
+        return Verdict(
+            False,
+            "the sandbox's own agent did not answer the way a peer's was asked, so a silent peer proves nothing",
+            facts,
+        )
+    kinds = sorted({kind for kind, _ in aimed.values()})
+    return Verdict(
+        True,
+        f"no path to {len(env.peers)} other sandbox(es): {len(aimed)} tried ({', '.join(kinds)})"
+        + ("; own agent answered the same way" if control_ok else ""),
+        facts,
+    )
 
 
 PROBES: tuple[Probe, ...] = (
@@ -641,6 +1102,9 @@ PROBES: tuple[Probe, ...] = (
         "a key variable with a real value or any marker (leaky: the host key is exported in the guest)",
         "issue probe 1, FINDINGS 'credential-less agents'",
         check_env,
+        "env, and /proc/*/environ of every process visible inside, searched for the planted markers and key "
+        "variables with a value other than the sentinel. Also records whether a host-started process's "
+        "environment is readable (bwrap's PID 1 is the bwrap process; the host backend sees everything).",
     ),
     Probe(
         "fs-scan",
@@ -649,22 +1113,37 @@ PROBES: tuple[Probe, ...] = (
         "any secret marker is found, or the positive control is not (leaky: the planted home is copied in)",
         "issue probes 1 and 10",
         check_fs_scan,
+        "find and grep over / (pseudo filesystems pruned) and dmesg, whatever the sandbox can read; the "
+        "project's positive control must be found, or the scan vouches for nothing.",
     ),
     Probe(
         "processes",
         "Process isolation",
-        "the guest's process list holds none of the host's processes (a decoy host process carries a marker)",
+        "no host process visible (decoy absent): the process list inside holds none of the host's processes "
+        "(a decoy host process carries a marker)",
         "the decoy host process is visible (the host shell target shows it)",
         "issue probe 2, FINDINGS 13 processes",
         check_processes,
+        "ps and every /proc/*/cmdline inside, searched for the decoy's marker. The evidence shows what each "
+        "backend hides and what it lets through: the count inside against the host's, the (redacted) process "
+        "list, PID 1, and any sandbox supervisor visible inside (bwrap is PID 1 of its own jail, with its "
+        "host-side command line; a microVM shows its own init and kernel threads; the host shows everything).",
     ),
     Probe(
         "kernel",
         "Separate kernel",
-        "the guest's boot id differs from the host's",
-        "same boot id (the host shell target)",
+        "the kernel answering inside is not the host's: none of the host's signs (boot id, exact /proc/version, "
+        "uptime, a kernel log naming it) and at least two of its own",
+        "any sign of the host's kernel, or no boot id with the host's release (the host's kernel hiding the "
+        "file), or fewer than two signs of its own: bwrap and the host backend share the host's kernel",
         "issue probe 3, FINDINGS 'own Linux kernel'",
         check_kernel,
+        "Reads boot_id, uname -r, /proc/version, /proc/uptime and dmesg inside and compares each with the "
+        "host's. A container sharing the host's kernel shows the host's boot id and the host's exact "
+        "/proc/version and uptime. gVisor's sentry shows neither: no boot_id file, release 4.4.0 with a "
+        "/proc/version of its own, an uptime counted from the sandbox's start, and a log that says "
+        "'Starting gVisor...'. A microVM shows its own boot id, version, uptime and boot log. A same-build VM "
+        "(the host's exact /proc/version) still passes on its own boot id and uptime.",
     ),
     Probe(
         "home",
@@ -673,6 +1152,8 @@ PROBES: tuple[Probe, ...] = (
         "a planted path exists in the guest (leaky: home copied into /root)",
         "issue probe 4, FINDINGS 1",
         check_home,
+        "Every planted file is looked for under $HOME, /root, /home/* and the host home's own path; the "
+        "working directory is listed; the mount table is recorded.",
     ),
     Probe(
         "host-loopback",
@@ -681,6 +1162,9 @@ PROBES: tuple[Probe, ...] = (
         "the canary logs a connection (leaky: slirp restrict=off, policy allows loopback)",
         "issue probe 5, FINDINGS 2",
         check_host_loopback,
+        "127.0.0.1 and localhost inside (the host's loopback exactly when the network is shared), the host "
+        "alias where the backend has one, and CONNECT/GET through the gateway; the host-side canary's "
+        "connection log is the judge.",
     ),
     Probe(
         "engine-socket",
@@ -689,6 +1173,8 @@ PROBES: tuple[Probe, ...] = (
         "the fake host engine answers or logs a connection (leaky: forwarded into the guest)",
         "issue probe 6, FINDINGS 7",
         check_engine_socket,
+        "The usual engine socket paths and the host's own fake socket's path, DOCKER_HOST, and :2375 at "
+        "127.0.0.1 and the host alias where there is one; the fake socket's connection log is the judge.",
     ),
     Probe(
         "blocked-domain",
@@ -697,6 +1183,9 @@ PROBES: tuple[Probe, ...] = (
         "any path gets a 2xx/3xx answer (leaky: open policy, unrestricted network)",
         "issue probe 7, FINDINGS 4",
         check_blocked_domain,
+        "CONNECT and GET through the gateway, and a direct request to the example.com stand-in on host "
+        "loopback via 127.0.0.1 and the host alias where there is one; the stand-in's request log is the "
+        "judge of the direct paths.",
     ),
     Probe(
         "dns",
@@ -705,6 +1194,9 @@ PROBES: tuple[Probe, ...] = (
         "an address comes back (leaky: the guest gets the gateway's resolver under an allow-all policy)",
         "issue probe 8, FINDINGS 5",
         check_dns,
+        "nslookup through the system resolver (resolv.conf recorded), the network's own resolver where the "
+        "backend has one, and the host's own nameservers (the same target on every backend); each outcome is "
+        "recorded, and a resolver that answers NXDOMAIN is noted as a DNS channel.",
     ),
     Probe(
         "ports",
@@ -713,6 +1205,7 @@ PROBES: tuple[Probe, ...] = (
         "a non-443 port opens (leaky: every port allowed)",
         "issue probe 9, FINDINGS 6",
         check_ports,
+        "CONNECT through the gateway only (the same on every backend); :443 must open as the control.",
     ),
     Probe(
         "credential",
@@ -721,6 +1214,8 @@ PROBES: tuple[Probe, ...] = (
         "the guest holds the key, or the call fails (leaky: the key is in the guest env)",
         "issue probe 10, FINDINGS 'credential-less agents'",
         check_credential,
+        "One model-API request through the gateway with the sentinel, checked at the upstream stand-in, and "
+        "the key variable as the sandbox sees it.",
     ),
     Probe(
         "metadata",
@@ -729,14 +1224,22 @@ PROBES: tuple[Probe, ...] = (
         "the metadata stand-in logs a connection (leaky: policy allows link-local)",
         "issue probe 11",
         check_metadata,
+        "A bare TCP connect to 169.254.169.254:80 (no request: a real metadata service must never be asked "
+        "for credentials), and GET/CONNECT through the gateway, whose route to it leads to a stand-in.",
     ),
     Probe(
         "peers",
         "Sandbox-to-sandbox",
-        "no sandbox reaches another's agent or gateway listener",
-        "a peer's agent answers (leaky: slirp restrict=off reaches its host port)",
+        "no sandbox reaches another's agent, gateway listener or host-side paths",
+        "a peer's agent or listener answers, or a peer's host path is visible (leaky: slirp restrict=off "
+        "reaches its host port)",
         "issue probe 12",
         check_peers,
+        "Each peer's host ports (agent forward, gateway listener) via 127.0.0.1 and the host alias where there "
+        "is one, and through the own gateway; each peer's host paths (a jail's channel directory under "
+        "/tmp/br-ch-*, its agent socket and workspace; every sandbox's directory on the host) looked for and, "
+        "for a socket, spoken to. The control: the sandbox's own agent (port or /run/br socket) must answer the "
+        "same way. n/a with one sandbox, or when a backend names no address or path into its sandboxes.",
     ),
 )
 

@@ -75,7 +75,8 @@ def _scorecard(card: dict[str, Any]) -> str:
             f"<td>{escape(probe['title'])}</td><td><b>{VERDICT[probe['passed']]}</b></td>"
             f"<td>{escape(probe.get('reason', ''))}<details><summary>evidence</summary>"
             f"<p><i>Proves:</i> {escape(probe.get('proves', ''))}<br><i>Fails when:</i> "
-            f"{escape(probe.get('fails_when', ''))}<br><i>Automates:</i> {escape(probe.get('finding', ''))}</p>"
+            f"{escape(probe.get('fails_when', ''))}<br><i>How:</i> {escape(probe.get('method', ''))}"
+            f"<br><i>Automates:</i> {escape(probe.get('finding', ''))}</p>"
             f"<pre>{facts}</pre><ol>{evidence}</ol></details></td></tr>"
         )
     return (

@@ -33,6 +33,7 @@ import contextlib
 import importlib
 import json
 import platform
+import re
 import threading
 import time
 from contextlib import ExitStack
@@ -100,12 +101,24 @@ def reference_policy() -> dict[str, Any]:
 
 
 def host_facts() -> Any:
+    """The host's side of every comparison, read on the host."""
     import psutil
 
+    try:
+        pid1 = " ".join(psutil.Process(1).cmdline())
+    except psutil.Error:
+        pid1 = ""
+    try:
+        conf = Path("/etc/resolv.conf").read_text()
+    except OSError:
+        conf = ""
     return probes.HostFacts(
         boot_id=Path("/proc/sys/kernel/random/boot_id").read_text().strip(),
         kernel_release=platform.release(),
         process_count=len(psutil.pids()),
+        proc_version=Path("/proc/version").read_text().strip(),
+        pid1=pid1,
+        resolvers=tuple(re.findall(r"^\s*nameserver\s+(\S+)", conf, re.M)),
     )
 
 
@@ -283,7 +296,7 @@ class IsolationScenario:
 
     def run(self, ctx: ScenarioContext) -> None:
         facts = host_facts()
-        peers_all = [probes.Peer(vm.id, self._endpoints(vm)) for vm in self.booted]
+        peers_all = [probes.Peer(vm.id, self._endpoints(vm), self._paths(vm)) for vm in self.booted]
         assert self.upstream is not None
         for vm in self.booted:
             env = probes.ProbeEnv(
@@ -312,6 +325,13 @@ class IsolationScenario:
         assert self.fleet is not None
         listener = self.fleet.egress_listener(sandbox.id)
         return {**sandbox.host_endpoints(), **({"gateway listener": listener} if listener else {})}
+
+    def _paths(self, sandbox: Sandbox) -> dict[str, str]:
+        """Host paths that lead into `sandbox`: its directory on the host (every backend), and a jail's channel
+        directory, sockets and workspace."""
+        assert self.fleet is not None
+        own = sandbox.host_paths() if isinstance(sandbox, probes.HasHostPaths) else {}
+        return {"sandbox directory": str(self.fleet.workdir(sandbox.id)), **{k: str(v) for k, v in own.items()}}
 
     def _summarise(self, ctx: ScenarioContext) -> None:
         cards = ctx.data["scorecards"]

@@ -2,7 +2,9 @@
 
 One reference run and one --leaky run (two sandboxes each) are shared by the whole module; every
 probe must pass in the first and (where the weakening applies) fail in the second. `processes`
-and `kernel` cannot be weakened on a microVM, so they are shown red on the host backend.
+and `kernel` cannot be weakened on a microVM, so they are shown red on the host backend. The same
+probes run on bwrap (only `kernel` red: a jail shares the host's kernel) and on the host backend
+(red nearly everywhere); tests/scenarios/test_isolation_probes.py judges recorded outputs.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -225,3 +228,82 @@ def test_sigterm_mid_run_still_removes_the_honeytokens(tmp_path: Path) -> None:
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["scenario"]["journal"]["status"] == "interrupted"
     assert not re.search(honeytokens.ANY_MARKER_RE, (tmp_path / "run" / "results.json").read_text())
+
+
+# ---- the same probes on the namespace backends: real runs, no QEMU --------------------------------
+# Each run takes 5-8 s here (two sandboxes, every probe), under the 10 s that would make it `slow`.
+def _backend_run(tmp: Path, backend: str) -> dict[str, Any]:
+    exit_code, run_dir = run_scenario("isolation", {"backend": backend, "sandboxes": 2}, out=tmp)
+    data = json.loads((run_dir / "results.json").read_text())
+    return {"exit_code": exit_code, "run_dir": run_dir, "data": data, "info": data["scenario"]["data"]}
+
+
+@pytest.fixture(scope="module")
+def bwrap_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    if shutil.which("bwrap") is None:
+        pytest.skip("bubblewrap is not installed")
+    return _backend_run(tmp_path_factory.mktemp("iso-bwrap"), "bwrap")
+
+
+@pytest.fixture(scope="module")
+def host_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    return _backend_run(tmp_path_factory.mktemp("iso-host"), "host")
+
+
+def _probe(card: dict[str, Any], probe_id: str) -> dict[str, Any]:
+    return next(p for p in card["probes"] if p["id"] == probe_id)
+
+
+def _red(card: dict[str, Any]) -> set[str]:
+    return {p["id"] for p in card["probes"] if p["passed"] is False}
+
+
+def test_bwrap_is_red_only_on_the_shared_kernel(bwrap_run: dict[str, Any]) -> None:
+    cards = bwrap_run["info"]["scorecards"]
+    assert len(cards) == 2 and bwrap_run["exit_code"] == 1
+    for card in cards:
+        assert _red(card) == {"kernel"}, [(p["id"], p["reason"]) for p in card["probes"] if p["passed"] is False]
+        kernel = _probe(card, "kernel")
+        assert {"the host's boot id", "the host's exact /proc/version"} <= set(kernel["facts"]["host_signs"])
+        assert all(p["passed"] is not None for p in card["probes"]), "every probe applies to a jail"
+    assert bwrap_run["info"]["evidence_clean"]["clean"]
+
+
+def test_bwrap_processes_show_its_supervisor_and_hide_the_host(bwrap_run: dict[str, Any]) -> None:
+    facts = _probe(bwrap_run["info"]["scorecards"][0], "processes")["facts"]
+    assert facts["supervisor_visible"] == [{"pid": 1, "name": "bwrap"}] and not facts["decoy_seen"]
+    assert facts["guest_processes"] == len(facts["process_list"]) < facts["host_processes"]
+    assert facts["pid1"].split()[0].endswith("bwrap") and not facts["pid1_is_hosts"]
+
+
+def test_bwrap_peers_aim_at_the_channel_and_the_listener(bwrap_run: dict[str, Any]) -> None:
+    card = bwrap_run["info"]["scorecards"][0]
+    peers = _probe(card, "peers")
+    assert peers["passed"] is True and peers["facts"]["own_address_answers"] is True
+    assert "/run/br/agent.sock" in peers["facts"]["own_agent_control"]
+    other = bwrap_run["info"]["scorecards"][1]["sandbox"]
+    paths = peers["facts"]["peer_paths_checked"][other]
+    assert Path(paths["channel directory"]).name.startswith("br-ch-") and "agent socket" in paths
+    whats = [item["what"] for item in peers["evidence"]]
+    assert any("gateway listener via 127.0.0.1:" in what for what in whats)
+    assert any("gateway listener via gateway CONNECT" in what for what in whats)
+    assert not any(":0 " in what for what in whats), "no probe aims at agent port 0"
+    # Where a jail has no host alias, the direct paths say what they aimed at instead.
+    blocked = _probe(card, "blocked-domain")
+    assert any(name.startswith("direct to the example.com stand-in (127.0.0.1:") for name in blocked["facts"])
+
+
+def test_host_backend_is_red_on_the_kernel_and_most_probes(host_run: dict[str, Any]) -> None:
+    for card in host_run["info"]["scorecards"]:
+        red = _red(card)
+        assert len(red) >= 5 and {"kernel", "processes", "env", "home", "host-loopback", "peers"} <= red, red
+        kernel = _probe(card, "kernel")["facts"]
+        assert kernel["judgement"] == "the host's kernel" and kernel["signs"]["boot_id"] == "same"
+        processes = _probe(card, "processes")["facts"]
+        assert processes["decoy_seen"] and processes["pid1_is_hosts"]
+        peers = _probe(card, "peers")["facts"]
+        assert any("host paths" in name for name in peers["reached"]), "a peer's host directory is visible"
+        metadata = _probe(card, "metadata")
+        direct = next(item for item in metadata["evidence"] if item["what"].startswith("direct"))
+        assert direct["command"].endswith("-e true && echo connected"), "never a request to a real metadata service"
+    assert host_run["info"]["evidence_clean"]["clean"]
