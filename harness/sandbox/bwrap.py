@@ -48,6 +48,9 @@ def bwrap_argv(bwrap: str, rootfs: Path, channel: Path, workspace: Path, sandbox
         "--unshare-all",
         "--die-with-parent",
         "--new-session",
+        # The jail's init is its PID 1, not a bwrap reaper: a bwrap inside would show the host's paths in its
+        # command line and its environment (the harness's owner mark) to every process of the jail.
+        "--as-pid-1",
         "--ro-bind", str(rootfs), "/",
         "--proc", "/proc",
         "--dev", "/dev",

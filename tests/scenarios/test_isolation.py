@@ -269,11 +269,14 @@ def test_bwrap_is_red_only_on_the_shared_kernel(bwrap_run: dict[str, Any]) -> No
     assert bwrap_run["info"]["evidence_clean"]["clean"]
 
 
-def test_bwrap_processes_show_its_supervisor_and_hide_the_host(bwrap_run: dict[str, Any]) -> None:
+def test_bwrap_processes_hide_the_host_and_bwrap_itself(bwrap_run: dict[str, Any]) -> None:
     facts = _probe(bwrap_run["info"]["scorecards"][0], "processes")["facts"]
-    assert facts["supervisor_visible"] == [{"pid": 1, "name": "bwrap"}] and not facts["decoy_seen"]
+    # --as-pid-1: the jail's own init is PID 1; no bwrap inside shows host paths or the harness's environment.
+    assert facts["supervisor_visible"] == [] and not facts["decoy_seen"]
     assert facts["guest_processes"] == len(facts["process_list"]) < facts["host_processes"]
-    assert facts["pid1"].split()[0].endswith("bwrap") and not facts["pid1_is_hosts"]
+    assert facts["pid1"].split()[0] == "socat" and not facts["pid1_is_hosts"]
+    env = _probe(bwrap_run["info"]["scorecards"][0], "env")["facts"]
+    assert not env.get("host_started_environment_visible"), env
 
 
 def test_bwrap_peers_aim_at_the_channel_and_the_listener(bwrap_run: dict[str, Any]) -> None:
