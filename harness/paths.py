@@ -1,6 +1,8 @@
 """Where blastradius keeps its caches and run bookkeeping on the host."""
 
 import os
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 CACHE_ENV = "BLASTRADIUS_CACHE"
@@ -20,3 +22,25 @@ def pid_records_dir() -> Path:
     path = cache_dir() / "pids"
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+READY_MARK = ".ready"
+"""In a cached directory: present once it is whole."""
+
+
+def cached_dir(root: Path, fill: Callable[[Path], None]) -> Path:
+    """`root`, a content-addressed cache directory, made once: `fill` writes it into a staging directory of
+    this writer's own, which is renamed into place whole, so two runs building it at once never see half
+    of one (the second rename loses, and its copy goes)."""
+    if (root / READY_MARK).exists():
+        return root
+    staging = root.with_name(f"{root.name}.{os.getpid()}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    fill(staging)
+    (staging / READY_MARK).touch()
+    try:
+        staging.rename(root)
+    except OSError:  # another run made it first
+        shutil.rmtree(staging, ignore_errors=True)
+    return root

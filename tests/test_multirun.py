@@ -15,7 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from harness.supervisor import pid_alive
+from harness.supervisor import pid_alive, process_create_time
 from tests.conftest import REPO
 
 INVOKE = str(Path(sys.executable).parent / "invoke")
@@ -73,19 +73,38 @@ def test_a_bad_backend_list_is_one_line(tmp_path: Path, backends: str, message: 
     assert not (tmp_path / "z").exists()
 
 
-def _family(pid: int) -> set[int]:
-    try:
-        return {pid, *(child.pid for child in psutil.Process(pid).children(recursive=True))}
-    except psutil.NoSuchProcess:
-        return set()
+def _family(pid: int) -> set[tuple[int, float]]:
+    """pid and its descendants, each with its start time (so a recycled pid is never mistaken for one)."""
+    family = set()
+    with contextlib.suppress(psutil.NoSuchProcess):
+        root = psutil.Process(pid)
+        for process in (root, *root.children(recursive=True)):
+            with contextlib.suppress(psutil.NoSuchProcess):
+                family.add((process.pid, process.create_time()))
+    return family
 
 
-def _names(pids: set[int]) -> set[str]:
+def _names(seen: set[tuple[int, float]]) -> set[str]:
     names = set()
-    for pid in pids:
+    for pid, _ in seen:
         with contextlib.suppress(psutil.Error):
             names.add(psutil.Process(pid).name())
     return names
+
+
+def _still_running(seen: set[tuple[int, float]], grace_s: float = 10.0) -> list[str]:
+    """Command lines of the processes in `seen` still running after `grace_s` (zombies count as gone)."""
+    deadline = time.monotonic() + grace_s
+    while True:
+        left = [pid for pid, started in seen if pid_alive(pid) and process_create_time(pid) == started]
+        if not left or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    lines = []
+    for pid in left:
+        with contextlib.suppress(psutil.Error):
+            lines.append(f"{pid}: {' '.join(psutil.Process(pid).cmdline())}")
+    return lines
 
 
 JAIL_PROCESS = {"bwrap": "bwrap", "gvisor": "runsc"}
@@ -99,7 +118,7 @@ def test_an_interrupted_run_leaves_no_jail(tmp_path: Path, backend: str, signum:
     argv = [INVOKE, "bench", "--backend", f"{backend},host", "--sandboxes", "2", "--warmup", "0",
             "--repeat", "50", "--no-proxy", "--out", str(out)]  # fmt: skip
     run = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    seen: set[int] = set()
+    seen: set[tuple[int, float]] = set()
     deadline = time.monotonic() + 120
     # Until jails are up: the family then holds the jail, its init and the relays.
     while not any(name.startswith(JAIL_PROCESS[backend]) for name in _names(seen)):
@@ -118,6 +137,4 @@ def test_an_interrupted_run_leaves_no_jail(tmp_path: Path, backend: str, signum:
         assert top["partial"] and top["interrupted_by"] == signum.name
         sub = json.loads((out / backend / "results.json").read_text())
         assert sub["partial"]
-    time.sleep(0.5)
-    left = [pid for pid in seen - {run.pid} if pid_alive(pid)]
-    assert not left, [psutil.Process(pid).cmdline() for pid in left if pid_alive(pid)]
+    assert not _still_running({(pid, started) for pid, started in seen if pid != run.pid})

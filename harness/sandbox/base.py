@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Protocol, TypeVar, runtime_checkable
 
 from harness.supervisor import Supervisor
 
@@ -206,6 +206,29 @@ class Backend(Protocol):
     def describe(self) -> dict[str, object]:
         """Versions and settings that belong in results.json (binary versions, accel, image)."""
         ...
+
+
+class Starting(Protocol):
+    """A sandbox on its way up: its process started by `spawn`, its agent awaited by `wait_ready`."""
+
+    def spawn(self) -> None: ...
+    def wait_ready(self) -> None: ...
+    def stop(self) -> None: ...
+
+
+StartingT = TypeVar("StartingT", bound=Starting)
+
+
+def start_or_stop(sandbox: StartingT) -> StartingT:
+    """Spawn `sandbox` and wait for its agent; on any failure, an interruption included, stop it first, so a
+    half-started sandbox leaves nothing running. What every backend's `boot` does."""
+    try:
+        sandbox.spawn()
+        sandbox.wait_ready()
+    except BaseException:
+        sandbox.stop()
+        raise
+    return sandbox
 
 
 class BootFailed(Exception):

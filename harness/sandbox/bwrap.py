@@ -12,7 +12,7 @@ import shutil
 from pathlib import Path
 
 from harness.errors import ConfigError, EnvironmentMissing
-from harness.sandbox.base import BackendOptions, BootFailed, Features, SandboxSpec
+from harness.sandbox.base import BackendOptions, BootFailed, Features, SandboxSpec, start_or_stop
 from harness.sandbox.jail import (
     CHANNEL_MOUNT,
     JAIL_CA_BUNDLE,
@@ -91,14 +91,7 @@ class BwrapBackend:
         self.bwrap = bwrap
 
     def boot(self, spec: SandboxSpec, supervisor: Supervisor) -> BwrapSandbox:
-        sandbox = BwrapSandbox(spec, self.rootfs, supervisor, self.bwrap)
-        try:
-            sandbox.spawn()
-            sandbox.wait_ready()
-        except BaseException:
-            sandbox.stop()
-            raise
-        return sandbox
+        return start_or_stop(BwrapSandbox(spec, self.rootfs, supervisor, self.bwrap))
 
     def weaken(self, engine_socket: Path) -> BwrapBackend:
         raise ConfigError("the bwrap backend has no --leaky variant; run --leaky with --backend qemu")

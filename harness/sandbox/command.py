@@ -100,6 +100,7 @@ from harness.sandbox.base import (
     Features,
     GuestNetwork,
     SandboxSpec,
+    start_or_stop,
 )
 from harness.sandbox.jail import jail_rootfs
 from harness.scratch import make_scratch_dir, remove_scratch_dir
@@ -487,7 +488,7 @@ class CommandSandbox:
         """The BR_* variables every command of this sandbox gets."""
 
     # ---- boot ----------------------------------------------------------------------------
-    def start(self) -> None:
+    def spawn(self) -> None:
         """Record the sandbox for `invoke clean`, then spawn the create command (through the supervisor's
         long-lived spawner thread: a tool it execs that dies with its parent must not die with a boot thread)."""
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -736,14 +737,7 @@ class CommandBackend:
         self.name = f"command:{stack.label}"
 
     def boot(self, spec: SandboxSpec, supervisor: Supervisor) -> CommandSandbox:
-        sandbox = CommandSandbox(spec, self.stack, supervisor, self.rootfs)
-        try:
-            sandbox.start()
-            sandbox.wait_ready()
-        except BaseException:
-            sandbox.stop()
-            raise
-        return sandbox
+        return start_or_stop(CommandSandbox(spec, self.stack, supervisor, self.rootfs))
 
     def weaken(self, engine_socket: Path) -> CommandBackend:
         raise ConfigError("the command backend has no --leaky variant (the stack is yours); run --leaky with qemu")

@@ -30,7 +30,7 @@ import psutil
 
 from harness.errors import ConfigError, EnvironmentMissing
 from harness.paths import pid_records_dir
-from harness.sandbox.base import BackendOptions, BootFailed, Features, SandboxSpec
+from harness.sandbox.base import BackendOptions, BootFailed, Features, SandboxSpec, start_or_stop
 from harness.sandbox.jail import (
     CHANNEL_MOUNT,
     JAIL_CA_BUNDLE,
@@ -340,14 +340,7 @@ class GvisorBackend:
         self.runsc = runsc
 
     def boot(self, spec: SandboxSpec, supervisor: Supervisor) -> GvisorSandbox:
-        sandbox = GvisorSandbox(spec, self.rootfs, supervisor, self.runsc)
-        try:
-            sandbox.spawn()
-            sandbox.wait_ready()
-        except BaseException:
-            sandbox.stop()
-            raise
-        return sandbox
+        return start_or_stop(GvisorSandbox(spec, self.rootfs, supervisor, self.runsc))
 
     def weaken(self, engine_socket: Path) -> GvisorBackend:
         raise ConfigError("the gvisor backend has no --leaky variant; run --leaky with --backend qemu")

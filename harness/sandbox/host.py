@@ -25,6 +25,7 @@ import psutil
 
 from harness.errors import ConfigError, EnvironmentMissing
 from harness.image.initramfs import busybox_binary, guest_file
+from harness.paths import cached_dir
 from harness.sandbox.agent import AgentUnavailable, agent_exec, free_port
 from harness.sandbox.base import (
     BackendOptions,
@@ -35,6 +36,7 @@ from harness.sandbox.base import (
     Features,
     GuestNetwork,
     SandboxSpec,
+    start_or_stop,
 )
 from harness.supervisor import Supervisor, run_tool
 
@@ -74,22 +76,15 @@ def userland(cache: Path) -> Path:
     busybox = busybox_binary()
     agent = guest_file("br-agent")
     key = hashlib.sha256(f"{USERLAND_FORMAT}".encode() + busybox.read_bytes() + agent).hexdigest()[:16]
-    root = cache / "host-userland" / key
-    if (root / "ready").exists():
-        return root
-    staging = root.with_name(f"{key}.{os.getpid()}.partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    (staging / "bin").mkdir(parents=True)
-    applets = run_tool([str(busybox), "--list"], capture_output=True, text=True, check=True).stdout.split()
-    for applet in applets:
-        os.symlink(busybox, staging / "bin" / applet)
-    (staging / "br-agent").write_bytes(agent)
-    (staging / "ready").touch()
-    try:
-        staging.rename(root)
-    except OSError:  # another run made it first
-        shutil.rmtree(staging, ignore_errors=True)
-    return root
+
+    def fill(staging: Path) -> None:
+        (staging / "bin").mkdir()
+        applets = run_tool([str(busybox), "--list"], capture_output=True, text=True, check=True).stdout.split()
+        for applet in applets:
+            os.symlink(busybox, staging / "bin" / applet)
+        (staging / "br-agent").write_bytes(agent)
+
+    return cached_dir(cache / "host-userland" / key, fill)
 
 
 def become_subreaper() -> None:
@@ -238,14 +233,7 @@ class HostBackend:
         self.userland = userland_dir
 
     def boot(self, spec: SandboxSpec, supervisor: Supervisor) -> HostProcess:
-        sandbox = HostProcess(spec, self.userland, supervisor)
-        sandbox.spawn()
-        try:
-            sandbox.wait_ready()
-        except BaseException:
-            sandbox.stop()
-            raise
-        return sandbox
+        return start_or_stop(HostProcess(spec, self.userland, supervisor))
 
     def weaken(self, engine_socket: Path) -> HostBackend:
         raise ConfigError("the host backend has no isolation to weaken; run --leaky with --backend qemu")

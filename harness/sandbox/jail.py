@@ -25,6 +25,7 @@ import psutil
 
 from harness.errors import EnvironmentMissing
 from harness.image.initramfs import busybox_binary, guest_file
+from harness.paths import cached_dir
 from harness.sandbox.agent import AgentUnavailable, agent_exec
 from harness.sandbox.base import BootFailed, BootRecord, Endpoint, ExecResult, GuestNetwork, SandboxSpec
 from harness.scratch import make_scratch_dir, remove_scratch_dir
@@ -94,11 +95,12 @@ def jail_rootfs(cache: Path) -> Path:
     for name, content in sorted(files.items()):
         digest.update(name.encode() + content)
     key = digest.hexdigest()[:16]
-    root = cache / "jail-rootfs" / key
-    if (root / ".ready").exists():
-        return root
-    staging = root.with_name(f"{key}.{os.getpid()}.partial")
-    shutil.rmtree(staging, ignore_errors=True)
+    return cached_dir(
+        cache / "jail-rootfs" / key, lambda staging: _fill_rootfs(staging, busybox, socat, libraries, files)
+    )
+
+
+def _fill_rootfs(staging: Path, busybox: Path, socat: Path, libraries: list[Path], files: dict[str, bytes]) -> None:
     for directory in ("bin", "sbin", "usr/bin", "etc", *EMPTY_MOUNT_POINTS):
         (staging / directory).mkdir(parents=True, exist_ok=True)
     shutil.copy2(busybox, staging / "bin" / "busybox")
@@ -123,12 +125,6 @@ def jail_rootfs(cache: Path) -> Path:
     (staging / "etc" / "passwd").write_text("root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534::/:/bin/false\n")
     (staging / "etc" / "group").write_text("root:x:0:\nnogroup:x:65534:\n")
     (staging / "etc" / "resolv.conf").write_text("# a jail has no resolver: its only way out is the proxy\n")
-    (staging / ".ready").touch()
-    try:
-        staging.rename(root)
-    except OSError:  # another run made it first
-        shutil.rmtree(staging, ignore_errors=True)
-    return root
 
 
 def jail_network() -> GuestNetwork:
