@@ -85,9 +85,12 @@ async def serve(config: GatewayConfig, sandboxes: dict[str, int] | None = None, 
 
 
 async def _exit_with_parent(config: GatewayConfig, stop: asyncio.Event) -> None:
-    """A managed gateway stops when the harness that started it dies, even by SIGKILL."""
-    parent = os.getppid()
-    if not config.exit_with_parent or parent == 1:
+    """A managed gateway stops when the harness that started it dies, even by SIGKILL, and even when that
+    happened before this gateway could look (its parent is then already not the one the config names)."""
+    if not config.exit_with_parent:
+        return
+    parent = config.parent_pid or os.getppid()
+    if parent == 1:
         return
     while os.getppid() == parent:
         await asyncio.sleep(PARENT_POLL_S)

@@ -67,6 +67,8 @@ class GatewayConfig:
     upstream_ca_file: extra CA (PEM) the gateway trusts when it verifies upstream TLS.
     dns: None keeps the policy's; True opens a policy-gated DNS resolver per sandbox.
     exit_with_parent: the gateway process exits when the process that started it dies.
+    parent_pid: that process (set by GatewayProcess.start): a gateway whose parent died before it could
+        look is already an orphan, and must not take its adoptive parent (init) for its starter.
     extra_env: environment for the gateway process only (e.g. the secret a credential's `env`
         names). Never serialised, never written to disk.
     """
@@ -88,6 +90,7 @@ class GatewayConfig:
     limits: Limits = field(default_factory=Limits)
     log_level: str = "INFO"
     exit_with_parent: bool = True
+    parent_pid: int | None = None
     extra_env: dict[str, str] = field(default_factory=dict, repr=False)
     startup_timeout_s: float = 15.0
 

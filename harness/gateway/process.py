@@ -127,6 +127,7 @@ class GatewayProcess:
             env = gateway_environment(cfg)
         except SetupError as exc:
             raise GatewaySetupError(str(exc)) from None
+        cfg.parent_pid = os.getpid()
         config_path = state / "config.json"
         config_path.write_text(cfg.to_json())
         log_path = state / "gateway.log"

@@ -425,3 +425,26 @@ def test_slow_upstream_gets_504(make_gateway: object) -> None:
     assert time.monotonic() - t0 < 2.5
     [record] = [r for r in gw.audit_records() if r["event"] == "request"]
     assert record["decision"] == "error" and record["status"] == 504
+
+
+def test_a_gateway_whose_parent_died_before_it_looked_exits(
+    tmp_path: Path, ca_dir: Path, test_policy_file: Path
+) -> None:
+    """A SIGKILL of the harness during the gateway's start: by the time it looks, its parent is init (or a
+    subreaper), which it must not take for the harness that started it."""
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    state = tmp_path / "state"
+    state.mkdir()
+    config = GatewayConfig(policy=test_policy_file, ca_dir=ca_dir, state_dir=state, parent_pid=gone.pid)
+    (state / "config.json").write_text(config.to_json())
+    orphan = subprocess.Popen(
+        [sys.executable, "-m", "harness.gateway", "--config", str(state / "config.json")],
+        cwd=str(Path(__file__).resolve().parents[2]),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        assert orphan.wait(timeout=20) == 0
+    finally:
+        orphan.kill()
