@@ -32,6 +32,7 @@ class Fleet:
         run_dir: Path,
         gateway: GatewayProcess | None,
         template: SandboxSpec,
+        egress_port: int | None = None,
     ) -> None:
         self.backend = backend
         self.supervisor = supervisor
@@ -39,6 +40,9 @@ class Fleet:
         self.gateway = gateway
         self.template = template
         """Spec every sandbox starts from; id and workdir are filled in per sandbox."""
+        self.egress_port = egress_port
+        """Without a gateway: the host loopback port of the egress every sandbox shares (a peer proxy under
+        test, which cannot tell sandboxes apart by listener); None: no egress at all."""
         self.live: dict[str, Sandbox] = {}
         self.listener_ports: dict[str, int | None] = {}
         """Each sandbox's gateway listener port on host loopback (None without a gateway)."""
@@ -49,7 +53,7 @@ class Fleet:
 
     def boot(self, sandbox_id: str, **overrides: object) -> Sandbox:
         """Boot one sandbox behind its own gateway listener; raises BootFailed on failure."""
-        gateway_port = self.gateway.add_sandbox(sandbox_id) if self.gateway else None
+        gateway_port = self.gateway.add_sandbox(sandbox_id) if self.gateway else self.egress_port
         with self._lock:
             self.listener_ports[sandbox_id] = gateway_port
         spec = replace(
@@ -156,11 +160,17 @@ def start_gateway(config: GatewayConfig, supervisor: Supervisor) -> GatewayProce
 
 @contextmanager
 def open_fleet(
-    backend: Backend, supervisor: Supervisor, run_dir: Path, template: SandboxSpec, gateway_config: GatewayConfig | None
+    backend: Backend,
+    supervisor: Supervisor,
+    run_dir: Path,
+    template: SandboxSpec,
+    gateway_config: GatewayConfig | None,
+    egress_port: int | None = None,
 ) -> Iterator[Fleet]:
-    """Gateway first, then sandboxes on demand; everything stopped on the way out, however it ends."""
+    """Gateway first, then sandboxes on demand; everything stopped on the way out, however it ends. Without a
+    gateway, `egress_port` names the egress the sandboxes share instead (see Fleet.egress_port)."""
     gateway = start_gateway(gateway_config, supervisor) if gateway_config else None
-    fleet = Fleet(backend, supervisor, run_dir, gateway, template)
+    fleet = Fleet(backend, supervisor, run_dir, gateway, template, egress_port)
     try:
         yield fleet
     finally:

@@ -97,12 +97,18 @@ class ScenarioContext:
 
     @contextmanager
     def fleet(
-        self, gateway: GatewayConfig | None, backend: Backend | None = None, **spec_overrides: Any
+        self,
+        gateway: GatewayConfig | None,
+        backend: Backend | None = None,
+        egress_port: int | None = None,
+        **spec_overrides: Any,
     ) -> Iterator[Fleet]:
-        """A gateway (if given) plus sandboxes booted on demand (by the run's backend unless another, such
-        as its weakened variant, is given), all stopped on exit."""
+        """A gateway (if given; else the shared egress at `egress_port`, if given) plus sandboxes booted on
+        demand (by the run's backend unless another, such as its weakened variant, is given), all stopped on
+        exit."""
         template = replace(self.template, **spec_overrides)
-        with open_fleet(backend or self.backend, self.supervisor, self.run_dir, template, gateway) as fleet:
+        backend = backend or self.backend
+        with open_fleet(backend, self.supervisor, self.run_dir, template, gateway, egress_port) as fleet:
             yield fleet
 
     def boot(self, fleet: Fleet, sandbox_id: str, **overrides: Any) -> Sandbox:

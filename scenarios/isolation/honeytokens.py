@@ -321,8 +321,12 @@ class Trap:
     connection is still a leak.
     """
 
-    def __init__(self, name: str, reply: bytes, port: int = 0, unix_path: Path | None = None) -> None:
+    def __init__(
+        self, name: str, reply: bytes, port: int = 0, unix_path: Path | None = None, host: str = "127.0.0.1"
+    ) -> None:
         self.name = name
+        self.host = host
+        """The loopback address it listens on (another than 127.0.0.1 where it stands in for an outside host)."""
         self.reply = reply
         self.hits: list[TrapHit] = []
         self.unix_path = unix_path
@@ -343,11 +347,11 @@ class Trap:
             sock = socket.socket()
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
-                sock.bind(("127.0.0.1", self.requested_port))
+                sock.bind((self.host, self.requested_port))
             except OSError:
                 # The well-known port is taken on this host: use a free one and say so.
-                self.note = f"127.0.0.1:{self.requested_port} was taken; using an ephemeral port"
-                sock.bind(("127.0.0.1", 0))
+                self.note = f"{self.host}:{self.requested_port} was taken; using an ephemeral port"
+                sock.bind((self.host, 0))
             self.port = sock.getsockname()[1]
         sock.listen(16)
         self._sock = sock
@@ -390,7 +394,7 @@ class Trap:
             return [{"at": h.at, "peer": h.peer, "request": h.request_head} for h in self.hits[index:]]
 
     def describe(self) -> dict[str, Any]:
-        where = str(self.unix_path) if self.unix_path else f"127.0.0.1:{self.port}"
+        where = str(self.unix_path) if self.unix_path else f"{self.host}:{self.port}"
         return {"name": self.name, "listen": where, "connections": self.count(), "note": self.note}
 
     def stop(self) -> None:

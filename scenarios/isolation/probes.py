@@ -150,6 +150,10 @@ class ProbeEnv:
     upstream_received: Callable[[], list[Any]] = list
     """The upstream stand-in's request log (Received records)."""
     upstream_http_port: int = 0
+    upstream_host: str = "127.0.0.1"
+    """Where the upstream stand-in listens on the host (another loopback address when a peer is the egress)."""
+    egress: str = "gateway"
+    """The sandboxes' egress: the gateway, or a peer proxy that injects no credentials."""
     evidence: list[dict[str, Any]] = field(default_factory=list)
 
     def redact(self, text: str) -> str:
@@ -810,9 +814,14 @@ def check_blocked_domain(env: ProbeEnv) -> Verdict:
     # Direct egress is aimed at the stand-in on host loopback, which answers as example.com: the same
     # target on every backend (127.0.0.1 inside, and the host alias where there is one).
     port = env.upstream_http_port
+    # The stand-in's own loopback address stands in for 127.0.0.1 (they differ when a peer is the egress).
+    addresses = {
+        (env.upstream_host if address == "127.0.0.1" else address): meaning
+        for address, meaning in host_addresses(env.target.network).items()
+    }
     direct = {
         f"direct to the {BLOCKED_HOST} stand-in ({address}:{port}, {meaning})": send(head, address, port)
-        for address, meaning in host_addresses(env.target.network).items()
+        for address, meaning in addresses.items()
     }
     parts = env.parallel({**commands, **direct})
     arrived = [r for r in env.upstream_received() if r.headers.get("x-br-probe") == nonce]
@@ -832,7 +841,7 @@ def check_blocked_domain(env: ProbeEnv) -> Verdict:
         where = allowed or "a direct path"
         return Verdict(False, f"{BLOCKED_HOST} reachable via {where} ({len(arrived)} direct arrival(s))", facts)
     proxied = facts[f"gateway GET http://{BLOCKED_HOST}/"]
-    tried = ", ".join(host_addresses(env.target.network))
+    tried = ", ".join(addresses)
     return Verdict(
         True,
         f"denied by the gateway ({proxied['level']} {proxied['status']}, curl exit "
@@ -905,6 +914,17 @@ def check_ports(env: ProbeEnv) -> Verdict:
 
 
 def check_credential(env: ProbeEnv) -> Verdict:
+    if env.egress != "gateway":
+        seen = env.run("the key as the guest sees it", 'echo "ANTHROPIC_API_KEY=$ANTHROPIC_API_KEY"')[0]
+        value = seen.strip().partition("=")[2]
+        if markers_in(env, seen) or (value and value != SENTINEL):
+            return Verdict(False, "the guest holds the real key", {"guest_key_value": "a real-looking key"})
+        return Verdict(
+            None,
+            f"not applicable: {env.egress} injects no credentials, so a sandbox without the key cannot call the "
+            "model API at all (the guest holds no key)",
+            {"guest_key_value": value or "empty"},
+        )
     nonce = secrets.token_hex(6)
     parts = env.parallel(
         {

@@ -45,6 +45,7 @@ import yaml
 from rich.console import RenderableType
 
 from harness.config import RunConfig
+from harness.egress import Egress, EgressSetup, check_egress_names, start_egress
 from harness.errors import ConfigError
 from harness.fleet import Fleet
 from harness.gateway.credentials import CredentialSpec
@@ -78,10 +79,16 @@ class Options:
     """Sandboxes to probe (the peers probe needs two)."""
     leaky: bool = False
     """Weaken the set-up for real so the probes must turn red."""
+    egress: str = "gateway"
+    """The sandboxes' egress proxy: our gateway, or a peer (squid, tinyproxy, mitmproxy) configured from the
+    same policy, which every sandbox then shares."""
 
     def validate(self) -> None:
         if self.sandboxes < 1:
             raise ConfigError(f"isolation needs at least one sandbox, not --sandboxes {self.sandboxes}")
+        check_egress_names([self.egress])
+        if self.leaky and self.egress != "gateway":
+            raise ConfigError("--leaky weakens the gateway's own set-up; run it with --egress gateway")
 
 
 def reference_policy() -> dict[str, Any]:
@@ -122,12 +129,20 @@ def host_facts() -> Any:
     )
 
 
+PEER_OUTSIDE_ADDRESS = "127.0.0.9"
+"""With a peer proxy as the egress: the loopback address that every outside name resolves to for the peer
+(it maps names, not ports), where the stand-ins listen on the real ports (80, 443, and 22 and 9999 for the
+ports probe)."""
+
+
 class IsolationScenario:
     name = "isolation"
 
-    def __init__(self, sandboxes: int, leaky: bool) -> None:
+    def __init__(self, sandboxes: int, leaky: bool, egress: str = "gateway") -> None:
         self.sandboxes = sandboxes
         self.leaky = leaky
+        self.egress_name = egress
+        self.egress: Egress | None = None
         self.home = honeytokens.HoneyHome()
         self.traps: dict[str, Any] = {}
         self.upstream: UpstreamServer | None = None
@@ -143,6 +158,7 @@ class IsolationScenario:
             {
                 "scenario": self.name,
                 "backend": ctx.backend.name,
+                "egress": self.egress_name,
                 "leaky": self.leaky,
                 "weakenings": list(leaky_mod.WEAKENINGS) if self.leaky else [],
                 "probe_catalogue": [p.describe() for p in probes.PROBES],
@@ -199,10 +215,7 @@ class IsolationScenario:
 
     def _gateway_config(self, ctx: ScenarioContext) -> GatewayConfig:
         assert self.upstream is not None
-        policy_path = ctx.run_dir / "isolation-policy.yaml"
-        text = leaky_mod.LEAKY_POLICY if self.leaky else yaml.safe_dump(reference_policy(), sort_keys=False)
-        policy_path.write_text(text)
-        ctx.data["policy"] = {"file": policy_path.name, "name": yaml.safe_load(text)["name"]}
+        policy_path = self._policy_file(ctx)
         overrides = self.upstream.overrides()
         sink = f"127.0.0.1:{self.traps['sink'].port}"
         for port in probes.SCANNED_PORTS:
@@ -222,14 +235,49 @@ class IsolationScenario:
             extra_env={env_name: self.home.api_key},
         )
 
+    def _policy_file(self, ctx: ScenarioContext) -> Path:
+        policy_path = ctx.run_dir / "isolation-policy.yaml"
+        text = leaky_mod.LEAKY_POLICY if self.leaky else yaml.safe_dump(reference_policy(), sort_keys=False)
+        policy_path.write_text(text)
+        ctx.data["policy"] = {"file": policy_path.name, "name": yaml.safe_load(text)["name"]}
+        return policy_path
+
+    def _start_peer(self, ctx: ScenarioContext) -> int:
+        """A peer proxy as every sandbox's egress, from the same policy file; the outside names resolve, for the
+        peer only, to PEER_OUTSIDE_ADDRESS, where the stand-ins listen on the real ports. Returns its port."""
+        expected = {MODEL_API: ("x-api-key", self.home.api_key)}
+        self.upstream = UpstreamServer(expected=expected, host=PEER_OUTSIDE_ADDRESS, http_port=80, https_port=443)
+        self.upstream.start()
+        for port in probes.SCANNED_PORTS:
+            name = f"sink-{port}"
+            reply = honeytokens.http_reply("br-sink: non-web port reached\n")
+            self.traps[name] = honeytokens.Trap(name, reply, port=port, host=PEER_OUTSIDE_ADDRESS).start()
+        names = {name: PEER_OUTSIDE_ADDRESS for name in (*self.upstream.names, probes.ALLOWED_HOST, MODEL_API)}
+        setup = EgressSetup(
+            policy=self._policy_file(ctx),
+            workdir=ctx.run_dir / "egress",
+            names=names,
+            upstream_ca=self.upstream.ca_file,
+        )
+        egress = self.egress = start_egress(self.egress_name, setup, ctx.supervisor)
+        self.stack.callback(egress.stop)
+        ctx.data["egress_setup"] = {
+            **egress.describe(),
+            "untranslatable": [{"rule": u.rule, "why": u.why} for u in egress.untranslatable],
+            "outside_address": PEER_OUTSIDE_ADDRESS,
+        }
+        return egress.proxy.port
+
     def _boot(self, ctx: ScenarioContext) -> None:
-        self.upstream = UpstreamServer(expected={MODEL_API: ("x-api-key", self.home.api_key)}).start()
         backend = ctx.backend.weaken(self.traps["docker"].unix_path) if self.leaky else ctx.backend
         # Only a backend without isolation lets these through; an isolating one never sees them.
         careless_user = {"user_home": self.home.home, "user_env": {honeytokens.ENV_KEY_NAME: self.home.api_key}}
-        fleet = self.fleet = self.stack.enter_context(
-            ctx.fleet(self._gateway_config(ctx), backend=backend, **careless_user)
-        )
+        if self.egress_name == "gateway":
+            self.upstream = UpstreamServer(expected={MODEL_API: ("x-api-key", self.home.api_key)}).start()
+            fleet_context = ctx.fleet(self._gateway_config(ctx), backend=backend, **careless_user)
+        else:
+            fleet_context = ctx.fleet(None, backend=backend, egress_port=self._start_peer(ctx), **careless_user)
+        fleet = self.fleet = self.stack.enter_context(fleet_context)
         errors: list[BaseException] = []
         booted: dict[int, Sandbox] = {}
 
@@ -254,14 +302,15 @@ class IsolationScenario:
         weakenings."""
         project_tar = leaky_mod.home_tarball(self.home.project)
         home_tar = leaky_mod.home_tarball(self.home.home) if self.leaky else b""
-        assert self.fleet is not None and self.fleet.gateway is not None
-        dns = self.fleet.gateway
+        assert self.fleet is not None
+        dns = self.fleet.gateway  # --leaky runs only with the gateway (Options.validate)
         done = []
         for vm in self.booted:
             result = vm.exec("mkdir -p project && tar -x -C project", stdin=project_tar, timeout=PROVISION_TIMEOUT_S)
             steps = {"project": result.rc}
             if self.leaky:
                 steps["home"] = vm.exec('tar -x -C "$HOME"', stdin=home_tar, timeout=PROVISION_TIMEOUT_S).rc
+                assert dns is not None
                 script = leaky_mod.guest_weakening_script(honeytokens.ENV_KEY_NAME, vm.network, dns.dns_port(vm.id))
                 steps["env+resolver+engine"] = vm.exec(script, stdin=self.home.api_key.encode() + b"\n").rc
             if any(rc != 0 for rc in steps.values()):
@@ -307,6 +356,8 @@ class IsolationScenario:
                 peers=[p for p in peers_all if p.id != vm.id],
                 upstream_received=self.upstream.received,
                 upstream_http_port=self.upstream.http_port,
+                upstream_host=self.upstream.host,
+                egress=self.egress_name,
             )
             card: dict[str, Any] = {"sandbox": vm.id, "backend": ctx.backend.name, "probes": [], "leaks": 0}
             ctx.data["scorecards"].append(card)
@@ -393,7 +444,7 @@ def _connect(trap: Any) -> Any:
         sock.settimeout(2)
         sock.connect(str(trap.unix_path))
     else:
-        sock = socket.create_connection(("127.0.0.1", trap.port), timeout=2)
+        sock = socket.create_connection((trap.host, trap.port), timeout=2)
     with sock:
         yield sock
 
@@ -439,7 +490,7 @@ def needs(options: Options, config: RunConfig) -> Needs:
 
 
 def create(options: Options) -> IsolationScenario:
-    return IsolationScenario(sandboxes=options.sandboxes, leaky=options.leaky)
+    return IsolationScenario(sandboxes=options.sandboxes, leaky=options.leaky, egress=options.egress)
 
 
 def sweep_leftovers() -> list[str]:
