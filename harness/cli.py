@@ -230,7 +230,7 @@ def report(run_dir: Path) -> Path:
 def compare(runs: Iterable[str], out: str | None, baseline: str | None, force: bool) -> Path:
     """Compare the run directories `runs` (a comparison directory counts as its runs) and print the report's
     path; bad input is one line and exit 2."""
-    from harness.compare import compare_runs
+    from harness.comparing import compare_runs
 
     with user_errors():
         try:

@@ -7,32 +7,25 @@ Data flows one way, and nothing here prints:
                     --compute_comparison--> plain data, saved in <out>/results.json under "comparison"
                     --harness.report--> <out>/report.html
 
-`compare_runs` does all three for `invoke compare`. A run over several backends writes a comparison directory
-of its own (results.json with kind "comparison" and its sub-runs beside it); `comparison_of` gives the report
-its comparison data: the saved one, or one computed from the sub-runs when none was saved.
+`harness.comparing.compare_runs` does all three for `invoke compare`. A run over several backends writes a
+comparison directory of its own (results.json with kind "comparison" and its sub-runs beside it);
+`comparison_of` gives the report its comparison data: the saved one, or one computed from the sub-runs when
+none was saved. This module computes only: the report imports it, and it imports no report.
 """
 
 from __future__ import annotations
 
 import math
-import time
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from harness.config import check_run_dir
 from harness.errors import ConfigError, HarnessError, ResultsUnreadable
 from harness.metrics import ab
 from harness.metrics.stats import percentile, summarize
-from harness.results import COMPARISON_KIND, SCHEMA, host_info, load_results, new_run_id, write_results
-
-WHAT = "compare"
-"""results.json["what"] of `invoke compare`'s directory (a run over several backends says "bench" or
-"scenario:NAME")."""
-
-MIN_RUNS = 2
+from harness.results import COMPARISON_KIND, load_results
 
 EMPTY: dict[str, Any] = {
     "baseline": None,
@@ -176,7 +169,7 @@ def load_inputs(dirs: Sequence[Path], lenient: bool = False) -> tuple[list[RunIn
             continue
         if data.get("kind") != COMPARISON_KIND:
             _once(path, given, seen)
-            found.append((_backend_label(data), path, data, None))
+            found.append((run_backend(data), path, data, None))
             continue
         index_of: dict[str, int] = {}
         for entry in data["runs"]:
@@ -228,7 +221,7 @@ def _once(path: Path, given: Path | str, seen: set[Path]) -> None:
     seen.add(path)
 
 
-def _backend_label(data: Mapping[str, Any]) -> str:
+def run_backend(data: Mapping[str, Any]) -> str:
     return str((data.get("backend") or {}).get("name") or "run")
 
 
@@ -471,7 +464,7 @@ def isolation_matrix(runs: Sequence[RunInput]) -> dict[str, Any] | None:
         columns.append(
             {
                 "label": run.label,
-                "backend": info.get("backend") or _backend_label(run.data),
+                "backend": info.get("backend") or run_backend(run.data),
                 "leaky": bool(info.get("leaky")),
                 "sandboxes": len(info.get("scorecards") or []),
                 "exit_code": (run.data.get("scenario") or {}).get("exit_code"),
@@ -559,89 +552,3 @@ def comparison_of(run_dir: Path, data: Mapping[str, Any]) -> dict[str, Any]:
     return compute_comparison(
         runs, rotations, baseline if baseline in {r.label for r in runs} else None, problems=problems
     )
-
-
-def default_out() -> Path:
-    return Path("results") / f"compare-{new_run_id()}"
-
-
-def check_out(out: Path, force: bool, runs: Sequence[RunInput], inputs: Sequence[Path]) -> None:
-    """--out must be a directory of its own (check_run_dir), and neither one of the runs compared nor a
-    directory they sit in: --force would empty it."""
-    check_run_dir(out, force)
-    target = out.expanduser().resolve()
-    for path in [*(run.dir for run in runs), *(Path(p).expanduser().resolve() for p in inputs)]:
-        if path == target or path.is_relative_to(target):
-            raise ConfigError(f"--out {out} holds {path}, a run being compared; name a new directory")
-
-
-def write_comparison(
-    out: Path,
-    inputs: Sequence[Path],
-    runs: Sequence[RunInput],
-    comparison: dict[str, Any],
-) -> Path:
-    """<out>/results.json of kind "comparison" pointing at the runs by absolute path, with the comparison."""
-    run_id = out.name if out.name.startswith("compare-") else f"compare-{new_run_id()}"
-    return write_results(
-        out,
-        {
-            "schema": SCHEMA,
-            "kind": COMPARISON_KIND,
-            "run_id": run_id,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "partial": False,
-            "interrupted_by": None,
-            "host": host_info(),
-            "config": {
-                "inputs": [str(Path(p).expanduser().resolve()) for p in inputs],
-                "baseline": comparison["baseline"],
-                "resamples": comparison["method"]["resamples"],
-                "seed": comparison["method"]["seed"],
-            },
-            "what": WHAT,
-            "runs": [
-                {
-                    "label": run.label,
-                    "backend": _backend_label(run.data),
-                    "dir": str(run.dir),
-                    "what": run_kind(run.data),
-                }
-                for run in runs
-            ],
-            "order": [],
-            "comparison": comparison,
-        },
-    )
-
-
-def compare_runs(
-    dirs: Sequence[Path],
-    out: Path | None = None,
-    baseline: str | None = None,
-    force: bool = False,
-    resamples: int = ab.RESAMPLES,
-) -> Path:
-    """`invoke compare`: load the runs in `dirs`, compute their comparison, write <out>/results.json and
-    <out>/report.html (out: results/compare-<run-id> when None); returns the report's path. Bad input (a
-    directory that is no run, fewer than two runs, an unknown baseline, an --out that is not free) is a
-    HarnessError, raised before anything is written."""
-    from harness.report import render_report
-    from harness.run import prepare_run_dir
-
-    if not dirs:
-        raise ConfigError("give the run directories to compare: invoke compare RUN_DIR RUN_DIR...")
-    runs, rotations, _ = load_inputs(dirs)
-    if len(runs) < MIN_RUNS:
-        raise ConfigError(
-            f"{len(runs)} run to compare in {', '.join(str(d) for d in dirs)}; give at least {MIN_RUNS} "
-            "(a comparison directory counts as its runs)"
-        )
-    if resamples < 1:
-        raise ConfigError(f"resamples must be at least 1, not {resamples}")
-    out = out if out is not None else default_out()
-    check_out(out, force, runs, dirs)
-    comparison = compute_comparison(runs, rotations, baseline, resamples)
-    prepare_run_dir(out, force)
-    write_comparison(out, dirs, runs, comparison)
-    return render_report(out)

@@ -13,6 +13,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from harness.compare import comparison_of
 from harness.report import build_sections, environment, write_report
 
 
@@ -31,8 +32,6 @@ def _section_modules() -> tuple[list[tuple[str, ModuleType]], list[tuple[str, Ex
 
 def render_comparison(run_dir: Path, data: dict[str, Any]) -> Path:
     """Render run_dir/report.html of a comparison directory whose results.json is `data`."""
-    from harness.compare import comparison_of
-
     comparison = comparison_of(run_dir, data)
     modules, failed = _section_modules()
     sections = build_sections(modules, failed, comparison, run_dir)
