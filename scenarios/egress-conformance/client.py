@@ -135,7 +135,7 @@ def tunnel(
                 sock.settimeout(timeout)
                 try:
                     stream = trust.wrap_socket(sock, server_hostname=sni or None)
-                except (ssl.SSLError, OSError) as exc:
+                except (ssl.SSLError, OSError, ValueError, UnicodeError) as exc:
                     seen.inner = "tls-error"
                     seen.detail = f"{type(exc).__name__}: {exc}"[:300]
                     return seen

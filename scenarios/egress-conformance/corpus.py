@@ -8,7 +8,7 @@ known keys is out of scope.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .canaries import CanarySpec
 
@@ -101,7 +101,13 @@ CASES: list[Case] = []
 
 
 def add(case: Case) -> None:
-    CASES.append(case)
+    """Append a case; an id that a slug made twice gets -2, -3... (deterministic: the table's order)."""
+    taken = {c.id for c in CASES}
+    n, unique = 1, case.id
+    while unique in taken:
+        n += 1
+        unique = f"{case.id}-{n}"
+    CASES.append(replace(case, id=unique))
 
 
 def get(host: str, target: str | None = None, headers: str = "", version: str = "HTTP/1.1") -> bytes:
