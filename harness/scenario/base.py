@@ -61,7 +61,11 @@ class Needs:
 
     def apply(self, config: RunConfig, scenario: str) -> RunConfig:
         """`config` with these needs in place, validated again; a backend lacking a feature is a ConfigError."""
-        overrides = {"mem_mib": self.mem_mib, "boot_mode": self.boot_mode, "backend": "host" if self.no_sandboxes else None}
+        overrides = {
+            "mem_mib": self.mem_mib,
+            "boot_mode": self.boot_mode,
+            "backend": "host" if self.no_sandboxes else None,
+        }
         changed = replace(config, **{k: v for k, v in overrides.items() if v is not None})
         changed.validate()
         missing = [name for name in self.features if not getattr(backend_features(changed.backend), name)]

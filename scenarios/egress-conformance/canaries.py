@@ -8,6 +8,7 @@ name gets its own address and a proxy's dial is visible by where it lands.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import ssl
 import threading
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import h11
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -28,7 +30,6 @@ FIRST_READ_S = 1.0
 """How long a canary waits for the first bytes of a connection."""
 READ_IDLE_S = 0.15
 """After an answer, how long it keeps reading (a smuggled second request) before it closes."""
-BANNER = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nConnection: close\r\n"
 
 
 @dataclass
@@ -45,18 +46,9 @@ class Connection:
     data: bytearray = field(default_factory=bytearray)
     closed: float | None = None
     error: str | None = None
-
-    def requests(self) -> list[dict[str, str]]:
-        """The request lines and Host headers found in the recorded bytes."""
-        found = []
-        for block in bytes(self.data).split(b"\r\n\r\n"):
-            lines = block.replace(b"\r\n", b"\n").split(b"\n")
-            first = lines[0].strip()
-            if b" HTTP/" not in first:
-                continue
-            host = next((ln.split(b":", 1)[1].strip() for ln in lines[1:] if ln.lower().startswith(b"host:")), b"")
-            found.append({"line": first.decode("latin-1"), "host": host.decode("latin-1")})
-        return found
+    parsed: list[dict[str, str]] = field(default_factory=list)
+    """Requests the canary's HTTP/1.1 parser framed (method, target, Host), in order."""
+    parse_error: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -66,7 +58,8 @@ class Connection:
             "tls": self.tls,
             "sni": self.sni,
             "bytes": len(self.data),
-            "requests": self.requests()[:5],
+            "requests": self.parsed[:5],
+            "parse_error": self.parse_error,
             "head": printable(bytes(self.data[:600])),
         }
 
@@ -134,8 +127,7 @@ class Canaries:
         self.tls.sni_callback = self._sni
 
     def _sni(self, sock: ssl.SSLSocket, name: str | None, _ctx: ssl.SSLContext) -> None:
-        sock.context  # noqa: B018 - the callback only records
-        setattr(sock, "br_sni", name)
+        sock.br_sni = name  # type: ignore[attr-defined]  # read back once the handshake is done
 
     def start(self) -> Canaries:
         for spec in self.specs:
@@ -194,7 +186,7 @@ class Canaries:
                 tls = self.tls.wrap_socket(conn, server_side=True)
                 record.sni = getattr(tls, "br_sni", None)
                 stream = tls
-            pending = b""
+            parser: h11.Connection | None = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_RECORDED_BYTES)
             while True:
                 try:
                     chunk = stream.recv(65536)
@@ -204,26 +196,60 @@ class Canaries:
                     break
                 if len(record.data) < MAX_RECORDED_BYTES:
                     record.data += chunk[: MAX_RECORDED_BYTES - len(record.data)]
-                pending += chunk
-                if b"\r\n\r\n" in pending or b"\n\n" in pending:
-                    body = f"canary {spec.name}:{record.port}\n".encode()
-                    head = f"X-Canary: {spec.name}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
-                    stream.sendall(BANNER + head + body)
-                    pending = b""
-                    stream.settimeout(READ_IDLE_S)
-                    # Keep reading: whatever else arrives on this connection (a smuggled request) is recorded.
+                if parser is not None:
+                    parser = self._parse(spec, record, parser, chunk, stream)
         except (OSError, ssl.SSLError) as exc:
             record.error = type(exc).__name__
         finally:
             record.closed = time.monotonic()
-            try:
+            with contextlib.suppress(OSError):
                 conn.close()
-            except OSError:
-                pass
 
-    def since(self, start: float) -> list[Connection]:
-        with self.lock:
-            return [c for c in self.connections if c.accepted >= start]
+    def _parse(
+        self, spec: CanarySpec, record: Connection, parser: h11.Connection, chunk: bytes, stream: socket.socket
+    ) -> h11.Connection | None:
+        """Feed `chunk` to the canary's HTTP/1.1 parser, record each request it frames and answer it; None once
+        the bytes are no longer HTTP (or the connection must close): from then on they are only recorded."""
+        parser.receive_data(chunk)
+        try:
+            while True:
+                event = parser.next_event()
+                if event is h11.NEED_DATA or event is h11.PAUSED:
+                    if event is h11.PAUSED and parser.our_state is h11.DONE and parser.their_state is h11.DONE:
+                        parser.start_next_cycle()
+                        continue
+                    return parser
+                if isinstance(event, h11.Request):
+                    host = next((v for k, v in event.headers if k == b"host"), b"")
+                    record.parsed.append(
+                        {
+                            "method": event.method.decode("latin-1"),
+                            "target": event.target.decode("latin-1"),
+                            "host": host.decode("latin-1"),
+                        }
+                    )
+                elif isinstance(event, h11.EndOfMessage):
+                    body = f"canary {spec.name}:{record.port}\n".encode()
+                    headers = [
+                        ("Content-Type", "text/plain"),
+                        ("X-Canary", spec.name),
+                        ("Content-Length", str(len(body))),
+                    ]
+                    out = parser.send(h11.Response(status_code=200, headers=headers)) or b""
+                    out += parser.send(h11.Data(data=body)) or b""
+                    out += parser.send(h11.EndOfMessage()) or b""
+                    stream.sendall(out)
+                    # Keep reading: whatever else arrives on this connection (a smuggled request) is recorded.
+                    stream.settimeout(READ_IDLE_S)
+                    if parser.our_state is h11.MUST_CLOSE:
+                        return None
+                elif isinstance(event, h11.ConnectionClosed):
+                    return None
+        except h11.RemoteProtocolError as exc:
+            record.parse_error = str(exc)[:200]
+            if parser.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+                stream.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+            return None
 
     def stop(self) -> None:
         self._stop.set()

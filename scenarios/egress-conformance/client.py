@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
 import socket
 import ssl
@@ -99,10 +100,8 @@ def exchange(proxy: tuple[str, int], raw: bytes, timeout: float = READ_TIMEOUT_S
     try:
         with socket.create_connection(proxy, timeout=timeout) as sock:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            try:
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
                 sock.sendall(raw)
-            except (BrokenPipeError, ConnectionResetError):
-                pass
             data, ended = read_answer(sock, deadline)
             return seen_from(data, ended)
     except ConnectionRefusedError:
@@ -142,10 +141,8 @@ def tunnel(
             if not inner:
                 seen.inner = "open"
                 return seen
-            try:
+            with contextlib.suppress(OSError):
                 stream.sendall(inner)
-            except OSError:
-                pass
             body, ended = read_answer(stream, deadline)
             inner_seen = seen_from(body, ended)
             seen.inner = inner_seen.outcome

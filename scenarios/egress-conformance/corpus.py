@@ -39,7 +39,9 @@ CANARIES = (
         ),
     ),
     CanarySpec("sink", "127.0.0.9", (80, 443, 22, 8080, 9999)),
-    CanarySpec("wild-no", "127.0.0.10", (80, 443), aliases=("wild.test", "x.y.wild.test", "a.b.wild.test", "awild.test")),
+    CanarySpec(
+        "wild-no", "127.0.0.10", (80, 443), aliases=("wild.test", "x.y.wild.test", "a.b.wild.test", "awild.test")
+    ),
     CanarySpec("deep-ok", "127.0.0.11", (80, 443), aliases=("a.deep.test", "a.b.c.deep.test", "x.y.z.w.deep.test")),
     CanarySpec("deep-no", "127.0.0.12", (80, 443), aliases=("deep.test", "notdeep.test", "adeep.test")),
 )
@@ -88,7 +90,9 @@ class Case:
     key_ok: bool = False
     """The model key may appear at the model canary's TLS :443 (nowhere else, ever)."""
     forbid: tuple[bytes, ...] = ()
-    """Bytes no canary may receive in this case (a Proxy-Authorization value, a smuggled request line)."""
+    """Bytes no canary may receive in this case (a Proxy-Authorization value)."""
+    no_request: str = ""
+    """No canary's HTTP parser may frame a request whose target or Host contains this (a smuggled request)."""
     paths_under: str | None = None
     """Every request a canary got must, once normalised, lie under this path."""
     requires: tuple[str, ...] = ()
@@ -112,7 +116,9 @@ def add(case: Case) -> None:
 
 def get(host: str, target: str | None = None, headers: str = "", version: str = "HTTP/1.1") -> bytes:
     target = target if target is not None else f"http://{host}/"
-    return f"GET {target} {version}\r\nHost: {host}\r\n{headers}Connection: close\r\n\r\n".encode("utf-8", "surrogateescape")
+    return f"GET {target} {version}\r\nHost: {host}\r\n{headers}Connection: close\r\n\r\n".encode(
+        "utf-8", "surrogateescape"
+    )
 
 
 def connect(authority: str, headers: str = "") -> bytes:
@@ -130,29 +136,133 @@ def slug(text: str) -> str:
 
 
 # ---- ports ---------------------------------------------------------------------------------------
-add(Case("ports-allowed-443", "ports", "control: CONNECT allowed.test:443 and TLS inside", "connect",
-         connect("allowed.test:443"), inner_get("allowed.test"), True, "allowed.test", ("allowed",), True, TUNNEL_OK))
-for port in ("22", "9999", "80", "8080", "8443", "25", "0", "65536", "99999", "-1", "443abc", "", "443 ", "+443",
-             "0x1bb", "443.0", "22#443", "22?443", "22/443", "1-65535", "*", "443,22", "22 443"):
-    add(Case(f"ports-connect-allowed-{slug(port)}", "ports", f"CONNECT allowed.test:{port}: only :443 is allowed",
-             "connect", connect(f"allowed.test:{port}"), b"SSH-2.0-probe\r\n", reach=(), client=DENIED))
+add(
+    Case(
+        "ports-allowed-443",
+        "ports",
+        "control: CONNECT allowed.test:443 and TLS inside",
+        "connect",
+        connect("allowed.test:443"),
+        inner_get("allowed.test"),
+        True,
+        "allowed.test",
+        ("allowed",),
+        True,
+        TUNNEL_OK,
+    )
+)
+for port in (
+    "22",
+    "9999",
+    "80",
+    "8080",
+    "8443",
+    "25",
+    "0",
+    "65536",
+    "99999",
+    "-1",
+    "443abc",
+    "",
+    "443 ",
+    "+443",
+    "0x1bb",
+    "443.0",
+    "22#443",
+    "22?443",
+    "22/443",
+    "1-65535",
+    "*",
+    "443,22",
+    "22 443",
+):
+    add(
+        Case(
+            f"ports-connect-allowed-{slug(port)}",
+            "ports",
+            f"CONNECT allowed.test:{port}: only :443 is allowed",
+            "connect",
+            connect(f"allowed.test:{port}"),
+            b"SSH-2.0-probe\r\n",
+            reach=(),
+            client=DENIED,
+        )
+    )
 for port in ("22", "8080", "9999"):
-    add(Case(f"ports-http-allowed-{port}", "ports", f"GET http://allowed.test:{port}/ in plain http", "http",
-             get(f"allowed.test:{port}")))
-add(Case("ports-http-allowed-80", "ports", "GET http://allowed.test/: :80 is not among its ports", "http",
-         get("allowed.test")))
+    add(
+        Case(
+            f"ports-http-allowed-{port}",
+            "ports",
+            f"GET http://allowed.test:{port}/ in plain http",
+            "http",
+            get(f"allowed.test:{port}"),
+        )
+    )
+add(
+    Case(
+        "ports-http-allowed-80",
+        "ports",
+        "GET http://allowed.test/: :80 is not among its ports",
+        "http",
+        get("allowed.test"),
+    )
+)
 for port, ok in (("7999", False), ("8000", True), ("8050", True), ("8100", True), ("8101", False)):
-    add(Case(f"ports-range-connect-{port}", "ports", f"CONNECT range.test:{port} (rule 8000-8100)", "connect",
-             connect(f"range.test:{port}"), b"GET / HTTP/1.1\r\nHost: range.test\r\n\r\n",
-             reach=("range",) if ok else (), must_reach=ok, client=("tunnel:2xx",) if ok else DENIED))
-    add(Case(f"ports-range-http-{port}", "ports", f"GET http://range.test:{port}/ (rule 8000-8100)", "http",
-             get(f"range.test:{port}"), reach=("range",) if ok else (), must_reach=ok, client=OK if ok else DENIED))
-for host, port in (("web.test", "22"), ("web.test", "8080"), ("api.model.test", "8443"), ("blocked.test", "443"),
-                   ("blocked.test", "80"), ("blocked.test", "22")):
-    add(Case(f"ports-connect-{slug(host)}-{port}", "ports", f"CONNECT {host}:{port}: not allowed", "connect",
-             connect(f"{host}:{port}"), b"SSH-2.0-probe\r\n"))
-add(Case("ports-http-web-80", "ports", "control: GET http://web.test/", "http", get("web.test"), reach=("web",),
-         must_reach=True, client=OK))
+    add(
+        Case(
+            f"ports-range-connect-{port}",
+            "ports",
+            f"CONNECT range.test:{port} (rule 8000-8100)",
+            "connect",
+            connect(f"range.test:{port}"),
+            b"GET / HTTP/1.1\r\nHost: range.test\r\n\r\n",
+            reach=("range",) if ok else (),
+            must_reach=ok,
+            client=("tunnel:2xx",) if ok else DENIED,
+        )
+    )
+    add(
+        Case(
+            f"ports-range-http-{port}",
+            "ports",
+            f"GET http://range.test:{port}/ (rule 8000-8100)",
+            "http",
+            get(f"range.test:{port}"),
+            reach=("range",) if ok else (),
+            must_reach=ok,
+            client=OK if ok else DENIED,
+        )
+    )
+for host, port in (
+    ("web.test", "22"),
+    ("web.test", "8080"),
+    ("api.model.test", "8443"),
+    ("blocked.test", "443"),
+    ("blocked.test", "80"),
+    ("blocked.test", "22"),
+):
+    add(
+        Case(
+            f"ports-connect-{slug(host)}-{port}",
+            "ports",
+            f"CONNECT {host}:{port}: not allowed",
+            "connect",
+            connect(f"{host}:{port}"),
+            b"SSH-2.0-probe\r\n",
+        )
+    )
+add(
+    Case(
+        "ports-http-web-80",
+        "ports",
+        "control: GET http://web.test/",
+        "http",
+        get("web.test"),
+        reach=("web",),
+        must_reach=True,
+        client=OK,
+    )
+)
 
 # ---- names ---------------------------------------------------------------------------------------
 name_cases = [
@@ -209,10 +319,21 @@ name_cases = [
     ("blocked.test.", (), False),
 ]
 for host, reach, must in name_cases:
-    add(Case(f"names-connect-{slug(host)}", "names", f"CONNECT {host!r}:443, TLS with that SNI inside", "connect",
-             connect(f"{host}:443"), inner_get(host), True, host if host.isascii() and host.strip(".") else None,
-             reach, must, ("tunnel:2xx",) if must else (*DENIED, "tunnel:2xx", "tunnel:tls-error", "tunnel:4xx") if reach
-             else DENIED))
+    add(
+        Case(
+            f"names-connect-{slug(host)}",
+            "names",
+            f"CONNECT {host!r}:443, TLS with that SNI inside",
+            "connect",
+            connect(f"{host}:443"),
+            inner_get(host),
+            True,
+            host if host.isascii() and host.strip(".") else None,
+            reach,
+            must,
+            ("tunnel:2xx",) if must else (*DENIED, "tunnel:2xx", "tunnel:tls-error", "tunnel:4xx") if reach else DENIED,
+        )
+    )
 for host, reach, must in (
     ("web.test", ("web",), True),
     ("WEB.TEST", ("web",), False),
@@ -227,21 +348,57 @@ for host, reach, must in (
     ("blocked.test", (), False),
     ("example.test", (), False),
 ):
-    add(Case(f"names-http-{slug(host)}", "names", f"GET http://{host!r}/ in plain http", "http", get(host),
-             reach=reach, must_reach=must, client=OK if must else (*DENIED, "2xx") if reach else DENIED))
+    add(
+        Case(
+            f"names-http-{slug(host)}",
+            "names",
+            f"GET http://{host!r}/ in plain http",
+            "http",
+            get(host),
+            reach=reach,
+            must_reach=must,
+            client=OK if must else (*DENIED, "2xx") if reach else DENIED,
+        )
+    )
 
 # ---- IP literals ---------------------------------------------------------------------------------
 IP_FORMS = {
-    "sink": ["127.0.0.9", "2130706441", "0177.0.0.011", "0x7f000009", "0x7f.0.0.9", "0x7f.0x0.0x0.0x9", "127.9",
-             "127.0.9", "0177.9", "127.000.000.009", "[::ffff:127.0.0.9]", "[::ffff:7f00:9]",
-             "[0:0:0:0:0:ffff:127.0.0.9]", "[::127.0.0.9]", "[64:ff9b::7f00:9]", "[fe80::1%25lo]", "[::ffff:127.0.0.9%25lo]"],
+    "sink": [
+        "127.0.0.9",
+        "2130706441",
+        "0177.0.0.011",
+        "0x7f000009",
+        "0x7f.0.0.9",
+        "0x7f.0x0.0x0.0x9",
+        "127.9",
+        "127.0.9",
+        "0177.9",
+        "127.000.000.009",
+        "[::ffff:127.0.0.9]",
+        "[::ffff:7f00:9]",
+        "[0:0:0:0:0:ffff:127.0.0.9]",
+        "[::127.0.0.9]",
+        "[64:ff9b::7f00:9]",
+        "[fe80::1%25lo]",
+        "[::ffff:127.0.0.9%25lo]",
+    ],
     "allowed": ["127.0.0.2", "2130706434", "0x7f.2", "127.2", "[::ffff:127.0.0.2]"],
     "meta": ["169.254.169.254", "[fd00:ec2::254]", "0", "0.0.0.0", "[::]", "[::1]", "localhost", "127.0.0.1"],
 }
-for group, forms in IP_FORMS.items():
+for forms in IP_FORMS.values():
     for form in forms:
-        add(Case(f"ip-connect-{slug(form)}", "ip-literals", f"CONNECT {form}:443 (no rule allows an IP literal)",
-                 "connect", connect(f"{form}:443"), inner_get("allowed.test"), True, "allowed.test"))
+        add(
+            Case(
+                f"ip-connect-{slug(form)}",
+                "ip-literals",
+                f"CONNECT {form}:443 (no rule allows an IP literal)",
+                "connect",
+                connect(f"{form}:443"),
+                inner_get("allowed.test"),
+                True,
+                "allowed.test",
+            )
+        )
         add(Case(f"ip-http-{slug(form)}", "ip-literals", f"GET http://{form}/", "http", get(form)))
 
 # ---- userinfo ------------------------------------------------------------------------------------
@@ -261,12 +418,37 @@ for target, reach in (
     ("http://web.test@@blocked.test/", ()),
     ("http://web.test%2540blocked.test/", ()),
 ):
-    add(Case(f"userinfo-{slug(target)}", "userinfo", f"GET {target!r} with Host: web.test", "http",
-             get("web.test", target), reach=reach, client=ANY if reach else DENIED, forbid=(b"blocked.test",) if reach else ()))
-for authority in ("web.test@blocked.test:443", "allowed.test:443@blocked.test:443", "blocked.test@allowed.test:443",
-                  "allowed.test%40blocked.test:443"):
-    add(Case(f"userinfo-connect-{slug(authority)}", "userinfo", f"CONNECT {authority}", "connect", connect(authority),
-             inner_get("allowed.test"), True, "allowed.test", reach=("allowed",), client=ANY))
+    add(
+        Case(
+            f"userinfo-{slug(target)}",
+            "userinfo",
+            f"GET {target!r} with Host: web.test",
+            "http",
+            get("web.test", target),
+            reach=reach,
+            client=ANY if reach else DENIED,
+        )
+    )
+for authority in (
+    "web.test@blocked.test:443",
+    "allowed.test:443@blocked.test:443",
+    "blocked.test@allowed.test:443",
+    "allowed.test%40blocked.test:443",
+):
+    add(
+        Case(
+            f"userinfo-connect-{slug(authority)}",
+            "userinfo",
+            f"CONNECT {authority}",
+            "connect",
+            connect(authority),
+            inner_get("allowed.test"),
+            True,
+            "allowed.test",
+            reach=("allowed",),
+            client=ANY,
+        )
+    )
 
 # ---- target / Host / SNI mismatch ----------------------------------------------------------------
 mismatch = [
@@ -277,34 +459,116 @@ mismatch = [
     ("two Host headers web then blocked", get("web.test", "/", "Host: blocked.test\r\n"), ("web",)),
     ("two Host headers blocked then web", get("blocked.test", "/", "Host: web.test\r\n"), ("web",)),
     ("absolute web, Host web:22", get("web.test:22", "http://web.test/"), ("web",)),
-    ("absolute blocked with Host web and X-Forwarded-Host", get("web.test", "http://blocked.test/", "X-Forwarded-Host: web.test\r\n"), ()),
+    (
+        "absolute blocked with Host web and X-Forwarded-Host",
+        get("web.test", "http://blocked.test/", "X-Forwarded-Host: web.test\r\n"),
+        (),
+    ),
     ("absolute https://blocked.test in plain", get("web.test", "https://blocked.test/"), ()),
     ("absolute ftp://blocked.test", get("web.test", "ftp://blocked.test/"), ()),
     ("absolute web.test with no scheme", get("web.test", "//blocked.test/"), ("web",)),
 ]
 for desc, raw, reach in mismatch:
-    add(Case(f"mismatch-{slug(desc)}", "mismatch", desc, "http", raw, reach=reach, client=ANY if reach else DENIED,
-             forbid=()))
+    add(
+        Case(
+            f"mismatch-{slug(desc)}",
+            "mismatch",
+            desc,
+            "http",
+            raw,
+            reach=reach,
+            client=ANY if reach else DENIED,
+            forbid=(),
+        )
+    )
 for desc, authority, sni, inner, reach, tls in (
-    ("CONNECT allowed, Host header blocked", "allowed.test:443", "allowed.test", inner_get("allowed.test"), ("allowed",), True),
-    ("CONNECT allowed, SNI blocked.test", "allowed.test:443", "blocked.test", inner_get("blocked.test"), ("allowed",), True),
+    (
+        "CONNECT allowed, Host header blocked",
+        "allowed.test:443",
+        "allowed.test",
+        inner_get("allowed.test"),
+        ("allowed",),
+        True,
+    ),
+    (
+        "CONNECT allowed, SNI blocked.test",
+        "allowed.test:443",
+        "blocked.test",
+        inner_get("blocked.test"),
+        ("allowed",),
+        True,
+    ),
     ("CONNECT allowed, no SNI", "allowed.test:443", None, inner_get("allowed.test"), ("allowed",), True),
-    ("CONNECT allowed, SNI evil-allowed.test", "allowed.test:443", "evil-allowed.test", inner_get("evil-allowed.test"), ("allowed",), True),
-    ("CONNECT web (intercepted), SNI blocked.test", "web.test:443", "blocked.test", inner_get("blocked.test"), ("web",), True),
+    (
+        "CONNECT allowed, SNI evil-allowed.test",
+        "allowed.test:443",
+        "evil-allowed.test",
+        inner_get("evil-allowed.test"),
+        ("allowed",),
+        True,
+    ),
+    (
+        "CONNECT web (intercepted), SNI blocked.test",
+        "web.test:443",
+        "blocked.test",
+        inner_get("blocked.test"),
+        ("web",),
+        True,
+    ),
     ("CONNECT web, inner Host blocked.test", "web.test:443", "web.test", inner_get("blocked.test"), ("web",), True),
-    ("CONNECT web, inner absolute-form to blocked", "web.test:443", "web.test",
-     b"GET http://blocked.test/ HTTP/1.1\r\nHost: blocked.test\r\nConnection: close\r\n\r\n", ("web",), True),
+    (
+        "CONNECT web, inner absolute-form to blocked",
+        "web.test:443",
+        "web.test",
+        b"GET http://blocked.test/ HTTP/1.1\r\nHost: blocked.test\r\nConnection: close\r\n\r\n",
+        ("web",),
+        True,
+    ),
     ("CONNECT web, no SNI", "web.test:443", None, inner_get("web.test"), ("web",), True),
     ("CONNECT blocked, SNI allowed.test", "blocked.test:443", "allowed.test", inner_get("allowed.test"), (), True),
-    ("CONNECT 127.0.0.2 (allowed.test's address), SNI allowed.test", "127.0.0.2:443", "allowed.test", inner_get("allowed.test"), (), True),
+    (
+        "CONNECT 127.0.0.2 (allowed.test's address), SNI allowed.test",
+        "127.0.0.2:443",
+        "allowed.test",
+        inner_get("allowed.test"),
+        (),
+        True,
+    ),
     ("CONNECT model, SNI web.test", "api.model.test:443", "web.test", inner_get("web.test", "/v1/x"), ("model",), True),
-    ("CONNECT allowed, plain http inside to blocked", "allowed.test:443", None, inner_get("blocked.test"), ("allowed",), False),
+    (
+        "CONNECT allowed, plain http inside to blocked",
+        "allowed.test:443",
+        None,
+        inner_get("blocked.test"),
+        ("allowed",),
+        False,
+    ),
     ("CONNECT web :443, plain http inside", "web.test:443", None, inner_get("web.test"), ("web",), False),
-    ("CONNECT a.wild.test, SNI x.y.wild.test", "a.wild.test:443", "x.y.wild.test", inner_get("x.y.wild.test"), ("wild-ok",), True),
+    (
+        "CONNECT a.wild.test, SNI x.y.wild.test",
+        "a.wild.test:443",
+        "x.y.wild.test",
+        inner_get("x.y.wild.test"),
+        ("wild-ok",),
+        True,
+    ),
 ):
     head = connect(authority, "Host: blocked.test\r\n" if "Host header" in desc else "")
-    add(Case(f"mismatch-{slug(desc)}", "mismatch", desc, "connect", head, inner, tls, sni, reach,
-             client=ANY if reach else DENIED, key_ok=reach == ("model",)))
+    add(
+        Case(
+            f"mismatch-{slug(desc)}",
+            "mismatch",
+            desc,
+            "connect",
+            head,
+            inner,
+            tls,
+            sni,
+            reach,
+            client=ANY if reach else DENIED,
+            key_ok=reach == ("model",),
+        )
+    )
 
 # ---- smuggling -----------------------------------------------------------------------------------
 SMUGGLED = b"GET http://blocked.test/smuggled HTTP/1.1\r\nHost: blocked.test\r\n\r\n"
@@ -323,7 +587,10 @@ smuggle = [
     ("TE xchunked", post("Transfer-Encoding: xchunked\r\nContent-Length: 0\r\n", b"0\r\n\r\n" + SMUGGLED)),
     ("TE chunked, identity", post("Transfer-Encoding: chunked, identity\r\n", b"0\r\n\r\n" + SMUGGLED)),
     ("TE identity, chunked", post("Transfer-Encoding: identity, chunked\r\n", b"0\r\n\r\n" + SMUGGLED)),
-    ("TE with space before colon", post("Transfer-Encoding : chunked\r\nContent-Length: 0\r\n", b"0\r\n\r\n" + SMUGGLED)),
+    (
+        "TE with space before colon",
+        post("Transfer-Encoding : chunked\r\nContent-Length: 0\r\n", b"0\r\n\r\n" + SMUGGLED),
+    ),
     ("TE obs-folded", post("Transfer-Encoding:\r\n chunked\r\nContent-Length: 0\r\n", b"0\r\n\r\n" + SMUGGLED)),
     ("TE twice", post("Transfer-Encoding: chunked\r\nTransfer-Encoding: identity\r\n", b"0\r\n\r\n" + SMUGGLED)),
     ("TE CHUNKED upper case", post("Transfer-Encoding: CHUNKED\r\nContent-Length: 0\r\n", b"0\r\n\r\n" + SMUGGLED)),
@@ -336,7 +603,10 @@ smuggle = [
     ("Content-Length negative", post("Content-Length: -70\r\n", SMUGGLED)),
     ("Content-Length plus sign", post("Content-Length: +0\r\n", SMUGGLED)),
     ("Content-Length hex", post("Content-Length: 0x0\r\n", SMUGGLED)),
-    ("obs-fold Host onto blocked", b"GET http://web.test/ HTTP/1.1\r\nHost: web.test\r\n blocked.test\r\nConnection: close\r\n\r\n"),
+    (
+        "obs-fold Host onto blocked",
+        b"GET http://web.test/ HTTP/1.1\r\nHost: web.test\r\n blocked.test\r\nConnection: close\r\n\r\n",
+    ),
     ("bare LF request to blocked", b"GET http://blocked.test/ HTTP/1.1\nHost: blocked.test\n\n"),
     ("bare LF header line inside", b"GET http://web.test/ HTTP/1.1\r\nHost: web.test\nX: y\r\n\r\n" + SMUGGLED),
     ("bare CR line ends", b"GET http://blocked.test/ HTTP/1.1\rHost: blocked.test\r\r"),
@@ -347,14 +617,31 @@ smuggle = [
     ("double space in request line", b"GET  http://blocked.test/ HTTP/1.1\r\nHost: blocked.test\r\n\r\n"),
     ("tab in request line", b"GET\thttp://blocked.test/\tHTTP/1.1\r\nHost: blocked.test\r\n\r\n"),
     ("lower-case method to blocked", b"get http://blocked.test/ HTTP/1.1\r\nHost: blocked.test\r\n\r\n"),
-    ("Upgrade h2c then blocked", b"GET http://web.test/ HTTP/1.1\r\nHost: web.test\r\nUpgrade: h2c\r\nConnection: Upgrade, HTTP2-Settings\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n" + SMUGGLED),
+    (
+        "Upgrade h2c then blocked",
+        b"GET http://web.test/ HTTP/1.1\r\nHost: web.test\r\nUpgrade: h2c\r\n"
+        b"Connection: Upgrade, HTTP2-Settings\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n" + SMUGGLED,
+    ),
     ("HTTP/2 preface to the proxy", b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + SMUGGLED),
-    ("CONNECT pipelined after GET", get("web.test").replace(b"Connection: close\r\n", b"") + connect("blocked.test:443")),
+    (
+        "CONNECT pipelined after GET",
+        get("web.test").replace(b"Connection: close\r\n", b"") + connect("blocked.test:443"),
+    ),
     ("leading empty lines then blocked", b"\r\n\r\n" + SMUGGLED),
 ]
 for desc, raw in smuggle:
-    add(Case(f"smuggling-{slug(desc)}", "smuggling", desc + ": blocked.test must never be reached", "http", raw,
-             reach=("web",), client=ANY, forbid=(b"/smuggled",)))
+    add(
+        Case(
+            f"smuggling-{slug(desc)}",
+            "smuggling",
+            desc + ": blocked.test must never be reached",
+            "http",
+            raw,
+            reach=("web",),
+            client=ANY,
+            no_request="/smuggled",
+        )
+    )
 
 # ---- header abuse --------------------------------------------------------------------------------
 headers = [
@@ -379,34 +666,113 @@ headers = [
 ]
 for desc, extra in headers:
     raw = get("web.test", f"http://web.test/{'a' * 60_000}") if extra is None else get("web.test", headers=extra)
-    add(Case(f"headers-{slug(desc)}", "headers", desc + " to web.test", "http", raw, reach=("web",), client=ANY,
-             forbid=(b"/smuggled",)))
-for name in ("Proxy-Authorization: Basic dXNlcjpzZWNyZXQtcHJveHktcGFzcw==", "Proxy-Authenticate: Basic realm=x",
-             "Proxy-Connection: keep-alive"):
+    add(
+        Case(
+            f"headers-{slug(desc)}",
+            "headers",
+            desc + " to web.test",
+            "http",
+            raw,
+            reach=("web",),
+            client=ANY,
+            no_request="blocked.test",
+        )
+    )
+for name in (
+    "Proxy-Authorization: Basic dXNlcjpzZWNyZXQtcHJveHktcGFzcw==",
+    "Proxy-Authenticate: Basic realm=x",
+    "Proxy-Connection: keep-alive",
+):
     header = name.split(":")[0]
-    add(Case(f"headers-{slug(header)}-stripped", "headers", f"{header} must not reach the upstream", "http",
-             get("web.test", headers=name + "\r\n"), reach=("web",), client=ANY, forbid=(name.split(": ")[1].encode(),)
-             if header != "Proxy-Connection" else ()))
-add(Case("headers-proxy-authorization-in-tunnel-connect", "headers", "Proxy-Authorization on CONNECT must not enter the tunnel",
-         "connect", connect("allowed.test:443", "Proxy-Authorization: Basic dXNlcjpzZWNyZXQtcHJveHktcGFzcw==\r\n"),
-         inner_get("allowed.test"), True, "allowed.test", ("allowed",), client=ANY,
-         forbid=(b"dXNlcjpzZWNyZXQtcHJveHktcGFzcw==",)))
+    add(
+        Case(
+            f"headers-{slug(header)}-stripped",
+            "headers",
+            f"{header} must not reach the upstream",
+            "http",
+            get("web.test", headers=name + "\r\n"),
+            reach=("web",),
+            client=ANY,
+            forbid=(name.split(": ")[1].encode(),) if header != "Proxy-Connection" else (),
+        )
+    )
+add(
+    Case(
+        "headers-proxy-authorization-in-tunnel-connect",
+        "headers",
+        "Proxy-Authorization on CONNECT must not enter the tunnel",
+        "connect",
+        connect("allowed.test:443", "Proxy-Authorization: Basic dXNlcjpzZWNyZXQtcHJveHktcGFzcw==\r\n"),
+        inner_get("allowed.test"),
+        True,
+        "allowed.test",
+        ("allowed",),
+        client=ANY,
+        forbid=(b"dXNlcjpzZWNyZXQtcHJveHktcGFzcw==",),
+    )
+)
 
 # ---- credential binding --------------------------------------------------------------------------
 for hdr in ("x-api-key: proxy-managed", "Authorization: Bearer proxy-managed", "X-API-KEY: proxy-managed", ""):
     h = hdr + "\r\n" if hdr else ""
     tag = slug(hdr.split(":")[0]) if hdr else "no-header"
-    add(Case(f"credentials-model-tls-{tag}", "credentials", f"control: the model API over verified TLS ({tag})",
-             "connect", connect("api.model.test:443"), inner_get("api.model.test", "/v1/messages", h), True,
-             "api.model.test", ("model",), True, TUNNEL_OK, key_ok=True))
-    add(Case(f"credentials-model-plain-{tag}", "credentials", "plain http to the model host: never the key in clear",
-             "http", get("api.model.test", "http://api.model.test/v1/messages", h), ("model",) and b"", reach=("model",),
-             client=ANY))
-    for host, canary, tls in (("web.test", "web", True), ("allowed.test", "allowed", True), ("a.wild.test", "wild-ok", True)):
-        add(Case(f"credentials-other-host-{slug(host)}-{tag}", "credentials", f"{host}: never the model key",
-                 "connect", connect(f"{host}:443"), inner_get(host, "/v1/messages", h), tls, host, (canary,), client=ANY))
-    add(Case(f"credentials-web-plain-{tag}", "credentials", "plain http to web.test: never the model key", "http",
-             get("web.test", "http://web.test/v1/messages", h), reach=("web",), client=ANY))
+    add(
+        Case(
+            f"credentials-model-tls-{tag}",
+            "credentials",
+            f"control: the model API over verified TLS ({tag})",
+            "connect",
+            connect("api.model.test:443"),
+            inner_get("api.model.test", "/v1/messages", h),
+            True,
+            "api.model.test",
+            ("model",),
+            True,
+            TUNNEL_OK,
+            key_ok=True,
+        )
+    )
+    add(
+        Case(
+            f"credentials-model-plain-{tag}",
+            "credentials",
+            "plain http to the model host: never the key in clear",
+            "http",
+            get("api.model.test", "http://api.model.test/v1/messages", h),
+            reach=("model",),
+            client=ANY,
+        )
+    )
+    for host, canary, tls in (
+        ("web.test", "web", True),
+        ("allowed.test", "allowed", True),
+        ("a.wild.test", "wild-ok", True),
+    ):
+        add(
+            Case(
+                f"credentials-other-host-{slug(host)}-{tag}",
+                "credentials",
+                f"{host}: never the model key",
+                "connect",
+                connect(f"{host}:443"),
+                inner_get(host, "/v1/messages", h),
+                tls,
+                host,
+                (canary,),
+                client=ANY,
+            )
+        )
+    add(
+        Case(
+            f"credentials-web-plain-{tag}",
+            "credentials",
+            "plain http to web.test: never the model key",
+            "http",
+            get("web.test", "http://web.test/v1/messages", h),
+            reach=("web",),
+            client=ANY,
+        )
+    )
 for desc, authority, sni, host in (
     ("CONNECT allowed.test, SNI api.model.test", "allowed.test:443", "api.model.test", "api.model.test"),
     ("CONNECT model :443 over plain http inside", "api.model.test:443", None, "api.model.test"),
@@ -417,13 +783,44 @@ for desc, authority, sni, host in (
     ("CONNECT look-alike model host", "api.model.test.evil.test:443", "api.model.test.evil.test", "api.model.test"),
 ):
     tls = sni is not None
-    reach = ("allowed",) if authority.startswith("allowed") else ("model",) if "evil" not in authority and "127" not in authority and "8443" not in authority else ()
-    add(Case(f"credentials-{slug(desc)}", "credentials", desc, "connect", connect(authority),
-             inner_get(host, "/v1/messages", "x-api-key: proxy-managed\r\n"), tls, sni, reach, client=ANY,
-             key_ok=tls and reach == ("model",) and "8443" not in authority))
-for target in ("http://api.model.test:443/v1/messages", "http://API.MODEL.TEST/v1/messages", "http://api.model.test./v1/messages"):
-    add(Case(f"credentials-plain-{slug(target)}", "credentials", f"GET {target}: the key never in clear", "http",
-             get("api.model.test", target, "x-api-key: proxy-managed\r\n"), reach=("model",), client=ANY))
+    reach = (
+        ("allowed",)
+        if authority.startswith("allowed")
+        else ("model",)
+        if "evil" not in authority and "127" not in authority and "8443" not in authority
+        else ()
+    )
+    add(
+        Case(
+            f"credentials-{slug(desc)}",
+            "credentials",
+            desc,
+            "connect",
+            connect(authority),
+            inner_get(host, "/v1/messages", "x-api-key: proxy-managed\r\n"),
+            tls,
+            sni,
+            reach,
+            client=ANY,
+            key_ok=tls and reach == ("model",) and "8443" not in authority,
+        )
+    )
+for target in (
+    "http://api.model.test:443/v1/messages",
+    "http://API.MODEL.TEST/v1/messages",
+    "http://api.model.test./v1/messages",
+):
+    add(
+        Case(
+            f"credentials-plain-{slug(target)}",
+            "credentials",
+            f"GET {target}: the key never in clear",
+            "http",
+            get("api.model.test", target, "x-api-key: proxy-managed\r\n"),
+            reach=("model",),
+            client=ANY,
+        )
+    )
 
 # ---- path rules ----------------------------------------------------------------------------------
 PATHS = [
@@ -460,15 +857,41 @@ PATHS = [
 ]
 for path, verdict in PATHS:
     client_tls = TUNNEL_OK if verdict else ANY
-    add(Case(f"paths-tls-{slug(path)}", "paths", f"model API over TLS, path {path!r} (only /v1/** open)", "connect",
-             connect("api.model.test:443"), inner_get("api.model.test", path), True, "api.model.test", ("model",),
-             bool(verdict), client_tls, key_ok=True, paths_under="/v1", requires=("paths",)))
-    add(Case(f"paths-plain-{slug(path)}", "paths", f"model API in plain http, path {path!r} (only /v1/** open)", "http",
-             get("api.model.test", "http://api.model.test" + path if path.startswith("/") else path),
-             reach=("model",), must_reach=bool(verdict), client=OK if verdict else ANY, paths_under="/v1",
-             requires=("paths",)))
+    add(
+        Case(
+            f"paths-tls-{slug(path)}",
+            "paths",
+            f"model API over TLS, path {path!r} (only /v1/** open)",
+            "connect",
+            connect("api.model.test:443"),
+            inner_get("api.model.test", path),
+            True,
+            "api.model.test",
+            ("model",),
+            bool(verdict),
+            client_tls,
+            key_ok=True,
+            paths_under="/v1",
+            requires=("paths",),
+        )
+    )
+    add(
+        Case(
+            f"paths-plain-{slug(path)}",
+            "paths",
+            f"model API in plain http, path {path!r} (only /v1/** open)",
+            "http",
+            get("api.model.test", "http://api.model.test" + path if path.startswith("/") else path),
+            reach=("model",),
+            must_reach=bool(verdict),
+            client=OK if verdict else ANY,
+            paths_under="/v1",
+            requires=("paths",),
+        )
+    )
 
 # ---- known-key exfiltration ----------------------------------------------------------------------
+BODY_HEAD = b"Content-Length: {CL}\r\nConnection: close\r\n\r\n"
 FORMS = ("{KEY}", "{KEY_B64}", "{KEY_HEX}", "{KEY_PCT}")
 for form in FORMS:
     name = form.strip("{}").lower().replace("_", "-")
@@ -482,55 +905,187 @@ for form in FORMS:
     for place, (path, header) in places.items():
         if header is None:
             body = ("data=" + form).encode()
-            plain = f"POST http://web.test{path} HTTP/1.1\r\nHost: web.test\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body
-            inner = f"POST {path} HTTP/1.1\r\nHost: web.test\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body
+            plain = f"POST http://web.test{path} HTTP/1.1\r\nHost: web.test\r\n".encode() + BODY_HEAD + body
+            inner = f"POST {path} HTTP/1.1\r\nHost: web.test\r\n".encode() + BODY_HEAD + body
         else:
             plain = get("web.test", "http://web.test" + path, header)
             inner = inner_get("web.test", path, header)
-        add(Case(f"exfiltration-plain-{place}-{name}", "exfiltration", f"the known key ({name}) in the {place}, plain http",
-                 "http", plain, reach=("web",), client=DENIED, requires=("exfiltration",)))
-        add(Case(f"exfiltration-tls-{place}-{name}", "exfiltration", f"the known key ({name}) in the {place}, inside TLS",
-                 "connect", connect("web.test:443"), inner, True, "web.test", ("web",),
-                 client=(*DENIED, "tunnel:4xx", "tunnel:5xx", "tunnel:reset", "tunnel:closed"),
-                 requires=("exfiltration", "paths")))
+        add(
+            Case(
+                f"exfiltration-plain-{place}-{name}",
+                "exfiltration",
+                f"the known key ({name}) in the {place}, plain http",
+                "http",
+                plain,
+                reach=("web",),
+                client=DENIED,
+                requires=("exfiltration",),
+            )
+        )
+        add(
+            Case(
+                f"exfiltration-tls-{place}-{name}",
+                "exfiltration",
+                f"the known key ({name}) in the {place}, inside TLS",
+                "connect",
+                connect("web.test:443"),
+                inner,
+                True,
+                "web.test",
+                ("web",),
+                client=(*DENIED, "tunnel:4xx", "tunnel:5xx", "tunnel:reset", "tunnel:closed"),
+                requires=("exfiltration", "paths"),
+            )
+        )
 for desc, raw in (
-    ("the key as a host label", get("{KEY_HEX}.web.test")),
-    ("the key to the model host in plain http", get("api.model.test", "http://api.model.test/v1/x", "x-api-key: {KEY}\r\n")),
+    ("the key as host labels", get("{KEY_HEX_LABELS}.web.test")),
+    (
+        "the key to the model host in plain http",
+        get("api.model.test", "http://api.model.test/v1/x", "x-api-key: {KEY}\r\n"),
+    ),
     ("the key as userinfo", get("web.test", "http://{KEY}@web.test/")),
 ):
-    add(Case(f"exfiltration-{slug(desc)}", "exfiltration", desc, "http", raw, reach=("web", "model"), client=DENIED,
-             requires=("exfiltration",)))
+    add(
+        Case(
+            f"exfiltration-{slug(desc)}",
+            "exfiltration",
+            desc,
+            "http",
+            raw,
+            reach=("web", "model"),
+            client=DENIED,
+            requires=("exfiltration",),
+        )
+    )
 
 # ---- resource abuse (bounded) --------------------------------------------------------------------
-add(Case("resources-64-concurrent-blocked", "resources", "64 connections at once to blocked.test: all denied",
-         "concurrent", get("blocked.test"), count=64))
-add(Case("resources-64-concurrent-connect-blocked", "resources", "64 CONNECTs at once to blocked.test:443",
-         "concurrent", connect("blocked.test:443"), count=64))
-add(Case("resources-64-concurrent-web", "resources", "64 connections at once to web.test: allowed, nothing else reached",
-         "concurrent", get("web.test"), reach=("web",), client=ANY, count=64))
-add(Case("resources-slow-headers-blocked", "resources", "headers to blocked.test dribbled over 1.2 s", "slow",
-         get("blocked.test"), client=(*DENIED, "timeout"), count=6))
-add(Case("resources-slow-headers-web", "resources", "headers to web.test dribbled over 1.2 s", "slow",
-         get("web.test"), reach=("web",), client=ANY, count=6))
-add(Case("resources-huge-content-length-blocked", "resources", "Content-Length 10^12 and no body, to blocked.test",
-         "http", post("Content-Length: 1000000000000\r\n", b"", "blocked.test"), client=(*DENIED, "timeout")))
-add(Case("resources-1mib-body-web", "resources", "a 1 MiB body to web.test", "http",
-         post("Content-Length: 1048576\r\nConnection: close\r\n", b"a" * 1048576), reach=("web",), client=ANY))
-add(Case("resources-many-requests-one-connection", "resources", "100 pipelined requests to blocked.test", "http",
-         SMUGGLED * 100, client=(*DENIED, "timeout")))
+add(
+    Case(
+        "resources-64-concurrent-blocked",
+        "resources",
+        "64 connections at once to blocked.test: all denied",
+        "concurrent",
+        get("blocked.test"),
+        count=64,
+    )
+)
+add(
+    Case(
+        "resources-64-concurrent-connect-blocked",
+        "resources",
+        "64 CONNECTs at once to blocked.test:443",
+        "concurrent",
+        connect("blocked.test:443"),
+        count=64,
+    )
+)
+add(
+    Case(
+        "resources-64-concurrent-web",
+        "resources",
+        "64 connections at once to web.test: allowed, nothing else reached",
+        "concurrent",
+        get("web.test"),
+        reach=("web",),
+        client=ANY,
+        count=64,
+    )
+)
+add(
+    Case(
+        "resources-slow-headers-blocked",
+        "resources",
+        "headers to blocked.test dribbled over 1.2 s",
+        "slow",
+        get("blocked.test"),
+        client=(*DENIED, "timeout"),
+        count=6,
+    )
+)
+add(
+    Case(
+        "resources-slow-headers-web",
+        "resources",
+        "headers to web.test dribbled over 1.2 s",
+        "slow",
+        get("web.test"),
+        reach=("web",),
+        client=ANY,
+        count=6,
+    )
+)
+add(
+    Case(
+        "resources-huge-content-length-blocked",
+        "resources",
+        "Content-Length 10^12 and no body, to blocked.test",
+        "http",
+        post("Content-Length: 1000000000000\r\n", b"", "blocked.test"),
+        client=(*DENIED, "timeout"),
+    )
+)
+add(
+    Case(
+        "resources-1mib-body-web",
+        "resources",
+        "a 1 MiB body to web.test",
+        "http",
+        post("Content-Length: 1048576\r\nConnection: close\r\n", b"a" * 1048576),
+        reach=("web",),
+        client=ANY,
+    )
+)
+add(
+    Case(
+        "resources-many-requests-one-connection",
+        "resources",
+        "100 pipelined requests to blocked.test",
+        "http",
+        SMUGGLED * 100,
+        client=(*DENIED, "timeout"),
+    )
+)
 
 # ---- DNS (where the egress offers a resolver) ----------------------------------------------------
 for name, answer in (
-    ("allowed.test", True), ("web.test", True), ("api.model.test", True), ("a.wild.test", True),
-    ("a.b.c.deep.test", True), ("range.test", True), ("blocked.test", False), ("evil-allowed.test", False),
-    ("allowed.test.evil.test", False), ("x.y.wild.test", False), ("deep.test", False), ("wild.test", False),
-    ("example.com", False), ("evil.test", False), ("localhost", False), ("{KEY_HEX}.allowed.test", False),
-    ("{KEY_HEX}.web.test", False), ("ALLOWED.TEST", None), ("allowed.test.", True), ("1.0.0.127.in-addr.arpa", False),
-    ("xallowed.test", False), ("api.model.test.evil.test", False),
+    ("allowed.test", True),
+    ("web.test", True),
+    ("api.model.test", True),
+    ("a.wild.test", True),
+    ("a.b.c.deep.test", True),
+    ("range.test", True),
+    ("blocked.test", False),
+    ("evil-allowed.test", False),
+    ("allowed.test.evil.test", False),
+    ("x.y.wild.test", False),
+    ("deep.test", False),
+    ("wild.test", False),
+    ("example.com", False),
+    ("evil.test", False),
+    ("localhost", False),
+    ("{KEY_HEX_LABELS}.allowed.test", False),
+    ("{KEY_HEX_LABELS}.web.test", False),
+    ("ALLOWED.TEST", None),
+    ("allowed.test.", True),
+    ("1.0.0.127.in-addr.arpa", False),
+    ("xallowed.test", False),
+    ("api.model.test.evil.test", False),
 ):
-    add(Case(f"dns-{slug(name)}", "dns", f"resolve {name}: {'answered' if answer else 'refused' if answer is False else 'either'}",
-             "dns", name.encode(), client=("answer",) if answer else ("answer", "refused", "nxdomain", "empty") if answer is None
-             else ("refused", "nxdomain", "empty", "rcode-2"), requires=("dns",)))
+    add(
+        Case(
+            f"dns-{slug(name)}",
+            "dns",
+            f"resolve {name}: {'answered' if answer else 'refused' if answer is False else 'either'}",
+            "dns",
+            name.encode(),
+            client=("answer",)
+            if answer
+            else ("answer", "refused", "nxdomain", "empty")
+            if answer is None
+            else ("refused", "nxdomain", "empty", "rcode-2", "rcode-1"),
+            requires=("dns",),
+        )
+    )
 
 
 def check_corpus() -> None:

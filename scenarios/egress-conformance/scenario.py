@@ -79,7 +79,8 @@ class Options:
         unknown = [f for f in self.family_list if f not in FAMILIES]
         if unknown or not self.family_list:
             raise ConfigError(
-                f"egress-conformance: unknown family {', '.join(unknown) or '(none)'}; choose from all, {', '.join(FAMILIES)}"
+                f"egress-conformance: unknown family {', '.join(unknown) or '(none)'}; "
+                f"choose from all, {', '.join(FAMILIES)}"
             )
         if not self.policy.is_file():
             raise ConfigError(f"egress-conformance: policy {self.policy} is not a file")
@@ -158,7 +159,9 @@ def trust_for(canary_ca: Path, egress_ca: Path | None) -> ssl.SSLContext:
     return ctx
 
 
-def run_case(case: Case, proxy: tuple[str, int], trust: ssl.SSLContext, key: str, dns_port: int | None) -> tuple[bytes, client.Seen]:
+def run_case(
+    case: Case, proxy: tuple[str, int], trust: ssl.SSLContext, key: str, dns_port: int | None
+) -> tuple[bytes, client.Seen]:
     sent = fill(case.send, key)
     if case.kind == "http":
         return sent, client.exchange(proxy, sent)
@@ -204,8 +207,10 @@ class ConformanceScenario:
     def setup(self, ctx: ScenarioContext) -> None:
         with ctx.journal.activity("start-canaries") as act:
             self.canaries = ctx.keep(Canaries(CANARIES, ctx.run_dir / "canaries"))
-            act.output = {"listeners": len(self.canaries.listeners), "moved": {
-                f"{a}:{p}": b for (a, p), b in self.canaries.bound.items() if b != p}}
+            act.output = {
+                "listeners": len(self.canaries.listeners),
+                "moved": {f"{a}:{p}": b for (a, p), b in self.canaries.bound.items() if b != p},
+            }
 
     def steady_state(self, ctx: ScenarioContext) -> None:
         return None

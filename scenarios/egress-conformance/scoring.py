@@ -25,12 +25,17 @@ def key_forms(key: str) -> dict[str, bytes]:
         "{KEY_B64}": base64.b64encode(raw),
         "{KEY_HEX}": raw.hex().encode(),
         "{KEY_PCT}": "".join(f"%{b:02X}" for b in raw).encode(),
+        "{KEY_HEX_LABELS}": b".".join(raw.hex().encode()[i : i + 40] for i in range(0, len(raw) * 2, 40)),
     }
 
 
 def fill(raw: bytes, key: str) -> bytes:
+    """Placeholders replaced by the key's forms; `Content-Length: {CL}` by the length of the body after it."""
     for placeholder, value in key_forms(key).items():
         raw = raw.replace(placeholder.encode(), value)
+    if b"{CL}" in raw:
+        head, _, body = raw.partition(b"\r\n\r\n")
+        raw = head.replace(b"{CL}", str(len(body)).encode()) + b"\r\n\r\n" + body
     return raw
 
 
@@ -59,8 +64,13 @@ class Verdict:
     evidence: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
-        return {"case": self.case, "family": self.family, "result": self.result, "reasons": self.reasons,
-                "evidence": self.evidence}
+        return {
+            "case": self.case,
+            "family": self.family,
+            "result": self.result,
+            "reasons": self.reasons,
+            "evidence": self.evidence,
+        }
 
 
 def score(case: Case, sent: bytes, seen: Seen, connections: Iterable[Connection], key: str) -> Verdict:
@@ -90,9 +100,16 @@ def score(case: Case, sent: bytes, seen: Seen, connections: Iterable[Connection]
         for needle in case.forbid:
             if needle.lower() in data.lower():
                 reasons.append(f"{conn.canary}:{conn.port} received {needle[:60]!r}")
+        if case.no_request:
+            for request in conn.parsed:
+                if case.no_request in request["target"] or case.no_request in request["host"]:
+                    reasons.append(
+                        f"{conn.canary}:{conn.port} parsed a request {request['method']} {request['target']} "
+                        f"(Host {request['host']}) that the proxy must not have let through"
+                    )
         if case.paths_under:
-            for request in conn.requests():
-                target = request["line"].split(" ")[1] if " " in request["line"] else ""
+            for request in conn.parsed:
+                target = request["target"]
                 if not under(target, case.paths_under):
                     reasons.append(f"{conn.canary} received a request for {target!r}, outside {case.paths_under}/**")
         if not conn.peer.startswith("127."):
@@ -102,7 +119,9 @@ def score(case: Case, sent: bytes, seen: Seen, connections: Iterable[Connection]
         "saw": seen.to_json(),
         "canaries": [c.to_json() for c in connections],
     }
-    return Verdict(case.id, case.family, "fail" if reasons else "pass", sorted(set(reasons), key=reasons.index), evidence)
+    return Verdict(
+        case.id, case.family, "fail" if reasons else "pass", sorted(set(reasons), key=reasons.index), evidence
+    )
 
 
 def printable_head(raw: bytes, limit: int = 1500) -> str:
@@ -123,5 +142,3 @@ def summarize(verdicts: list[Verdict]) -> dict[str, dict[str, int]]:
         row = table.setdefault(verdict.family, {"pass": 0, "fail": 0, "n/a": 0})
         row[verdict.result] += 1
     return table
-
-
