@@ -294,6 +294,8 @@ class ConformanceScenario:
             "families": summarize(verdicts),
             "totals": {r: sum(1 for v in verdicts if v.result == r) for r in ("pass", "fail", "n/a")},
             "failures": [v.to_json() for v in verdicts if v.result == "fail"],
+            # Every case in one line: what the client saw, which canaries it reached, where the key appeared.
+            "outcomes": {v.case: {"result": v.result, **v.evidence.get("summary", {})} for v in verdicts},
             "not_applicable": [v.to_json() for v in verdicts if v.result == "n/a"],
             "unexpected_failures": [v.case for v in verdicts if v.result == "fail" and v.case not in expected],
             "expected_failures_passed": [v.case for v in verdicts if v.result == "pass" and v.case in expected],

@@ -114,7 +114,9 @@ def score(case: Case, sent: bytes, seen: Seen, connections: Iterable[Connection]
                     reasons.append(f"{conn.canary} received a request for {target!r}, outside {case.paths_under}/**")
         if not conn.peer.startswith("127."):
             reasons.append(f"{conn.canary} was dialled from a non-loopback address {conn.peer}")
+    keyed = sorted({f"{c.canary}:{c.port}" for c in connections for form in forms.values() if form in bytes(c.data)})
     evidence = {
+        "summary": {"saw": outcome, "reached": sorted({f"{c.canary}:{c.port}" for c in connections}), "key_at": keyed},
         "sent": printable_head(sent),
         "saw": seen.to_json(),
         "canaries": [c.to_json() for c in connections],
