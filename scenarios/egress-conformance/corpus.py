@@ -628,6 +628,20 @@ smuggle = [
         get("web.test").replace(b"Connection: close\r\n", b"") + connect("blocked.test:443"),
     ),
     ("leading empty lines then blocked", b"\r\n\r\n" + SMUGGLED),
+    # Hop-by-hop abuse of the framing headers: a proxy that drops a header Connection names must not drop
+    # the framing with it (the body would reach the upstream as a second request).
+    (
+        "Connection names Content-Length",
+        post(f"Connection: Content-Length\r\nContent-Length: {len(SMUGGLED)}\r\n", SMUGGLED),
+    ),
+    (
+        "Connection names Transfer-Encoding",
+        post(
+            "Connection: Transfer-Encoding\r\nTransfer-Encoding: chunked\r\n",
+            b"%x\r\n" % len(SMUGGLED) + SMUGGLED + b"\r\n0\r\n\r\n",
+        ),
+    ),
+    ("Connection names Host", get("web.test", headers="Connection: Host\r\n") + SMUGGLED),
 ]
 for desc, raw in smuggle:
     add(
