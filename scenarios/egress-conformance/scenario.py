@@ -14,6 +14,13 @@ the policy is the dns family; CONNECT to :22 and :9999 on an allowed host are po
 inspection beyond the known keys is out of scope. An egress whose module or binary is missing is
 "skipped: <reason>", never a crash. Exit code: non-zero when the gateway fails a case that is not in
 GATEWAY_EXPECTED_FAILURES (a CI gate); the peers' failures are findings, not failures.
+
+Limits: cases run one after another and a canary connection belongs to the case that was running when it was
+accepted (SETTLE_S after each case); a proxy that dials late or pools upstream connections across clients
+would blur that. Names the table lacks fall to the gateway's catch-all canary, but to a peer's own resolver
+(.test never resolves on the internet). Inside a blind tunnel no egress can see a key: exfiltration is tested
+on plain http and inside TLS the egress terminates. A canary answers 200 to everything; redirects, large or
+slow answers from upstream are not cases here.
 """
 
 from __future__ import annotations
