@@ -190,7 +190,8 @@ def image(c):
     # Long flags only: an automatic -h for --help-options would read as --help.
     auto_shortflags=False,
     help={
-        "name": "scenario folder under scenarios/ (isolation, retry-403, proxy-chaos, payments-service, ram-pressure)",
+        "name": "scenario folder under scenarios/ (isolation, retry-403, proxy-chaos, payments-service, ram-pressure, "
+        "egress-conformance)",
         "set": "KEY=VALUE: set one of the scenario's options (repeatable); --help-options lists them",
         "help_options": "list the scenario's options (type, default, meaning) and the common flags, then exit",
         "out": "run directory (default results/<run-id>)",
@@ -208,6 +209,7 @@ def image(c):
         "kube_context": "--set kube_context=CTX (payments-service: a real cluster instead of the embedded runtime)",
         "max_sandboxes": "--set max_sandboxes=N (ram-pressure: cap on sandboxes)",
         "duration": "--set duration_s=SECONDS (proxy-chaos: seconds of load at least)",
+        "egress": "--set egress=NAMES (egress-conformance: gateway,squid,tinyproxy,mitmproxy; isolation: one peer)",
     },
 )
 def scenario(
@@ -230,6 +232,7 @@ def scenario(
     kube_context=None,
     max_sandboxes=None,
     duration=None,
+    egress=None,
 ):
     """Run one scenario and write results.json + report.html; exits non-zero when the scenario fails."""
     from harness import cli
@@ -255,6 +258,7 @@ def scenario(
             "kube_context": kube_context,
             "max_sandboxes": max_sandboxes,
             "duration": duration,
+            "egress": egress,
         },
         sets=set or [],
         help_options=help_options,

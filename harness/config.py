@@ -79,6 +79,7 @@ SCENARIO_ALIASES: dict[str, str] = {
     "kube_context": "kube_context",
     "max_sandboxes": "max_sandboxes",
     "duration": "duration_s",
+    "egress": "egress",
 }
 """`invoke scenario` flags that are `--set` under another name: `--fixer X` is `--set fixer=X`."""
 

@@ -98,7 +98,9 @@ def test_bad_scenario_options_are_one_line_and_write_nothing(tmp_path: Path, arg
     assert not out.exists()
 
 
-@pytest.mark.parametrize("name", ["isolation", "payments-service", "proxy-chaos", "ram-pressure", "retry-403"])
+@pytest.mark.parametrize(
+    "name", ["egress-conformance", "isolation", "payments-service", "proxy-chaos", "ram-pressure", "retry-403"]
+)
 def test_help_options_lists_every_option(name: str) -> None:
     from harness.config import settings
     from harness.scenario.loader import load_scenario_module

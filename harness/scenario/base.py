@@ -55,10 +55,17 @@ class Needs:
     """Boot mode; None keeps --boot-mode."""
     features: tuple[str, ...] = ()
     """Backend features it cannot run without: names of `harness.sandbox.Features` fields (e.g. "weaken")."""
+    no_sandboxes: bool = False
+    """It boots no sandbox (a host-side client): the run uses the `host` backend, which prepares nothing
+    (no guest image, no accelerator probe, no snapshot template), whatever --backend says."""
 
     def apply(self, config: RunConfig, scenario: str) -> RunConfig:
         """`config` with these needs in place, validated again; a backend lacking a feature is a ConfigError."""
-        overrides = {"mem_mib": self.mem_mib, "boot_mode": self.boot_mode}
+        overrides = {
+            "mem_mib": self.mem_mib,
+            "boot_mode": self.boot_mode,
+            "backend": "host" if self.no_sandboxes else None,
+        }
         changed = replace(config, **{k: v for k, v in overrides.items() if v is not None})
         changed.validate()
         missing = [name for name in self.features if not getattr(backend_features(changed.backend), name)]
