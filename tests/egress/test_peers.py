@@ -28,11 +28,13 @@ rules:
   - allow: allowed.test
   - allow: plain.test
     ports: [80]
+  - allow: pypi.org
 """
 NAMES = {"allowed.test": "127.88.0.2", "plain.test": "127.88.0.3", "other.test": "127.88.0.4"}
 CANARY_PORTS = {"allowed.test": (443, 80, 22, 9999), "plain.test": (80,), "other.test": (443, 80)}
 UNMAPPED = "pypi.org"
-"""Resolves on this machine (/etc/hosts): a peer that used the host's resolver would dial it."""
+"""Allowed by the policy but not in the name map, and it resolves on this machine: a peer that used the host's
+resolver would dial it."""
 IO_TIMEOUT_S = 5.0
 
 
@@ -237,9 +239,9 @@ def test_name_not_allowed_is_denied_and_never_dialled(egress: PeerEgress, canari
 
 
 @pytest.mark.parametrize("how", ["connect", "get"])
-def test_unmapped_name_is_never_dialled(egress: PeerEgress, how: str) -> None:
+def test_allowed_but_unmapped_name_is_never_dialled(egress: PeerEgress, how: str) -> None:
     with OutsideWatch(egress.pids) as watch:
-        status = connect(egress, UNMAPPED, 443) if how == "connect" else get(egress, UNMAPPED)[0]
+        status = connect(egress, UNMAPPED, 443) if how == "connect" else get(egress, UNMAPPED, 443)[0]
     assert status != 200
     assert watch.outside == set()
 
