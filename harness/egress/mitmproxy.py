@@ -89,6 +89,7 @@ def start(setup: EgressSetup, supervisor: Supervisor) -> PeerEgress:
             supervisor,
             log_name="mitmdump.out",
             ca_file=confdir / "mitmproxy-ca-cert.pem",
+            env={"PYTHONUNBUFFERED": "1"},  # its log is the decision log: line by line, as it happens
         )
     except peers.PeerError as exc:
         raise peer_error("mitmproxy", exc) from exc
@@ -101,6 +102,7 @@ def start(setup: EgressSetup, supervisor: Supervisor) -> PeerEgress:
         resolution="none: the addon's server_connect hook dials each name at its address in the name map and"
         " refuses every other destination",
         tls="intercepted (mitmproxy's default): clients trust ca_file; a non-TLS tunnel passes as raw TCP",
+        decision_log=work / "mitmdump.out",
         ca_file=confdir / "mitmproxy-ca-cert.pem",
         notes=["A denied request gets the addon's 403 'Blocked by network policy: host:port (rule)'."],
     )

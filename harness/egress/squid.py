@@ -209,5 +209,6 @@ def start(setup: EgressSetup, supervisor: Supervisor) -> PeerEgress:
         resolution=f"hosts_file {hosts.name} from the name map; dns_nameservers {NO_RESOLVER} (nothing answers);"
         " harness guard ACLs deny a name outside the map before any lookup and any address outside loopback",
         tls="tunnelled (CONNECT), not terminated",
+        decision_log=lives[0] / "egress.log",
         notes=["A denied request gets squid's own 403 page (ERR_ACCESS_DENIED), not the gateway's explanation."],
     )

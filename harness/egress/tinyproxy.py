@@ -210,5 +210,6 @@ def start(setup: EgressSetup, supervisor: Supervisor) -> PeerEgress:
         resolution="private mount namespace (unshare --mount): /etc/hosts is the name map, nsswitch `hosts: files`,"
         f" resolv.conf names {NO_RESOLVER} (nothing answers)",
         tls="tunnelled (CONNECT), not terminated",
+        decision_log=work / "tinyproxy.log",
         notes=["A denied request gets tinyproxy's own 403 page (Filtered / Access violation)."],
     )

@@ -114,6 +114,8 @@ class PeerEgress:
     """How names resolve for it (only to the loopback stand-ins)."""
     tls: str
     """Whether it terminates TLS or tunnels it."""
+    decision_log: Path | None = None
+    """Where the running peer logs each request and its outcome (evidence beyond the canaries)."""
     ca_file: Path | None = None
     notes: list[str] = field(default_factory=list)
 
@@ -136,6 +138,7 @@ class PeerEgress:
             "config": [str(p) for p in self.config_files],
             "name_resolution": self.resolution,
             "tls": self.tls,
+            "decision_log": str(self.decision_log) if self.decision_log else None,
             "untranslatable": [{"rule": u.rule, "why": u.why} for u in self.untranslatable],
             "notes": list(self.notes),
         }

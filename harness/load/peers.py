@@ -15,12 +15,12 @@ import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from harness.scratch import make_scratch_dir, remove_scratch_dir
-from harness.supervisor import Supervisor, run_tool
+from harness.supervisor import Supervisor, child_environment, run_tool
 
 LOOPBACK = "127.0.0.1"
 BLOCKED_HOST = "blocked.test"
@@ -308,12 +308,20 @@ def launch_peer(
     log_name: str = "",
     ca_file: Path | None = None,
     notes: list[str] | None = None,
+    env: Mapping[str, str] | None = None,
 ) -> Peer:
     """Spawn a peer's argv under the supervisor (output to `log_name` in workdir) and wait until it listens on
     `port`; a peer that never listens is stopped and raises PeerError with its log's tail."""
     log = workdir / (log_name or f"{name}.out")
     with open(log, "ab") as out:
-        proc = supervisor.spawn(argv, f"{name}:{port}", stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+        proc = supervisor.spawn(
+            argv,
+            f"{name}:{port}",
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=child_environment(env),
+        )
     peer = Peer(name, port, workdir, proc, supervisor, ca_file=ca_file, notes=list(notes or []))
     _await(peer, log)
     return peer

@@ -244,6 +244,18 @@ def test_allowed_but_unmapped_name_is_never_dialled(egress: PeerEgress, how: str
         status = connect(egress, UNMAPPED, 443) if how == "connect" else get(egress, UNMAPPED, 443)[0]
     assert status != 200
     assert watch.outside == set()
+    # The peer's own log says why: refused before any lookup (squid's guard), no address in the private hosts
+    # file (tinyproxy), or killed before connect by the addon (mitmproxy).
+    assert egress.decision_log is not None
+    time.sleep(0.3)  # squid writes its access log line when the transaction ends
+    log = egress.decision_log.read_text()
+    evidence = {
+        "squid": f"TCP_DENIED/403 {'CONNECT' if how == 'connect' else 'GET'} {'' if how == 'connect' else 'http://'}"
+        f"{UNMAPPED}:443",
+        "tinyproxy": f"Could not retrieve address info for {UNMAPPED}:443",
+        "mitmproxy": f"{UNMAPPED} is not in the egress name map",
+    }[egress.name]
+    assert evidence in log
 
 
 def test_describe_records_version_config_and_resolution(egress: PeerEgress) -> None:
