@@ -52,11 +52,11 @@ def _host_acl(rule: Rule, acl: str, out: list[Untranslatable]) -> list[str]:
     if host.kind == "exact":
         return [f"acl {acl} dstdomain -n {host.value}"]
     if host.kind in ("one", "any"):
-        broader = "any depth below it" if host.kind == "one" else "the name itself"
+        broader = " and names at any depth below it" if host.kind == "one" else ""
         out.append(
             Untranslatable(
                 rule_text(rule),
-                f"squid's dstdomain .{host.value} also matches {host.value} itself and {broader}"
+                f"squid's dstdomain .{host.value} also matches {host.value} itself{broader}"
                 " (dstdom_regex could be exact; the usual dstdomain is used)",
             )
         )

@@ -40,6 +40,7 @@ from harness.supervisor import Supervisor
 
 ANY_NAME = r"^[^:]*[a-zA-Z_-][^:]*$"
 """`**`: a host name, never an IP literal (an IPv4 literal has no letter, an IPv6 one has a colon)."""
+LOOPBACK_V4 = ipaddress.IPv4Network("127.0.0.0/8")
 MAX_CONNECT_PORTS = 4096
 """A port range wider than this is written as no ConnectPort at all (every port), not thousands of lines."""
 NAMESPACE_SCRIPT = (
@@ -61,6 +62,8 @@ def host_regex(host: HostPattern) -> str | None:
     if host.kind == "all":
         return ANY_NAME
     network = host.network
+    if isinstance(network, ipaddress.IPv4Network) and network.supernet_of(LOOPBACK_V4):
+        network = LOOPBACK_V4  # harness guard: an address rule is narrowed to its loopback part
     if isinstance(network, ipaddress.IPv4Network) and network.prefixlen % 8 == 0:
         octets = str(network.network_address).split(".")[: network.prefixlen // 8]
         rest = 4 - len(octets)
@@ -83,8 +86,12 @@ def _hosts_overlap(a: HostPattern, b: HostPattern) -> bool:
     return a.value == b.value or a.value.endswith("." + b.value) or b.value.endswith("." + a.value)
 
 
-def tinyproxy_policy(policy: Policy) -> tuple[list[str], list[str], list[Untranslatable]]:
-    """Filter lines, ConnectPort values, and what tinyproxy cannot express."""
+def tinyproxy_policy(
+    policy: Policy, notes: list[str] | None = None
+) -> tuple[list[str], list[str], list[Untranslatable]]:
+    """Filter lines, ConnectPort values, and what tinyproxy cannot express; `notes` collects the harness guard's
+    narrowing of address rules (tinyproxy has no way to refuse a non-loopback address otherwise)."""
+    notes = notes if notes is not None else []
     out: list[Untranslatable] = []
     filters: list[str] = []
     allowed = [r for r in allows(policy) if not r.conditional]
@@ -99,6 +106,12 @@ def tinyproxy_policy(policy: Policy) -> tuple[list[str], list[str], list[Untrans
                 )
             )
             continue
+        network = rule.host.network
+        if isinstance(network, ipaddress.IPv4Network) and not network.subnet_of(LOOPBACK_V4):
+            if not network.supernet_of(LOOPBACK_V4):
+                notes.append(f"{rule_text(rule)}: left out (harness guard: tinyproxy dials only loopback addresses)")
+                continue
+            notes.append(f"{rule_text(rule)}: narrowed to 127.0.0.0/8 (harness guard: it dials only loopback)")
         regex = host_regex(rule.host)
         if regex is None:
             out.append(
@@ -172,7 +185,8 @@ def start(setup: EgressSetup, supervisor: Supervisor) -> PeerEgress:
         raise EnvironmentMissing("unshare (util-linux) is needed to give tinyproxy its own resolver files")
     policy = load(setup)
     names = check_names(setup.names)
-    filters, connect_ports, untranslatable = tinyproxy_policy(policy)
+    guard_notes: list[str] = []
+    filters, connect_ports, untranslatable = tinyproxy_policy(policy, guard_notes)
     untranslatable += policy_wide(policy, "tinyproxy")
     work = setup.workdir
     work.mkdir(parents=True, exist_ok=True)
@@ -211,5 +225,5 @@ def start(setup: EgressSetup, supervisor: Supervisor) -> PeerEgress:
         f" resolv.conf names {NO_RESOLVER} (nothing answers)",
         tls="tunnelled (CONNECT), not terminated",
         decision_log=work / "tinyproxy.log",
-        notes=["A denied request gets tinyproxy's own 403 page (Filtered / Access violation)."],
+        notes=["A denied request gets tinyproxy's own 403 page (Filtered / Access violation).", *guard_notes],
     )
