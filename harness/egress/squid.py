@@ -16,6 +16,7 @@ resolved or dialled.
 
 from __future__ import annotations
 
+import ipaddress
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
@@ -64,10 +65,21 @@ def _host_acl(rule: Rule, acl: str, out: list[Untranslatable]) -> list[str]:
     if host.kind == "all":
         return [f"acl {acl} dstdom_regex -n ."]
     assert host.network is not None
-    networks = [str(host.network)]
+    networks = [host.network]
     if rule.action == "deny" and host.covers_loopback:
-        networks += [n for n in LOOPBACK_DSTS if n not in networks]
-    return [f"acl {acl} dst {' '.join(networks)}"]
+        networks += [
+            n
+            for n in map(ipaddress.ip_network, LOOPBACK_DSTS)
+            if not any(n.subnet_of(m) for m in networks if m.version == n.version)
+        ]
+    return [f"acl {acl} dst {' '.join(_dst(n) for n in networks)}"]
+
+
+def _dst(network: ipaddress.IPv4Network | ipaddress.IPv6Network) -> str:
+    """A network as squid's dst takes it: it refuses a /0 (asking for `all`, which spans both families)."""
+    if network.prefixlen == 0:
+        return " ".join(str(half) for half in network.subnets(prefixlen_diff=1))
+    return str(network.network_address) if network.num_addresses == 1 else str(network)
 
 
 def _rule_lines(index: int, rule: Rule, out: list[Untranslatable]) -> list[str]:
