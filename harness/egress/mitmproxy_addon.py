@@ -76,6 +76,11 @@ class Allowlist:
     def __init__(self) -> None:
         self.rules: list[Rule] = []
         self.names: dict[str, str] = {}
+        self.tunnels: dict[str, str] = {}
+        """Client connection id -> the name its CONNECT was allowed for."""
+
+    def client_disconnected(self, client: Any) -> None:
+        self.tunnels.pop(client.id, None)
 
     def load(self, loader: Any) -> None:
         loader.add_option("egress_policy", str, "", "JSON policy written by blastradius")
@@ -120,11 +125,15 @@ class Allowlist:
         allowed, rule = self.destination(host, port)
         if not allowed:
             self._deny(flow, host, port, rule)
+        else:
+            self.tunnels[flow.client_conn.id] = host
 
     def request(self, flow: Any) -> None:
         if flow.response is not None:
             return
-        host, port = flow.request.host.lower().rstrip("."), flow.request.port
+        # Inside a tunnel the request's host is the address server_connect dialled: decide on the CONNECT's name.
+        host = self.tunnels.get(flow.client_conn.id) or flow.request.host
+        host, port = host.lower().rstrip("."), flow.request.port
         allowed, rule = self.request_decision(host, port, flow.request.method.upper(), flow.request.path.split("?")[0])
         if not allowed:
             self._deny(flow, host, port, rule)

@@ -288,3 +288,56 @@ def test_stop_leaves_no_process_and_squid_could_write_its_logs(tmp_path: Path, c
             # squid runs as the `proxy` user: its logs were written (and copied back on stop).
             assert "plain.test" in (workdir / "access.log").read_text()
             assert "Permission denied" not in (workdir / "cache.log").read_text()
+
+
+def _tls_request(egress: PeerEgress, ca: Path, host: str, method: str, path: str) -> int:
+    """CONNECT to host:443 through the egress, TLS inside (trusting `ca` and the egress's own CA), one request."""
+    import ssl
+
+    ctx = ssl.create_default_context(cafile=str(ca))
+    if egress.ca_file is not None:
+        ctx.load_verify_locations(cafile=str(egress.ca_file))
+    raw = _proxy(egress)
+    raw.sendall(f"CONNECT {host}:443 HTTP/1.1\r\nHost: {host}:443\r\n\r\n".encode())
+    status = _status(_read_head(raw))
+    if status != 200:
+        raw.close()
+        return status
+    with ctx.wrap_socket(raw, server_hostname=host) as tls:
+        tls.sendall(
+            f"{method} {path} HTTP/1.1\r\nHost: {host}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".encode()
+        )
+        return _status(_read_head(tls))
+
+
+@pytest.mark.parametrize("name", PEERS)
+def test_method_and_path_rules_inside_tls(name: str, tmp_path: Path) -> None:
+    """A host allowed for GET /v1/** only: mitmproxy (intercepting) checks each request inside the tunnel;
+    squid and tinyproxy cannot see inside it, so they refuse the CONNECT and list the rule as untranslatable."""
+    from harness.standins.upstream import UpstreamServer
+
+    if peers.binary(name) is None:
+        pytest.skip(f"{name} is not installed; install it with: {peers.INSTALL[name]}")
+    host = "api.openai.com"
+    (tmp_path / "policy.yaml").write_text(f'rules:\n  - allow: {host}\n    methods: [GET]\n    paths: ["/v1/**"]\n')
+    with (
+        UpstreamServer(host="127.88.0.9", http_port=0, https_port=443) as upstream,
+        Supervisor(f"test-egress-tls-{os.getpid()}-{name}") as sup,
+    ):
+        assert upstream.ca_file is not None
+        setup = EgressSetup(tmp_path / "policy.yaml", tmp_path / name, {host: "127.88.0.9"}, upstream.ca_file)
+        egress = start_egress(name, setup, sup)
+        assert isinstance(egress, PeerEgress)
+        try:
+            get_ok = _tls_request(egress, upstream.ca_file, host, "GET", "/v1/models")
+            post = _tls_request(egress, upstream.ca_file, host, "POST", "/v1/models")
+            other = _tls_request(egress, upstream.ca_file, host, "GET", "/admin")
+        finally:
+            egress.stop()
+        seen = [(r.method, r.target) for r in upstream.received()]
+    if name == "mitmproxy":
+        assert get_ok != 403 and (post, other) == (403, 403)
+        assert seen == [("GET", "/v1/models")]
+    else:
+        assert (get_ok, post, other) == (403, 403, 403) and seen == []
+        assert any(u.rule.startswith(f"allow: {host}") for u in egress.untranslatable)
