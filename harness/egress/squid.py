@@ -82,12 +82,12 @@ def _dst(network: ipaddress.IPv4Network | ipaddress.IPv6Network) -> str:
     return str(network.network_address) if network.num_addresses == 1 else str(network)
 
 
-def _rule_lines(index: int, rule: Rule, out: list[Untranslatable]) -> list[str]:
+def _rule_lines(index: int, rule: Rule, out: list[Untranslatable], per_host_ports: bool = True) -> list[str]:
     acl = f"r{index}"
     lines = [f"# rule {index}: {rule_text(rule)}"]
     lines += _host_acl(rule, f"{acl}_host", out)
     lines.append(f"acl {acl}_ports port {' '.join(port_list(rule.ports))}")
-    match = [f"{acl}_host", f"{acl}_ports"]
+    match = [f"{acl}_host", f"{acl}_ports"] if per_host_ports else [f"{acl}_host"]
     if rule.host.kind == "cidr":
         match.append("ip_literal")
     elif rule.host.kind == "all":
@@ -116,8 +116,13 @@ def _rule_lines(index: int, rule: Rule, out: list[Untranslatable]) -> list[str]:
     return lines
 
 
-def squid_policy(policy: Policy, names: Mapping[str, str]) -> tuple[str, list[Untranslatable]]:
-    """The access part of squid.conf for `policy`, and what it could not express."""
+def squid_policy(
+    policy: Policy, names: Mapping[str, str], per_host_ports: bool = True
+) -> tuple[str, list[Untranslatable]]:
+    """The access part of squid.conf for `policy`, and what it could not express.
+
+    per_host_ports=False writes the common recipe instead (each host allowed by dstdomain alone, ports only by the
+    global Safe_ports/SSL_ports): kept to show what it lets through, never what `start` runs."""
     out: list[Untranslatable] = []
     lines = [
         f"# From policy {policy.name} ({policy.source}) by blastradius; deny rules first, default deny last.",
@@ -147,11 +152,18 @@ def squid_policy(policy: Policy, names: Mapping[str, str]) -> tuple[str, list[Un
         ]
     for index, rule in enumerate(policy.rules, start=1):
         if rule.action == "deny":
-            lines += _rule_lines(index, rule, out)
+            lines += _rule_lines(index, rule, out, per_host_ports)
     lines.append("http_access deny !stand_ins")
     for index, rule in enumerate(policy.rules, start=1):
         if rule.action == "allow":
-            lines += _rule_lines(index, rule, out)
+            lines += _rule_lines(index, rule, out, per_host_ports)
+            if not per_host_ports and rule.ports != union_ports(allowed):
+                out.append(
+                    Untranslatable(
+                        rule_text(rule),
+                        f"the common recipe: ports only by the global SSL_ports ({union_ports(allowed).describe()})",
+                    )
+                )
     lines.append("http_access deny all")
     return "\n".join(lines) + "\n", out
 
@@ -185,11 +197,11 @@ shutdown_lifetime 0 seconds
 {access}"""
 
 
-def start(setup: EgressSetup, supervisor: Supervisor) -> PeerEgress:
+def start(setup: EgressSetup, supervisor: Supervisor, per_host_ports: bool = True) -> PeerEgress:
     require("squid")
     policy = load(setup)
     names = check_names(setup.names)
-    access, untranslatable = squid_policy(policy, names)
+    access, untranslatable = squid_policy(policy, names, per_host_ports)
     untranslatable += policy_wide(policy, "squid")
     setup.workdir.mkdir(parents=True, exist_ok=True)
     hosts = setup.workdir / "hosts"

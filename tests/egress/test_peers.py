@@ -341,3 +341,55 @@ def test_method_and_path_rules_inside_tls(name: str, tmp_path: Path) -> None:
     else:
         assert (get_ok, post, other) == (403, 403, 403) and seen == []
         assert any(u.rule.startswith(f"allow: {host}") for u in egress.untranslatable)
+
+
+@pytest.mark.parametrize("name", PEERS)
+def test_another_hosts_port_22_opens_port_22_only_where_ports_are_global(
+    name: str, canaries: dict[tuple[str, int], Canary], tmp_path: Path
+) -> None:
+    """FINDINGS probe 6 with one more rule, `allow: git.test:22`: squid (a port ACL per rule) and mitmproxy (the
+    addon decides host and port together) still refuse CONNECT allowed.test:22; tinyproxy's one ConnectPort
+    list now holds 22 for every allowed host, and the tunnel reaches the non-web port."""
+    if peers.binary(name) is None:
+        pytest.skip(f"{name} is not installed; install it with: {peers.INSTALL[name]}")
+    (tmp_path / "policy.yaml").write_text(POLICY + "  - allow: git.test:22\n")
+    names = {**NAMES, "git.test": "127.88.0.5"}
+    with Supervisor(f"test-egress-22-{os.getpid()}-{name}") as sup:
+        egress = start_egress(name, EgressSetup(tmp_path / "policy.yaml", tmp_path / name, names), sup)
+        assert isinstance(egress, PeerEgress)
+        try:
+            status = connect(egress, "allowed.test", 22)
+            nine = connect(egress, "allowed.test", 9999)
+        finally:
+            egress.stop()
+    assert nine == 403 and hits(canaries, "allowed.test", 9999) == 0
+    if name == "tinyproxy":
+        assert status == 200 and hits(canaries, "allowed.test", 22) == 1
+        assert any(u.rule.startswith("allow: allowed.test") and "ConnectPort" in u.why for u in egress.untranslatable)
+    else:
+        assert status == 403 and hits(canaries, "allowed.test", 22) == 0
+
+
+def test_what_squid_needs_to_refuse_port_22_on_an_allowed_host(
+    canaries: dict[tuple[str, int], Canary], tmp_path: Path
+) -> None:
+    """The common squid allowlist recipe (`http_access allow` by dstdomain, ports only by the global SSL_ports)
+    lets CONNECT allowed.test:22 through once any rule needs :22; the per-rule port ACL (what `start` writes)
+    refuses it."""
+    from harness.egress import squid
+
+    if peers.binary("squid") is None:
+        pytest.skip(f"squid is not installed; install it with: {peers.INSTALL['squid']}")
+    (tmp_path / "policy.yaml").write_text(POLICY + "  - allow: git.test:22\n")
+    names = {**NAMES, "git.test": "127.88.0.5"}
+    outcomes = {}
+    for per_host_ports in (False, True):
+        with Supervisor(f"test-egress-recipe-{os.getpid()}-{per_host_ports}") as sup:
+            setup = EgressSetup(tmp_path / "policy.yaml", tmp_path / f"per-host-{per_host_ports}", names)
+            egress = squid.start(setup, sup, per_host_ports=per_host_ports)
+            try:
+                outcomes[per_host_ports] = (connect(egress, "allowed.test", 22), hits(canaries, "allowed.test", 22))
+            finally:
+                egress.stop()
+        canaries[("allowed.test", 22)].hits.clear()
+    assert outcomes == {False: (200, 1), True: (403, 0)}
