@@ -15,7 +15,16 @@ from pathlib import Path
 from typing import Any
 
 from harness.egress import EgressSetup, Untranslatable
-from harness.egress.translate import PeerEgress, check_names, load, peer_error, policy_wide, require, rule_text
+from harness.egress.translate import (
+    PeerEgress,
+    check_names,
+    load,
+    peer_error,
+    policy_wide,
+    port_remaps,
+    require,
+    rule_text,
+)
 from harness.gateway.policy import Policy
 from harness.load import peers
 from harness.sandbox.base import Endpoint
@@ -51,7 +60,7 @@ def mitmproxy_policy(policy: Policy, names: dict[str, str]) -> tuple[dict[str, A
                     " percent-escape normalisation",
                 )
             )
-    return {"policy": policy.name, "rules": rules, "names": names}, out
+    return {"policy": policy.name, "rules": rules, "names": names, "remaps": {}}, out
 
 
 def start(setup: EgressSetup, supervisor: Supervisor) -> PeerEgress:
@@ -59,6 +68,7 @@ def start(setup: EgressSetup, supervisor: Supervisor) -> PeerEgress:
     policy = load(setup)
     names = check_names(setup.names)
     data, untranslatable = mitmproxy_policy(policy, names)
+    data["remaps"] = {key: list(target) for key, target in port_remaps(setup.names).items()}
     untranslatable += policy_wide(policy, "mitmproxy")
     work = setup.workdir
     work.mkdir(parents=True, exist_ok=True)

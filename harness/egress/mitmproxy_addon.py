@@ -5,7 +5,7 @@ Runs inside mitmproxy's own venv (it imports nothing of blastradius). Loaded as
 harness/egress/mitmproxy.py from the gateway policy:
 
     {"rules": [{"action", "kind", "value", "network", "covers_loopback", "ports", "methods", "paths"}],
-     "names": {"allowed.test": "127.0.0.2"}}
+     "names": {"allowed.test": "127.0.0.2"}, "remaps": {"allowed.test:22": ["127.0.0.2", 2222]}}
 
 Hooks: `http_connect` decides the CONNECT target (host and port) and answers 403 to a denied one; `request`
 decides every request it sees (plain http, and each request inside an intercepted tunnel) with its method and
@@ -76,6 +76,8 @@ class Allowlist:
     def __init__(self) -> None:
         self.rules: list[Rule] = []
         self.names: dict[str, str] = {}
+        self.remaps: dict[str, list[Any]] = {}
+        """"name:port" -> [address, port]: a stand-in that listens on another port than the one asked for."""
         self.tunnels: dict[str, str] = {}
         """Client connection id -> the name its CONNECT was allowed for."""
 
@@ -93,6 +95,7 @@ class Allowlist:
                 data = json.load(f)
             self.rules = [Rule(r) for r in data["rules"]]
             self.names = data["names"]
+            self.remaps = data.get("remaps", {})
 
     def destination(self, host: str, port: int) -> tuple[bool, str]:
         matching = [r for r in self.rules if r.matches_dest(host, port)]
@@ -141,6 +144,10 @@ class Allowlist:
     def server_connect(self, data: Any) -> None:
         host, port = data.server.address
         host = host.lower().rstrip(".")
+        remap = self.remaps.get(f"{host}:{port}")
+        if remap is not None:
+            data.server.address = (remap[0], remap[1])
+            return
         if host in self.names:
             data.server.address = (self.names[host], port)
             return

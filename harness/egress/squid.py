@@ -32,6 +32,7 @@ from harness.egress.translate import (
     peer_error,
     policy_wide,
     port_list,
+    remap_note,
     require,
     rule_text,
     union_ports,
@@ -234,5 +235,8 @@ def start(setup: EgressSetup, supervisor: Supervisor, per_host_ports: bool = Tru
         " harness guard ACLs deny a name outside the map before any lookup and any address outside loopback",
         tls="tunnelled (CONNECT), not terminated",
         decision_log=lives[0] / "egress.log",
-        notes=["A denied request gets squid's own 403 page (ERR_ACCESS_DENIED), not the gateway's explanation."],
+        notes=[
+            "A denied request gets squid's own 403 page (ERR_ACCESS_DENIED), not the gateway's explanation.",
+            *remap_note(setup.names, "squid"),
+        ],
     )

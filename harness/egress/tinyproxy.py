@@ -28,6 +28,7 @@ from harness.egress.translate import (
     load,
     peer_error,
     policy_wide,
+    remap_note,
     require,
     rule_text,
     union_ports,
@@ -225,5 +226,9 @@ def start(setup: EgressSetup, supervisor: Supervisor) -> PeerEgress:
         f" resolv.conf names {NO_RESOLVER} (nothing answers)",
         tls="tunnelled (CONNECT), not terminated",
         decision_log=work / "tinyproxy.log",
-        notes=["A denied request gets tinyproxy's own 403 page (Filtered / Access violation).", *guard_notes],
+        notes=[
+            "A denied request gets tinyproxy's own 403 page (Filtered / Access violation).",
+            *guard_notes,
+            *remap_note(setup.names, "tinyproxy"),
+        ],
     )

@@ -34,17 +34,50 @@ def load(setup: EgressSetup) -> Policy:
 
 
 def check_names(names: Mapping[str, str]) -> dict[str, str]:
-    """The name map, refused unless every address is loopback: the peers dial nothing else."""
+    """The name map's plain entries (name -> loopback address), refused unless every address is loopback: the
+    peers dial nothing else. `name:port -> address:port` entries (a stand-in on another port) are left to
+    port_remaps."""
     out: dict[str, str] = {}
     for name, address in names.items():
-        try:
-            ip = ipaddress.ip_address(address)
-        except ValueError as exc:
-            raise ConfigError(f"egress name {name!r} maps to {address!r}, which is not an IP address") from exc
-        if not ip.is_loopback:
-            raise ConfigError(f"egress name {name!r} maps to {address}, which is not a loopback address")
-        out[name.lower().rstrip(".")] = str(ip)
+        if ":" in name:
+            continue
+        out[name.lower().rstrip(".")] = _loopback(name, address)
     return out
+
+
+def port_remaps(names: Mapping[str, str]) -> dict[str, tuple[str, int]]:
+    """The map's `name:port -> address:port` entries, as "name:port" -> (address, port)."""
+    out: dict[str, tuple[str, int]] = {}
+    for key, value in names.items():
+        if ":" not in key:
+            continue
+        name, _, port = key.rpartition(":")
+        address, _, new_port = value.rpartition(":")
+        if not (port.isdigit() and new_port.isdigit()):
+            raise ConfigError(f"egress name {key!r} -> {value!r}: a remap is name:port -> address:port")
+        out[f"{name.lower().rstrip('.')}:{int(port)}"] = (_loopback(key, address), int(new_port))
+    return out
+
+
+def remap_note(names: Mapping[str, str], peer: str) -> list[str]:
+    """What a peer that maps names to addresses only says about the map's port remaps it cannot apply."""
+    remaps = port_remaps(names)
+    if not remaps:
+        return []
+    listed = ", ".join(f"{k} -> {a}:{p}" for k, (a, p) in sorted(remaps.items()))
+    return [
+        f"{peer} maps names to addresses only: these port remaps are not applied (it dials the name's port): {listed}"
+    ]
+
+
+def _loopback(name: str, address: str) -> str:
+    try:
+        ip = ipaddress.ip_address(address.strip("[]"))
+    except ValueError as exc:
+        raise ConfigError(f"egress name {name!r} maps to {address!r}, which is not an IP address") from exc
+    if not ip.is_loopback:
+        raise ConfigError(f"egress name {name!r} maps to {address}, which is not a loopback address")
+    return str(ip)
 
 
 def hosts_file_text(names: Mapping[str, str]) -> str:

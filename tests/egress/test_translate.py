@@ -13,7 +13,7 @@ from harness.egress import EgressSetup, start_egress
 from harness.egress.mitmproxy import mitmproxy_policy
 from harness.egress.squid import squid_policy
 from harness.egress.tinyproxy import host_regex, tinyproxy_policy
-from harness.egress.translate import check_names, hosts_file_text
+from harness.egress.translate import check_names, hosts_file_text, port_remaps, remap_note
 from harness.errors import ConfigError
 from harness.gateway.policy import PRESETS, load_policy, parse_host_pattern, policy_from_dict, preset_path
 from harness.load import peers
@@ -104,3 +104,12 @@ def test_every_preset_translates_and_the_peer_accepts_it(name: str, tmp_path: Pa
         if name == "squid":  # squid starts despite an ACL value it drops; its log says so
             log = (workdir / "cache.log").read_text()
             assert "ERROR" not in log and "WARNING" not in log, log
+
+
+def test_port_remaps_are_split_from_the_names() -> None:
+    names = {"a.test": "127.0.0.2", "a.test:22": "127.0.0.2:2222"}
+    assert check_names(names) == {"a.test": "127.0.0.2"}
+    assert port_remaps(names) == {"a.test:22": ("127.0.0.2", 2222)}
+    assert "a.test:22 -> 127.0.0.2:2222" in remap_note(names, "squid")[0]
+    with pytest.raises(ConfigError, match="not a loopback"):
+        port_remaps({"a.test:22": "10.0.0.1:22"})
