@@ -31,3 +31,12 @@ fi
 
 # Fetch the guest kernel with apt and build the initramfs now, so the first bench measures boots, not downloads.
 .venv/bin/invoke image
+
+# mitmproxy, the third peer proxy, in a venv of its own: its pins (h11, cryptography) clash with ours, and
+# 11.0.2 is the last release for Python 3.11 (harness/load/peers.py looks for /opt/mitmproxy-venv/bin/mitmdump).
+MITMPROXY_VERSION=11.0.2
+MITMPROXY_VENV=/opt/mitmproxy-venv
+if ! "$MITMPROXY_VENV/bin/python" -c "import importlib.metadata as m, sys; sys.exit(m.version('mitmproxy') != '$MITMPROXY_VERSION')" 2>/dev/null; then
+    $SUDO python3 -m venv "$MITMPROXY_VENV"
+    $SUDO "$MITMPROXY_VENV/bin/pip" install -q --disable-pip-version-check "mitmproxy==$MITMPROXY_VERSION"
+fi

@@ -15,12 +15,12 @@ import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from harness.scratch import make_scratch_dir, remove_scratch_dir
-from harness.supervisor import Supervisor, run_tool
+from harness.supervisor import Supervisor, child_environment, run_tool
 
 LOOPBACK = "127.0.0.1"
 BLOCKED_HOST = "blocked.test"
@@ -137,7 +137,8 @@ class Peer:
         self.on_stop.clear()
 
 
-def _chown_for(user: str, path: Path) -> None:
+def chown_for(user: str, path: Path) -> None:
+    """Give `path` and everything under it to `user` (when we are root and the user exists)."""
     if os.geteuid() != 0:
         return
     try:
@@ -182,6 +183,18 @@ http_access deny all
 
 
 def start_squid(workdir: Path, supervisor: Supervisor) -> Peer:
+    return launch_squid(workdir, supervisor, squid_config)
+
+
+def launch_squid(
+    workdir: Path,
+    supervisor: Supervisor,
+    config: Callable[[Path, int], str],
+    prepare: Callable[[Path], None] | None = None,
+    argv_prefix: list[str] | None = None,
+) -> Peer:
+    """Our own squid on a free loopback port from `config(live_dir, port)`; `prepare(live_dir)` writes any
+    further file squid reads (a hosts file) before the live dir is given to the squid user."""
     exe = binary("squid")
     if exe is None:
         raise PeerMissing("squid")
@@ -193,8 +206,10 @@ def start_squid(workdir: Path, supervisor: Supervisor) -> Peer:
     live = make_scratch_dir("br-squid-")
     os.chmod(live, 0o755)
     conf = workdir / "squid.conf"
-    conf.write_text(squid_config(live, port))
-    _chown_for(SQUID_USER, live)
+    conf.write_text(config(live, port))
+    if prepare is not None:
+        prepare(live)
+    chown_for(SQUID_USER, live)
     log = workdir / "squid.out"
 
     def collect() -> None:
@@ -206,7 +221,7 @@ def start_squid(workdir: Path, supervisor: Supervisor) -> Peer:
     # -N: foreground, no kid processes (one process to supervise and to sample), -f: our config only.
     with open(log, "ab") as out:
         proc = supervisor.spawn(
-            [exe, "-N", "-f", str(conf)],
+            [*(argv_prefix or []), exe, "-N", "-f", str(conf)],
             f"squid:{port}",
             stdin=subprocess.DEVNULL,
             stdout=out,
@@ -243,19 +258,8 @@ def start_tinyproxy(workdir: Path, supervisor: Supervisor) -> Peer:
     (workdir / "filter").write_text(f"{BLOCKED_HOST}\n")
     conf = workdir / "tinyproxy.conf"
     conf.write_text(tinyproxy_config(workdir, port))
-    log = workdir / "tinyproxy.out"
     # -d: foreground; -c: our config only.
-    with open(log, "ab") as out:
-        proc = supervisor.spawn(
-            [exe, "-d", "-c", str(conf)],
-            f"tinyproxy:{port}",
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    peer = Peer("tinyproxy", port, workdir, proc, supervisor)
-    _await(peer, log)
-    return peer
+    return launch_peer("tinyproxy", [exe, "-d", "-c", str(conf)], port, workdir, supervisor)
 
 
 def start_mitmproxy(workdir: Path, supervisor: Supervisor, upstream_ca: Path | None) -> Peer:
@@ -283,20 +287,42 @@ def start_mitmproxy(workdir: Path, supervisor: Supervisor, upstream_ca: Path | N
     ]
     if upstream_ca is not None:
         argv += ["--set", f"ssl_verify_upstream_trusted_ca={upstream_ca}"]
-    log = workdir / "mitmdump.out"
-    with open(log, "ab") as out:
-        proc = supervisor.spawn(
-            argv, f"mitmproxy:{port}", stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT
-        )
-    peer = Peer(
+    return launch_peer(
         "mitmproxy",
+        argv,
         port,
         workdir,
-        proc,
         supervisor,
+        log_name="mitmdump.out",
         ca_file=confdir / "mitmproxy-ca-cert.pem",
         notes=["mitmproxy intercepts TLS (its default): it decrypts and re-encrypts every model request."],
     )
+
+
+def launch_peer(
+    name: str,
+    argv: list[str],
+    port: int,
+    workdir: Path,
+    supervisor: Supervisor,
+    log_name: str = "",
+    ca_file: Path | None = None,
+    notes: list[str] | None = None,
+    env: Mapping[str, str] | None = None,
+) -> Peer:
+    """Spawn a peer's argv under the supervisor (output to `log_name` in workdir) and wait until it listens on
+    `port`; a peer that never listens is stopped and raises PeerError with its log's tail."""
+    log = workdir / (log_name or f"{name}.out")
+    with open(log, "ab") as out:
+        proc = supervisor.spawn(
+            argv,
+            f"{name}:{port}",
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=child_environment(env),
+        )
+    peer = Peer(name, port, workdir, proc, supervisor, ca_file=ca_file, notes=list(notes or []))
     _await(peer, log)
     return peer
 
