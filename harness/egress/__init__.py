@@ -53,6 +53,9 @@ class Untranslatable:
     """The rule as the policy gives it."""
     why: str
     """What the proxy lacks."""
+    cases: tuple[str, ...] = ()
+    """What conformance cases need (a case's `requires`: "paths", "dns", ...) that this gap takes away, so
+    they are n/a here; empty: the cases still run and show what the gap lets through."""
 
 
 class Egress(Protocol):

@@ -111,6 +111,7 @@ def _rule_lines(index: int, rule: Rule, out: list[Untranslatable], per_host_port
             Untranslatable(
                 rule_text(rule),
                 f"squid checks method and path for plain http only; inside a CONNECT tunnel it sees neither, {effect}",
+                cases=("paths",),
             )
         )
     lines.append(f"http_access {rule.action} {' '.join(match)}")

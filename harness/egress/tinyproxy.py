@@ -104,6 +104,7 @@ def tinyproxy_policy(
                     rule_text(rule),
                     "tinyproxy filters hosts only (FilterURLs works for plain http alone, for every rule): the host"
                     " is left out of the allowlist, so it is denied entirely",
+                    cases=("paths",),
                 )
             )
             continue

@@ -193,7 +193,7 @@ def policy_wide(policy: Policy, peer: str) -> list[Untranslatable]:
             )
         )
     if policy.dns:
-        out.append(Untranslatable("dns: enabled", f"{peer} serves no policy-gated DNS to the sandbox"))
+        out.append(Untranslatable("dns: enabled", f"{peer} serves no policy-gated DNS to the sandbox", ("dns",)))
     if policy.credentials:
         out.append(Untranslatable("credentials", f"{peer} is configured to inject no credential"))
     if policy.deny_mode == "reset":

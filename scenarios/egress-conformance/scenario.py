@@ -187,13 +187,13 @@ def run_case(
     raise ValueError(f"unknown case kind {case.kind}")
 
 
-def applicability(case: Case, untranslatable: list[dict[str, str]], dns_port: int | None) -> str | None:
+def applicability(case: Case, untranslatable: list[dict[str, Any]], dns_port: int | None) -> str | None:
     """None when the case applies to this egress; else why it does not."""
     if "dns" in case.requires and dns_port is None:
         return "this egress offers no DNS resolver (its clients get none through it)"
     for need in case.requires:
         for rule in untranslatable:
-            if need in rule["rule"].lower() or need in rule["why"].lower():
+            if need in rule["cases"]:
                 return f"untranslatable rule {rule['rule']!r}: {rule['why']}"
     return None
 
@@ -266,7 +266,7 @@ class ConformanceScenario:
         started = time.monotonic()
         verdicts: list[Verdict] = []
         try:
-            untranslatable = [{"rule": u.rule, "why": u.why} for u in egress.untranslatable]
+            untranslatable = [{"rule": u.rule, "why": u.why, "cases": list(u.cases)} for u in egress.untranslatable]
             process = getattr(egress, "process", None)
             dns_port = process.dns_port("conformance") if process is not None else None
             trust = trust_for(self.canaries.ca_file, egress.ca_file)
