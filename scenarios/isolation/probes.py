@@ -274,14 +274,25 @@ def crlf(*lines: str) -> str:
     return "".join(line.replace("%", "%%") + "\\r\\n" for line in lines) + "\\r\\n"
 
 
-def send(payload_fmt: str, host: str, port: int, wait_s: int = NC_WAIT_S) -> str:
-    return f"printf '{payload_fmt}' | nc -w {wait_s} {host} {port}"
+def send(payload_fmt: str, host: str, port: int, wait_s: int = NC_WAIT_S, hold_s: float = 0) -> str:
+    """A shell command that sends `payload_fmt` (a printf format) with nc and prints the answer; with `hold_s`,
+    the sending side stays open that long before its end reaches the server."""
+    payload = f"printf '{payload_fmt}'"
+    if hold_s:
+        payload = f"{{ {payload}; sleep {hold_s:g}; }}"
+    return f"{payload} | nc -w {wait_s} {host} {port}"
+
+
+CONNECT_HOLD_S = 1.0
+"""A CONNECT's client keeps its side open this long, as a real client does while it waits for the tunnel: a
+proxy may drop a client that half-closes before its upstream connection is up (mitmproxy does)."""
 
 
 def via_gateway_connect(env: ProbeEnv, authority: str, inner_fmt: str = "") -> str:
-    """CONNECT through the target's gateway, then send `inner_fmt` inside the tunnel if it opens."""
+    """CONNECT through the target's egress, then send `inner_fmt` inside the tunnel if it opens."""
     egress = env.target.network.egress
-    return send(crlf(f"CONNECT {authority} HTTP/1.1", f"Host: {authority}") + inner_fmt, egress.host, egress.port)
+    request = crlf(f"CONNECT {authority} HTTP/1.1", f"Host: {authority}") + inner_fmt
+    return send(request, egress.host, egress.port, hold_s=CONNECT_HOLD_S)
 
 
 def via_gateway_get(env: ProbeEnv, url: str, *headers: str) -> str:

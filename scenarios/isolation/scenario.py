@@ -34,6 +34,7 @@ import importlib
 import json
 import platform
 import re
+import secrets
 import threading
 import time
 from contextlib import ExitStack
@@ -129,10 +130,11 @@ def host_facts() -> Any:
     )
 
 
-PEER_OUTSIDE_ADDRESS = "127.0.0.9"
-"""With a peer proxy as the egress: the loopback address that every outside name resolves to for the peer
-(it maps names, not ports), where the stand-ins listen on the real ports (80, 443, and 22 and 9999 for the
-ports probe)."""
+def peer_outside_address() -> str:
+    """With a peer proxy as the egress: the loopback address that every outside name resolves to for the peer
+    (it maps names, not ports), where the stand-ins listen on the real ports (80, 443, and 22 and 9999 for the
+    ports probe). One of 127.9.0.0/16 at random, so two runs at once do not take each other's ports."""
+    return f"127.9.{secrets.randbelow(256)}.{1 + secrets.randbelow(254)}"
 
 
 class IsolationScenario:
@@ -244,15 +246,16 @@ class IsolationScenario:
 
     def _start_peer(self, ctx: ScenarioContext) -> int:
         """A peer proxy as every sandbox's egress, from the same policy file; the outside names resolve, for the
-        peer only, to PEER_OUTSIDE_ADDRESS, where the stand-ins listen on the real ports. Returns its port."""
+        peer only, to peer_outside_address(), where the stand-ins listen on the real ports. Returns its port."""
         expected = {MODEL_API: ("x-api-key", self.home.api_key)}
-        self.upstream = UpstreamServer(expected=expected, host=PEER_OUTSIDE_ADDRESS, http_port=80, https_port=443)
+        outside = peer_outside_address()
+        self.upstream = UpstreamServer(expected=expected, host=outside, http_port=80, https_port=443)
         self.upstream.start()
         for port in probes.SCANNED_PORTS:
             name = f"sink-{port}"
             reply = honeytokens.http_reply("br-sink: non-web port reached\n")
-            self.traps[name] = honeytokens.Trap(name, reply, port=port, host=PEER_OUTSIDE_ADDRESS).start()
-        names = {name: PEER_OUTSIDE_ADDRESS for name in (*self.upstream.names, probes.ALLOWED_HOST, MODEL_API)}
+            self.traps[name] = honeytokens.Trap(name, reply, port=port, host=outside).start()
+        names = {name: outside for name in (*self.upstream.names, probes.ALLOWED_HOST, MODEL_API)}
         setup = EgressSetup(
             policy=self._policy_file(ctx),
             workdir=ctx.run_dir / "egress",
@@ -264,7 +267,7 @@ class IsolationScenario:
         ctx.data["egress_setup"] = {
             **egress.describe(),
             "untranslatable": [{"rule": u.rule, "why": u.why} for u in egress.untranslatable],
-            "outside_address": PEER_OUTSIDE_ADDRESS,
+            "outside_address": outside,
         }
         return egress.proxy.port
 

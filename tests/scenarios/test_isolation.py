@@ -310,3 +310,21 @@ def test_host_backend_is_red_on_the_kernel_and_most_probes(host_run: dict[str, A
         direct = next(item for item in metadata["evidence"] if item["what"].startswith("direct"))
         assert direct["command"].endswith("-e true && echo connected"), "never a request to a real metadata service"
     assert host_run["info"]["evidence_clean"]["clean"]
+
+
+@pytest.mark.parametrize("egress", ["squid", "tinyproxy", "mitmproxy"])
+def test_isolation_behind_a_peer_egress(tmp_path: Path, egress: str) -> None:
+    """The same probes with a peer, configured from the same policy, as every sandbox's egress: it denies the
+    blocked domain and (configured per host and port) CONNECT :22 and :9999, and injects no key."""
+    from harness.load.peers import binary
+
+    if shutil.which("bwrap") is None or binary(egress) is None:
+        pytest.skip(f"bubblewrap and {egress} are installed by install.sh")
+    exit_code, run_dir = run_scenario("isolation", {"backend": "bwrap", "sandboxes": 1, "egress": egress}, out=tmp_path)
+    info = json.loads((run_dir / "results.json").read_text())["scenario"]["data"]
+    assert info["egress"] == egress and info["egress_setup"]["untranslatable"] is not None
+    card = info["scorecards"][0]
+    assert _red(card) == {"kernel"}, [(p["id"], p["reason"]) for p in card["probes"] if p["passed"] is False]
+    assert _probe(card, "credential")["passed"] is None and egress in _probe(card, "credential")["reason"]
+    assert _probe(card, "ports")["passed"] is True and _probe(card, "blocked-domain")["passed"] is True
+    assert exit_code == 1  # the shared kernel
