@@ -19,6 +19,7 @@ import re
 import shutil
 import subprocess
 import time
+from abc import ABC, abstractmethod
 from pathlib import Path
 
 import psutil
@@ -197,7 +198,7 @@ def running_tree(pid: int) -> list[int]:
     return pids
 
 
-class JailSandbox:
+class JailSandbox(ABC):
     """One jailed sandbox: a jail process (bwrap or runsc) started on JAIL_INIT, and its host bridge.
 
     A backend subclasses it with `argv()`, the command that starts the jail, and may add to `stop()`."""
@@ -229,9 +230,9 @@ class JailSandbox:
     def log(self) -> Path:
         return self.workdir / f"{self.kind}.log"
 
+    @abstractmethod
     def argv(self) -> list[str]:
-        """The command that starts the jail on JAIL_INIT."""
-        raise NotImplementedError
+        """The command that starts the jail on JAIL_INIT (each jail backend gives its own)."""
 
     def spawn(self) -> None:
         self.workspace.mkdir(parents=True, exist_ok=True)
