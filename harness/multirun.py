@@ -8,7 +8,6 @@ with open_comparison(config, "bench", config.backends) as comparison:   # X/resu
 
 from __future__ import annotations
 
-import signal
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,7 +18,7 @@ from typing import Any
 from harness.config import RunConfig
 from harness.report import render_report
 from harness.results import SCHEMA, host_info, new_run_id, write_results
-from harness.run import prepare_run_dir
+from harness.run import interrupted_by, prepare_run_dir
 from harness.sandbox import backend_label
 from harness.supervisor import Interrupted, Supervisor, interruption, signals_deferred, signals_raise
 
@@ -89,13 +88,8 @@ def open_comparison(config: RunConfig, what: str, config_record: dict[str, Any])
         with signals_raise():
             yield comparison
             comparison.data["partial"] = False
-    except (KeyboardInterrupt, Interrupted) as exc:
-        comparison.data["interrupted_by"] = (
-            signal.Signals(exc.signum).name if isinstance(exc, Interrupted) else "SIGINT"
-        )
-        raise
-    except Exception as exc:
-        comparison.data["interrupted_by"] = f"{type(exc).__name__}: {exc}"
+    except (KeyboardInterrupt, Interrupted, Exception) as exc:
+        comparison.data["interrupted_by"] = interrupted_by(exc)
         raise
     finally:
         with signals_deferred() as late:

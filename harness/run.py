@@ -95,6 +95,15 @@ def prepare_run_dir(run_dir: Path, force: bool) -> None:
         raise ConfigError(f"--out {run_dir}: {exc.strerror}; name a directory you can write to") from None
 
 
+def interrupted_by(exc: BaseException) -> str:
+    """results.json's `interrupted_by` for what ended a run early: the signal's name, or the error in one line."""
+    if isinstance(exc, Interrupted):
+        return signal.Signals(exc.signum).name
+    if isinstance(exc, KeyboardInterrupt):
+        return "SIGINT"
+    return f"{type(exc).__name__}: {exc}"
+
+
 @contextmanager
 def open_run(
     config: RunConfig, config_record: Mapping[str, Any], sections: Mapping[str, Any] | None = None
@@ -132,11 +141,8 @@ def open_run(
         with signals_raise():
             yield run
             run.data["partial"] = False
-    except (KeyboardInterrupt, Interrupted) as exc:
-        run.data["interrupted_by"] = signal.Signals(exc.signum).name if isinstance(exc, Interrupted) else "SIGINT"
-        raise
-    except Exception as exc:
-        run.data["interrupted_by"] = f"{type(exc).__name__}: {exc}"
+    except (KeyboardInterrupt, Interrupted, Exception) as exc:
+        run.data["interrupted_by"] = interrupted_by(exc)
         raise
     finally:
         with signals_deferred() as late:
