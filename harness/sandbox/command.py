@@ -262,6 +262,15 @@ def _closest(word: str, known: tuple[str, ...]) -> str:
     return did_you_mean(word, known)
 
 
+def _reject_unknown(label: str, mapping: dict[Any, Any], known: tuple[str, ...], where: str, takes: str) -> None:
+    """A key of `mapping` (at `where`, e.g. "commands."; a top-level key is shown quoted) that is not in
+    `known` is a one-line error with the closest known key and what the place takes."""
+    for key in mapping:
+        if key not in known:
+            shown = f"{where}{key}" if where else repr(key)
+            raise _fail(label, f"unknown key {shown}; {_closest(str(key), known)}{takes}")
+
+
 def load_stack(argument: str | None) -> Stack:
     """Read and validate a stack file; anything wrong is a one-line ConfigError naming the file, the key
     and the fix."""
@@ -290,11 +299,7 @@ def load_stack(argument: str | None) -> Stack:
         raise _fail(label, "is empty; it needs name, commands (create, exec, stop) and egress")
     if not isinstance(data, dict):
         raise _fail(label, f"holds a {type(data).__name__}, not a mapping; write keys: {', '.join(STACK_KEYS)}")
-    for key in data:
-        if key not in STACK_KEYS:
-            raise _fail(
-                label, f"unknown key {key!r}; {_closest(str(key), STACK_KEYS)}the keys are: {', '.join(STACK_KEYS)}"
-            )
+    _reject_unknown(label, data, STACK_KEYS, "", f"the keys are: {', '.join(STACK_KEYS)}")
     name = data.get("name")
     if not isinstance(name, str) or not name.strip():
         raise _fail(label, "name is missing or empty; add `name: <what this stack is>`")
@@ -326,11 +331,7 @@ def _commands(label: str, value: Any) -> dict[str, str]:
         raise _fail(label, "commands is missing; add commands: with create, exec and stop")
     if not isinstance(value, dict):
         raise _fail(label, f"commands must be a mapping of {', '.join(known)} to shell commands")
-    for key in value:
-        if key not in known:
-            raise _fail(
-                label, f"unknown key commands.{key}; {_closest(str(key), known)}the commands are: {', '.join(known)}"
-            )
+    _reject_unknown(label, value, known, "commands.", f"the commands are: {', '.join(known)}")
     for key in REQUIRED_COMMANDS:
         if key not in value or value[key] is None:
             raise _fail(label, f"commands.{key} is missing; add {COMMAND_PURPOSE[key]}")
@@ -347,10 +348,7 @@ def _egress(label: str, value: Any) -> dict[str, Any]:
         raise _fail(label, "egress is missing; add egress: {proxy: HOST:PORT, gateway: behind|own}")
     if not isinstance(value, dict):
         raise _fail(label, "egress must be a mapping: {proxy: HOST:PORT, gateway: behind|own}")
-    for key in value:
-        if key not in EGRESS_KEYS:
-            hint = _closest(str(key), EGRESS_KEYS)
-            raise _fail(label, f"unknown key egress.{key}; {hint}egress takes proxy and gateway")
+    _reject_unknown(label, value, EGRESS_KEYS, "egress.", "egress takes proxy and gateway")
     return value
 
 
