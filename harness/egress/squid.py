@@ -172,22 +172,11 @@ def squid_policy(
 
 def squid_config(live: Path, port: int, access: str) -> str:
     """A forward proxy with no cache and no side services, its files in `live`, and `access` as its rules."""
-    return f"""\
-http_port 127.0.0.1:{port}
-pid_filename {live}/squid.pid
-cache_log {live}/cache.log
-access_log stdio:{live}/access.log
+    return (
+        peers.squid_base(live, port)
+        + f"""\
 logformat egress %ts.%03tu %6tr %>a %Ss/%03>Hs %rm %ru %Sh/%<a:%<p
 access_log stdio:{live}/egress.log egress
-cache_store_log none
-coredump_dir {live}
-netdb_filename none
-cache deny all
-cache_mem 8 MB
-pinger_enable off
-icp_port 0
-htcp_port 0
-snmp_port 0
 # Names resolve through the stand-ins' hosts file only; the DNS server named here is loopback, where nothing
 # of ours answers, so an unmapped name fails to resolve instead of reaching the host's resolver.
 hosts_file {live}/hosts
@@ -195,8 +184,8 @@ dns_nameservers {NO_RESOLVER}
 dns_defnames off
 dns_timeout 2 seconds
 visible_hostname blastradius-egress
-shutdown_lifetime 0 seconds
 {access}"""
+    )
 
 
 def start(setup: EgressSetup, supervisor: Supervisor, per_host_ports: bool = True) -> PeerEgress:

@@ -149,20 +149,16 @@ def chown_for(user: str, path: Path) -> None:
         os.chown(item, entry.pw_uid, entry.pw_gid)
 
 
-def squid_config(workdir: Path, port: int) -> str:
-    # A minimal forward proxy: no cache, no ICP/HTCP/SNMP, no pinger, loopback clients only,
-    # every port allowed (like the gateway's 127.0.0.1 rule), the bench's blocked host denied.
-    # `dstdomain -n`: match names only. Without -n squid reverse-resolves IP destinations (every
-    # CONNECT 127.0.0.1:port here) and stalls on DNS, which is unreachable here on purpose.
-    # dstdomain -n: match the name only; without it squid reverse-resolves IP destinations
-    # (every CONNECT 127.0.0.1:port here) and stalls on DNS, which is unreachable on purpose.
+def squid_base(files: Path, port: int) -> str:
+    """The lines every squid of ours starts with: its port on loopback, its files in `files`, no cache and no
+    side services (ICP, HTCP, SNMP, pinger)."""
     return f"""\
 http_port {LOOPBACK}:{port}
-pid_filename {workdir}/squid.pid
-cache_log {workdir}/cache.log
-access_log stdio:{workdir}/access.log
+pid_filename {files}/squid.pid
+cache_log {files}/cache.log
+access_log stdio:{files}/access.log
 cache_store_log none
-coredump_dir {workdir}
+coredump_dir {files}
 netdb_filename none
 cache deny all
 cache_mem 8 MB
@@ -170,16 +166,27 @@ pinger_enable off
 icp_port 0
 htcp_port 0
 snmp_port 0
+shutdown_lifetime 0 seconds
+"""
+
+
+def squid_config(workdir: Path, port: int) -> str:
+    # A minimal forward proxy: loopback clients only, every port allowed (like the gateway's 127.0.0.1 rule),
+    # the bench's blocked host denied. dstdomain -n: match the name only; without it squid reverse-resolves
+    # IP destinations (every CONNECT 127.0.0.1:port here) and stalls on DNS, which is unreachable on purpose.
+    return (
+        squid_base(workdir, port)
+        + f"""\
 dns_nameservers {LOOPBACK}
 hosts_file none
 visible_hostname blastradius-bench
-shutdown_lifetime 0 seconds
 acl clients src 127.0.0.0/8
 acl blocked dstdomain -n .{BLOCKED_HOST}
 http_access deny blocked
 http_access allow clients
 http_access deny all
 """
+    )
 
 
 def start_squid(workdir: Path, supervisor: Supervisor) -> Peer:
