@@ -9,11 +9,12 @@ from types import ModuleType
 from typing import Any
 
 from harness.config import RunConfig, build
+from harness.errors import ConfigError
 from harness.multirun import open_comparison
 from harness.results import new_run_id
 from harness.run import open_run
 from harness.sandbox import backend_label
-from harness.scenario.base import Scenario, ScenarioContext
+from harness.scenario.base import Needs, Scenario, ScenarioContext
 from harness.scenario.journal import Journal, now
 from harness.scenario.loader import available_scenarios, load_scenario_module
 from harness.supervisor import Interrupted
@@ -36,6 +37,8 @@ class PreparedScenario:
     """Its typed `Options`."""
     scenario: Scenario
     """What its `create(options)` made."""
+    boots_sandboxes: bool = True
+    """False for a host-side client (its needs say no_sandboxes): the report then names no backend."""
 
     def config_record(self) -> dict[str, Any]:
         """results.json["config"]: the run settings and every option, paths as text."""
@@ -51,9 +54,11 @@ def prepare_scenario(name: str, values: Mapping[str, Any], labels: Mapping[str, 
     config = build(RunConfig, {k: v for k, v in given.items() if k in RUN_KEYS}, labels)
     options = build(module.Options, {k: v for k, v in given.items() if k not in RUN_KEYS}, labels, owner=name)
     needs = getattr(module, "needs", None)
-    if callable(needs):
-        config = needs(options, config).apply(config, name)
-    return PreparedScenario(name, module, config, options, module.create(options))
+    declared = needs(options, config) if callable(needs) else Needs()
+    if declared.no_sandboxes and given.get("backend") not in (None, "host"):
+        raise ConfigError(f"{name} boots no sandbox, so --backend does not apply; leave it out")
+    config = declared.apply(config, name)
+    return PreparedScenario(name, module, config, options, module.create(options), not declared.no_sandboxes)
 
 
 def prepare_comparison(
@@ -107,7 +112,13 @@ def run_prepared(prepared: PreparedScenario) -> tuple[int, Path]:
     """Run a prepared scenario; always writes results.json (partial if interrupted) and report.html."""
     scenario = prepared.scenario
     journal = Journal(scenario=prepared.name)
-    section: dict[str, Any] = {"name": prepared.name, "journal": journal.to_dict(), "data": {}, "exit_code": None}
+    section: dict[str, Any] = {
+        "name": prepared.name,
+        "boots_sandboxes": prepared.boots_sandboxes,
+        "journal": journal.to_dict(),
+        "data": {},
+        "exit_code": None,
+    }
     with open_run(prepared.config, prepared.config_record(), {"scenario": section}) as run:
         run.before_save.append(lambda: section.update(journal=journal.to_dict()))
         exit_code = 1

@@ -288,14 +288,14 @@ CONNECT_HOLD_S = 1.0
 proxy may drop a client that half-closes before its upstream connection is up (mitmproxy does)."""
 
 
-def via_gateway_connect(env: ProbeEnv, authority: str, inner_fmt: str = "") -> str:
+def via_egress_connect(env: ProbeEnv, authority: str, inner_fmt: str = "") -> str:
     """CONNECT through the target's egress, then send `inner_fmt` inside the tunnel if it opens."""
     egress = env.target.network.egress
     request = crlf(f"CONNECT {authority} HTTP/1.1", f"Host: {authority}") + inner_fmt
     return send(request, egress.host, egress.port, hold_s=CONNECT_HOLD_S)
 
 
-def via_gateway_get(env: ProbeEnv, url: str, *headers: str) -> str:
+def via_egress_get(env: ProbeEnv, url: str, *headers: str) -> str:
     host = url.split("/")[2]
     egress = env.target.network.egress
     return send(crlf(f"GET {url} HTTP/1.1", f"Host: {host}", *headers, "Connection: close"), egress.host, egress.port)
@@ -736,9 +736,9 @@ def check_host_loopback(env: ProbeEnv) -> Verdict:
     commands = {
         f"guest 127.0.0.1:{port} (must be the guest's own loopback)": send(request, "127.0.0.1", port),
         f"guest localhost:{port}": send(request, "localhost", port),
-        f"gateway CONNECT 127.0.0.1:{port}": via_gateway_connect(env, f"127.0.0.1:{port}", request),
-        f"gateway CONNECT localhost:{port}": via_gateway_connect(env, f"localhost:{port}", request),
-        f"gateway GET http://127.0.0.1:{port}/": via_gateway_get(env, f"http://127.0.0.1:{port}/version"),
+        f"{env.egress} CONNECT 127.0.0.1:{port}": via_egress_connect(env, f"127.0.0.1:{port}", request),
+        f"{env.egress} CONNECT localhost:{port}": via_egress_connect(env, f"localhost:{port}", request),
+        f"{env.egress} GET http://127.0.0.1:{port}/": via_egress_get(env, f"http://127.0.0.1:{port}/version"),
     }
     alias = env.target.network.host_alias
     if alias is not None and alias != LOOPBACK:
@@ -760,7 +760,7 @@ def check_host_loopback(env: ProbeEnv) -> Verdict:
         True,
         f"canary untouched by {len(parts)} paths: localhost inside is the sandbox's own"
         + ("" if alias is not None else " (it has no host alias)")
-        + ", the gateway refuses host loopback",
+        + f", {env.egress} refuses host loopback",
         facts,
     )
 
@@ -819,8 +819,8 @@ def check_blocked_domain(env: ProbeEnv) -> Verdict:
     nonce = secrets.token_hex(6)
     head = crlf("GET / HTTP/1.1", f"Host: {BLOCKED_HOST}", f"x-br-probe: {nonce}", "Connection: close")
     commands = {
-        f"gateway CONNECT {BLOCKED_HOST}:443": via_gateway_connect(env, f"{BLOCKED_HOST}:443"),
-        f"gateway GET http://{BLOCKED_HOST}/": via_gateway_get(env, f"http://{BLOCKED_HOST}/"),
+        f"{env.egress} CONNECT {BLOCKED_HOST}:443": via_egress_connect(env, f"{BLOCKED_HOST}:443"),
+        f"{env.egress} GET http://{BLOCKED_HOST}/": via_egress_get(env, f"http://{BLOCKED_HOST}/"),
     }
     # Direct egress is aimed at the stand-in on host loopback, which answers as example.com: the same
     # target on every backend (127.0.0.1 inside, and the host alias where there is one).
@@ -851,11 +851,11 @@ def check_blocked_domain(env: ProbeEnv) -> Verdict:
     if allowed or arrived:
         where = allowed or "a direct path"
         return Verdict(False, f"{BLOCKED_HOST} reachable via {where} ({len(arrived)} direct arrival(s))", facts)
-    proxied = facts[f"gateway GET http://{BLOCKED_HOST}/"]
+    proxied = facts[f"{env.egress} GET http://{BLOCKED_HOST}/"]
     tried = ", ".join(addresses)
     return Verdict(
         True,
-        f"denied by the gateway ({proxied['level']} {proxied['status']}, curl exit "
+        f"denied by {env.egress} ({proxied['level']} {proxied['status']}, curl exit "
         f"{proxied['curl_exit']}); direct to the stand-in via {tried} fails and it logged nothing",
         facts,
     )
@@ -909,11 +909,11 @@ def check_dns(env: ProbeEnv) -> Verdict:
 def check_ports(env: ProbeEnv) -> Verdict:
     hello = crlf("GET / HTTP/1.0", f"Host: {ALLOWED_HOST}")
     commands = {
-        f"gateway CONNECT {ALLOWED_HOST}:{port}": via_gateway_connect(env, f"{ALLOWED_HOST}:{port}", hello)
+        f"{env.egress} CONNECT {ALLOWED_HOST}:{port}": via_egress_connect(env, f"{ALLOWED_HOST}:{port}", hello)
         for port in SCANNED_PORTS
     }
-    control = f"control: gateway CONNECT {ALLOWED_HOST}:443 (must open)"
-    commands[control] = via_gateway_connect(env, f"{ALLOWED_HOST}:443")
+    control = f"control: {env.egress} CONNECT {ALLOWED_HOST}:443 (must open)"
+    commands[control] = via_egress_connect(env, f"{ALLOWED_HOST}:443")
     parts = env.parallel(commands)
     facts = {name: refusal(rc, out, True) for name, (rc, out) in parts.items()}
     opened = [name for name, (_, out) in parts.items() if name != control and parse_http(out).tunnel_open]
@@ -939,7 +939,7 @@ def check_credential(env: ProbeEnv) -> Verdict:
     nonce = secrets.token_hex(6)
     parts = env.parallel(
         {
-            "model API request with the sentinel": via_gateway_get(
+            "model API request with the sentinel": via_egress_get(
                 env, "http://api.anthropic.com/v1/messages", f"x-api-key: {SENTINEL}", f"x-br-probe: {nonce}"
             ),
             "the key as the guest sees it": 'echo "ANTHROPIC_API_KEY=$ANTHROPIC_API_KEY"',
@@ -981,8 +981,8 @@ def check_metadata(env: ProbeEnv) -> Verdict:
             # A TCP connect and nothing more: where a real metadata service answers (the host backend on a
             # cloud machine), asking it for credentials would copy the operator's own into the results.
             direct: f"nc -w {NC_WAIT_S} {METADATA_IP} 80 -e true && echo connected",
-            f"gateway GET http://{METADATA_IP}{path}": via_gateway_get(env, f"http://{METADATA_IP}{path}"),
-            f"gateway CONNECT {METADATA_IP}:80": via_gateway_connect(
+            f"{env.egress} GET http://{METADATA_IP}{path}": via_egress_get(env, f"http://{METADATA_IP}{path}"),
+            f"{env.egress} CONNECT {METADATA_IP}:80": via_egress_connect(
                 env, f"{METADATA_IP}:80", crlf(f"GET {path} HTTP/1.0", f"Host: {METADATA_IP}")
             ),
         }
@@ -1003,7 +1003,7 @@ def check_metadata(env: ProbeEnv) -> Verdict:
         return Verdict(False, f"cloud metadata reachable ({len(hits)} connection(s)) via {reached}", facts)
     return Verdict(
         True,
-        f"{METADATA_IP} unreachable: no TCP connection directly ({paths[direct]['level']}), denied by the gateway",
+        f"{METADATA_IP} unreachable: no TCP connection directly ({paths[direct]['level']}), denied by {env.egress}",
         facts,
     )
 
@@ -1061,7 +1061,7 @@ def check_peers(env: ProbeEnv) -> Verdict:
     control = own_agent_path(network, ask)
     if control is not None:
         commands[control[0]] = control[1]
-    # name -> (kind, how): how is "direct", "gateway" (a tunnel through the own gateway) or "paths".
+    # name -> (kind, how): how is "direct", "egress" (a tunnel through the own egress) or "paths".
     aimed: dict[str, tuple[str, str]] = {}
     for peer in env.peers:
         for kind, endpoint in peer.endpoints.items():
@@ -1071,9 +1071,9 @@ def check_peers(env: ProbeEnv) -> Verdict:
                 name = f"{peer.id} {kind} via {address}:{endpoint.port} ({meaning})"
                 commands[name] = send(payload, address, endpoint.port)
                 aimed[name] = (kind, "direct")
-            name = f"{peer.id} {kind} via gateway CONNECT {endpoint}"
-            commands[name] = via_gateway_connect(env, str(endpoint), payload)
-            aimed[name] = (kind, "gateway")
+            name = f"{peer.id} {kind} via {env.egress} CONNECT {endpoint}"
+            commands[name] = via_egress_connect(env, str(endpoint), payload)
+            aimed[name] = (kind, "egress")
         if peer.paths:
             name = f"{peer.id} host paths ({', '.join(peer.paths)})"
             commands[name] = peer_paths_command(peer.paths, ask)
@@ -1092,7 +1092,7 @@ def check_peers(env: ProbeEnv) -> Verdict:
         elif how == "direct":
             hit = parse_http(out).status is not None  # a peer's gateway listener answers HTTP at all
         else:
-            # The own gateway answers first (403 for loopback); only an opened tunnel carries the peer's answer.
+            # The own egress answers first (403 for loopback); only an opened tunnel carries the peer's answer.
             statuses = http_statuses(out)
             hit = bool(statuses) and statuses[0] == 200 and len(statuses) > 1
         if hit:
@@ -1194,7 +1194,7 @@ PROBES: tuple[Probe, ...] = (
         "issue probe 5, FINDINGS 2",
         check_host_loopback,
         "127.0.0.1 and localhost inside (the host's loopback exactly when the network is shared), the host "
-        "alias where the backend has one, and CONNECT/GET through the gateway; the host-side canary's "
+        "alias where the backend has one, and CONNECT/GET through the egress; the host-side canary's "
         "connection log is the judge.",
     ),
     Probe(
@@ -1210,11 +1210,11 @@ PROBES: tuple[Probe, ...] = (
     Probe(
         "blocked-domain",
         "Blocked domain is denied",
-        "through the gateway example.com gets the configured deny; direct egress fails",
+        "through the egress example.com gets the configured deny; direct egress fails",
         "any path gets a 2xx/3xx answer (leaky: open policy, unrestricted network)",
         "issue probe 7, FINDINGS 4",
         check_blocked_domain,
-        "CONNECT and GET through the gateway, and a direct request to the example.com stand-in on host "
+        "CONNECT and GET through the egress, and a direct request to the example.com stand-in on host "
         "loopback via 127.0.0.1 and the host alias where there is one; the stand-in's request log is the "
         "judge of the direct paths.",
     ),
@@ -1236,7 +1236,7 @@ PROBES: tuple[Probe, ...] = (
         "a non-443 port opens (leaky: every port allowed)",
         "issue probe 9, FINDINGS 6",
         check_ports,
-        "CONNECT through the gateway only (the same on every backend); :443 must open as the control.",
+        "CONNECT through the egress only (the same on every backend); :443 must open as the control.",
     ),
     Probe(
         "credential",
@@ -1245,18 +1245,18 @@ PROBES: tuple[Probe, ...] = (
         "the guest holds the key, or the call fails (leaky: the key is in the guest env)",
         "issue probe 10, FINDINGS 'credential-less agents'",
         check_credential,
-        "One model-API request through the gateway with the sentinel, checked at the upstream stand-in, and "
+        "One model-API request through the egress with the sentinel, checked at the upstream stand-in, and "
         "the key variable as the sandbox sees it.",
     ),
     Probe(
         "metadata",
         "Cloud metadata unreachable",
-        "169.254.169.254 is unreachable directly and through the gateway",
+        "169.254.169.254 is unreachable directly and through the egress",
         "the metadata stand-in logs a connection (leaky: policy allows link-local)",
         "issue probe 11",
         check_metadata,
         "A bare TCP connect to 169.254.169.254:80 (no request: a real metadata service must never be asked "
-        "for credentials), and GET/CONNECT through the gateway, whose route to it leads to a stand-in.",
+        "for credentials), and GET/CONNECT through the egress, whose route to it leads to a stand-in.",
     ),
     Probe(
         "peers",
@@ -1267,7 +1267,7 @@ PROBES: tuple[Probe, ...] = (
         "issue probe 12",
         check_peers,
         "Each peer's host ports (agent forward, gateway listener) via 127.0.0.1 and the host alias where there "
-        "is one, and through the own gateway; each peer's host paths (a jail's channel directory under "
+        "is one, and through the own egress; each peer's host paths (a jail's channel directory under "
         "/tmp/br-ch-*, its agent socket and workspace; every sandbox's directory on the host) looked for and, "
         "for a socket, spoken to. The control: the sandbox's own agent (port or /run/br socket) must answer the "
         "same way. n/a with one sandbox, or when a backend names no address or path into its sandboxes.",

@@ -13,6 +13,8 @@ ORDER = 0
 
 def section(data: dict[str, Any], run_dir: Path) -> Section:
     host, config, backend = data["host"], data["config"], data["backend"]
+    if not (data.get("scenario") or {}).get("boots_sandboxes", True):
+        return _host_side(data)
     features = backend.get("features", {})
     # Guest RAM and a boot mode are settings only of backends that have them (a jail has neither).
     has_guest_ram = features.get("min_mem_mib") is not None or not features
@@ -50,6 +52,19 @@ def section(data: dict[str, Any], run_dir: Path) -> Section:
         )
     # Leave out what does not apply (a scenario's rounds, a jail's VMM) rather than print None.
     rows = [row for row in rows if row[1] is not None]
+    return Section(title="Conditions", tables=[("", ["", ""], rows)], notes=notes)
+
+
+def _host_side(data: dict[str, Any]) -> Section:
+    """A scenario that boots no sandbox ran on the host alone: no backend, guest or rounds apply."""
+    host = data["host"]
+    rows = [
+        ["sandboxes", f"none: {data['scenario']['name']} is a host-side client and boots no sandbox"],
+        ["host CPU", f"{host['cpu_model']}, {host['cores']} cores"],
+        ["host memory", mib(host["memory_bytes"])],
+        ["host kernel / python", f"{host['kernel']} / {host['python']}"],
+    ]
+    notes = [] if not data["partial"] else [f"PARTIAL RUN: interrupted by {data.get('interrupted_by')}."]
     return Section(title="Conditions", tables=[("", ["", ""], rows)], notes=notes)
 
 
