@@ -170,6 +170,7 @@ def test_fill_sets_content_length_after_the_key() -> None:
         (["--egress", "nope"], "unknown egress nope; choose from gateway, squid, tinyproxy, mitmproxy"),
         (["--set", "families=ports,bogus"], "egress-conformance: unknown family bogus; choose from all, ports"),
         (["--set", "policy=/nonexistent.yaml"], "egress-conformance: policy /nonexistent.yaml is not a file"),
+        (["--backend", "qemu"], "egress-conformance boots no sandbox, so --backend does not apply; leave it out"),
     ],
 )
 def test_bad_options_are_one_line_exit_2(tmp_path: Path, args: list[str], message: str) -> None:
@@ -195,7 +196,9 @@ def test_gateway_is_all_green_on_the_full_corpus(tmp_path: Path) -> None:
     assert gateway["totals"]["pass"] + len(scenario.GATEWAY_EXPECTED_FAILURES) == len(corpus.CASES)
     assert gateway["run_failures"] == [] and gateway["connection_samples"] > 0
     assert data["backend"]["name"] == "host"  # no guest image or accelerator was prepared
-    assert "Egress conformance" in (out / "report.html").read_text()
+    report = (out / "report.html").read_text()
+    assert "Egress conformance" in report
+    assert "is a host-side client and boots no sandbox" in report  # the conditions name no backend
     assert "gateway: " in result.stdout + result.stderr
 
 
