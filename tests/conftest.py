@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import os
+import secrets
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -61,3 +66,42 @@ def all_blastradius_qemu() -> list[int]:
 
 def invoke_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "invoke", "--search-root", str(REPO), *args]
+
+
+BWRAP_EXAMPLE = "examples/command-backends/bwrap.yaml"
+"""The command backend's bubblewrap example: a jail built from outside the harness."""
+
+
+@dataclass
+class IsolationComparison:
+    """One `invoke scenario isolation --backend bwrap,host,command:...` run, shared by the tests that judge
+    those backends (the isolation probes cost 5-10 s per backend; running them once keeps the suite short)."""
+
+    returncode: int
+    stderr: str
+    out: Path
+    planted_key: str
+    """A real-looking key of the invoking user, in the run's environment: it must reach no file of the run."""
+
+    def sub_run(self, label: str) -> dict[str, Any]:
+        """results.json of the sub-run `label` (bwrap, host, command-bwrap)."""
+        return json.loads((self.out / label / "results.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def isolation_comparison(tmp_path_factory: pytest.TempPathFactory) -> IsolationComparison:
+    if shutil.which("bwrap") is None:
+        pytest.skip("bubblewrap is not installed (install.sh installs it)")
+    out = tmp_path_factory.mktemp("iso-comparison") / "run"
+    key = f"sk-proj-{secrets.token_hex(16)}"
+    backends = f"bwrap,host,command:{BWRAP_EXAMPLE}"
+    result = subprocess.run(
+        invoke_cmd("scenario", "isolation", "--backend", backends, "--sandboxes", "2", "--out", str(out)),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OPENAI_API_KEY": key},
+    )
+    assert "Traceback" not in result.stderr, result.stderr
+    return IsolationComparison(result.returncode, result.stderr, out, key)

@@ -16,7 +16,7 @@ import psutil
 import pytest
 
 from harness.supervisor import pid_alive, process_create_time
-from tests.conftest import REPO
+from tests.conftest import REPO, IsolationComparison
 
 INVOKE = str(Path(sys.executable).parent / "invoke")
 
@@ -44,13 +44,13 @@ def test_bench_takes_turns_between_backends(tmp_path: Path) -> None:
         assert (out / name / "report.html").exists()
 
 
-def test_isolation_runs_every_probe_on_every_backend(tmp_path: Path) -> None:
-    out = tmp_path / "y"
-    result = invoke("scenario", "isolation", "--backend", "bwrap,host", "--out", str(out))
-    assert result.returncode == 1, result.stderr  # the host backend leaks: that is its job
+def test_isolation_runs_every_probe_on_every_backend(isolation_comparison: IsolationComparison) -> None:
+    assert isolation_comparison.returncode == 1, isolation_comparison.stderr  # the host backend leaks: its job
+    top = json.loads((isolation_comparison.out / "results.json").read_text())
+    assert top["kind"] == "comparison" and [run["label"] for run in top["runs"]] == ["bwrap", "host", "command-bwrap"]
     verdicts = {}
     for name in ("bwrap", "host"):
-        scorecards = json.loads((out / name / "results.json").read_text())["scenario"]["data"]["scorecards"]
+        scorecards = isolation_comparison.sub_run(name)["scenario"]["data"]["scorecards"]
         assert len(scorecards) == 2
         verdicts[name] = {p["id"]: p["passed"] for p in scorecards[0]["probes"]}
     assert verdicts["bwrap"]["kernel"] is False and verdicts["host"]["kernel"] is False

@@ -40,10 +40,9 @@ from harness.sandbox.command import FEATURES, CommandBackend, CommandSandbox, lo
 from harness.scratch import remove_scratch_dir
 from harness.standins.upstream import UpstreamServer
 from harness.supervisor import OWNER_ENV, Supervisor, kill_group, owner_mark, pid_alive, process_create_time
-from tests.conftest import REPO, invoke_cmd
+from tests.conftest import REPO, IsolationComparison, invoke_cmd
 
 EXAMPLES = REPO / "examples" / "command-backends"
-BWRAP_EXAMPLE = "examples/command-backends/bwrap.yaml"
 """As a user types it, relative to the repository (the CLI tests run from there)."""
 
 GOOD = {
@@ -485,33 +484,21 @@ def test_the_bwrap_example_behind_a_real_gateway(supervisor: Supervisor, tmp_pat
     assert marked_processes(str(tmp_path)) == [] and supervisor.live() == []
 
 
-@needs_bwrap
-@pytest.mark.slow
-def test_isolation_verdicts_match_the_bwrap_backend(tmp_path: Path) -> None:
+def test_isolation_verdicts_match_the_bwrap_backend(isolation_comparison: IsolationComparison) -> None:
     """The same jail built from outside the harness must get the built-in backend's verdict on every probe."""
     runs = {}
-    for label, backend in (("bwrap", "bwrap"), ("command", f"command:{BWRAP_EXAMPLE}")):
-        out = tmp_path / label
-        result = subprocess.run(
-            invoke_cmd("scenario", "isolation", "--backend", backend, "--out", str(out)),
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            timeout=240,
-        )
-        assert "Traceback" not in result.stderr, result.stderr
-        data = json.loads((out / "results.json").read_text())
+    for label in ("bwrap", "command-bwrap"):
+        data = isolation_comparison.sub_run(label)
         assert data["partial"] is False and data["scenario"]["data"]["evidence_clean"]["clean"]
-        verdicts = {
+        runs[label] = {
             (card["sandbox"], probe["id"]): probe["passed"]
             for card in data["scenario"]["data"]["scorecards"]
             for probe in card["probes"]
         }
-        runs[label] = (result.returncode, verdicts)
-    assert runs["command"] == runs["bwrap"], {
-        key: (runs["bwrap"][1].get(key), verdict)
-        for key, verdict in runs["command"][1].items()
-        if runs["bwrap"][1].get(key) != verdict
+    assert runs["command-bwrap"] == runs["bwrap"], {
+        key: (runs["bwrap"].get(key), verdict)
+        for key, verdict in runs["command-bwrap"].items()
+        if runs["bwrap"].get(key) != verdict
     }
-    assert {sandbox for sandbox, _ in runs["command"][1]} == {"iso-sb0", "iso-sb1"}
-    assert marked_processes(str(tmp_path)) == []
+    assert {sandbox for sandbox, _ in runs["command-bwrap"]} == {"iso-sb0", "iso-sb1"}
+    assert marked_processes(str(isolation_comparison.out)) == []

@@ -21,8 +21,8 @@ from harness.paths import cache_dir
 from harness.sandbox import BackendOptions, Sandbox, SandboxSpec, backend_features, create_backend
 from harness.sandbox.base import Features
 from harness.sandbox.host import HostBackend
-from harness.scenario.runner import run_scenario
 from harness.supervisor import Supervisor, pid_alive
+from tests.conftest import IsolationComparison
 
 
 @pytest.fixture(scope="module")
@@ -116,26 +116,21 @@ def test_bench_runs_end_to_end_on_the_host_backend(tmp_path: Path) -> None:
     assert "spawn of the agent listener" in report  # the backend's own phase meaning, not dropped
 
 
-@pytest.mark.slow
-def test_isolation_on_the_host_backend_is_red_and_leaks_no_real_key(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    real_looking = f"sk-proj-{secrets.token_hex(16)}"
-    monkeypatch.setenv("OPENAI_API_KEY", real_looking)  # a key of the invoking user, as on a laptop
-    exit_code, run_dir = run_scenario("isolation", {"backend": "host", "sandboxes": 2}, out=tmp_path / "iso")
-    data = json.loads((run_dir / "results.json").read_text())
+def test_isolation_on_the_host_backend_is_red_and_leaks_no_real_key(isolation_comparison: IsolationComparison) -> None:
+    data = isolation_comparison.sub_run("host")
     verdicts = {
         (card["sandbox"], probe["id"]): probe["passed"]
         for card in data["scenario"]["data"]["scorecards"]
         for probe in card["probes"]
     }
     red = {probe for (_, probe), passed in verdicts.items() if passed is False}
-    assert exit_code == 1 and data["partial"] is False
+    assert data["scenario"]["exit_code"] == 1 and data["partial"] is False
     assert {"processes", "kernel", "home", "host-loopback", "env", "peers"} <= red, verdicts
     assert data["scenario"]["data"]["evidence_clean"]["clean"]
-    for path in run_dir.rglob("*"):
+    # The invoking user's key (a laptop's OPENAI_API_KEY) reaches no file of any backend's run.
+    for path in isolation_comparison.out.rglob("*"):
         if path.is_file():
-            assert real_looking not in path.read_text(errors="replace"), path
+            assert isolation_comparison.planted_key not in path.read_text(errors="replace"), path
 
 
 def _cmdline(pid: int) -> str:

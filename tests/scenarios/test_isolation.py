@@ -28,6 +28,7 @@ from harness.sandbox import BackendOptions, SandboxSpec, create_backend
 from harness.scenario.loader import load_scenario_module
 from harness.scenario.runner import run_scenario
 from harness.supervisor import Supervisor
+from tests.conftest import IsolationComparison
 
 REPO = Path(__file__).resolve().parents[2]
 SCENARIO = load_scenario_module("isolation")
@@ -231,23 +232,20 @@ def test_sigterm_mid_run_still_removes_the_honeytokens(tmp_path: Path) -> None:
 
 
 # ---- the same probes on the namespace backends: real runs, no QEMU --------------------------------
-# Each run takes 5-8 s here (two sandboxes, every probe), under the 10 s that would make it `slow`.
-def _backend_run(tmp: Path, backend: str) -> dict[str, Any]:
-    exit_code, run_dir = run_scenario("isolation", {"backend": backend, "sandboxes": 2}, out=tmp)
-    data = json.loads((run_dir / "results.json").read_text())
-    return {"exit_code": exit_code, "run_dir": run_dir, "data": data, "info": data["scenario"]["data"]}
+# One comparison run (bwrap, host, the command backend's bwrap) serves every test that judges them.
+def _backend_run(comparison: IsolationComparison, label: str) -> dict[str, Any]:
+    data = comparison.sub_run(label)
+    return {"exit_code": data["scenario"]["exit_code"], "data": data, "info": data["scenario"]["data"]}
 
 
 @pytest.fixture(scope="module")
-def bwrap_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    if shutil.which("bwrap") is None:
-        pytest.skip("bubblewrap is not installed")
-    return _backend_run(tmp_path_factory.mktemp("iso-bwrap"), "bwrap")
+def bwrap_run(isolation_comparison: IsolationComparison) -> dict[str, Any]:
+    return _backend_run(isolation_comparison, "bwrap")
 
 
 @pytest.fixture(scope="module")
-def host_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    return _backend_run(tmp_path_factory.mktemp("iso-host"), "host")
+def host_run(isolation_comparison: IsolationComparison) -> dict[str, Any]:
+    return _backend_run(isolation_comparison, "host")
 
 
 def _probe(card: dict[str, Any], probe_id: str) -> dict[str, Any]:
