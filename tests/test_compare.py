@@ -23,7 +23,7 @@ from harness.metrics import ab
 from harness.report import render_report
 from harness.report.comparison import words
 from harness.results import COMPARISON_KIND, SCHEMA, load_results, write_results
-from tests.conftest import REPO, invoke_cmd
+from tests.conftest import REPO, IsolationComparison, invoke_cmd
 
 DATA = REPO / "tests" / "data" / "compare"
 
@@ -369,16 +369,16 @@ def test_a_broken_comparison_results_json_is_one_line(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_compare_fresh_host_runs(tmp_path: Path) -> None:
-    """Two real host benches and a real isolation run, compared (about 20 s)."""
-    bench = ("bench", "--backend", "host", "--sandboxes", "3", "--no-proxy", "--warmup", "0")
+def test_compare_fresh_host_runs(tmp_path: Path, isolation_comparison: IsolationComparison) -> None:
+    """Two real host benches and a real isolation run (the shared comparison's host sub-run), compared."""
+    bench = ("bench", "--backend", "host", "--sandboxes", "2", "--no-proxy", "--warmup", "0")
     for name in ("a", "b"):
         assert invoke(*bench, "--out", str(tmp_path / name)).returncode == 0
-    assert invoke("scenario", "isolation", "--backend", "host", "--out", str(tmp_path / "iso")).returncode == 1
-    result = invoke("compare", *(str(tmp_path / n) for n in ("a", "b", "iso")), "--out", str(tmp_path / "cmp"))
+    iso = isolation_comparison.out / "host"
+    result = invoke("compare", str(tmp_path / "a"), str(tmp_path / "b"), str(iso), "--out", str(tmp_path / "cmp"))
     assert result.returncode == 0, result.stderr
     comparison = load_results(tmp_path / "cmp")["comparison"]
-    assert [r["label"] for r in comparison["runs"]] == ["a/host", "b/host", "iso/host"]
+    assert [r["label"] for r in comparison["runs"]] == ["a/host", "b/host", "host/host"]
     assert comparison["isolation"]["runs"][0]["red"] > 0  # no isolation on the host backend
     assert any("differ in kind of run" in note for note in comparison["notes"])
     self_contained((tmp_path / "cmp" / "report.html").read_text())

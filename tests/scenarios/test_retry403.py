@@ -107,12 +107,3 @@ def test_retry403_in_guest(tmp_path: Path) -> None:
     assert code == 0
     check_matrix(results["scenario"]["data"]["retry403"], "guest", 1)
     check_journal(results)
-
-
-@pytest.mark.slow
-def test_retry403_on_the_host_backend(tmp_path: Path) -> None:
-    """The same matrix with the clients as plain host processes: the orchestration, not the VM, under test."""
-    code, results = run(tmp_path, sandboxes=1, backend="host")
-    assert code == 0 and results["backend"]["name"] == "host"
-    check_matrix(results["scenario"]["data"]["retry403"], "guest", 1)
-    check_journal(results)
