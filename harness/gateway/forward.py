@@ -22,9 +22,10 @@ import h11
 from harness.gateway.credentials import BoundCredential, inject
 from harness.gateway.dial import DialError, Overrides, open_upstream
 from harness.gateway.exfil import BodyScanner, Forms, Scrubber
-from harness.gateway.framing import FramingError, check_response
+from harness.gateway.framing import FramingError, check_response, head_end
 from harness.gateway.names import format_authority
 from harness.gateway.streams import READ_CHUNK, PlainStream, Stream
+from harness.gateway.wire import fixed_answer, request_head
 
 # Connection-specific headers (RFC 9110 7.6.1) plus proxy credentials, which must never leave.
 # Content-Length and Transfer-Encoding stay: h11 re-frames bodies from them on each side.
@@ -81,6 +82,8 @@ class Upstream:
     """The address:port the connection went to (its socket's peer), for the audit log."""
     reused: bool = False
     closed: bool = False
+    reusable: bool = True
+    """False once the answer says the connection ends with it (or left bytes nobody asked for)."""
 
 
 FdGate = tuple[Callable[[], bool], Callable[[], None]]
@@ -149,7 +152,8 @@ class UpstreamPool:
 
     def put_back(self, scheme: str, host: str, port: int, up: Upstream) -> None:
         fresh = up.conn.our_state is h11.IDLE and up.conn.their_state is h11.IDLE  # see _relay_fixed_body
-        if fresh or (up.conn.our_state is h11.DONE and up.conn.their_state is h11.DONE):
+        done = up.conn.our_state is h11.DONE and up.conn.their_state is h11.DONE
+        if up.reusable and (fresh or done):
             if not fresh:
                 up.conn.start_next_cycle()
             if len(self._idle) < MAX_POOLED_PER_SESSION and (scheme, host, port) not in self._idle:
@@ -228,7 +232,9 @@ async def forward(
         event = await next_event(client_conn, client, idle_timeout_s)
         if not isinstance(event, h11.EndOfMessage):
             raise ClientGone("request ended early")
-    out = h11.Request(method=request.method, target=route.target, headers=headers)
+    # The common case (no body, not HEAD) is written without h11 when it fits h11's grammar (wire.py).
+    fast = None if has_body or request.method == b"HEAD" else request_head(request.method, route.target, headers)
+    outgoing = _Outgoing(request.method, route.target, headers, fast)
     scanner = BodyScanner(route.leak_forms) if has_body and route.leak_forms is not None else None
     scrubber = Scrubber(route.scrub_forms) if route.scrub_forms is not None else None
     scheme, host, port = route.scheme, route.host, route.port
@@ -237,10 +243,12 @@ async def forward(
         up = await pool.get(scheme, host, port)
         ex.upstream_addr = up.addr
         try:
-            await _send_request(up, out, client_conn, client, has_body, expects_continue, idle_timeout_s, ex, scanner)
+            await _send_request(
+                up, outgoing, client_conn, client, has_body, expects_continue, idle_timeout_s, ex, scanner
+            )
             t_sent = time.perf_counter()
             await _relay_response(
-                up, client_conn, client, idle_timeout_s, response_timeout_s, ex, t_sent, out.method, scrubber
+                up, outgoing, client_conn, client, idle_timeout_s, response_timeout_s, ex, t_sent, scrubber
             )
         except TimeoutError as exc:
             pool.discard(up)
@@ -262,9 +270,33 @@ async def forward(
     raise DialError(f"upstream {host}:{port} failed")  # unreachable: the loop returns or raises
 
 
+@dataclass(slots=True)
+class _Outgoing:
+    """The request as sent upstream: its parts, and its head when wire.py could write it without h11."""
+
+    method: bytes
+    """The request's method."""
+    target: bytes
+    """The origin-form target sent."""
+    headers: list[tuple[bytes, bytes]]
+    """The headers sent (Host first, hop-by-hop dropped, credential injected)."""
+    fast: bytes | None
+    """The whole head written without h11 (a bodiless request), or None: h11 writes it."""
+
+    def event(self) -> h11.Request:
+        return h11.Request(method=self.method, target=self.target, headers=self.headers)
+
+    def sync(self, up: Upstream) -> None:
+        """Bring the connection's h11 state to "request sent" after a head written without it, so h11
+        can take over the answer (the bytes it would write are already on the wire)."""
+        if up.conn.our_state is h11.IDLE:
+            up.conn.send(self.event())
+            up.conn.send(h11.EndOfMessage())
+
+
 async def _send_request(
     up: Upstream,
-    out: h11.Request,
+    outgoing: _Outgoing,
     client_conn: h11.Connection,
     client: Stream,
     has_body: bool,
@@ -273,7 +305,11 @@ async def _send_request(
     ex: Exchange,
     scanner: BodyScanner | None,
 ) -> None:
-    head = up.conn.send(out)
+    if outgoing.fast is not None:
+        up.stream.write(outgoing.fast)
+        await up.stream.drain()
+        return
+    head = up.conn.send(outgoing.event())
     if not has_body:
         # The head and its (empty) end in one write: one send(2) per request upstream.
         up.stream.write(head + up.conn.send(h11.EndOfMessage()))
@@ -307,16 +343,37 @@ async def _send_request(
 
 async def _relay_response(
     up: Upstream,
+    outgoing: _Outgoing,
     client_conn: h11.Connection,
     client: Stream,
     idle_timeout_s: float,
     response_timeout_s: float,
     ex: Exchange,
     t_sent: float,
-    method: bytes,
     scrubber: Scrubber | None,
 ) -> None:
+    method = outgoing.method
     timeout = response_timeout_s
+    if outgoing.fast is not None:
+        raw = await _read_answer_head(up, response_timeout_s)
+        end = head_end(raw)
+        answer = fixed_answer(raw[:end]) if end >= 0 else None
+        if answer is not None:
+            ex.upstream_ms = (time.perf_counter() - t_sent) * 1000.0
+            ex.status = answer.status
+            headers = filter_headers(answer.headers)
+            if scrubber is not None:
+                headers = scrubber.headers(headers)
+            response = h11.Response(status_code=answer.status, headers=headers, reason=answer.reason)
+            head = client_conn.send(response)
+            await _relay_fixed_body(
+                up, raw[end:], answer.keep_alive, answer.length, head, client_conn, client, idle_timeout_s, ex, scrubber
+            )
+            return
+        # Not the common case (or not well-formed): h11 reads it from the first byte, as it always did.
+        outgoing.sync(up)
+        if raw:
+            up.conn.receive_data(raw)
     while True:
         event = await next_event(up.conn, up.stream, timeout)
         if isinstance(event, h11.InformationalResponse):
@@ -337,7 +394,11 @@ async def _relay_response(
             head = client_conn.send(h11.Response(status_code=event.status_code, headers=headers, reason=event.reason))
             length = _fixed_body_length(event, method)
             if length is not None and up.conn.their_state is h11.SEND_BODY:
-                await _relay_fixed_body(up, event, length, head, client_conn, client, idle_timeout_s, ex, scrubber)
+                buffered = bytes(up.conn.trailing_data[0])
+                keep = _keeps_alive(event)
+                await _relay_fixed_body(
+                    up, buffered, keep, length, head, client_conn, client, idle_timeout_s, ex, scrubber
+                )
                 return
             client.write(head)
         elif isinstance(event, h11.Data):
@@ -403,9 +464,23 @@ def _keeps_alive(response: h11.Response) -> bool:
     return not any(k == b"connection" and b"close" in v.lower() for k, v in response.headers)
 
 
+async def _read_answer_head(up: Upstream, timeout_s: float) -> bytes:
+    """What the upstream sent up to the end of its answer's head (and any bytes past it); less when
+    it closed, stalled past MAX_RESPONSE_HEAD_BYTES, or framed lines oddly: h11 then judges it."""
+    raw = b""
+    while head_end(raw) < 0 and len(raw) <= MAX_RESPONSE_HEAD_BYTES:
+        async with asyncio.timeout(timeout_s):
+            data = await up.stream.read(READ_CHUNK)
+        if not data:
+            break  # EOF: the stream gives it again to h11's loop
+        raw += data
+    return raw
+
+
 async def _relay_fixed_body(
     up: Upstream,
-    response: h11.Response,
+    buffered: bytes,
+    keep_alive: bool,
     length: int,
     head: bytes,
     client_conn: h11.Connection,
@@ -423,8 +498,7 @@ async def _relay_fixed_body(
     (and the end, when the body came whole), since each write to a socket is a send(2), and on
     loopback a send was the single largest cost of a small answer.
     """
-    buffered, _ = up.conn.trailing_data
-    first, extra = bytes(buffered[:length]), buffered[length:]
+    first, extra = buffered[:length], buffered[length:]
     remaining = length - len(first)
     out = [head]
     if first:
@@ -445,7 +519,10 @@ async def _relay_fixed_body(
     _end_pieces(client_conn, out, ex, scrubber)
     client.write(b"".join(out))
     await client.drain()
-    # The upstream parser never saw the body, so it cannot start a next cycle: a fresh one takes
-    # over this connection, unless the upstream closes it or sent bytes nobody asked for.
-    if _keeps_alive(response) and not extra:
+    # The upstream parser never saw the body (or, on wire.py's path, anything), so it cannot start a
+    # next cycle: a fresh one takes over this connection, unless the upstream closes it or sent bytes
+    # nobody asked for.
+    if not keep_alive or extra:
+        up.reusable = False
+    elif up.conn.our_state is not h11.IDLE:
         up.conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_RESPONSE_HEAD_BYTES)
