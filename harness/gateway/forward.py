@@ -25,7 +25,7 @@ from harness.gateway.exfil import BodyScanner, Forms, Scrubber
 from harness.gateway.framing import FramingError, check_response, head_end
 from harness.gateway.names import format_authority
 from harness.gateway.streams import READ_CHUNK, PlainStream, Stream
-from harness.gateway.wire import fixed_answer, request_head
+from harness.gateway.wire import fixed_answer, request_head, response_head
 
 # Connection-specific headers (RFC 9110 7.6.1) plus proxy credentials, which must never leave.
 # Content-Length and Transfer-Encoding stay: h11 re-frames bodies from them on each side.
@@ -233,10 +233,13 @@ async def forward(
         if not isinstance(event, h11.EndOfMessage):
             raise ClientGone("request ended early")
     # The common case (no body, not HEAD) is written without h11 when it fits h11's grammar (wire.py).
-    fast = None if has_body or request.method == b"HEAD" else request_head(request.method, route.target, headers)
-    outgoing = _Outgoing(request.method, route.target, headers, fast)
-    scanner = BodyScanner(route.leak_forms) if has_body and route.leak_forms is not None else None
     scrubber = Scrubber(route.scrub_forms) if route.scrub_forms is not None else None
+    fast = None if has_body or request.method == b"HEAD" else request_head(request.method, route.target, headers)
+    # h11 changes nothing in a Content-Length answer to an HTTP/1.1 client that keeps the connection,
+    # so such an answer may be written without it too (unless a key is scrubbed out of it).
+    raw_ok = scrubber is None and request.http_version == b"1.1" and not _asks_close(request)
+    outgoing = _Outgoing(request.method, route.target, headers, fast, raw_ok)
+    scanner = BodyScanner(route.leak_forms) if has_body and route.leak_forms is not None else None
     scheme, host, port = route.scheme, route.host, route.port
     attempts = 2 if not has_body else 1
     for attempt in range(attempts):
@@ -282,6 +285,8 @@ class _Outgoing:
     """The headers sent (Host first, hop-by-hop dropped, credential injected)."""
     fast: bytes | None
     """The whole head written without h11 (a bodiless request), or None: h11 writes it."""
+    raw_answer: bool
+    """The sandbox may be answered without h11 as well (see forward)."""
 
     def event(self) -> h11.Request:
         return h11.Request(method=self.method, target=self.target, headers=self.headers)
@@ -364,6 +369,13 @@ async def _relay_response(
             headers = filter_headers(answer.headers)
             if scrubber is not None:
                 headers = scrubber.headers(headers)
+            raw_head = response_head(answer.status, answer.reason, headers) if outgoing.raw_answer else None
+            if raw_head is not None:
+                # Written as h11 would, and h11's parser for this client is left behind (http1.serve_http).
+                await _relay_fixed_body(
+                    up, raw[end:], answer.keep_alive, answer.length, raw_head, None, client, idle_timeout_s, ex, None
+                )
+                return
             response = h11.Response(status_code=answer.status, headers=headers, reason=answer.reason)
             head = client_conn.send(response)
             await _relay_fixed_body(
@@ -426,8 +438,11 @@ def _end_body(client_conn: h11.Connection, client: Stream, ex: Exchange, scrubbe
     client.write(b"".join(out))
 
 
-def _end_pieces(client_conn: h11.Connection, out: list[bytes], ex: Exchange, scrubber: Scrubber | None) -> None:
-    """Add what the scrubber held back (if any) and the end of the answer to `out`."""
+def _end_pieces(client_conn: h11.Connection | None, out: list[bytes], ex: Exchange, scrubber: Scrubber | None) -> None:
+    """Add what the scrubber held back (if any) and the end of the answer to `out` (nothing when
+    the answer is written without h11: a Content-Length body's end is its last byte)."""
+    if client_conn is None:
+        return
     if scrubber is not None:
         for piece in scrubber.flush():
             out.append(client_conn.send(h11.Data(data=piece)))
@@ -435,9 +450,12 @@ def _end_pieces(client_conn: h11.Connection, out: list[bytes], ex: Exchange, scr
     out.append(client_conn.send(h11.EndOfMessage()))
 
 
-def _relay_piece(client_conn: h11.Connection, out: list[bytes], data: bytes, scrubber: Scrubber | None) -> None:
+def _relay_piece(client_conn: h11.Connection | None, out: list[bytes], data: bytes, scrubber: Scrubber | None) -> None:
     """One read of a Content-Length body, framed for the sandbox (through the scrubber when the route has
-    one), added to `out`."""
+    one), added to `out`; as it is when the answer is written without h11."""
+    if client_conn is None:
+        out.append(data)
+        return
     if scrubber is None:
         out.append(client_conn.send(h11.Data(data=data)))
         return
@@ -456,6 +474,11 @@ def _fixed_body_length(response: h11.Response, method: bytes) -> int | None:
         if key == b"content-length":
             length = int(value)
     return length
+
+
+def _asks_close(request: h11.Request) -> bool:
+    """The client's request ends its connection (`Connection: close`, or anything that mentions it)."""
+    return any(k == b"connection" and b"close" in v.lower() for k, v in request.headers)
 
 
 def _keeps_alive(response: h11.Response) -> bool:
@@ -483,7 +506,7 @@ async def _relay_fixed_body(
     keep_alive: bool,
     length: int,
     head: bytes,
-    client_conn: h11.Connection,
+    client_conn: h11.Connection | None,
     client: Stream,
     idle_timeout_s: float,
     ex: Exchange,

@@ -45,6 +45,18 @@ def request_head(method: bytes, target: bytes, headers: list[tuple[bytes, bytes]
     return b"%s %s HTTP/1.1\r\n%s%s\r\n" % (method, target, host[0], b"".join(rest))
 
 
+def response_head(status: int, reason: bytes, headers: list[tuple[bytes, bytes]]) -> bytes | None:
+    """The head h11 writes for this answer to an HTTP/1.1 keep-alive client when the answer is framed by
+    its one Content-Length (h11 then changes no header), or None if it carries a Host (h11 would move it
+    first). `headers` come from a FixedAnswer, so they are already within h11's grammar."""
+    lines = []
+    for name, value in headers:
+        if name == b"host":
+            return None
+        lines.append(b"%s: %s\r\n" % (name, value))
+    return b"HTTP/1.1 %d %s\r\n%s\r\n" % (status, reason, b"".join(lines))
+
+
 @dataclass(slots=True)
 class FixedAnswer:
     """An answer head that qualified for the fast path: a final status and exactly one Content-Length."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import h11
 import pytest
 
-from harness.gateway.wire import fixed_answer, request_head
+from harness.gateway.wire import fixed_answer, request_head, response_head
 
 HEADERS = [(b"host", b"api.example:8443"), (b"user-agent", b"t/1"), (b"x-api-key", b"k" * 20)]
 
@@ -78,3 +78,26 @@ def test_a_plain_answer_qualifies() -> None:
 )
 def test_anything_but_the_common_case_goes_to_h11(head: bytes) -> None:
     assert fixed_answer(head) is None
+
+
+def h11_answer(request: h11.Request, status: int, reason: bytes, headers: list[tuple[bytes, bytes]]) -> bytes:
+    conn = h11.Connection(h11.SERVER)
+    conn.receive_data(
+        b"%s %s HTTP/%s\r\n" % (request.method, request.target, request.http_version)
+        + b"".join(b"%s: %s\r\n" % h for h in request.headers)
+        + b"\r\n"
+    )
+    conn.next_event()
+    conn.next_event()
+    return conn.send(h11.Response(status_code=status, headers=headers, reason=reason))
+
+
+def test_response_head_is_what_h11_writes_to_a_keep_alive_client() -> None:
+    request = h11.Request(method=b"GET", target=b"/", headers=[(b"host", b"a")])
+    headers = [(b"content-length", b"5"), (b"x-a", b"b c"), (b"etag", b'"x"')]
+    assert response_head(200, b"OK", headers) == h11_answer(request, 200, b"OK", headers)
+    assert response_head(404, b"", headers) == h11_answer(request, 404, b"", headers)
+
+
+def test_response_head_leaves_a_host_header_to_h11() -> None:
+    assert response_head(200, b"OK", [(b"content-length", b"0"), (b"host", b"x")]) is None
