@@ -222,11 +222,12 @@ async def forward(
     """Relay one request and its response. Raises DialError before anything was sent back, KeyLeak
     when the body carries a foreign key (nothing of it has left)."""
     ex = Exchange()
-    headers = [(b"host", route.authority), *(h for h in filter_headers(list(request.headers)) if h[0] != b"host")]
+    received = list(request.headers)  # h11's Headers is a Sequence: each pass over it costs a call per field
+    headers = [(b"host", route.authority), *(h for h in filter_headers(received) if h[0] != b"host")]
     if route.cred is not None:
         headers = inject(headers, route.cred)
-    expects_continue = any(k == b"expect" and v.lower() == b"100-continue" for k, v in request.headers)
-    has_body = _has_body(list(request.headers))
+    expects_continue = any(k == b"expect" and v.lower() == b"100-continue" for k, v in received)
+    has_body = _has_body(received)
     if not has_body:
         # Read the (empty) end of the request first, so a stale pooled connection can be retried.
         event = await next_event(client_conn, client, idle_timeout_s)
@@ -237,7 +238,7 @@ async def forward(
     fast = None if has_body or request.method == b"HEAD" else request_head(request.method, route.target, headers)
     # h11 changes nothing in a Content-Length answer to an HTTP/1.1 client that keeps the connection,
     # so such an answer may be written without it too (unless a key is scrubbed out of it).
-    raw_ok = scrubber is None and request.http_version == b"1.1" and not _asks_close(request)
+    raw_ok = scrubber is None and request.http_version == b"1.1" and not _asks_close(received)
     outgoing = _Outgoing(request.method, route.target, headers, fast, raw_ok)
     scanner = BodyScanner(route.leak_forms) if has_body and route.leak_forms is not None else None
     scheme, host, port = route.scheme, route.host, route.port
@@ -476,9 +477,9 @@ def _fixed_body_length(response: h11.Response, method: bytes) -> int | None:
     return length
 
 
-def _asks_close(request: h11.Request) -> bool:
+def _asks_close(headers: list[tuple[bytes, bytes]]) -> bool:
     """The client's request ends its connection (`Connection: close`, or anything that mentions it)."""
-    return any(k == b"connection" and b"close" in v.lower() for k, v in request.headers)
+    return any(k == b"connection" and b"close" in v.lower() for k, v in headers)
 
 
 def _keeps_alive(response: h11.Response) -> bool:

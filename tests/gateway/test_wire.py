@@ -31,6 +31,11 @@ def test_request_head_is_byte_for_byte_what_h11_writes(headers: list[tuple[bytes
         (b"G ET", b"/", HEADERS),
         (b"GET", b"/", [*HEADERS, (b"x-bad", b"a\r\nx-injected: 1")]),
         (b"GET", b"/", [*HEADERS, (b"x-nul", b"a\x00b")]),
+        (b"GET", b"/", [*HEADERS, (b"x-lf", b"a\nb")]),
+        (b"GET", b"/", [*HEADERS, (b"x-cr", b"a\rb")]),
+        (b"GET", b"/", [*HEADERS, (b"x-smuggle", b"a\r\n\r\nGET /admin HTTP/1.1\r\nhost: a")]),
+        (b"GET", b"/", [*HEADERS, (b"x\r\ny", b"v")]),
+        (b"GET", b"/ HTTP/1.1\r\nx: y\r\n\r\nGET /x", HEADERS),
         (b"GET", b"/", [*HEADERS, (b"bad name", b"v")]),
         (b"GET", b"/", HEADERS[1:]),  # no Host
         (b"GET", b"/", [*HEADERS, (b"host", b"other")]),  # two
@@ -101,3 +106,13 @@ def test_response_head_is_what_h11_writes_to_a_keep_alive_client() -> None:
 
 def test_response_head_leaves_a_host_header_to_h11() -> None:
     assert response_head(200, b"OK", [(b"content-length", b"0"), (b"host", b"x")]) is None
+
+
+@pytest.mark.parametrize("value", [b" padded", b"padded ", b"a\tb\x7f\x80"])
+def test_request_head_and_h11_agree_on_padding_and_odd_bytes(value: bytes) -> None:
+    headers = [*HEADERS, (b"x-v", value)]
+    try:
+        expected: bytes | None = h11_head(b"GET", b"/", headers)
+    except h11.LocalProtocolError:
+        expected = None
+    assert request_head(b"GET", b"/", headers) == expected
