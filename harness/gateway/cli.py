@@ -37,8 +37,8 @@ PARENT_POLL_S = 1.0
 
 
 def run_loop(main: Coroutine[Any, Any, None]) -> None:
-    """Run the gateway's coroutine on uvloop: its C transports cut the loop's share of a proxied
-    request (selector, transport writes, timers) by about half against the default loop."""
+    """Run the gateway's coroutine on uvloop: a C event loop and transports, cheaper per read, write
+    and timer than asyncio's own (the gateway does all three for every request and tunnel chunk)."""
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         runner.run(main)
 

@@ -1,6 +1,8 @@
 """Forwarding one HTTP request the gateway can see (plain http, or inside terminated TLS).
 
-Both sides are parsed by h11 and re-serialised, so the upstream sees the head the gateway checked:
+Both sides are parsed and re-serialised, so the upstream sees the head the gateway checked (h11
+throughout, except the common case of wire.py: a bodiless request answered with one Content-Length,
+written and read as h11 would, and held to h11's grammar):
 its Host is the normalised destination, its target the normalised path that the policy matched.
 Hop-by-hop headers are dropped, the credential (if the route carries one) replaces whatever the
 sandbox sent, and responses -- redirects included -- are relayed as they are: the gateway never
