@@ -13,7 +13,11 @@ import shutil
 import signal
 import sys
 import tempfile
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any
+
+import uvloop
 
 from harness.gateway.audit import ScrubFilter
 from harness.gateway.config import GatewayConfig
@@ -30,6 +34,13 @@ CONTROL_SOCKET = "control.sock"
 # AF_UNIX paths are limited to 108 bytes; longer state dirs get a short private dir instead.
 MAX_UNIX_PATH = 100
 PARENT_POLL_S = 1.0
+
+
+def run_loop(main: Coroutine[Any, Any, None]) -> None:
+    """Run the gateway's coroutine on uvloop: a C event loop and transports, cheaper per read, write
+    and timer than asyncio's own (the gateway does all three for every request and tunnel chunk)."""
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(main)
 
 
 def control_socket_path(state_dir: Path) -> Path:
@@ -158,7 +169,7 @@ def run_gateway(
     )
     setup_logging(config)
     try:
-        asyncio.run(serve(config, {sandbox: port}))
+        run_loop(serve(config, {sandbox: port}))
     finally:
         if own_state:
             _remove_state_dir(state, config.audit_path)
@@ -203,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.config is not None:
             config = GatewayConfig.from_json(args.config.read_text())
             setup_logging(config)
-            asyncio.run(serve(config, announce=False))
+            run_loop(serve(config, announce=False))
             return 0
         host, port = parse_listen(args.listen)
         run_gateway(

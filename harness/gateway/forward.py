@@ -1,6 +1,8 @@
 """Forwarding one HTTP request the gateway can see (plain http, or inside terminated TLS).
 
-Both sides are parsed by h11 and re-serialised, so the upstream sees the head the gateway checked:
+Both sides are parsed and re-serialised, so the upstream sees the head the gateway checked (h11
+throughout, except the common case of wire.py: a bodiless request answered with one Content-Length,
+written and read as h11 would, and held to h11's grammar):
 its Host is the normalised destination, its target the normalised path that the policy matched.
 Hop-by-hop headers are dropped, the credential (if the route carries one) replaces whatever the
 sandbox sent, and responses -- redirects included -- are relayed as they are: the gateway never
@@ -22,9 +24,10 @@ import h11
 from harness.gateway.credentials import BoundCredential, inject
 from harness.gateway.dial import DialError, Overrides, open_upstream
 from harness.gateway.exfil import BodyScanner, Forms, Scrubber
-from harness.gateway.framing import FramingError, check_response
+from harness.gateway.framing import FramingError, check_response, head_end
 from harness.gateway.names import format_authority
 from harness.gateway.streams import READ_CHUNK, PlainStream, Stream
+from harness.gateway.wire import fixed_answer, request_head, response_head
 
 # Connection-specific headers (RFC 9110 7.6.1) plus proxy credentials, which must never leave.
 # Content-Length and Transfer-Encoding stay: h11 re-frames bodies from them on each side.
@@ -81,6 +84,8 @@ class Upstream:
     """The address:port the connection went to (its socket's peer), for the audit log."""
     reused: bool = False
     closed: bool = False
+    reusable: bool = True
+    """False once the answer says the connection ends with it (or left bytes nobody asked for)."""
 
 
 FdGate = tuple[Callable[[], bool], Callable[[], None]]
@@ -149,7 +154,8 @@ class UpstreamPool:
 
     def put_back(self, scheme: str, host: str, port: int, up: Upstream) -> None:
         fresh = up.conn.our_state is h11.IDLE and up.conn.their_state is h11.IDLE  # see _relay_fixed_body
-        if fresh or (up.conn.our_state is h11.DONE and up.conn.their_state is h11.DONE):
+        done = up.conn.our_state is h11.DONE and up.conn.their_state is h11.DONE
+        if up.reusable and (fresh or done):
             if not fresh:
                 up.conn.start_next_cycle()
             if len(self._idle) < MAX_POOLED_PER_SESSION and (scheme, host, port) not in self._idle:
@@ -218,29 +224,37 @@ async def forward(
     """Relay one request and its response. Raises DialError before anything was sent back, KeyLeak
     when the body carries a foreign key (nothing of it has left)."""
     ex = Exchange()
-    headers = [(b"host", route.authority), *(h for h in filter_headers(list(request.headers)) if h[0] != b"host")]
+    received = list(request.headers)  # h11's Headers is a Sequence: each pass over it costs a call per field
+    headers = [(b"host", route.authority), *(h for h in filter_headers(received) if h[0] != b"host")]
     if route.cred is not None:
         headers = inject(headers, route.cred)
-    expects_continue = any(k == b"expect" and v.lower() == b"100-continue" for k, v in request.headers)
-    has_body = _has_body(list(request.headers))
+    expects_continue = any(k == b"expect" and v.lower() == b"100-continue" for k, v in received)
+    has_body = _has_body(received)
     if not has_body:
         # Read the (empty) end of the request first, so a stale pooled connection can be retried.
         event = await next_event(client_conn, client, idle_timeout_s)
         if not isinstance(event, h11.EndOfMessage):
             raise ClientGone("request ended early")
-    out = h11.Request(method=request.method, target=route.target, headers=headers)
-    scanner = BodyScanner(route.leak_forms) if has_body and route.leak_forms is not None else None
+    # The common case (no body, not HEAD) is written without h11 when it fits h11's grammar (wire.py).
     scrubber = Scrubber(route.scrub_forms) if route.scrub_forms is not None else None
+    fast = None if has_body or request.method == b"HEAD" else request_head(request.method, route.target, headers)
+    # h11 changes nothing in a Content-Length answer to an HTTP/1.1 client that keeps the connection,
+    # so such an answer may be written without it too (unless a key is scrubbed out of it).
+    raw_ok = scrubber is None and request.http_version == b"1.1" and not _asks_close(received)
+    outgoing = _Outgoing(request.method, route.target, headers, fast, raw_ok)
+    scanner = BodyScanner(route.leak_forms) if has_body and route.leak_forms is not None else None
     scheme, host, port = route.scheme, route.host, route.port
     attempts = 2 if not has_body else 1
     for attempt in range(attempts):
         up = await pool.get(scheme, host, port)
         ex.upstream_addr = up.addr
         try:
-            await _send_request(up, out, client_conn, client, has_body, expects_continue, idle_timeout_s, ex, scanner)
+            await _send_request(
+                up, outgoing, client_conn, client, has_body, expects_continue, idle_timeout_s, ex, scanner
+            )
             t_sent = time.perf_counter()
             await _relay_response(
-                up, client_conn, client, idle_timeout_s, response_timeout_s, ex, t_sent, out.method, scrubber
+                up, outgoing, client_conn, client, idle_timeout_s, response_timeout_s, ex, t_sent, scrubber
             )
         except TimeoutError as exc:
             pool.discard(up)
@@ -262,9 +276,35 @@ async def forward(
     raise DialError(f"upstream {host}:{port} failed")  # unreachable: the loop returns or raises
 
 
+@dataclass(slots=True)
+class _Outgoing:
+    """The request as sent upstream: its parts, and its head when wire.py could write it without h11."""
+
+    method: bytes
+    """The request's method."""
+    target: bytes
+    """The origin-form target sent."""
+    headers: list[tuple[bytes, bytes]]
+    """The headers sent (Host first, hop-by-hop dropped, credential injected)."""
+    fast: bytes | None
+    """The whole head written without h11 (a bodiless request), or None: h11 writes it."""
+    raw_answer: bool
+    """The sandbox may be answered without h11 as well (see forward)."""
+
+    def event(self) -> h11.Request:
+        return h11.Request(method=self.method, target=self.target, headers=self.headers)
+
+    def sync(self, up: Upstream) -> None:
+        """Bring the connection's h11 state to "request sent" after a head written without it, so h11
+        can take over the answer (the bytes it would write are already on the wire)."""
+        if up.conn.our_state is h11.IDLE:
+            up.conn.send(self.event())
+            up.conn.send(h11.EndOfMessage())
+
+
 async def _send_request(
     up: Upstream,
-    out: h11.Request,
+    outgoing: _Outgoing,
     client_conn: h11.Connection,
     client: Stream,
     has_body: bool,
@@ -273,47 +313,82 @@ async def _send_request(
     ex: Exchange,
     scanner: BodyScanner | None,
 ) -> None:
-    up.stream.write(up.conn.send(out))
-    if has_body:
-        if expects_continue:
-            # The gateway answers 100-continue itself: it has already decided to forward.
-            client.write(client_conn.send(h11.InformationalResponse(status_code=100, headers=[])))
-            await client.drain()
-        while True:
-            event = await next_event(client_conn, client, idle_timeout_s)
-            if isinstance(event, h11.Data):
-                ex.bytes_up += len(event.data)
-                if scanner is None:
-                    up.stream.write(up.conn.send(event))
-                else:
-                    for piece in scanner.feed(event.data):
-                        up.stream.write(up.conn.send(h11.Data(data=piece)))
-                if up.stream.write_buffered() > WRITE_HIGH_WATER:
-                    await up.stream.drain()
-            elif isinstance(event, h11.EndOfMessage):
-                for piece in scanner.flush() if scanner is not None else ():
-                    up.stream.write(up.conn.send(h11.Data(data=piece)))
-                up.stream.write(up.conn.send(h11.EndOfMessage()))
-                break
+    if outgoing.fast is not None:
+        up.stream.write(outgoing.fast)
+        await up.stream.drain()
+        return
+    head = up.conn.send(outgoing.event())
+    if not has_body:
+        # The head and its (empty) end in one write: one send(2) per request upstream.
+        up.stream.write(head + up.conn.send(h11.EndOfMessage()))
+        await up.stream.drain()
+        return
+    up.stream.write(head)
+    if expects_continue:
+        # The gateway answers 100-continue itself: it has already decided to forward.
+        client.write(client_conn.send(h11.InformationalResponse(status_code=100, headers=[])))
+        await client.drain()
+    while True:
+        event = await next_event(client_conn, client, idle_timeout_s)
+        if isinstance(event, h11.Data):
+            ex.bytes_up += len(event.data)
+            if scanner is None:
+                up.stream.write(up.conn.send(event))
             else:
-                raise ClientGone("client closed during request body")
-    else:
-        up.stream.write(up.conn.send(h11.EndOfMessage()))
+                for piece in scanner.feed(event.data):
+                    up.stream.write(up.conn.send(h11.Data(data=piece)))
+            if up.stream.write_buffered() > WRITE_HIGH_WATER:
+                await up.stream.drain()
+        elif isinstance(event, h11.EndOfMessage):
+            for piece in scanner.flush() if scanner is not None else ():
+                up.stream.write(up.conn.send(h11.Data(data=piece)))
+            up.stream.write(up.conn.send(h11.EndOfMessage()))
+            break
+        else:
+            raise ClientGone("client closed during request body")
     await up.stream.drain()
 
 
 async def _relay_response(
     up: Upstream,
+    outgoing: _Outgoing,
     client_conn: h11.Connection,
     client: Stream,
     idle_timeout_s: float,
     response_timeout_s: float,
     ex: Exchange,
     t_sent: float,
-    method: bytes,
     scrubber: Scrubber | None,
 ) -> None:
+    method = outgoing.method
     timeout = response_timeout_s
+    if outgoing.fast is not None:
+        raw = await _read_answer_head(up, response_timeout_s)
+        end = head_end(raw)
+        answer = fixed_answer(raw[:end]) if end >= 0 else None
+        if answer is not None:
+            ex.upstream_ms = (time.perf_counter() - t_sent) * 1000.0
+            ex.status = answer.status
+            headers = filter_headers(answer.headers)
+            if scrubber is not None:
+                headers = scrubber.headers(headers)
+            raw_head = response_head(answer.status, answer.reason, headers) if outgoing.raw_answer else None
+            if raw_head is not None:
+                # Written as h11 would, and h11's parser for this client is left behind (http1.serve_http).
+                await _relay_fixed_body(
+                    up, raw[end:], answer.keep_alive, answer.length, raw_head, None, client, idle_timeout_s, ex, None
+                )
+                return
+            response = h11.Response(status_code=answer.status, headers=headers, reason=answer.reason)
+            head = client_conn.send(response)
+            await _relay_fixed_body(
+                up, raw[end:], answer.keep_alive, answer.length, head, client_conn, client, idle_timeout_s, ex, scrubber
+            )
+            return
+        # Not the common case (or not well-formed): h11 reads it from the first byte, as it always did.
+        outgoing.sync(up)
+        if raw:
+            up.conn.receive_data(raw)
     while True:
         event = await next_event(up.conn, up.stream, timeout)
         if isinstance(event, h11.InformationalResponse):
@@ -331,13 +406,16 @@ async def _relay_response(
             headers = filter_headers(list(event.headers))
             if scrubber is not None:
                 headers = scrubber.headers(headers)
-            client.write(
-                client_conn.send(h11.Response(status_code=event.status_code, headers=headers, reason=event.reason))
-            )
+            head = client_conn.send(h11.Response(status_code=event.status_code, headers=headers, reason=event.reason))
             length = _fixed_body_length(event, method)
             if length is not None and up.conn.their_state is h11.SEND_BODY:
-                await _relay_fixed_body(up, event, length, client_conn, client, idle_timeout_s, ex, scrubber)
+                buffered = bytes(up.conn.trailing_data[0])
+                keep = _keeps_alive(event)
+                await _relay_fixed_body(
+                    up, buffered, keep, length, head, client_conn, client, idle_timeout_s, ex, scrubber
+                )
                 return
+            client.write(head)
         elif isinstance(event, h11.Data):
             ex.bytes_down += len(event.data)
             if scrubber is None:
@@ -358,20 +436,34 @@ async def _relay_response(
 
 def _end_body(client_conn: h11.Connection, client: Stream, ex: Exchange, scrubber: Scrubber | None) -> None:
     """Write what the scrubber held back (if any) and the end of the answer."""
+    out: list[bytes] = []
+    _end_pieces(client_conn, out, ex, scrubber)
+    client.write(b"".join(out))
+
+
+def _end_pieces(client_conn: h11.Connection | None, out: list[bytes], ex: Exchange, scrubber: Scrubber | None) -> None:
+    """Add what the scrubber held back (if any) and the end of the answer to `out` (nothing when
+    the answer is written without h11: a Content-Length body's end is its last byte)."""
+    if client_conn is None:
+        return
     if scrubber is not None:
         for piece in scrubber.flush():
-            client.write(client_conn.send(h11.Data(data=piece)))
+            out.append(client_conn.send(h11.Data(data=piece)))
         ex.redactions = scrubber.redactions
-    client.write(client_conn.send(h11.EndOfMessage()))
+    out.append(client_conn.send(h11.EndOfMessage()))
 
 
-def _relay_piece(client_conn: h11.Connection, client: Stream, data: bytes, scrubber: Scrubber | None) -> None:
-    """One read of a Content-Length body to the sandbox, through the scrubber when the route has one."""
+def _relay_piece(client_conn: h11.Connection | None, out: list[bytes], data: bytes, scrubber: Scrubber | None) -> None:
+    """One read of a Content-Length body, framed for the sandbox (through the scrubber when the route has
+    one), added to `out`; as it is when the answer is written without h11."""
+    if client_conn is None:
+        out.append(data)
+        return
     if scrubber is None:
-        client.write(client_conn.send(h11.Data(data=data)))
+        out.append(client_conn.send(h11.Data(data=data)))
         return
     for piece in scrubber.feed(data):
-        client.write(client_conn.send(h11.Data(data=piece)))
+        out.append(client_conn.send(h11.Data(data=piece)))
 
 
 def _fixed_body_length(response: h11.Response, method: bytes) -> int | None:
@@ -387,17 +479,37 @@ def _fixed_body_length(response: h11.Response, method: bytes) -> int | None:
     return length
 
 
+def _asks_close(headers: list[tuple[bytes, bytes]]) -> bool:
+    """The client's request ends its connection (`Connection: close`, or anything that mentions it)."""
+    return any(k == b"connection" and b"close" in v.lower() for k, v in headers)
+
+
 def _keeps_alive(response: h11.Response) -> bool:
     if response.http_version != b"1.1":
         return False
     return not any(k == b"connection" and b"close" in v.lower() for k, v in response.headers)
 
 
+async def _read_answer_head(up: Upstream, timeout_s: float) -> bytes:
+    """What the upstream sent up to the end of its answer's head (and any bytes past it); less when
+    it closed, stalled past MAX_RESPONSE_HEAD_BYTES, or framed lines oddly: h11 then judges it."""
+    raw = b""
+    while head_end(raw) < 0 and len(raw) <= MAX_RESPONSE_HEAD_BYTES:
+        async with asyncio.timeout(timeout_s):
+            data = await up.stream.read(READ_CHUNK)
+        if not data:
+            break  # EOF: the stream gives it again to h11's loop
+        raw += data
+    return raw
+
+
 async def _relay_fixed_body(
     up: Upstream,
-    response: h11.Response,
+    buffered: bytes,
+    keep_alive: bool,
     length: int,
-    client_conn: h11.Connection,
+    head: bytes,
+    client_conn: h11.Connection | None,
     client: Stream,
     idle_timeout_s: float,
     ex: Exchange,
@@ -408,26 +520,35 @@ async def _relay_fixed_body(
     h11 copies every body byte twice on the way in; for package downloads that was most of the
     gateway's time per request. h11 still checked the head and frames the client side; the bytes
     it had already buffered past the head are sent first, then the rest straight from the socket.
+    What is ready goes to the sandbox in one write: the answer's `head` with the body read so far
+    (and the end, when the body came whole), since each write to a socket is a send(2), and on
+    loopback a send was the single largest cost of a small answer.
     """
-    buffered, _ = up.conn.trailing_data
-    first, extra = bytes(buffered[:length]), buffered[length:]
+    first, extra = buffered[:length], buffered[length:]
     remaining = length - len(first)
+    out = [head]
     if first:
-        _relay_piece(client_conn, client, first, scrubber)
+        _relay_piece(client_conn, out, first, scrubber)
     ex.bytes_down += len(first)
     while remaining > 0:
+        client.write(b"".join(out))
+        out.clear()
+        if client.write_buffered() > WRITE_HIGH_WATER:
+            await client.drain()
         async with asyncio.timeout(idle_timeout_s):
             data = await up.stream.read(min(READ_CHUNK, remaining))
         if not data:
             raise ConnectionError("upstream closed before the response ended")
         remaining -= len(data)
         ex.bytes_down += len(data)
-        _relay_piece(client_conn, client, data, scrubber)
-        if client.write_buffered() > WRITE_HIGH_WATER:
-            await client.drain()
-    _end_body(client_conn, client, ex, scrubber)
+        _relay_piece(client_conn, out, data, scrubber)
+    _end_pieces(client_conn, out, ex, scrubber)
+    client.write(b"".join(out))
     await client.drain()
-    # The upstream parser never saw the body, so it cannot start a next cycle: a fresh one takes
-    # over this connection, unless the upstream closes it or sent bytes nobody asked for.
-    if _keeps_alive(response) and not extra:
+    # The upstream parser never saw the body (or, on wire.py's path, anything), so it cannot start a
+    # next cycle: a fresh one takes over this connection, unless the upstream closes it or sent bytes
+    # nobody asked for.
+    if not keep_alive or extra:
+        up.reusable = False
+    elif up.conn.our_state is not h11.IDLE:
         up.conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_RESPONSE_HEAD_BYTES)

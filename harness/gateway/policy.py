@@ -240,11 +240,22 @@ class Policy:
     credentials: list[CredentialSpec] | None = None
     source: str = ""
     _cache: dict[tuple[str, int], Decision] = field(default_factory=dict, repr=False)
+    _rules_for: dict[tuple[str, int], list[Rule]] = field(default_factory=dict, repr=False)
 
     def _matching(self, host: str, port: int) -> list[Rule]:
+        """The rules whose destination covers host:port, remembered per destination like the decisions:
+        a keep-alive client sends many requests to one host, and only method and path differ."""
+        key = (host, port)
+        cached = self._rules_for.get(key)
+        if cached is not None:
+            return cached
         host_is_ip = is_ip(host)
         loopback = host_is_ip and ipaddress.ip_address(host).is_loopback
-        return [r for r in self.rules if r.matches_dest(host, host_is_ip, port, loopback)]
+        matching = [r for r in self.rules if r.matches_dest(host, host_is_ip, port, loopback)]
+        if len(self._rules_for) >= DECISION_CACHE_SIZE:
+            self._rules_for.clear()
+        self._rules_for[key] = matching
+        return matching
 
     def check_destination(self, host: str, port: int) -> Decision:
         """Decide a connection to host:port before any request is seen (CONNECT)."""

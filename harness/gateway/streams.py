@@ -37,6 +37,17 @@ class PlainStream:
             return data
         return await self.reader.read(n)
 
+    def detach_reader(self) -> tuple[bytes, bool]:
+        """Everything read ahead (pushed back or in the reader's buffer) and whether EOF was seen, for a
+        caller that gives the transport a protocol of its own; the stream is not read from again."""
+        reader = self.reader
+        # StreamReader has no public call for what it holds; its buffer and EOF flag are read once,
+        # here, and the reader is never used again.
+        held = self._pending + bytes(reader._buffer)
+        self._pending = b""
+        reader._buffer.clear()
+        return held, reader._eof
+
     def write(self, data: bytes) -> None:
         self.writer.write(data)
 

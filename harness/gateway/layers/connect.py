@@ -132,10 +132,8 @@ async def _blind_tunnel(ctx: Context, host: str, port: int, rule: str, leftover:
             upstream.write(leftover)
             counter[0] += len(leftover)
         await relay(
-            stream.reader,
-            stream.writer,
-            upstream.reader,
-            upstream.writer,
+            stream,
+            upstream,
             ctx.limits.tunnel_idle_timeout_s,
             counter,
             state.toxics.links(ctx.sandbox, host, port, [stream, upstream]),

@@ -149,13 +149,19 @@ async def serve_http(ctx: Context, stream: Stream, tunnel: TunnelDest | None) ->
                 return None
             return ConnectRequest(conn, request)
         keep = await handle_request(ctx, conn, stream, request, head, tunnel)
-        if not keep or conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
+        if not keep or conn.their_state is not h11.DONE:
+            return None
+        # A kept exchange whose answer this parser never sent was answered whole by forward.py
+        # without h11 (wire.py's path, an HTTP/1.1 keep-alive client): a fresh parser takes the next.
+        answered_raw = conn.our_state is h11.SEND_RESPONSE
+        if conn.our_state is not h11.DONE and not answered_raw:
             return None
         # Bytes read past this request are the start of the next head: back to the stream, so
         # read_head sees them raw, and a fresh parser for them (h11 never holds a head unchecked).
         leftover = conn.trailing_data[0]
-        if leftover:
-            stream.push_back(leftover)
+        if leftover or answered_raw:
+            if leftover:
+                stream.push_back(leftover)
             conn = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_header_bytes)
         else:
             conn.start_next_cycle()
