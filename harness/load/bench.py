@@ -434,7 +434,8 @@ def _collect_capacity(state: _State, data: dict[str, Any]) -> None:
     for name, per_workload in summary.items():
         t = data["targets"][name]
         t["capacity"] = per_workload
-        t["capacity_notes"] = capacity.generator_first(per_workload)
+        # direct has no proxy to saturate: its capacity is hey's and nginx's by definition.
+        t["capacity_notes"] = capacity.generator_first(per_workload) if name != DIRECT else []
     data["capacity"] = {
         "cells": len(state.capacity.cells),
         "planned": len(capacity.plan_cells(list(state.endpoints), state.capacity.spec, state.capacity.seed)),

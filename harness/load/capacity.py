@@ -245,17 +245,22 @@ def plan_cells(targets: Sequence[str], spec: CapacitySpec, seed: int) -> list[Ce
 
 
 def limit_of(cell: dict[str, Any], cores: int) -> str:
-    """What most likely bounded a cell: "proxy" or "upstream" (a single-threaded process pegged), "generator"
-    (the host was busy and hey took the biggest share), "host" (busy, nobody's share the biggest), or "none"."""
+    """What most likely bounded a cell: "proxy" or "upstream" (a single-threaded process pegged a core),
+    "generator" (our processes together filled the host and hey took the biggest share), "host" (they filled
+    it, hey not the biggest), "other load" (the host was full but mostly with other tenants' work), else
+    "none" (latency-bound: nobody was short of CPU)."""
     proxy, upstream, gen, host = (
         cell.get(k) or 0.0 for k in ("proxy_cpu", "upstream_cpu", "generator_cpu", "host_cpu")
     )
+    full = HOST_BUSY_SHARE * 100 * cores
     if proxy >= SATURATED_PCT:
         return "proxy"
     if upstream >= SATURATED_PCT:
         return "upstream"
-    if host >= HOST_BUSY_SHARE * 100 * cores:
-        return "generator" if gen > max(proxy, upstream) else "host"
+    if gen + proxy + upstream >= full:
+        return "generator" if gen >= max(proxy, upstream) else "host"
+    if host >= full:
+        return "other load"
     return "none"
 
 
