@@ -143,8 +143,6 @@ def boot_table(run: Run, config: BenchConfig) -> Table:
 def proxy_table(proxy: dict[str, Any]) -> Table:
     """One row per proxy target: paced latency, what it adds over direct (with its interval), capacity at c=8,
     failures; then the checks."""
-    from harness.load.checks import describe_added
-
     cond = proxy.get("conditions", {})
     table = Table(
         title=f"proxy bench — {cond.get('users')} users x {cond.get('user_rps')} req/s, {cond.get('rounds')} rounds "
@@ -157,7 +155,16 @@ def proxy_table(proxy: dict[str, Any]) -> Table:
         cap = target.get("capacity") or {}
 
         def added(kind: str, traffic: dict[str, Any] = traffic) -> str:
-            return describe_added(((traffic.get(kind) or {}).get("added_latency_ms") or {}).get("p50"))
+            fig = ((traffic.get(kind) or {}).get("added_latency_ms") or {}).get("p50") or {}
+            ci, verdict = fig.get("ci"), fig.get("verdict")
+            if fig.get("estimate") is None or ci is None:
+                return "—"
+            bounds = f"[{ci[0]:.2f},{ci[1]:.2f}]"
+            return (
+                f"{verdict} {bounds}"
+                if verdict in ("within noise", "below direct")
+                else f"+{fig['estimate']:.2f} {bounds}"
+            )
 
         def rps(workload: str, cap: dict[str, Any] = cap) -> str:
             value = ((cap.get(workload) or {}).get("8") or {}).get("rps")

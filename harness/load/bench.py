@@ -483,7 +483,9 @@ def run_proxy_bench(
             events.stage(
                 f"proxy bench: Locust, {cfg.rounds} rounds x {len(state.endpoints)} targets x {cfg.duration_s:g} s"
             )
+            data["phases_wall_s"] = {"start": round(time.monotonic() - started, 1)}
             _run_paced(cfg, state, traffic, data, root)
+            data["phases_wall_s"]["paced"] = round(time.monotonic() - started - data["phases_wall_s"]["start"], 1)
             _collect_paced(cfg, state, data, root)
             _save(root, finalise(data))
         if state.endpoints and cfg.capacity_s > 0:
@@ -491,7 +493,9 @@ def run_proxy_bench(
                 levels=tuple(cfg.capacity_levels), rounds=cfg.capacity_rounds, duration_s=cfg.capacity_s
             )
             state.capacity = CapacityRun(state.endpoints, state.upstream, spec, root / CAPACITY_DIR, supervisor, seed)
+            before = time.monotonic()
             state.capacity.run(events.stage)
+            data.setdefault("phases_wall_s", {})["capacity"] = round(time.monotonic() - before, 1)
     except BaseException as exc:
         data["partial"] = True
         data["interrupted_by"] = type(exc).__name__

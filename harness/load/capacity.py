@@ -7,7 +7,8 @@ Per round, for every concurrency level and workload, the targets take turns in a
 one cell of `duration_s` with hey's `-c <concurrency>` kept-alive connections (`-x` names the proxy; for
 https hey sends CONNECT, then TLS inside the tunnel). hey's `-o csv` gives one row per response, so the
 percentiles are exact (to hey's 0.1 ms resolution) and the rate is counted over the steady part of the cell,
-after the last connection was dialled. CPU over the cell, in % of one core:
+after the last connection was dialled (or over all of it when the dialling took most of it). CPU over the
+cell, in % of one core:
   generator  hey's own user+system time, from the kernel's rusage when it is reaped (all its threads)
   proxy      the proxy's processes and their children, psutil cpu_times before and after
   upstream   nginx's master and worker, likewise
@@ -52,6 +53,8 @@ SATURATED_PCT = 90.0
 """A single-threaded process (the proxy, nginx's one worker) above this share of a core is the limit."""
 HOST_BUSY_SHARE = 0.9
 """The host counts as saturated above this share of all its cores."""
+STEADY_SHARE = 0.5
+"""A cell whose last connection was dialled later than this share of it is counted whole."""
 HEY_SLACK_S = 20.0
 """Time hey gets past its -z before it counts as hung and is stopped."""
 POLL_S = 0.01
@@ -100,7 +103,7 @@ class Cell:
     non_2xx: int = 0
     """Responses with another status (hey's CSV lists no transport errors: see `shortfall`)."""
     steady_s: float = 0.0
-    """Seconds from the last dial to the last response: what `rps` is counted over."""
+    """Seconds from the last dial to the last request's start: what `rps` is counted over."""
     generator_cpu_pct: float | None = None
     proxy_cpu_pct: float | None = None
     upstream_cpu_pct: float | None = None
@@ -217,11 +220,15 @@ def run_cell(
     if not latencies:
         cell.error = f"no 2xx response ({cell.non_2xx} other)"
         return cell
+    # hey's offset is when a request started. Count the requests started after the last connection was
+    # dialled (TLS handshakes and CONNECTs are over); when the dialling took more than half of the cell (a slow
+    # proxy at c=128), count the whole cell instead: a short tail after a late dial is a burst, not a rate.
+    end = max(offsets)
     settled = max(dials, default=0.0)
-    steady = [o for o in offsets if o > settled]
-    span = max(offsets) - settled
-    if len(steady) < 2 or span <= 0:  # every connection dialled late: count the whole cell
-        steady, span = offsets, max(max(offsets), 1e-3)
+    steady = [o for o in offsets if o >= settled]
+    if settled > end * STEADY_SHARE or len(steady) < 2:
+        settled, steady = 0.0, offsets
+    span = max(end - settled, 1e-3)
     cell.steady_s = round(span, 3)
     cell.rps = round(len(steady) / span, 1)
     cell.p50_ms = round(percentile(latencies, 50), 3)

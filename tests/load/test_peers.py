@@ -62,7 +62,7 @@ def test_missing_peer_is_skipped_with_install_command(
     assert target["install"] == peers.INSTALL["mitmproxy"] and "pip install" in target["install"]
     assert "not installed" in target["reason"]
     assert result["peers"]["mitmproxy"]["installed"] is False
-    check = next(c for c in result["checks"] if c["name"].startswith("gateway saturation"))
-    assert check["status"] == "skipped"
+    check = next(c for c in result["checks"] if c["name"].startswith("gateway-intercept capacity vs mitmproxy"))
+    assert check["verdict"] == "skipped" and "mitmproxy" in check["reason"]
     assert (tmp_path / "proxy" / "proxy.json").exists()
     assert load_supervisor.live() == []
