@@ -428,7 +428,7 @@ def _run_paced(cfg: ProxyBenchConfig, state: _State, traffic: tuple[str, ...], d
 
 
 def _collect_capacity(state: _State, data: dict[str, Any]) -> None:
-    if state.capacity is None or not state.capacity.cells:
+    if state.capacity is None:
         return
     summary = capacity.summarise(state.capacity.cells, os.cpu_count() or 1)
     for name, per_workload in summary.items():
