@@ -103,7 +103,7 @@ class Cell:
     non_2xx: int = 0
     """Responses with another status (hey's CSV lists no transport errors: see `shortfall`)."""
     steady_s: float = 0.0
-    """Seconds from the last dial to the last request's start: what `rps` is counted over."""
+    """Seconds from the last dialled connection's first response to the last response: what `rps` is over."""
     generator_cpu_pct: float | None = None
     proxy_cpu_pct: float | None = None
     upstream_cpu_pct: float | None = None
@@ -149,9 +149,10 @@ def hey_argv(exe: str, endpoint: Endpoint, upstream: Upstream, workload: str, co
 
 
 def parse_hey_csv(path: Path) -> tuple[list[float], list[float], list[float], int]:
-    """(latencies in ms of 2xx responses, their offsets in s, offsets of responses that dialled, non-2xx)."""
+    """(latencies in ms of 2xx responses, when each finished in s since hey started, when each response that
+    dialled a connection finished, non-2xx count). hey's `offset` is when a request started."""
     latencies: list[float] = []
-    offsets: list[float] = []
+    finished: list[float] = []
     dials: list[float] = []
     non_2xx = 0
     with open(path, newline="") as fh:
@@ -166,13 +167,28 @@ def parse_hey_csv(path: Path) -> tuple[list[float], list[float], list[float], in
             except (KeyError, TypeError, ValueError):
                 continue
             if dial > 0:
-                dials.append(offset)
+                dials.append(offset + total)
             if 200 <= status < 300:
                 latencies.append(total * 1000.0)
-                offsets.append(offset)
+                finished.append(offset + total)
             else:
                 non_2xx += 1
-    return latencies, offsets, dials, non_2xx
+    return latencies, finished, dials, non_2xx
+
+
+def rate(finished: Sequence[float], dials: Sequence[float]) -> tuple[float, float]:
+    """(responses per second, seconds counted over) of one cell, from when each response finished and when
+    each connection's first response did."""
+    # Count the responses that finished after the last connection's first one (TLS handshakes and CONNECTs
+    # are over); when that took more than half of the cell (a slow proxy at c=128), count the whole cell
+    # instead: a short tail after a late dial is a burst, not a rate.
+    end = max(finished)
+    settled = max(dials, default=0.0)
+    steady = [t for t in finished if t > settled]
+    if settled > end * STEADY_SHARE or len(steady) < 2:
+        settled, steady = 0.0, list(finished)
+    span = max(end - settled, 1e-3)
+    return round(len(steady) / span, 1), round(span, 3)
 
 
 def run_cell(
@@ -215,22 +231,12 @@ def run_cell(
     if proc.returncode != 0:
         cell.error = f"hey exited {proc.returncode}: {out.with_suffix('.err').read_text(errors='replace')[-300:]}"
         return cell
-    latencies, offsets, dials, cell.non_2xx = parse_hey_csv(out)
+    latencies, finished, dials, cell.non_2xx = parse_hey_csv(out)
     cell.responses = len(latencies)
     if not latencies:
         cell.error = f"no 2xx response ({cell.non_2xx} other)"
         return cell
-    # hey's offset is when a request started. Count the requests started after the last connection was
-    # dialled (TLS handshakes and CONNECTs are over); when the dialling took more than half of the cell (a slow
-    # proxy at c=128), count the whole cell instead: a short tail after a late dial is a burst, not a rate.
-    end = max(offsets)
-    settled = max(dials, default=0.0)
-    steady = [o for o in offsets if o >= settled]
-    if settled > end * STEADY_SHARE or len(steady) < 2:
-        settled, steady = 0.0, offsets
-    span = max(end - settled, 1e-3)
-    cell.steady_s = round(span, 3)
-    cell.rps = round(len(steady) / span, 1)
+    cell.rps, cell.steady_s = rate(finished, dials)
     cell.p50_ms = round(percentile(latencies, 50), 3)
     cell.p99_ms = round(percentile(latencies, 99), 3)
     return cell

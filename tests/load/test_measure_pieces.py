@@ -16,7 +16,7 @@ from harness.errors import EnvironmentMissing
 from harness.load import capacity, nginx
 from harness.load.analyse import Sample
 from harness.load.bench import ProxyBenchConfig
-from harness.load.capacity import Cell, limit_of, run_cell
+from harness.load.capacity import Cell, limit_of, rate, run_cell
 from harness.load.checks import FAIL, NOISE, PASS, _verdict, describe_added
 from harness.load.intervals import bootstrap, contains_zero, median_of
 from harness.load.rounds import assign, make_schedule
@@ -77,6 +77,15 @@ def test_verdicts_come_from_the_whole_interval_and_no_overhead_is_negative() -> 
     below = describe_added({"estimate": -0.3, "ci": [-0.6, -0.1], "verdict": "below direct"})
     assert noise.startswith("within noise") and below.startswith("below direct")
     assert describe_added({"estimate": 0.4, "ci": [0.2, 0.6], "verdict": "added"}).startswith("+0.40 ms")
+
+
+def test_rate_counts_after_the_last_dial_and_never_a_burst() -> None:
+    # 8 connections dialled in the first 0.05 s, then one response per ms until 1.05 s: 1000 rps.
+    finished = [0.01 * i for i in range(1, 6)] + [0.05 + 0.001 * i for i in range(1, 1001)]
+    assert rate(finished, dials=[0.01, 0.02, 0.05])[0] == pytest.approx(1000, rel=0.01)
+    # 128 connections whose first (and only) responses all came back together after 1.4 s: 128 / 1.4 s.
+    late = [1.4 + 0.0001 * i for i in range(128)]
+    assert rate(late, dials=late)[0] == pytest.approx(128 / 1.4127, rel=0.01)
 
 
 def test_limit_of_a_cell() -> None:
