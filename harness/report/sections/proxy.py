@@ -216,9 +216,13 @@ def _capacity_chart(ok: dict[str, dict[str, Any]]) -> str:
             ax.set_xlabel("concurrent connections", fontsize="small")
             ax.set_title(label, fontsize="small")
         axes[0].set_ylabel("responses/s (log)")
-        handles, labels = axes[0].get_legend_handles_labels()
-        if handles:
-            axes[-1].legend(handles, labels, **LEGEND_OUTSIDE)
+        # One legend for all panels: gateway-intercept is only in the CONNECT panel.
+        legend: dict[str, Any] = {}
+        for ax in axes:
+            for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+                legend.setdefault(label, handle)
+        if legend:
+            axes[-1].legend(list(legend.values()), list(legend), **LEGEND_OUTSIDE)
         return to_data_uri(fig)
 
 
