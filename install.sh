@@ -18,6 +18,8 @@ SYSTEM_PACKAGES=(
     ca-certificates
     squid             # peer proxy the gateway is benchmarked against (our own instance per run)
     tinyproxy         # peer proxy, likewise
+    nginx-light       # the proxy bench's upstream (our own instance per run, loopback only)
+    hey               # the proxy bench's capacity generator (Go; -x proxies, CONNECT for https)
 )
 
 export DEBIAN_FRONTEND=noninteractive

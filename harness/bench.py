@@ -273,8 +273,8 @@ def run_bench(config: BenchConfig, events: BenchEvents | None = None) -> Run:
                 for round_index in bench_rounds(config):
                     bench.round(round_index)
             if config.proxy is not None:
-                events.stage("proxy latency under load: Locust through direct, gateway and peer proxies")
-                run.data["proxy"] = run_proxy_bench(config.proxy, run.run_dir, run.supervisor)
+                events.stage("proxy bench: Locust rounds and hey capacity through direct, gateway and peer proxies")
+                run.data["proxy"] = run_proxy_bench(config.proxy, run.run_dir, run.supervisor, events)
                 run.save()
         finally:
             if config.proxy is not None and "proxy" not in run.data and (partial_proxy := load_partial(run.run_dir)):
@@ -304,8 +304,10 @@ def run_bench_comparison(config: BenchConfig, events: BenchEvents | None = None)
                         benches[name].round(round_index)
                     comparison.save()
             if config.proxy is not None:
-                events.stage("proxy latency under load: Locust through direct, gateway and peer proxies")
-                comparison.data["proxy"] = run_proxy_bench(config.proxy, comparison.run_dir, comparison.supervisor)
+                events.stage("proxy bench: Locust rounds and hey capacity through direct, gateway and peer proxies")
+                comparison.data["proxy"] = run_proxy_bench(
+                    config.proxy, comparison.run_dir, comparison.supervisor, events
+                )
         finally:
             partial_proxy = (
                 config.proxy is not None and "proxy" not in comparison.data and load_partial(comparison.run_dir)

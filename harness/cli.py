@@ -141,33 +141,47 @@ def boot_table(run: Run, config: BenchConfig) -> Table:
 
 
 def proxy_table(proxy: dict[str, Any]) -> Table:
-    """One row per proxy target: load, latency, what it adds over direct, and whether the generator saturated."""
-    conditions = proxy.get("conditions", {})
+    """One row per proxy target: paced latency, what it adds over direct (with its interval), capacity at c=8,
+    failures; then the checks."""
+    cond = proxy.get("conditions", {})
     table = Table(
-        title=f"proxy latency under load — {conditions.get('users')} users, "
-        f"{conditions.get('duration_s')} s per target, {conditions.get('workers')} worker(s)"
+        title=f"proxy bench — {cond.get('users')} users x {cond.get('user_rps')} req/s, {cond.get('rounds')} rounds "
+        f"x {cond.get('duration_s')} s per target; hey {cond.get('capacity_s')} s per cell"
     )
-    for column in ("target", "status", "rps", "p50", "p95", "p99", "added p50", "failures", "generator"):
+    for column in ("target", "status", "p50", "added p50: page", "model", "rps c=8: http 1k", "connect 1k", "failures"):
         table.add_column(column)
-    for name, target in sorted(proxy.get("targets", {}).items()):
-        latency = target.get("latency_ms") or {}
-        added = (target.get("added_latency_ms") or {}).get("p50")
-        failures = (
-            sum((target.get("failures") or {}).values())
-            if isinstance(target.get("failures"), dict)
-            else target.get("failures")
-        )
+    for name, target in proxy.get("targets", {}).items():
+        traffic = target.get("traffic") or {}
+        cap = target.get("capacity") or {}
+
+        def added(kind: str, traffic: dict[str, Any] = traffic) -> str:
+            fig = ((traffic.get(kind) or {}).get("added_latency_ms") or {}).get("p50") or {}
+            ci, verdict = fig.get("ci"), fig.get("verdict")
+            if fig.get("estimate") is None or ci is None:
+                return "—"
+            bounds = f"[{ci[0]:.2f},{ci[1]:.2f}]"
+            return (
+                f"{verdict} {bounds}"
+                if verdict in ("within noise", "below direct")
+                else f"+{fig['estimate']:.2f} {bounds}"
+            )
+
+        def rps(workload: str, cap: dict[str, Any] = cap) -> str:
+            value = ((cap.get(workload) or {}).get("8") or {}).get("rps")
+            return "—" if value is None else f"{value:,.0f}"
+
         table.add_row(
             name,
             str(target.get("status")),
-            str(target.get("rps", "—")),
-            ms(latency.get("p50")),
-            ms(latency.get("p95")),
-            ms(latency.get("p99")),
-            ms(added),
-            str(failures),
-            "saturated" if target.get("generator_saturated") else "ok",
+            ms((target.get("latency_ms") or {}).get("p50")),
+            added("page"),
+            added("model"),
+            rps("http-1k"),
+            rps("connect-1k"),
+            str(target.get("failure_count", "—")),
         )
+    for check in proxy.get("checks", []):
+        table.caption = (table.caption or "") + f"\n{check['verdict'].upper()}: {check['name']} — {check['measured']}"
     return table
 
 

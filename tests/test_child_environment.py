@@ -75,10 +75,11 @@ def test_no_child_of_a_real_bench_but_the_gateway_holds_the_key(
         users=2,
         spawn_rate=20,
         duration_s=1.5,
+        rounds=1,
         warmup_s=0.5,
-        saturation_s=1.0,
-        saturation_users=2,
-        saturation_warmup_s=0.3,
+        capacity_s=0.2,
+        capacity_levels=[2],
+        capacity_rounds=1,
         download_bytes=4096,
     )
     scanner = EnvironScanner(key.encode())
@@ -89,5 +90,6 @@ def test_no_child_of_a_real_bench_but_the_gateway_holds_the_key(
         scanner.stop()
     kinds = " ".join(scanner.seen.values())
     assert "locust" in kinds and "squid" in kinds and "tinyproxy" in kinds and "socat" in kinds, kinds
+    assert "nginx" in kinds and "hey" in kinds, kinds
     outsiders = {pid: cmd for pid, cmd in scanner.holders.items() if "harness.gateway" not in cmd}
     assert outsiders == {}, outsiders

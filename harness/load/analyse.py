@@ -14,8 +14,9 @@ from harness.metrics.stats import percentile
 
 PERCENTILES = {"p50": 50.0, "p90": 90.0, "p95": 95.0, "p99": 99.0, "p99.9": 99.9}
 TIMELINE_BIN_S = 1.0
-COMPARABLE_KINDS = ("model", "download")
-"""Kinds the direct path also carries; a target's aggregate added latency is over these only."""
+COMPARABLE_KINDS = ("model", "page", "download")
+"""Kinds whose latency through a target is compared with direct's (blocked is compared too, with nginx's deny
+listener standing in for a proxy's refusal on the direct path)."""
 STREAM_SUFFIX = "-ttfb"
 """Extra sample names (time to first byte) that are not requests of their own."""
 
@@ -30,6 +31,13 @@ class Sample:
     length: int
     failure: str
     """Empty when the request succeeded, else its failure kind."""
+    target: str = ""
+    """The target of an interleaved plan's window the request started in; empty otherwise."""
+
+    @property
+    def started(self) -> float:
+        """Wall-clock time the request started."""
+        return self.t - self.ms / 1000.0
 
 
 def read_samples(samples_dir: Path) -> list[Sample]:
@@ -37,10 +45,10 @@ def read_samples(samples_dir: Path) -> list[Sample]:
     for path in sorted(samples_dir.glob("samples-*.csv")):
         with open(path, newline="") as fh:
             for row in csv.reader(fh):
-                if len(row) != 5:
+                if len(row) not in (5, 6):
                     continue  # a process killed mid-write leaves a torn last line
                 try:
-                    out.append(Sample(float(row[0]), row[1], float(row[2]), int(row[3]), row[4]))
+                    out.append(Sample(float(row[0]), row[1], float(row[2]), int(row[3]), row[4], *row[5:]))
                 except ValueError:
                     continue
     out.sort(key=lambda s: s.t)

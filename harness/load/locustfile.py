@@ -1,15 +1,20 @@
 """Locust user classes modelling sandbox traffic. Loaded only by `python -m locust` processes.
 
     python -m locust -f harness/load/locustfile.py --headless --br-plan '<LoadPlan JSON>' \
-        ModelUser DownloadUser BlockedUser
+        ModelUser PageUser DownloadUser BlockedUser
 
 Every request is timed by harness.load.client.ProxyClient and reported to Locust (its CSVs and
 stats history) *and* appended to a per-process samples CSV, from which the harness computes
 exact percentiles (Locust's own are bucketed) over the measured window, after the warm-up.
+
+An interleaved plan (LoadPlan.schedule) sends every user's requests to the target of the current window:
+each user keeps one client (and so one kept-alive connection per origin) per target for the whole run, and
+the target is written beside each sample.
 """
 
 from __future__ import annotations
 
+import bisect
 import json
 import os
 import time
@@ -62,7 +67,8 @@ def _record(
     **_kw: Any,
 ) -> None:
     kind = "" if exception is None else failure_kind(exception)
-    _samples().write(f"{time.time():.6f},{name},{response_time:.3f},{response_length},{kind}\n")
+    target = (_kw.get("context") or {}).get("target", "")
+    _samples().write(f"{time.time():.6f},{name},{response_time:.3f},{response_length},{kind},{target}\n")
 
 
 @events.test_stop.add_listener
@@ -93,43 +99,73 @@ class _ProxyUser(User):
 
     def on_start(self) -> None:
         p = plan()
-        self.client = ProxyClient(p.proxy, p.ca_file, timeout_s=p.timeout_s)
-        self.url = p.urls[self.kind]
-        self.headers = p.headers.get(self.kind, {})
+        if p.schedule:
+            self.clients = {
+                name: ProxyClient(route.proxy, route.ca_file, timeout_s=p.timeout_s) for name, route in p.routes.items()
+            }
+            self.starts = [start for start, _end, _target in p.schedule]
+        else:
+            self.clients = {"": ProxyClient(p.proxy, p.ca_file, timeout_s=p.timeout_s)}
 
     def on_stop(self) -> None:
-        self.client.close()
+        for client in self.clients.values():
+            client.close()
+
+    def route(self) -> tuple[str, ProxyClient, str, dict[str, str]] | None:
+        """(target, client, url, headers) of the window now open; outside every window, sleep until the
+        next one opens (cooperatively, under gevent) and return None."""
+        p = plan()
+        if not p.schedule:
+            return "", self.clients[""], p.urls[self.kind], p.headers.get(self.kind, {})
+        now = time.time()
+        index = bisect.bisect_right(self.starts, now) - 1
+        if index < 0:
+            time.sleep(self.starts[0] - now)
+            return None
+        _start, end, target = p.schedule[index]
+        if now >= end:
+            time.sleep(self.starts[index + 1] - now if index + 1 < len(self.starts) else 1.0)
+            return None
+        route = p.routes[target]
+        return target, self.clients[target], route.urls[self.kind], route.headers.get(self.kind, {})
 
     def body(self) -> bytes:
         return b""
 
     def call(self, stream: bool = False) -> None:
+        route = self.route()
+        if route is None:
+            return
+        target, client, url, headers = route
         fire = self.environment.events.request.fire
+        # Per target in Locust's own CSVs too: its stats are keyed by (type, name).
+        request_type = f"{self.method} {target}" if target else self.method
+        context = {"target": target}
         t0 = time.perf_counter()
         length, exc = 0, None
         try:
-            response = self.client.request(self.method, self.url, self.body(), self.headers)
+            response = client.request(self.method, url, self.body(), headers)
             length = response.length
             if response.status not in EXPECTED_STATUS[self.kind]:
                 exc = RequestFailed(f"http_{response.status}")
             elif stream:
                 fire(
-                    request_type=self.method,
+                    request_type=request_type,
                     name=f"{self.kind}-ttfb",
                     response_time=response.ttfb_ms,
                     response_length=0,
                     exception=None,
-                    context={},
+                    context=context,
                 )
         except Exception as error:  # every failure is counted, by kind, never retried
             exc = error if isinstance(error, RequestFailed) else RequestFailed(failure_kind(error), str(error))
         fire(
-            request_type=self.method,
+            request_type=request_type,
             name=self.kind,
             response_time=(time.perf_counter() - t0) * 1000.0,
             response_length=length,
             exception=exc,
-            context={},
+            context=context,
         )
 
 
@@ -153,6 +189,17 @@ class ModelUser(_ProxyUser):
     @task
     def message(self) -> None:
         self.call(stream=plan().stream)
+
+
+class PageUser(_ProxyUser):
+    """GETs a 1 KiB body over plain http: the proxy's per-request cost, with little data to move."""
+
+    kind = "page"
+    weight = 1
+
+    @task
+    def page(self) -> None:
+        self.call()
 
 
 class DownloadUser(_ProxyUser):

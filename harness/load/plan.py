@@ -8,17 +8,33 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
-TRAFFIC_KINDS = ("model", "download", "blocked")
+TRAFFIC_KINDS = ("model", "page", "download", "blocked")
 """model: HTTPS POST JSON through CONNECT (the gateway may intercept and inject the key);
-download: plain-http GET of a larger body (absolute-form through the proxy: bandwidth);
+page: plain-http GET of 1 KiB (absolute-form through the proxy: the per-request cost);
+download: plain-http GET of a larger body (bandwidth);
 blocked: plain-http GET of a host every proxy denies (the deny path)."""
 
-EXPECTED_STATUS = {"model": (200,), "download": (200,), "blocked": (403,)}
+EXPECTED_STATUS = {"model": (200,), "page": (200,), "download": (200,), "blocked": (403,)}
 """What counts as success per kind: for `blocked` the proxy's refusal *is* the answer."""
 
-USER_CLASS = {"model": "ModelUser", "download": "DownloadUser", "blocked": "BlockedUser"}
+USER_CLASS = {"model": "ModelUser", "page": "PageUser", "download": "DownloadUser", "blocked": "BlockedUser"}
 """Locust user class per traffic kind (in harness/load/locustfile.py)."""
+
+
+@dataclass
+class Route:
+    """How one target of an interleaved plan is reached."""
+
+    proxy: tuple[str, int] | None
+    """Loopback proxy address, or None for the direct path."""
+    urls: dict[str, str]
+    """Traffic kind -> absolute URL."""
+    ca_file: str
+    """PEM bundle the client verifies TLS against through this target."""
+    headers: dict[str, dict[str, str]] = field(default_factory=dict)
+    """Traffic kind -> extra request headers."""
 
 
 @dataclass
@@ -43,6 +59,11 @@ class LoadPlan:
     """Traffic kind -> extra request headers (e.g. the credential sentinel)."""
     timeout_s: float = 10.0
     """Socket timeout per request."""
+    routes: dict[str, Route] = field(default_factory=dict)
+    """Interleaved plans: target -> how to reach it (proxy, urls, ca_file above are then unused)."""
+    schedule: list[tuple[float, float, str]] = field(default_factory=list)
+    """Interleaved plans: (start, end, target) windows in wall-clock time, in order, back to back; every
+    user sends to the target of the window its request starts in, and waits outside the windows."""
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -50,6 +71,14 @@ class LoadPlan:
     @classmethod
     def from_json(cls, text: str) -> LoadPlan:
         data = json.loads(text)
-        if data.get("proxy") is not None:
-            data["proxy"] = (data["proxy"][0], int(data["proxy"][1]))
+        data["proxy"] = _address(data.get("proxy"))
+        data["routes"] = {
+            name: Route(**{**route, "proxy": _address(route.get("proxy"))})
+            for name, route in data.get("routes", {}).items()
+        }
+        data["schedule"] = [(float(a), float(b), str(t)) for a, b, t in data.get("schedule", [])]
         return cls(**data)
+
+
+def _address(value: list[Any] | tuple[str, int] | None) -> tuple[str, int] | None:
+    return None if value is None else (str(value[0]), int(value[1]))

@@ -78,10 +78,41 @@ def run_phase(
     plan: LoadPlan, spec: PhaseSpec, out_dir: Path, supervisor: Supervisor, proxy_pids: list[int]
 ) -> dict[str, Any]:
     """Run Locust for spec.warmup_s + spec.duration_s; return the phase's figures and conditions."""
-    out_dir.mkdir(parents=True, exist_ok=True)
     samples_dir = out_dir / "samples"
-    plan.samples_dir = str(samples_dir)
     run_time = math.ceil(spec.warmup_s + spec.duration_s)
+    # "upstream" is this process: the loopback upstream runs in a thread of the harness.
+    cpu = CpuSampler(groups={"generator": [], "proxy": list(proxy_pids), "upstream": [os.getpid()]})
+    t_start = time.time()
+    returncode = run_locust(plan, spec, run_time, out_dir, supervisor, cpu)
+    samples = read_samples(samples_dir)
+    figures = summarise_phase(samples, spec.warmup_s, spec.duration_s)
+    start, end = figures.pop("window")
+    cpu_figures = cpu.summary(start, end, per_root_of="generator")
+    origin = samples[0].t if samples else t_start
+    figures.update(
+        spec=asdict(spec),
+        exit_code=returncode,
+        cpu=cpu_figures,
+        generator_saturated=generator_saturated(cpu_figures),
+        host_saturated=host_saturated(cpu_figures),
+        timeline=timeline(samples, origin),
+        history=read_history(out_dir / f"{CSV_PREFIX}_stats_history.csv", origin),
+        files={"dir": str(out_dir), "csv_prefix": CSV_PREFIX},
+    )
+    if returncode not in (0, None) and not samples:
+        tail = (out_dir / "locust-master.log").read_text(errors="replace")[-1500:]
+        raise LoadError(f"locust exited {returncode} with no samples: {tail}")
+    return figures
+
+
+def run_locust(
+    plan: LoadPlan, spec: PhaseSpec, run_time: int, out_dir: Path, supervisor: Supervisor, cpu: CpuSampler
+) -> int | None:
+    """Run Locust (master and workers, or one standalone process) for `run_time` seconds, its generating
+    processes added to `cpu`'s "generator" group while it samples; returns the master's exit code. Every
+    process is stopped on the way out, however it ends."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plan.samples_dir = str(out_dir / "samples")
     classes = [USER_CLASS[k] for k in spec.traffic]
     common = [
         "--headless",
@@ -124,10 +155,7 @@ def run_phase(
             str(EXPECT_WORKERS_MAX_WAIT_S),
         ]
     argv += classes
-    # "upstream" is this process: the loopback upstream runs in a thread of the harness.
-    cpu = CpuSampler(groups={"generator": [], "proxy": list(proxy_pids), "upstream": [os.getpid()]})
     started: list[subprocess.Popen[bytes]] = []
-    t_start = time.time()
     try:
         with open(out_dir / "locust-master.log", "ab") as log:
             master = supervisor.spawn(
@@ -172,22 +200,4 @@ def run_phase(
         cpu.stop()
         for proc in started:
             supervisor.stop(proc.pid)
-    samples = read_samples(samples_dir)
-    figures = summarise_phase(samples, spec.warmup_s, spec.duration_s)
-    start, end = figures.pop("window")
-    cpu_figures = cpu.summary(start, end, per_root_of="generator")
-    origin = samples[0].t if samples else t_start
-    figures.update(
-        spec=asdict(spec),
-        exit_code=master.returncode,
-        cpu=cpu_figures,
-        generator_saturated=generator_saturated(cpu_figures),
-        host_saturated=host_saturated(cpu_figures),
-        timeline=timeline(samples, origin),
-        history=read_history(out_dir / f"{CSV_PREFIX}_stats_history.csv", origin),
-        files={"dir": str(out_dir), "csv_prefix": CSV_PREFIX},
-    )
-    if master.returncode not in (0, None) and not samples:
-        tail = (out_dir / "locust-master.log").read_text(errors="replace")[-1500:]
-        raise LoadError(f"locust exited {master.returncode} with no samples: {tail}")
-    return figures
+    return master.returncode

@@ -1,13 +1,14 @@
-"""The targets a bench compares, each started fresh for its turn and stopped after it:
-`direct` (no proxy), `gateway` (ours; allowed traffic is a blind CONNECT tunnel or a parsed
-plain-http forward), `gateway-intercept` (ours, terminating TLS to inject the model API key),
-and the peers squid, tinyproxy and mitmproxy.
+"""The targets a bench compares, all started once and kept up for every round: `direct` (no proxy), `gateway`
+(ours; allowed traffic is a blind CONNECT tunnel or a parsed plain-http forward), `gateway-intercept` (ours,
+terminating TLS to inject the model API key), and the peers squid, tinyproxy and mitmproxy.
 
-Every target gets the same three kinds of traffic against the same loopback upstream:
+Every target gets the same four kinds of traffic against the same nginx upstream (harness.load.nginx):
   model     https POST through CONNECT;  gateway-intercept sends it to api.anthropic.com:443
-            (the gateway's upstream override dials the local upstream) with the sentinel key
-  download  plain-http GET, absolute-form through the proxy
-  blocked   plain-http GET of blocked.test, which every proxy denies with a 403
+            (the gateway's upstream override dials nginx, which checks the injected key) with the sentinel
+  page      plain-http GET of 1 KiB, absolute-form through the proxy
+  download  plain-http GET of a larger body (256 KiB by default)
+  blocked   plain-http GET of blocked.test, which every proxy denies with a 403; `direct` has no proxy to
+            deny it, so it asks nginx's deny listener, which answers 403 to everything (the stand-in)
 """
 
 from __future__ import annotations
@@ -20,17 +21,16 @@ from typing import Any
 
 from harness.gateway.process import SENTINEL, CredentialSpec, GatewayConfig, GatewayProcess
 from harness.load import peers
+from harness.load.nginx import KEY_HEADER, MODEL_HOST, MODEL_PATH, Nginx
 from harness.load.peers import BLOCKED_HOST, PEERS
-from harness.standins.upstream import UpstreamServer
 from harness.supervisor import Supervisor
 
 DIRECT = "direct"
 GATEWAY = "gateway"
 GATEWAY_INTERCEPT = "gateway-intercept"
 ALL_TARGETS = (DIRECT, GATEWAY, GATEWAY_INTERCEPT, *PEERS)
-MODEL_HOST = "api.anthropic.com"
-MODEL_PATH = "/v1/messages"
-KEY_HEADER = "x-api-key"
+PAGE_BYTES = 1024
+"""The `page` kind's body: a small plain-http answer (an API's JSON, a redirect, a metadata file)."""
 KEY_ENV = "BR_LOAD_MODEL_KEY"
 """The gateway reads the model key from this variable of its own environment only."""
 GATEWAY_POLICY = f"""\
@@ -48,24 +48,48 @@ blindly (like squid); api.anthropic.com carries a credential, so the gateway int
 
 @dataclass
 class Upstream:
-    """The shared upstream and the bench's model key (generated per run, never written)."""
+    """The shared nginx upstream and the bench's model key (generated per run)."""
 
-    server: UpstreamServer
+    nginx: Nginx
+    """Our nginx on loopback."""
     key: str
+    """The model key nginx expects from api.anthropic.com's callers (only the gateway holds it)."""
 
     @classmethod
-    def start(cls) -> Upstream:
+    def start(cls, workdir: Path, supervisor: Supervisor, sizes: tuple[int, ...] = ()) -> Upstream:
         key = "sk-bench-" + secrets.token_hex(16)
-        return cls(UpstreamServer(expected={MODEL_HOST: (KEY_HEADER, key)}).start(), key)
+        return cls(Nginx.start(workdir, supervisor, key, (PAGE_BYTES, *sizes)), key)
+
+    @property
+    def ca_file(self) -> Path:
+        return self.nginx.ca_file
+
+    def overrides(self) -> dict[str, str]:
+        """The gateway's upstream override: api.anthropic.com:443 dials nginx's https listener."""
+        return {f"{MODEL_HOST}:443": f"127.0.0.1:{self.nginx.https_port}"}
+
+    def http_url(self, size: int) -> str:
+        return f"http://127.0.0.1:{self.nginx.http_port}{self.nginx.add_bytes(size)}"
+
+    def https_url(self, path: str) -> str:
+        return f"https://127.0.0.1:{self.nginx.https_port}{path}"
 
     def url(self, kind: str, download_bytes: int, stream_bytes: int) -> str:
-        s = self.server
+        """The URL a proxied client asks for, per traffic kind."""
         if kind == "model":
-            path = f"/bytes/{stream_bytes}" if stream_bytes else MODEL_PATH
-            return f"https://127.0.0.1:{s.https_port}{path}"
+            return self.https_url(self.nginx.add_bytes(stream_bytes) if stream_bytes else MODEL_PATH)
+        if kind == "page":
+            return self.http_url(PAGE_BYTES)
         if kind == "download":
-            return f"http://127.0.0.1:{s.http_port}/bytes/{download_bytes}"
+            return self.http_url(download_bytes)
         return f"http://{BLOCKED_HOST}/"
+
+    def deny_url(self) -> str:
+        """`direct`'s blocked URL: nginx's deny listener (403 to everything)."""
+        return f"http://127.0.0.1:{self.nginx.deny_port}/"
+
+    def stop(self) -> None:
+        self.nginx.stop()
 
 
 @dataclass
@@ -74,12 +98,26 @@ class Endpoint:
 
     name: str
     proxy: tuple[str, int] | None
+    """Loopback proxy address; None for direct."""
     urls: dict[str, str]
+    """Traffic kind -> absolute URL."""
     headers: dict[str, dict[str, str]]
+    """Traffic kind -> extra request headers."""
     ca_pems: list[bytes]
+    """What a client must trust: nginx's CA, plus an intercepting proxy's."""
     pids: list[int]
+    """Root pids of the proxy's processes (CPU is sampled over each tree)."""
     stop: Callable[[], None]
     describe: dict[str, Any] = field(default_factory=dict)
+    tls_host: str = "127.0.0.1"
+    """Host name the https workloads address (api.anthropic.com where the gateway intercepts)."""
+    tls_headers: dict[str, str] = field(default_factory=dict)
+    """Headers of the https workloads (the credential sentinel where the gateway injects the key)."""
+
+    def https_url(self, upstream: Upstream, path: str) -> str:
+        if self.tls_host == "127.0.0.1":
+            return upstream.https_url(path)
+        return f"https://{self.tls_host}{path}"
 
 
 def start_target(
@@ -95,22 +133,15 @@ def start_target(
     """Start `name`; raises peers.PeerMissing for an uninstalled peer."""
     workdir.mkdir(parents=True, exist_ok=True)
     urls = {k: upstream.url(k, download_bytes, stream_bytes) for k in traffic}
+    pems = [upstream.ca_file.read_bytes()]
     if name == DIRECT:
-        urls.pop("blocked", None)  # nothing on the direct path can block: that kind does not apply
-        return Endpoint(
-            name,
-            None,
-            urls,
-            {},
-            [upstream.server.ca_file.read_bytes()],
-            [],
-            lambda: None,
-            {"kind": "none", "intercepts_tls": False},
-        )
+        if "blocked" in urls:
+            urls["blocked"] = upstream.deny_url()
+        describe = {"kind": "none", "intercepts_tls": False, "notes": ["blocked traffic: nginx's deny listener"]}
+        return Endpoint(name, None, urls, {}, pems, [], lambda: None, describe)
     if name in (GATEWAY, GATEWAY_INTERCEPT):
         return _start_gateway(name, workdir, supervisor, upstream, urls, gateway_ca_dir)
-    peer = peers.start_peer(name, workdir, supervisor, upstream.server.ca_file)
-    pems = [upstream.server.ca_file.read_bytes()]
+    peer = peers.start_peer(name, workdir, supervisor, upstream.ca_file)
     if peer.ca_file is not None:
         pems.append(peer.ca_file.read_bytes())
     return Endpoint(
@@ -145,8 +176,8 @@ def _start_gateway(
         audit_path=workdir / "audit.jsonl",
         ca_dir=ca_dir,
         credentials=[CredentialSpec("model", MODEL_HOST, KEY_HEADER, env=KEY_ENV)],
-        upstream_overrides=upstream.server.overrides((MODEL_HOST,)),
-        upstream_ca_file=upstream.server.ca_file,
+        upstream_overrides=upstream.overrides(),
+        upstream_ca_file=upstream.ca_file,
         log_level="WARNING",
         extra_env={KEY_ENV: upstream.key},
     )
@@ -158,15 +189,16 @@ def _start_gateway(
         gw.stop()
         supervisor.stop(pid)  # already gone; this just forgets the record
 
+    intercepts = name == GATEWAY_INTERCEPT
     try:
         port = gw.add_sandbox(f"load-{name}")
-        pems = [upstream.server.ca_file.read_bytes()]
+        pems = [upstream.ca_file.read_bytes()]
         headers: dict[str, dict[str, str]] = {}
-        intercepts = name == GATEWAY_INTERCEPT and "model" in urls
         if intercepts:
-            path = urls["model"].split("/", 3)[3]
-            urls["model"] = f"https://{MODEL_HOST}/{path}"
-            headers["model"] = {KEY_HEADER: SENTINEL}
+            if "model" in urls:
+                path = urls["model"].split("/", 3)[3]
+                urls["model"] = f"https://{MODEL_HOST}/{path}"
+                headers["model"] = {KEY_HEADER: SENTINEL}
             pems.append(gw.ca_cert_pem())
     except BaseException:
         stop()
@@ -184,8 +216,10 @@ def _start_gateway(
             "intercepts_tls": intercepts,
             "policy": GATEWAY_POLICY,
             "state_dir": str(workdir / "state"),
-            "notes": ["model requests are TLS-terminated and get the key injected"]
+            "notes": ["https is TLS-terminated and gets the key injected; plain http is parsed and forwarded"]
             if intercepts
             else ["allowed https is a blind CONNECT tunnel; plain http is parsed and forwarded"],
         },
+        tls_host=MODEL_HOST if intercepts else "127.0.0.1",
+        tls_headers={KEY_HEADER: SENTINEL} if intercepts else {},
     )

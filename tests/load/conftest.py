@@ -1,4 +1,4 @@
-"""Fixtures for the load tests: a real loopback upstream, a supervisor, a per-test run dir."""
+"""Fixtures for the load tests: a real nginx upstream, a supervisor, a per-test run dir."""
 
 from __future__ import annotations
 
@@ -13,10 +13,13 @@ from harness.supervisor import Supervisor
 
 
 @pytest.fixture(scope="module")
-def upstream() -> Iterator[Upstream]:
-    up = Upstream.start()
-    yield up
-    up.server.stop()
+def upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Upstream]:
+    with Supervisor(f"test-load-nginx-{os.getpid()}") as supervisor:
+        up = Upstream.start(tmp_path_factory.mktemp("nginx"), supervisor)
+        try:
+            yield up
+        finally:
+            up.stop()
 
 
 @pytest.fixture

@@ -36,7 +36,7 @@ def test_peer_starts_carries_denies_and_stops(
         assert [r.pid for r in load_supervisor.live()] == [peer.pid]
         # Its own config, pid file and logs, all in the run dir.
         assert (tmp_path / name / f"{name}.conf").exists()
-        client = ProxyClient(peer.address, str(upstream.server.ca_file))
+        client = ProxyClient(peer.address, str(upstream.ca_file))
         assert client.request("POST", upstream.url("model", 0, 0), b"{}").status == 200
         download = client.request("GET", upstream.url("download", 5000, 0))
         assert (download.status, download.length) == (200, 5000)
@@ -62,7 +62,7 @@ def test_missing_peer_is_skipped_with_install_command(
     assert target["install"] == peers.INSTALL["mitmproxy"] and "pip install" in target["install"]
     assert "not installed" in target["reason"]
     assert result["peers"]["mitmproxy"]["installed"] is False
-    check = next(c for c in result["checks"] if c["name"].startswith("gateway saturation"))
-    assert check["status"] == "skipped"
+    check = next(c for c in result["checks"] if c["name"].startswith("gateway-intercept capacity vs mitmproxy"))
+    assert check["verdict"] == "skipped" and "mitmproxy" in check["reason"]
     assert (tmp_path / "proxy" / "proxy.json").exists()
     assert load_supervisor.live() == []

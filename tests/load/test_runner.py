@@ -40,8 +40,8 @@ def test_locust_through_gateway_counts_requests_and_failures(
         ca = tmp_path / "ca.pem"
         ca.write_bytes(b"\n".join(endpoint.ca_pems))
         urls = dict(endpoint.urls)
-        # The upstream answers 500 here: every download must be counted as a failure of that kind.
-        urls["download"] = urls["download"].rsplit("/bytes/", 1)[0] + "/status/500"
+        # nginx answers 404 here: every download must be counted as a failure of that kind.
+        urls["download"] = urls["download"].rsplit("/bytes/", 1)[0] + "/missing"
         plan = LoadPlan(
             target="gateway", proxy=endpoint.proxy, urls=urls, ca_file=str(ca), samples_dir="", user_rps=20.0
         )
@@ -64,8 +64,8 @@ def test_locust_through_gateway_counts_requests_and_failures(
     assert traffic["model"]["ok"] > 10 and traffic["model"]["failures"] == {}
     assert traffic["blocked"]["ok"] > 0 and traffic["blocked"]["failures"] == {}  # the 403 is the answer
     assert traffic["download"]["ok"] == 0
-    assert traffic["download"]["failures"] == {"http_500": traffic["download"]["requests"]} != {}
-    assert phase["failures"]["http_500"] == traffic["download"]["requests"]
+    assert traffic["download"]["failures"] == {"http_404": traffic["download"]["requests"]} != {}
+    assert phase["failures"]["http_404"] == traffic["download"]["requests"]
     assert phase["latency_ms"]["p50"] is not None and phase["latency_ms"]["p50"] <= phase["latency_ms"]["p99"]
     assert phase["rps"] > 0
 
@@ -94,7 +94,7 @@ def test_standalone_locust_process_when_no_workers(
     upstream: Upstream, load_supervisor: Supervisor, tmp_path: Path
 ) -> None:
     ca = tmp_path / "ca.pem"
-    ca.write_bytes(upstream.server.ca_file.read_bytes())
+    ca.write_bytes(upstream.ca_file.read_bytes())
     plan = LoadPlan(
         target="direct",
         proxy=None,

@@ -13,5 +13,5 @@ from harness.results import load_results
 ORDER = 50
 
 
-def section(comparison: dict[str, Any], run_dir: Path) -> Section | None:
+def section(comparison: dict[str, Any], run_dir: Path) -> list[Section] | None:
     return proxy.section(load_results(run_dir), run_dir)
