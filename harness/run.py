@@ -21,6 +21,7 @@ from typing import Any
 
 from harness.config import RUN_MARKER, RunConfig
 from harness.errors import ConfigError
+from harness.ksm import ksm_switched_on
 from harness.metrics.stats import summarize
 from harness.paths import cache_dir
 from harness.report import render_report
@@ -59,12 +60,22 @@ class Run:
         stage(f"preparing backend {config.backend} (image, accelerator)")
         self.backend = create_backend(
             config.backend,
-            BackendOptions(cache=cache_dir(), accel=config.accel, mem_mib=config.mem_mib, boot_mode=config.boot_mode),
+            BackendOptions(
+                cache=cache_dir(),
+                accel=config.accel,
+                mem_mib=config.mem_mib,
+                boot_mode=config.boot_mode,
+                memory_sharing=config.memory_sharing,
+            ),
         )
         self.data["backend"] = describe_backend(self.backend)
         self.data["accel"] = self.backend.accel
         self.template = SandboxSpec(
-            id="", workdir=self.run_dir, mem_mib=config.mem_mib, boot_timeout_s=config.boot_timeout_s
+            id="",
+            workdir=self.run_dir,
+            mem_mib=config.mem_mib,
+            boot_timeout_s=config.boot_timeout_s,
+            reclaim=self.backend.features.reclaim,  # off where sharing a template's RAM file forbids discards
         )
         self.save()
         return self.backend
@@ -138,7 +149,8 @@ def open_run(
     )
     run.save()
     try:
-        with signals_raise():
+        with signals_raise(), ksm_switched_on("ksm" in config.memory_sharing) as ksm:
+            run.data["ksm"] = ksm
             yield run
             run.data["partial"] = False
     except (KeyboardInterrupt, Interrupted, Exception) as exc:

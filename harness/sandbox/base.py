@@ -17,6 +17,11 @@ from harness.supervisor import Supervisor
 BOOT_MODES = ("snapshot", "cold")
 """snapshot: restore a booted template (default, where the backend can); cold: boot from scratch every time."""
 
+MEMORY_SHARING = ("off", "file", "ksm", "file+ksm")
+"""How sandboxes share host memory: off (each clone holds its own copy of the template's RAM); file (the
+template's RAM is a file every clone maps privately, copy-on-write); ksm (Linux KSM merges identical
+pages while the run lasts); file+ksm (both)."""
+
 
 @dataclass(frozen=True)
 class Endpoint:
@@ -69,6 +74,8 @@ class Features:
     """`Sandbox.guest_memory()` reports the guest's own MemTotal and MemFree."""
     min_mem_mib: int | None
     """Smallest guest RAM it boots with; None where guest RAM is not a setting."""
+    memory_sharing: tuple[str, ...] = ("off",)
+    """The --memory-sharing modes it implements (of MEMORY_SHARING)."""
 
 
 @dataclass(frozen=True)
@@ -114,6 +121,8 @@ class BackendOptions:
     """snapshot (restore a booted template) or cold (boot the kernel each time), where the backend can."""
     argument: str | None = None
     """What follows the colon in `--backend MODULE:ARGUMENT` (the command backend's YAML file); None without."""
+    memory_sharing: str = "off"
+    """How its sandboxes share host memory (MEMORY_SHARING), where the backend can."""
 
 
 @dataclass
