@@ -178,6 +178,9 @@ def summarize_run(sandboxes: list[SandboxRecord], rounds: list[dict[str, Any]]) 
         if r["measured"] and "mem_available_delta_bytes_per_sandbox" in r
     ]
     pss = [s.host_pss_bytes for s in ok if s.host_pss_bytes is not None]
+    shared = [r["shared_file_resident_bytes"] for r in rounds if r["measured"] and "shared_file_resident_bytes" in r]
+    delta = int(sum(deltas) / len(deltas)) if deltas else None
+    shared_bytes = int(sum(shared) / len(shared)) if shared else None
     phase_names = sorted({name for s in ok for name in s.phases_ms})
     return {
         "boot_ms": summarize([s.boot_ms for s in ok if s.boot_ms is not None]),
@@ -185,8 +188,22 @@ def summarize_run(sandboxes: list[SandboxRecord], rounds: list[dict[str, Any]]) 
         "success_rate": round(len(ok) / len(sandboxes), 4) if sandboxes else None,
         "boots": len(sandboxes),
         "failures": len(sandboxes) - len(ok),
-        "mem_available_delta_bytes_per_sandbox": int(sum(deltas) / len(deltas)) if deltas else None,
+        "mem_available_delta_bytes_per_sandbox": delta,
         "pss_bytes_per_sandbox_p50": summarize(pss)["p50"] if pss else None,
         "pss_bytes_per_sandbox": summarize(pss),
+        "uss_bytes_per_sandbox": summarize([s.host_uss_bytes for s in ok if s.host_uss_bytes is not None]),
         "rss_bytes_per_sandbox": summarize([s.host_rss_bytes for s in ok if s.host_rss_bytes]),
+        "shared_file_resident_bytes": shared_bytes,
+        "host_bytes_per_sandbox": _with_shared(delta, shared_bytes, rounds),
     }
+
+
+def _with_shared(delta: int | None, shared: int | None, rounds: list[dict[str, Any]]) -> int | None:
+    """What one sandbox costs the host, the figure a density projection uses: its MemAvailable Δ plus its
+    share of the files all sandboxes of a round map (resident before the round, so in no Δ)."""
+    if delta is None:
+        return None
+    sizes = [r["ok"] for r in rounds if r["measured"] and r.get("ok")]
+    if not shared or not sizes:
+        return delta
+    return delta + shared // round(sum(sizes) / len(sizes))
