@@ -391,7 +391,7 @@ class Microvm:
             if time.monotonic() > deadline:
                 raise self._failure(f"agent did not answer within {self.spec.boot_timeout_s:g} s")
             try:
-                result = self._probe()
+                result = self._probe(deadline - time.monotonic())
             except AgentUnavailable:
                 time.sleep(READY_POLL_S)
                 continue
@@ -439,18 +439,19 @@ class Microvm:
                 previous = self.boot.marks_ms[mark]
         return phases
 
-    def _probe(self) -> ExecResult:
+    def _probe(self, left_s: float) -> ExecResult:
         """One readiness request: the guest's meminfo; a restored clone, which still carries the template's
         name and RNG state, is renamed and given host randomness in the same request (one agent round
-        trip costs ~100-200 ms under TCG, so not two)."""
+        trip costs ~100-200 ms under TCG, so not two). Never waits past the boot's deadline (`left_s`)."""
+        wait = max(min(RESTORED_PROBE_TIMEOUT_S if self.restored else READY_PROBE_TIMEOUT_S, left_s), 0.01)
         if not self.restored:
-            return agent_exec(self.agent_port, "cat /proc/meminfo", timeout=5, transport_timeout=READY_PROBE_TIMEOUT_S)
+            return agent_exec(self.agent_port, "cat /proc/meminfo", timeout=5, transport_timeout=wait)
         return agent_exec(
             self.agent_port,
             f"hostname {self.id} && cat > /dev/urandom && cat /proc/meminfo",
             timeout=10,
             stdin=os.urandom(RESEED_BYTES),
-            transport_timeout=RESTORED_PROBE_TIMEOUT_S,
+            transport_timeout=wait,
         )
 
     def exec(self, command: str, timeout: float = 30.0, stdin: bytes = b"") -> ExecResult:
