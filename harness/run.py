@@ -76,6 +76,7 @@ class Run:
             mem_mib=config.mem_mib,
             boot_timeout_s=config.boot_timeout_s,
             reclaim=self.backend.features.reclaim,  # off where sharing a template's RAM file forbids discards
+            shared_ram="file" in config.memory_sharing and self.backend.features.snapshot,
         )
         self.save()
         return self.backend

@@ -113,7 +113,10 @@ def test_snapshot_clones_are_renamed_and_independent(supervisor: Supervisor, tmp
 
     options = BackendOptions(cache=cache_dir(), accel="tcg", boot_mode="snapshot", memory_sharing=sharing)
     backend = create_backend("qemu", options)
-    specs = [SandboxSpec(id=f"clone{i}", workdir=tmp_path / str(i), reclaim=sharing == "off") for i in range(2)]
+    specs = [
+        SandboxSpec(id=f"clone{i}", workdir=tmp_path / str(i), reclaim=sharing == "off", shared_ram=sharing == "file")
+        for i in range(2)
+    ]
     clones = [backend.boot(spec, supervisor) for spec in specs]
     try:
         assert [c.exec("hostname").text.strip() for c in clones] == ["clone0", "clone1"]

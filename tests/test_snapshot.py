@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -62,7 +63,7 @@ def test_a_truncated_template_is_rebuilt_and_restores(
     assert valid_snapshot(path) and path.stat().st_size > whole // 2
 
     backend = QemuBackend(image, "tcg", boot_mode="snapshot", cache=tmp_path)
-    backend._templates[(spec.mem_mib, spec.vcpus, spec.reclaim)] = template
+    backend._templates[(spec.mem_mib, spec.vcpus, spec.reclaim, spec.shared_ram)] = template
     clone = backend.boot(SandboxSpec(id="clone", workdir=tmp_path / "clone"), supervisor)
     try:
         assert clone.restored and clone.exec("hostname").text.strip() == "clone"
@@ -99,7 +100,7 @@ def test_a_clone_writing_64_mib_leaves_the_template_ram_file_unchanged(superviso
     (template,) = backend._templates.values()
     assert template.ram_file is not None and template.vmstate.stat().st_size < 1 << 20  # device state only
     before = (template.ram_file.stat().st_size, file_sha256(template.ram_file))
-    writer = SandboxSpec(id="writer", workdir=tmp_path, mem_mib=WRITER_MEM_MIB, reclaim=False)
+    writer = SandboxSpec(id="writer", workdir=tmp_path, mem_mib=WRITER_MEM_MIB, reclaim=False, shared_ram=True)
     clone = backend.boot(writer, supervisor)
     try:
         uss_before = process_memory(clone.pids()[0])["uss"]
@@ -117,7 +118,7 @@ def test_a_clone_writing_64_mib_leaves_the_template_ram_file_unchanged(superviso
 def test_a_template_whose_ram_file_changed_or_vanished_is_rebuilt(
     image: GuestImage, supervisor: Supervisor, tmp_path: Path
 ) -> None:
-    spec = SandboxSpec(id="t", workdir=tmp_path, reclaim=False)
+    spec = SandboxSpec(id="t", workdir=tmp_path, reclaim=False, shared_ram=True)
     path, ram = tmp_path / "snapshots" / "t.vmstate", tmp_path / "ram"
     ram.mkdir()
     first = make_template(path, image, "tcg", spec, ram_directory=ram)
@@ -136,8 +137,8 @@ def test_a_template_whose_ram_file_changed_or_vanished_is_rebuilt(
     assert valid_snapshot(path) and third.ram_file is not None and third.ram_file.exists()
 
     backend = QemuBackend(image, "tcg", boot_mode="snapshot", cache=tmp_path, memory_sharing="file")
-    backend._templates[(spec.mem_mib, spec.vcpus, spec.reclaim)] = third
-    clone = backend.boot(SandboxSpec(id="clone", workdir=tmp_path / "clone", reclaim=False), supervisor)
+    backend._templates[(spec.mem_mib, spec.vcpus, spec.reclaim, spec.shared_ram)] = third
+    clone = backend.boot(replace(spec, id="clone", workdir=tmp_path / "clone"), supervisor)
     try:
         assert clone.exec("hostname").text.strip() == "clone"
     finally:

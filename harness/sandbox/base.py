@@ -97,6 +97,9 @@ class SandboxSpec:
     reclaim: bool = True
     """Hand freed guest memory back to the host, where the backend can (ram-pressure turns it off to
     measure the difference)."""
+    shared_ram: bool = False
+    """Map the template's RAM from a file every clone of it shares copy-on-write, where the backend can
+    (--memory-sharing file); needs reclaim off."""
     user_home: Path | None = None
     """The home a careless user would expose (the isolation scenario's honeytoken home): a backend
     without isolation runs in it; an isolating one never sees it."""

@@ -72,11 +72,12 @@ class QemuBackend:
         self.memory_sharing = memory_sharing
         """How clones share host memory (MEMORY_SHARING); KSM itself is switched on by the run."""
         self.file_backed = "file" in memory_sharing and boot_mode == "snapshot"
-        """Templates keep their RAM in a file that every clone maps privately."""
+        """By default (Run's spec template), templates keep their RAM in a file every clone maps privately;
+        each spec says so itself (`shared_ram`), so one backend can boot both kinds side by side."""
         if self.file_backed:
             # Free page reporting would punch holes into the template's file (see snapshot.py).
             self.features = replace(FEATURES, reclaim=False)
-        self._templates: dict[tuple[int, int, bool], Snapshot] = {}
+        self._templates: dict[tuple[int, int, bool, bool], Snapshot] = {}
         self._template_lock = threading.Lock()
 
     def template_for(self, spec: SandboxSpec) -> Snapshot | None:
@@ -86,16 +87,16 @@ class QemuBackend:
         if self.boot_mode != "snapshot":
             return None
         assert self.cache is not None, "snapshot boots need a cache directory"
-        if self.file_backed and spec.reclaim:
+        if spec.shared_ram and spec.reclaim:
             raise ConfigError(
-                f"--memory-sharing {self.memory_sharing} keeps free page reporting off (a discard would punch "
-                "holes into the shared template file); use --memory-sharing off or ksm for reclaim"
+                "a shared template RAM file (--memory-sharing file) needs free page reporting off (a discard "
+                "would punch holes into it); use --memory-sharing off or ksm for reclaim"
             )
-        shape = (spec.mem_mib, spec.vcpus, spec.reclaim)
+        shape = (spec.mem_mib, spec.vcpus, spec.reclaim, spec.shared_ram)
         with self._template_lock:
             if shape not in self._templates:
-                path = snapshot_path(self.cache, self.image, self.accel, spec, qemu_version(), self.file_backed)
-                directory = ram_dir(self.cache) if self.file_backed else None
+                path = snapshot_path(self.cache, self.image, self.accel, spec, qemu_version(), spec.shared_ram)
+                directory = ram_dir(self.cache) if spec.shared_ram else None
                 self._templates[shape] = make_template(path, self.image, self.accel, spec, ram_directory=directory)
             return self._templates[shape]
 
@@ -164,9 +165,9 @@ class QemuBackend:
         }
 
 
-def _shape_label(shape: tuple[int, int, bool]) -> str:
-    mem, cpus, fpr = shape
-    return f"{mem}MiB/{cpus}cpu/fpr={'on' if fpr else 'off'}"
+def _shape_label(shape: tuple[int, int, bool, bool]) -> str:
+    mem, cpus, fpr, shared_ram = shape
+    return f"{mem}MiB/{cpus}cpu/fpr={'on' if fpr else 'off'}" + ("/ram-file" if shared_ram else "")
 
 
 def check_argument(argument: str | None) -> None:
@@ -192,6 +193,7 @@ def create_backend(options: BackendOptions) -> QemuBackend:
             mem_mib=options.mem_mib,
             vcpus=options.vcpus,
             reclaim=backend.features.reclaim,
+            shared_ram=backend.file_backed,
         )
     )
     return backend
