@@ -112,8 +112,8 @@ def bench(configured: Mapping[str, Any], flags: Mapping[str, Any]) -> Path:
             f"success rate {summary['success_rate']:.0%} ({summary['failures']} failed of {summary['boots']}); "
             f"MemAvailable Δ per idle sandbox {mib(summary['mem_available_delta_bytes_per_sandbox'])}"
             + (
-                f"; shared template RAM resident {mib(summary['shared_file_resident_bytes'])}, host memory per "
-                f"sandbox with it {mib(summary['host_bytes_per_sandbox'])}"
+                f"; shared template RAM resident {mib(summary['shared_file_resident_bytes'])}; host memory per "
+                f"sandbox (USS + template ÷ N) {mib(summary['host_bytes_per_sandbox'])}"
                 if summary.get("shared_file_resident_bytes") is not None
                 else ""
             )

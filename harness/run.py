@@ -182,6 +182,8 @@ def summarize_run(sandboxes: list[SandboxRecord], rounds: list[dict[str, Any]]) 
     shared = [r["shared_file_resident_bytes"] for r in rounds if r["measured"] and "shared_file_resident_bytes" in r]
     delta = int(sum(deltas) / len(deltas)) if deltas else None
     shared_bytes = int(sum(shared) / len(shared)) if shared else None
+    uss = [s.host_uss_bytes for s in ok if s.host_uss_bytes is not None]
+    uss_p50 = summarize(uss)["p50"] if uss else None
     phase_names = sorted({name for s in ok for name in s.phases_ms})
     return {
         "boot_ms": summarize([s.boot_ms for s in ok if s.boot_ms is not None]),
@@ -192,19 +194,21 @@ def summarize_run(sandboxes: list[SandboxRecord], rounds: list[dict[str, Any]]) 
         "mem_available_delta_bytes_per_sandbox": delta,
         "pss_bytes_per_sandbox_p50": summarize(pss)["p50"] if pss else None,
         "pss_bytes_per_sandbox": summarize(pss),
-        "uss_bytes_per_sandbox": summarize([s.host_uss_bytes for s in ok if s.host_uss_bytes is not None]),
+        "uss_bytes_per_sandbox": summarize(uss),
         "rss_bytes_per_sandbox": summarize([s.host_rss_bytes for s in ok if s.host_rss_bytes]),
         "shared_file_resident_bytes": shared_bytes,
-        "host_bytes_per_sandbox": _with_shared(delta, shared_bytes, rounds),
+        "mem_available_delta_with_shared_bytes_per_sandbox": _with_shared(delta, shared_bytes, rounds),
+        "host_bytes_per_sandbox": _with_shared(uss_p50, shared_bytes, rounds),
     }
 
 
-def _with_shared(delta: int | None, shared: int | None, rounds: list[dict[str, Any]]) -> int | None:
-    """What one sandbox costs the host, the figure a density projection uses: its MemAvailable Δ plus its
-    share of the files all sandboxes of a round map (resident before the round, so in no Δ)."""
-    if delta is None:
+def _with_shared(own: int | None, shared: int | None, rounds: list[dict[str, Any]]) -> int | None:
+    """A sandbox's own cost plus its share (÷ N) of the files all sandboxes of a round map, which are in no
+    USS and, resident before the round, in no MemAvailable Δ. With USS as `own` this is the density
+    projection's figure: MemAvailable moves by more than a clone costs on a busy host."""
+    if own is None:
         return None
     sizes = [r["ok"] for r in rounds if r["measured"] and r.get("ok")]
     if not shared or not sizes:
-        return delta
-    return delta + shared // round(sum(sizes) / len(sizes))
+        return own
+    return own + shared // round(sum(sizes) / len(sizes))

@@ -111,12 +111,18 @@ def _side_by_side(data: dict[str, Any]) -> tuple[str, list[str], list[list[Any]]
         [
             "MemAvailable Δ per sandbox (mean of rounds)",
             mib(summary.get("mem_available_delta_bytes_per_sandbox")),
-            "the marginal cost of one more sandbox",
+            "the marginal cost of one more sandbox, as the host saw it; moves with everything else on the host",
         ],
         [
-            "host memory per sandbox: Δ + resident template ÷ N (used for density)",
+            "MemAvailable Δ + resident template ÷ N",
+            mib(summary.get("mem_available_delta_with_shared_bytes_per_sandbox")),
+            "the same with the shared file counted once",
+        ],
+        [
+            "host memory per sandbox: USS p50 + resident template ÷ N (used for density)",
             mib(summary.get("host_bytes_per_sandbox")),
-            "the density projection's figure: nothing shared is left out, nothing counted twice",
+            "the density projection's figure: its own pages and its share of the template file, unmoved by "
+            "the rest of the host (QEMU's shared libraries, a few MiB for all, are left out)",
         ],
     ]
     sharing = config.get("memory_sharing", "off")
