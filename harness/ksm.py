@@ -26,8 +26,12 @@ KSM_DIR = Path("/sys/kernel/mm/ksm")
 SETTLE_SCANS = 2
 """Full scans to wait for: a page is merged on the scan after the one that saw it unchanged."""
 
-SETTLE_MAX_S = 60.0
-"""Longest wait for those scans (ksmd's default pace is about 20 MiB/s of guest RAM)."""
+SETTLE_MAX_S = 120.0
+"""Longest wait for those scans."""
+
+PAGES_TO_SCAN = 1000
+"""ksmd's pages per 20 ms wake-up while a run has it on (the kernel's default, 100, is ~20 MiB/s: two full
+scans of eight idle guests took over a minute); put back with `run`."""
 
 SETTLE_POLL_S = 0.5
 
@@ -50,9 +54,10 @@ def ksm_switched_on(wanted: bool) -> Iterator[dict[str, Any] | None]:
     if not wanted:
         yield None
         return
-    control = KSM_DIR / "run"
+    control, pace = KSM_DIR / "run", KSM_DIR / "pages_to_scan"
     try:
-        before = control.read_text().strip()
+        before, pace_before = control.read_text().strip(), pace.read_text().strip()
+        pace.write_text(str(PAGES_TO_SCAN))
         control.write_text("1")
     except OSError as exc:
         raise EnvironmentMissing(
@@ -60,12 +65,14 @@ def ksm_switched_on(wanted: bool) -> Iterator[dict[str, Any] | None]:
             "CONFIG_KSM, or use --memory-sharing off or file"
         ) from None
     record = pid_records_dir() / RECORD_NAME
-    record.write_text(json.dumps({"run": before, "pid": os.getpid(), "create_time": process_create_time(os.getpid())}))
-    info: dict[str, Any] = {"run_before": before, "at_start": ksm_stats()}
+    owner = {"pid": os.getpid(), "create_time": process_create_time(os.getpid())}
+    record.write_text(json.dumps({"run": before, "pages_to_scan": pace_before, **owner}))
+    info: dict[str, Any] = {"run_before": before, "pages_to_scan": PAGES_TO_SCAN, "at_start": ksm_stats()}
     try:
         yield info
     finally:
         control.write_text(before)
+        pace.write_text(pace_before)
         record.unlink(missing_ok=True)
 
 
@@ -88,5 +95,6 @@ def sweep_ksm() -> list[str]:
     if process_create_time(record["pid"]) == record["create_time"]:
         return []  # its run still goes, and will put it back
     (KSM_DIR / "run").write_text(record["run"])
+    (KSM_DIR / "pages_to_scan").write_text(record["pages_to_scan"])
     record_path.unlink(missing_ok=True)
     return [f"put KSM back to run={record['run']}"]

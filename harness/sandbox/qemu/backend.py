@@ -9,9 +9,10 @@ from pathlib import Path
 
 from harness.errors import ConfigError
 from harness.image import GuestImage, build_image
+from harness.paths import cache_dir
 from harness.sandbox.base import BOOT_MODES, MEMORY_SHARING, BackendOptions, BootFailed, Features, SandboxSpec
 from harness.sandbox.qemu.accel import decide_accel
-from harness.sandbox.qemu.ramfile import on_tmpfs, ram_dir
+from harness.sandbox.qemu.ramfile import on_tmpfs, ram_dir, sweep_staging
 from harness.sandbox.qemu.snapshot import make_template, snapshot_path
 from harness.sandbox.qemu.vm import (
     KERNEL_CMDLINE,
@@ -168,6 +169,11 @@ class QemuBackend:
 def _shape_label(shape: tuple[int, int, bool, bool]) -> str:
     mem, cpus, fpr, shared_ram = shape
     return f"{mem}MiB/{cpus}cpu/fpr={'on' if fpr else 'off'}" + ("/ram-file" if shared_ram else "")
+
+
+def sweep_leftovers() -> list[str]:
+    """For `invoke clean`: template RAM files that a killed template build left on tmpfs."""
+    return sweep_staging(ram_dir(cache_dir()))
 
 
 def check_argument(argument: str | None) -> None:

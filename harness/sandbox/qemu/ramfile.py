@@ -78,3 +78,15 @@ def publish(staging: Path) -> tuple[Path, str]:
 def file_sha256(path: Path) -> str:
     with path.open("rb") as ram:
         return hashlib.file_digest(ram, "sha256").hexdigest()
+
+
+def sweep_staging(directory: Path) -> list[str]:
+    """Remove the staging and partial files of template builds whose process is gone (a SIGKILLed run):
+    tmpfs holds them in memory until someone does. A live builder's files are kept."""
+    removed = []
+    for leftover in [*directory.glob("staging.*.ram"), *directory.glob("*.partial")]:
+        pid = leftover.name.split(".")[1]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            leftover.unlink(missing_ok=True)
+            removed.append(f"removed a killed template build's RAM file {leftover}")
+    return removed
