@@ -22,7 +22,13 @@ from harness.gateway.process import GatewayConfig
 from harness.ksm import settle as ksm_settle
 from harness.load.bench import ProxyBenchConfig, load_partial, run_proxy_bench
 from harness.load.guest import sample_in_guest
-from harness.metrics.memory import MemorySampler, file_resident_bytes, mem_available_bytes, process_memory
+from harness.metrics.memory import (
+    MemorySampler,
+    file_resident_bytes,
+    mapped_pss_bytes,
+    mem_available_bytes,
+    process_memory,
+)
 from harness.multirun import Comparison, open_comparison
 from harness.results import BOOT_SAMPLES_FILE, MEMORY_SAMPLES_FILE
 from harness.run import Run, open_run
@@ -150,9 +156,9 @@ def run_round(
         )
         # Files every sandbox maps (a template's RAM): resident before the round began, so in no Δ, and
         # only a share of them in each PSS.
-        shared = [file_resident_bytes(Path(path)) for path in run.data["backend"].get("shared_files") or []]
-        if shared:
-            round_info["shared_file_resident_bytes"] = sum(size or 0 for size in shared)
+        shared_files = run.data["backend"].get("shared_files") or []
+        if shared_files:
+            round_info["shared_file_resident_bytes"] = sum(file_resident_bytes(Path(p)) or 0 for p in shared_files)
         for record in ok:
             pids = fleet.live[record.id].pids()
             if not pids:
@@ -166,6 +172,7 @@ def run_round(
                 totals["pss"],
                 totals["uss"],
             )
+            record.host_shared_pss_bytes = sum(mapped_pss_bytes(pid, shared_files) for pid in pids)
         if while_live:
             while_live(ok)
     run.data["leftover_vmm_pids"] += fleet.stop_all()

@@ -113,7 +113,7 @@ def bench(configured: Mapping[str, Any], flags: Mapping[str, Any]) -> Path:
             f"MemAvailable Δ per idle sandbox {mib(summary['mem_available_delta_bytes_per_sandbox'])}"
             + (
                 f"; shared template RAM resident {mib(summary['shared_file_resident_bytes'])}; host memory per "
-                f"sandbox (USS + template ÷ N) {mib(summary['host_bytes_per_sandbox'])}"
+                f"sandbox (PSS without the template + template ÷ N) {mib(summary['host_bytes_per_sandbox'])}"
                 if summary.get("shared_file_resident_bytes") is not None
                 else ""
             )

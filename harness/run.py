@@ -183,7 +183,8 @@ def summarize_run(sandboxes: list[SandboxRecord], rounds: list[dict[str, Any]]) 
     delta = int(sum(deltas) / len(deltas)) if deltas else None
     shared_bytes = int(sum(shared) / len(shared)) if shared else None
     uss = [s.host_uss_bytes for s in ok if s.host_uss_bytes is not None]
-    uss_p50 = summarize(uss)["p50"] if uss else None
+    own = [s.host_pss_bytes - (s.host_shared_pss_bytes or 0) for s in ok if s.host_pss_bytes is not None]
+    own_p50 = summarize(own)["p50"] if own else None
     phase_names = sorted({name for s in ok for name in s.phases_ms})
     return {
         "boot_ms": summarize([s.boot_ms for s in ok if s.boot_ms is not None]),
@@ -198,14 +199,15 @@ def summarize_run(sandboxes: list[SandboxRecord], rounds: list[dict[str, Any]]) 
         "rss_bytes_per_sandbox": summarize([s.host_rss_bytes for s in ok if s.host_rss_bytes]),
         "shared_file_resident_bytes": shared_bytes,
         "mem_available_delta_with_shared_bytes_per_sandbox": _with_shared(delta, shared_bytes, rounds),
-        "host_bytes_per_sandbox": _with_shared(uss_p50, shared_bytes, rounds),
+        "host_bytes_per_sandbox": _with_shared(own_p50, shared_bytes, rounds),
     }
 
 
 def _with_shared(own: int | None, shared: int | None, rounds: list[dict[str, Any]]) -> int | None:
-    """A sandbox's own cost plus its share (÷ N) of the files all sandboxes of a round map, which are in no
-    USS and, resident before the round, in no MemAvailable Δ. With USS as `own` this is the density
-    projection's figure: MemAvailable moves by more than a clone costs on a busy host."""
+    """A sandbox's own cost plus an even share (÷ N) of the files all sandboxes of a round map, resident before
+    the round and so in no MemAvailable Δ. With `own` its PSS less its PSS of those files, this is the
+    density projection's figure: every page once (PSS splits what clones share, KSM's merges included; the
+    template counts whole, mapped or not), and unmoved by the rest of a busy host, unlike MemAvailable."""
     if own is None:
         return None
     sizes = [r["ok"] for r in rounds if r["measured"] and r.get("ok")]

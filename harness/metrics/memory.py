@@ -8,7 +8,7 @@ import mmap
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 
 import psutil
@@ -24,6 +24,17 @@ def process_memory(pid: int) -> dict[str, int]:
     """RSS, PSS and USS in bytes of one process (PSS/USS from smaps, as Firecracker's tests do)."""
     info = psutil.Process(pid).memory_full_info()
     return {"rss": info.rss, "pss": info.pss, "uss": info.uss}
+
+
+def mapped_pss_bytes(pid: int, paths: Collection[str]) -> int:
+    """The PSS of process `pid`'s mappings of the files at `paths` (a template's RAM): its share of them,
+    which the figure "PSS - this + the files' resident pages / N" replaces by an even share of the whole
+    file, so that each page is counted once, mapped or not."""
+    if not paths:
+        return 0
+    # A private mapping's copied-on-write pages are anonymous pages of the same region: its own, not the file's.
+    regions = [region for region in psutil.Process(pid).memory_maps() if region.path in paths]
+    return sum(max(region.pss - region.anonymous, 0) for region in regions)
 
 
 def mem_available_bytes() -> int:

@@ -279,6 +279,8 @@ class SandboxRecord:
     """Host PSS of its processes with the round idle: its fair share of shared pages."""
     host_uss_bytes: int | None = None
     """Host USS of its processes with the round idle: what stopping it would free."""
+    host_shared_pss_bytes: int | None = None
+    """The part of its PSS that is its share of files every sandbox maps (a template's RAM); 0 where none."""
     guest_mem_total_bytes: int | None = None
     """MemTotal inside, where the backend reports guest memory."""
     guest_mem_free_bytes: int | None = None

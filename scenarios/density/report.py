@@ -26,10 +26,11 @@ def section(data: dict[str, Any], run_dir: Path) -> Section | None:
         f"N={d['sandboxes']} clones per arm, guest RAM {d['guest_mem_mib']} MiB, accel {data.get('accel')}, "
         f"measured {d['settle_s']:g} s after each step: idle; files ({work['files_mib']} MiB of random files in "
         f"/tmp); burst ({work['burst_mib']} MiB allocated, touched, freed); hold ({work['hold_mib']} MiB kept). "
-        "Arms ran one after another. Host memory per clone = USS + the shared template RAM file's resident "
-        "pages ÷ N: the figure the projection uses (each page once; PSS splits shared pages, USS alone leaves "
-        "the template out). MemAvailable's fall since the arm began, plus the template pages resident then, "
-        "÷ N is beside it as a check: it also moves with everything else on the host."
+        "Arms ran one after another. Host memory per clone = PSS less its share of the template RAM file, plus "
+        "the file's resident pages ÷ N: the figure the projection uses (every page once, the template whole, "
+        "mapped or not; USS alone leaves shared pages out, RSS counts them N times). MemAvailable's fall since "
+        "the arm began, plus the template pages resident then, ÷ N is beside it as a check: it also moves with "
+        "everything else on the host."
     )
     panels: list[tuple[str, dict[str, tuple[list[float], list[float]]]]] = [
         ("host MiB per clone", {}),
@@ -66,7 +67,7 @@ def section(data: dict[str, Any], run_dir: Path) -> Section | None:
             [
                 "arm",
                 "step",
-                "host / clone (USS + template ÷ N)",
+                "host / clone (PSS - template share + template ÷ N)",
                 "MemAvailable Δ (+ template) / clone",
                 "PSS",
                 "USS",

@@ -10,9 +10,10 @@ Arms (one after another, never at once, each torn down before the next):
   off       - each clone holds its own copy of the template's RAM; free page reporting on (today's default);
   file      - the template's RAM is a file every clone maps privately; free page reporting off;
   ksm / file+ksm - the same with Linux KSM on for the arm (restored after; waits for two full scans).
-The host cost per clone (the projection's figure) is its USS plus the shared template RAM file's resident
-pages over N: each page once. MemAvailable's fall since the arm began (plus the template pages already
-resident then) is recorded beside it, as the check that moves with the rest of the host.
+The host cost per clone (the projection's figure) is its PSS less its share of the template RAM file, plus
+the file's resident pages over N: each page once, the template whole, mapped or not. MemAvailable's fall
+since the arm began (plus the template pages already resident then) is recorded beside it, as the check
+that moves with the rest of the host.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from harness.config import RunConfig
 from harness.errors import ConfigError
 from harness.ksm import ksm_switched_on
 from harness.ksm import settle as ksm_settle
-from harness.metrics.memory import file_resident_bytes, mem_available_bytes, process_memory
+from harness.metrics.memory import file_resident_bytes, mapped_pss_bytes, mem_available_bytes, process_memory
 from harness.sandbox import BootFailed, Sandbox, backend_features
 from harness.scenario.base import Needs
 
@@ -171,11 +172,13 @@ class Density:
     ) -> dict[str, Any]:
         ksm = ksm_settle() if ksm_on else None
         available = mem_available_bytes()
-        pss, uss = [], []
+        pss, uss, shared_pss = [], [], []
+        files = ctx.backend.describe().get("shared_files") or []
         for pids in fleet.pids().values():
             memory = [process_memory(pid) for pid in pids]
             pss.append(sum(m["pss"] for m in memory))
             uss.append(sum(m["uss"] for m in memory))
+            shared_pss.append(sum(mapped_pss_bytes(pid, files) for pid in pids))
         n = len(pss)
         shared_now = _shared_resident(ctx)
         return {
@@ -188,9 +191,9 @@ class Density:
             "shared_resident_bytes": shared_now,
             # Shared pages resident before the arm began are in no Δ: count them, once, over N.
             "mem_available_with_shared_bytes_per_sandbox": (baseline - available + shared_before) // max(n, 1),
-            # The projection's figure: each clone's own pages, and the template file once over N. MemAvailable
-            # moves by more than a clone costs on a busy host.
-            "host_bytes_per_sandbox": (sum(uss) + shared_now) // max(n, 1),
+            # The projection's figure: every page once (PSS without the clone's share of the template, and the
+            # template whole over N). MemAvailable moves by more than a clone costs on a busy host.
+            "host_bytes_per_sandbox": (sum(pss) - sum(shared_pss) + shared_now) // max(n, 1),
             "ksm": ksm,
         }
 

@@ -119,10 +119,10 @@ def _side_by_side(data: dict[str, Any]) -> tuple[str, list[str], list[list[Any]]
             "the same with the shared file counted once",
         ],
         [
-            "host memory per sandbox: USS p50 + resident template ÷ N (used for density)",
+            "host memory per sandbox: PSS without the template + resident template ÷ N (used for density)",
             mib(summary.get("host_bytes_per_sandbox")),
-            "the density projection's figure: its own pages and its share of the template file, unmoved by "
-            "the rest of the host (QEMU's shared libraries, a few MiB for all, are left out)",
+            "the density projection's figure: every page once (the template whole, mapped or not), unmoved by "
+            "the rest of the host",
         ],
     ]
     sharing = config.get("memory_sharing", "off")
