@@ -94,6 +94,9 @@ QMP_SOCKET_NAME = "qmp.sock"
 """A clone's QMP socket, in a short scratch directory (a run directory's path can pass the 108-byte
 limit of a unix socket's name)."""
 
+QMP_SOCKET_POLL_S = 0.005
+"""Pause between looks for a clone's QMP socket while QEMU starts."""
+
 MIGRATION_DONE = ("completed", "failed", "cancelled")
 """Final states of QEMU's MIGRATION event."""
 
@@ -411,6 +414,12 @@ class Microvm:
         if self.ram_file is not None:
             # The template's RAM blocks were share=on and left out of the vmstate; the clone maps the file.
             capabilities.append({"capability": "x-ignore-shared", "state": True})
+        while not self.qmp_socket.exists():  # a QEMU that dies on start must not be waited for until the deadline
+            if self.proc is not None and self.proc.poll() is not None:
+                raise self._failure(f"qemu exited with status {self.proc.returncode} before its QMP socket")
+            if time.monotonic() > deadline:
+                raise self._failure(f"QEMU set up no QMP socket within {self.spec.boot_timeout_s:g} s")
+            time.sleep(QMP_SOCKET_POLL_S)
         try:
             with Qmp(self.qmp_socket, timeout_s=max(deadline - time.monotonic(), 0.1)) as qmp:
                 self._mark("qmp")
