@@ -414,6 +414,8 @@ class Microvm:
         if self.ram_file is not None:
             # The template's RAM blocks were share=on and left out of the vmstate; the clone maps the file.
             capabilities.append({"capability": "x-ignore-shared", "state": True})
+        if not self.restore_from.vmstate.exists():  # QEMU 7.2 would wait on an empty stream until the deadline
+            raise self._failure(f"the template snapshot {self.restore_from.vmstate} is gone")
         while not self.qmp_socket.exists():  # a QEMU that dies on start must not be waited for until the deadline
             if self.proc is not None and self.proc.poll() is not None:
                 raise self._failure(f"qemu exited with status {self.proc.returncode} before its QMP socket")
