@@ -125,6 +125,18 @@ def _side_by_side(data: dict[str, Any]) -> tuple[str, list[str], list[list[Any]]
             "the rest of the host",
         ],
     ]
+    merged = [r["ksm"] for r in data.get("rounds", []) if r.get("measured") and r.get("ksm")]
+    if merged:
+        last = merged[-1]
+        rows.append(
+            [
+                "KSM, last measured round",
+                f"{last.get('pages_sharing', 0) * 4096 / MIB:.1f} MiB saved",
+                f"pages_sharing {last.get('pages_sharing')} onto pages_shared {last.get('pages_shared')} (4 KiB "
+                f"pages), read after {last.get('full_scans')} full scans in all, {last.get('waited_s')} s of waiting; "
+                "PSS already splits the merged pages",
+            ]
+        )
     sharing = config.get("memory_sharing", "off")
     return (f"Per idle sandbox, memory sharing {sharing}, N={config.get('sandboxes', '—')}", ["", "", ""], rows)
 
