@@ -19,9 +19,16 @@ from harness.fleet import Fleet, boot_into, open_fleet
 from harness.gateway.audit import summarise as summarise_audit
 from harness.gateway.policy import PolicyError, load_policy
 from harness.gateway.process import GatewayConfig
+from harness.ksm import settle as ksm_settle
 from harness.load.bench import ProxyBenchConfig, load_partial, run_proxy_bench
 from harness.load.guest import sample_in_guest
-from harness.metrics.memory import MemorySampler, mem_available_bytes, process_memory
+from harness.metrics.memory import (
+    MemorySampler,
+    file_resident_bytes,
+    mapped_pss_bytes,
+    mem_available_bytes,
+    process_memory,
+)
 from harness.multirun import Comparison, open_comparison
 from harness.results import BOOT_SAMPLES_FILE, MEMORY_SAMPLES_FILE
 from harness.run import Run, open_run
@@ -139,12 +146,19 @@ def run_round(
     }
     if ok:
         time.sleep(config.idle_settle_s)
+        if run.data.get("ksm"):
+            round_info["ksm"] = ksm_settle()  # KSM merges nothing until ksmd has seen a page twice
         mem_idle = mem_available_bytes()
         round_info.update(
             mem_available_before_bytes=mem_before,
             mem_available_idle_bytes=mem_idle,
             mem_available_delta_bytes_per_sandbox=(mem_before - mem_idle) // len(ok),
         )
+        # Files every sandbox maps (a template's RAM): resident before the round began, so in no Δ, and
+        # only a share of them in each PSS.
+        shared_files = run.data["backend"].get("shared_files") or []
+        if shared_files:
+            round_info["shared_file_resident_bytes"] = sum(file_resident_bytes(Path(p)) or 0 for p in shared_files)
         for record in ok:
             pids = fleet.live[record.id].pids()
             if not pids:
@@ -158,6 +172,7 @@ def run_round(
                 totals["pss"],
                 totals["uss"],
             )
+            record.host_shared_pss_bytes = sum(mapped_pss_bytes(pid, shared_files) for pid in pids)
         if while_live:
             while_live(ok)
     run.data["leftover_vmm_pids"] += fleet.stop_all()

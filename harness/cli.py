@@ -111,6 +111,12 @@ def bench(configured: Mapping[str, Any], flags: Mapping[str, Any]) -> Path:
         console.print(
             f"success rate {summary['success_rate']:.0%} ({summary['failures']} failed of {summary['boots']}); "
             f"MemAvailable Δ per idle sandbox {mib(summary['mem_available_delta_bytes_per_sandbox'])}"
+            + (
+                f"; shared template RAM resident {mib(summary['shared_file_resident_bytes'])}; host memory per "
+                f"sandbox (PSS without the template + template ÷ N) {mib(summary['host_bytes_per_sandbox'])}"
+                if summary.get("shared_file_resident_bytes") is not None
+                else ""
+            )
         )
     if proxy:
         console.print(proxy_table(proxy))
@@ -127,7 +133,8 @@ def boot_table(run: Run, config: BenchConfig) -> Table:
     summary = run.data["summary"]
     table = Table(
         title=f"blastradius bench — {run.data['backend']['name']} under {run.data['accel']}, "
-        f"N={config.sandboxes}, rounds={config.repeat}, warm-ups={config.warmup}"
+        f"N={config.sandboxes}, rounds={config.repeat}, warm-ups={config.warmup}, "
+        f"memory sharing {config.memory_sharing}"
     )
     for column in ("metric", "p50", "p95", "p99", "min", "max", "stdev"):
         table.add_column(column)
@@ -135,8 +142,10 @@ def boot_table(run: Run, config: BenchConfig) -> Table:
     table.add_row("boot to agent-ready", *(ms(boot[k]) for k in ("p50", "p95", "p99", "min", "max", "stdev")))
     for phase, stats in summary["phases_ms"].items():
         table.add_row(f"  phase {phase}", *(ms(stats[k]) for k in ("p50", "p95", "p99", "min", "max", "stdev")))
-    pss = summary["pss_bytes_per_sandbox"]
-    table.add_row("host PSS / sandbox", *(mib(pss[k]) for k in ("p50", "p95", "p99", "min", "max", "stdev")))
+    memory = {"host PSS / sandbox": "pss_bytes_per_sandbox", "host USS / sandbox": "uss_bytes_per_sandbox"}
+    for label, key in memory.items():
+        stats = summary.get(key) or {}
+        table.add_row(label, *(mib(stats.get(k)) for k in ("p50", "p95", "p99", "min", "max", "stdev")))
     return table
 
 
@@ -186,11 +195,12 @@ def proxy_table(proxy: dict[str, Any]) -> Table:
 
 
 def clean() -> list[str]:
+    from harness.ksm import sweep_ksm
     from harness.sandbox import sweep_backend_leftovers
     from harness.scenario.runner import sweep_leftovers
 
     # Processes first: a gVisor container's record can only go once its runsc processes are gone.
-    removed = reap_leftovers() + sweep_backend_leftovers() + sweep_scratch_dirs() + sweep_leftovers()
+    removed = reap_leftovers() + sweep_backend_leftovers() + sweep_scratch_dirs() + sweep_leftovers() + sweep_ksm()
     for line in removed:
         # Plain text: a process named locust-master:squid:paced must not turn into an emoji.
         console.print(line, markup=False, emoji=False, highlight=False)

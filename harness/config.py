@@ -41,6 +41,7 @@ RUN_FLAGS: dict[str, str] = {
     "mem_mib": "mem_mib",
     "boot_timeout": "boot_timeout_s",
     "boot_mode": "boot_mode",
+    "memory_sharing": "memory_sharing",
 }
 """The flags every run has (the bench and each scenario) -> RunConfig fields."""
 
@@ -169,6 +170,9 @@ class RunConfig:
     """Seconds before a sandbox that is not ready counts as a failed boot."""
     boot_mode: str = "snapshot"
     """snapshot (restore each sandbox from a booted template) or cold (boot its kernel every time)."""
+    memory_sharing: Literal["off", "file", "ksm", "file+ksm"] = "off"
+    """off (each clone holds its own copy of the template's RAM), file (the template's RAM is a file every
+    clone maps privately), ksm (Linux KSM on while the run lasts), or file+ksm."""
 
     def validate(self) -> None:
         # Imported here, not at the top: tasks.py imports this module for the config keys on every
@@ -190,6 +194,11 @@ class RunConfig:
             floor = backend_features(name).min_mem_mib
             if floor is not None and self.mem_mib < floor:
                 raise ConfigError(f"--mem-mib must be at least {floor} for the {name} backend, not {self.mem_mib}")
+            if self.memory_sharing not in backend_features(name).memory_sharing:
+                raise ConfigError(
+                    f"--memory-sharing {self.memory_sharing}: the {name} backend shares no memory that way; "
+                    f"use one of {', '.join(backend_features(name).memory_sharing)}"
+                )
         if self.accel not in ACCELS:
             raise ConfigError(f"--accel must be one of {', '.join(ACCELS)}, not {self.accel!r}")
         if self.boot_mode not in BOOT_MODES:

@@ -25,9 +25,9 @@ BOOT_SAMPLES_FILE = "boot-samples.jsonl"
 
 REQUIRED_TOP = ("schema", "run_id", "created", "partial", "host", "backend", "accel", "config", "sandboxes", "summary")
 REQUIRED_HOST = ("cpu_model", "cores", "memory_bytes", "kernel", "python")
-OPTIONAL_SANDBOX = ("marks_ms", "provision_ms", "guest_mem_free_bytes")
-"""Fields of SandboxRecord that every entry written now has but a v1 reader must not require: provision_ms
-came later within v1, and readers treat the other two as optional (read with .get)."""
+OPTIONAL_SANDBOX = ("marks_ms", "provision_ms", "guest_mem_free_bytes", "host_shared_pss_bytes")
+"""Fields of SandboxRecord that every entry written now has but a v1 reader must not require: provision_ms and
+host_shared_pss_bytes came later within v1, and readers treat the others as optional (read with .get)."""
 REQUIRED_SANDBOX = tuple(f.name for f in fields(SandboxRecord) if f.name not in OPTIONAL_SANDBOX)
 REQUIRED_SUMMARY = ("boot_ms", "success_rate", "mem_available_delta_bytes_per_sandbox", "pss_bytes_per_sandbox_p50")
 PERCENTILE_KEYS = ("p50", "p95", "p99", "min", "max", "mean")

@@ -21,6 +21,7 @@ from typing import Any
 
 from harness.config import RUN_MARKER, RunConfig
 from harness.errors import ConfigError
+from harness.ksm import ksm_switched_on
 from harness.metrics.stats import summarize
 from harness.paths import cache_dir
 from harness.report import render_report
@@ -59,12 +60,23 @@ class Run:
         stage(f"preparing backend {config.backend} (image, accelerator)")
         self.backend = create_backend(
             config.backend,
-            BackendOptions(cache=cache_dir(), accel=config.accel, mem_mib=config.mem_mib, boot_mode=config.boot_mode),
+            BackendOptions(
+                cache=cache_dir(),
+                accel=config.accel,
+                mem_mib=config.mem_mib,
+                boot_mode=config.boot_mode,
+                memory_sharing=config.memory_sharing,
+            ),
         )
         self.data["backend"] = describe_backend(self.backend)
         self.data["accel"] = self.backend.accel
         self.template = SandboxSpec(
-            id="", workdir=self.run_dir, mem_mib=config.mem_mib, boot_timeout_s=config.boot_timeout_s
+            id="",
+            workdir=self.run_dir,
+            mem_mib=config.mem_mib,
+            boot_timeout_s=config.boot_timeout_s,
+            reclaim=self.backend.features.reclaim,  # off where sharing a template's RAM file forbids discards
+            shared_ram="file" in config.memory_sharing and self.backend.features.snapshot,
         )
         self.save()
         return self.backend
@@ -138,7 +150,8 @@ def open_run(
     )
     run.save()
     try:
-        with signals_raise():
+        with signals_raise(), ksm_switched_on("ksm" in config.memory_sharing) as ksm:
+            run.data["ksm"] = ksm
             yield run
             run.data["partial"] = False
     except (KeyboardInterrupt, Interrupted, Exception) as exc:
@@ -166,6 +179,12 @@ def summarize_run(sandboxes: list[SandboxRecord], rounds: list[dict[str, Any]]) 
         if r["measured"] and "mem_available_delta_bytes_per_sandbox" in r
     ]
     pss = [s.host_pss_bytes for s in ok if s.host_pss_bytes is not None]
+    shared = [r["shared_file_resident_bytes"] for r in rounds if r["measured"] and "shared_file_resident_bytes" in r]
+    delta = int(sum(deltas) / len(deltas)) if deltas else None
+    shared_bytes = int(sum(shared) / len(shared)) if shared else None
+    uss = [s.host_uss_bytes for s in ok if s.host_uss_bytes is not None]
+    own = [s.host_pss_bytes - (s.host_shared_pss_bytes or 0) for s in ok if s.host_pss_bytes is not None]
+    own_p50 = summarize(own)["p50"] if own else None
     phase_names = sorted({name for s in ok for name in s.phases_ms})
     return {
         "boot_ms": summarize([s.boot_ms for s in ok if s.boot_ms is not None]),
@@ -173,8 +192,25 @@ def summarize_run(sandboxes: list[SandboxRecord], rounds: list[dict[str, Any]]) 
         "success_rate": round(len(ok) / len(sandboxes), 4) if sandboxes else None,
         "boots": len(sandboxes),
         "failures": len(sandboxes) - len(ok),
-        "mem_available_delta_bytes_per_sandbox": int(sum(deltas) / len(deltas)) if deltas else None,
+        "mem_available_delta_bytes_per_sandbox": delta,
         "pss_bytes_per_sandbox_p50": summarize(pss)["p50"] if pss else None,
         "pss_bytes_per_sandbox": summarize(pss),
+        "uss_bytes_per_sandbox": summarize(uss),
         "rss_bytes_per_sandbox": summarize([s.host_rss_bytes for s in ok if s.host_rss_bytes]),
+        "shared_file_resident_bytes": shared_bytes,
+        "mem_available_delta_with_shared_bytes_per_sandbox": _with_shared(delta, shared_bytes, rounds),
+        "host_bytes_per_sandbox": _with_shared(own_p50, shared_bytes, rounds),
     }
+
+
+def _with_shared(own: int | None, shared: int | None, rounds: list[dict[str, Any]]) -> int | None:
+    """A sandbox's own cost plus an even share (÷ N) of the files all sandboxes of a round map, resident before
+    the round and so in no MemAvailable Δ. With `own` its PSS less its PSS of those files, this is the
+    density projection's figure: every page once (PSS splits what clones share, KSM's merges included; the
+    template counts whole, mapped or not), and unmoved by the rest of a busy host, unlike MemAvailable."""
+    if own is None:
+        return None
+    sizes = [r["ok"] for r in rounds if r["measured"] and r.get("ok")]
+    if not shared or not sizes:
+        return own
+    return own + shared // round(sum(sizes) / len(sizes))

@@ -32,6 +32,8 @@ def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
         (["--mem-mib", "32"], "--mem-mib must be at least 96"),
         (["--boot-mode", "warm"], "--boot-mode must be one of snapshot, cold, not 'warm'"),
         (["--boot-timeout", "soon"], "--boot-timeout: expected a number, got 'soon'"),
+        (["--memory-sharing", "shared"], "--memory-sharing must be one of off, file, ksm, file+ksm, not 'shared'"),
+        (["--backend", "bwrap", "--memory-sharing", "file"], "the bwrap backend shares no memory that way"),
     ],
 )
 def test_bad_flags(tmp_path: Path, args: list[str], message: str) -> None:
@@ -86,6 +88,7 @@ def test_policy_that_does_not_parse(tmp_path: Path, task: str) -> None:
         (["isolation", "--boot-mode", "snapshto"], "--boot-mode must be one of snapshot, cold"),
         (["isolation", "--accel", "xyz"], "--accel must be one of auto, kvm, tcg"),
         (["retry-403", "--set", "scale"], "--set takes KEY=VALUE, not 'scale'"),
+        (["ram-pressure", "--memory-sharing", "file"], "add --set reclaim=off or use --memory-sharing off"),
         (["retry-40"], "unknown scenario 'retry-40'; did you mean 'retry-403'?"),
     ],
 )

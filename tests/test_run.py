@@ -29,6 +29,7 @@ SANDBOX_KEYS = [
     "host_rss_bytes",
     "host_pss_bytes",
     "host_uss_bytes",
+    "host_shared_pss_bytes",
     "guest_mem_total_bytes",
     "guest_mem_free_bytes",
 ]

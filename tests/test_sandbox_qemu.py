@@ -103,17 +103,30 @@ def test_guest_that_never_becomes_ready_fails_within_timeout(
     assert supervisor.live() == [] and os.path.exists(tmp_path / "qemu.log")
 
 
-def test_snapshot_clones_are_renamed_and_independent(supervisor: Supervisor, tmp_path: Path) -> None:
+@pytest.mark.parametrize("sharing", ["off", "file"])
+def test_snapshot_clones_are_renamed_and_independent(supervisor: Supervisor, tmp_path: Path, sharing: str) -> None:
+    """README's note on snapshot clones, in both sharing modes: each is renamed; each has a boot id of its
+    own (generated at its first read, from a CRNG that has diverged from the template's by then); and what
+    one writes (a file in RAM) the other never sees."""
     from harness.paths import cache_dir
     from harness.sandbox import BackendOptions, create_backend
 
-    backend = create_backend("qemu", BackendOptions(cache=cache_dir(), accel="tcg", boot_mode="snapshot"))
-    clones = [backend.boot(SandboxSpec(id=f"clone{i}", workdir=tmp_path / str(i)), supervisor) for i in range(2)]
+    options = BackendOptions(cache=cache_dir(), accel="tcg", boot_mode="snapshot", memory_sharing=sharing)
+    backend = create_backend("qemu", options)
+    specs = [
+        SandboxSpec(id=f"clone{i}", workdir=tmp_path / str(i), reclaim=sharing == "off", shared_ram=sharing == "file")
+        for i in range(2)
+    ]
+    clones = [backend.boot(spec, supervisor) for spec in specs]
     try:
         assert [c.exec("hostname").text.strip() for c in clones] == ["clone0", "clone1"]
-        clones[0].exec("echo only-here > /work/mark")
-        assert clones[1].exec("cat /work/mark 2>/dev/null || echo absent").text.strip() == "absent"
-        assert all(set(c.boot.phases_ms) == {"restore", "identity"} for c in clones)
+        boot_ids = {c.exec("cat /proc/sys/kernel/random/boot_id").text.strip() for c in clones}
+        assert len(boot_ids) == 2, "README says each clone's boot id is its own; if this changed, update it"
+        clones[0].exec("echo only-here > /work/mark && echo only-here > /tmp/mark")
+        assert clones[0].exec("cat /tmp/mark").text.strip() == "only-here"
+        assert clones[1].exec("cat /work/mark /tmp/mark 2>/dev/null || echo absent").text.strip() == "absent"
+        assert all(set(c.boot.phases_ms) == {"qemu_start", "state_load", "first_answer"} for c in clones)
+        assert all(c.ram_file is not None for c in clones) == (sharing == "file")
     finally:
         for clone in clones:
             clone.stop()

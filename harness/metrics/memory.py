@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
+import mmap
+import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 
 import psutil
@@ -21,6 +24,17 @@ def process_memory(pid: int) -> dict[str, int]:
     """RSS, PSS and USS in bytes of one process (PSS/USS from smaps, as Firecracker's tests do)."""
     info = psutil.Process(pid).memory_full_info()
     return {"rss": info.rss, "pss": info.pss, "uss": info.uss}
+
+
+def mapped_pss_bytes(pid: int, paths: Collection[str]) -> int:
+    """The PSS of process `pid`'s mappings of the files at `paths` (a template's RAM): its share of them,
+    which the figure "PSS - this + the files' resident pages / N" replaces by an even share of the whole
+    file, so that each page is counted once, mapped or not."""
+    if not paths:
+        return 0
+    # A private mapping's copied-on-write pages are anonymous pages of the same region: its own, not the file's.
+    regions = [region for region in psutil.Process(pid).memory_maps() if region.path in paths]
+    return sum(max(region.pss - region.anonymous, 0) for region in regions)
 
 
 def mem_available_bytes() -> int:
@@ -102,3 +116,38 @@ def read_samples(path: Path) -> list[dict[str, object]]:
             except json.JSONDecodeError:
                 continue
     return samples
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+MAP_FAILED = ctypes.c_void_p(-1).value
+
+
+def file_resident_bytes(path: Path) -> int | None:
+    """Bytes of the file at `path` in host memory now (page cache or tmpfs), by mincore over a read-only
+    mapping that touches no page; None when the file is gone. A file every sandbox maps (a template's RAM)
+    is a cost none of their PSS figures holds whole."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        size = os.fstat(fd).st_size
+        if size == 0:
+            return 0
+        address = _libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        if address in (None, MAP_FAILED):
+            return None
+        try:
+            pages = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE
+            vector = (ctypes.c_ubyte * pages)()
+            if _libc.mincore(address, size, vector) != 0:
+                return None
+            return sum(byte & 1 for byte in vector) * mmap.PAGESIZE
+        finally:
+            _libc.munmap(address, size)
+    finally:
+        os.close(fd)

@@ -17,6 +17,11 @@ from harness.supervisor import Supervisor
 BOOT_MODES = ("snapshot", "cold")
 """snapshot: restore a booted template (default, where the backend can); cold: boot from scratch every time."""
 
+MEMORY_SHARING = ("off", "file", "ksm", "file+ksm")
+"""How sandboxes share host memory: off (each clone holds its own copy of the template's RAM); file (the
+template's RAM is a file every clone maps privately, copy-on-write); ksm (Linux KSM merges identical
+pages while the run lasts); file+ksm (both)."""
+
 
 @dataclass(frozen=True)
 class Endpoint:
@@ -69,6 +74,8 @@ class Features:
     """`Sandbox.guest_memory()` reports the guest's own MemTotal and MemFree."""
     min_mem_mib: int | None
     """Smallest guest RAM it boots with; None where guest RAM is not a setting."""
+    memory_sharing: tuple[str, ...] = ("off",)
+    """The --memory-sharing modes it implements (of MEMORY_SHARING)."""
 
 
 @dataclass(frozen=True)
@@ -90,6 +97,9 @@ class SandboxSpec:
     reclaim: bool = True
     """Hand freed guest memory back to the host, where the backend can (ram-pressure turns it off to
     measure the difference)."""
+    shared_ram: bool = False
+    """Map the template's RAM from a file every clone of it shares copy-on-write, where the backend can
+    (--memory-sharing file); needs reclaim off."""
     user_home: Path | None = None
     """The home a careless user would expose (the isolation scenario's honeytoken home): a backend
     without isolation runs in it; an isolating one never sees it."""
@@ -114,6 +124,8 @@ class BackendOptions:
     """snapshot (restore a booted template) or cold (boot the kernel each time), where the backend can."""
     argument: str | None = None
     """What follows the colon in `--backend MODULE:ARGUMENT` (the command backend's YAML file); None without."""
+    memory_sharing: str = "off"
+    """How its sandboxes share host memory (MEMORY_SHARING), where the backend can."""
 
 
 @dataclass
@@ -267,6 +279,8 @@ class SandboxRecord:
     """Host PSS of its processes with the round idle: its fair share of shared pages."""
     host_uss_bytes: int | None = None
     """Host USS of its processes with the round idle: what stopping it would free."""
+    host_shared_pss_bytes: int | None = None
+    """The part of its PSS that is its share of files every sandbox maps (a template's RAM); 0 where none."""
     guest_mem_total_bytes: int | None = None
     """MemTotal inside, where the backend reports guest memory."""
     guest_mem_free_bytes: int | None = None

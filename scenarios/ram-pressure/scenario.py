@@ -252,6 +252,12 @@ def needs(options: Options, config: RunConfig) -> Needs:
     backend keeps one template per device set, so a guest with reclaim off restores from a template made so."""
     if options.reclaim == "off":
         return Needs()
+    if "file" in config.memory_sharing:
+        raise ConfigError(
+            f"ram-pressure reclaim={options.reclaim} measures free page reporting, which --memory-sharing "
+            f"{config.memory_sharing} keeps off (a discard would punch holes into the shared template file); "
+            "add --set reclaim=off or use --memory-sharing off"
+        )
     return Needs(mem_mib=max(config.mem_mib, RECLAIM_MIN_GUEST_MIB), features=("reclaim",))
 
 

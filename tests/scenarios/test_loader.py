@@ -12,7 +12,15 @@ from harness.errors import ConfigError
 from harness.scenario.loader import available_scenarios, load_scenario_module, package_name
 from tests.conftest import REPO
 
-FOLDERS = ["egress-conformance", "isolation", "payments-service", "proxy-chaos", "ram-pressure", "retry-403"]
+FOLDERS = [
+    "density",
+    "egress-conformance",
+    "isolation",
+    "payments-service",
+    "proxy-chaos",
+    "ram-pressure",
+    "retry-403",
+]
 
 
 def test_every_folder_is_a_scenario() -> None:

@@ -33,6 +33,7 @@ def section(data: dict[str, Any], run_dir: Path) -> Section:
         ["measured rounds", config.get("repeat")],
         ["guest RAM", f"{config.get('mem_mib')} MiB" if has_guest_ram else None],
         ["boot mode", _boot_mode(backend) if features.get("snapshot", True) else None],
+        ["memory sharing", _sharing(data) if "memory_sharing" in config else None],
         ["guest kernel", backend.get("kernel_release")],
         ["kernel command line", backend.get("kernel_cmdline")],
         ["egress", backend.get("egress")],
@@ -74,5 +75,30 @@ def _boot_mode(backend: dict[str, Any]) -> str:
     snapshots = backend.get("snapshot_bytes") or {}
     if isinstance(snapshots, int):  # results written before templates were kept per shape
         snapshots = {"default": snapshots}
-    sizes = ", ".join(f"{shape}: {size // 2**20} MiB" for shape, size in snapshots.items())
+    sizes = ", ".join(f"{shape}: {_size(size)}" for shape, size in snapshots.items())
     return f"snapshot: each sandbox restored from a booted template of its shape (vmstate {sizes or '—'})"
+
+
+def _size(size: int) -> str:
+    """A vmstate's size: MiB with the RAM in it, KiB when it holds device state only."""
+    return f"{size / 2**20:.1f} MiB" if size >= 2**20 else f"{size / 2**10:.0f} KiB"
+
+
+def _sharing(data: dict[str, Any]) -> str:
+    """The --memory-sharing mode and what it meant in this run."""
+    mode = str(data["config"]["memory_sharing"])
+    said = {
+        "off": "off: each clone holds its own copy of the template's RAM",
+        "file": "file: the template's RAM is a file every clone maps privately (copy-on-write); "
+        "free page reporting off",
+        "ksm": "ksm: Linux KSM merged identical pages while the run lasted",
+        "file+ksm": "file+ksm: a shared template RAM file, and KSM on while the run lasted",
+    }.get(mode, mode)
+    ram = data["backend"].get("template_ram") or {}
+    if ram:
+        said += "; template RAM " + ", ".join(
+            f"{shape}: {_size(info['allocated_bytes'])} allocated of {_size(info['bytes'])} "
+            f"on {'tmpfs (counted as used)' if info['on_tmpfs'] else 'disk (page cache, counted as available)'}"
+            for shape, info in ram.items()
+        )
+    return said

@@ -30,6 +30,7 @@ def section(data: dict[str, Any], run_dir: Path) -> Section | None:
             f"host MemAvailable fell by {mib(summary['mem_available_delta_bytes_per_sandbox'])} per sandbox "
             f"with all N idle, read {data['config'].get('idle_settle_s')} s after the last boot."
         )
+        result.tables.append(_side_by_side(data))
         labels = [s["id"] for s in measured]
         result.charts.append(
             (
@@ -90,6 +91,60 @@ def section(data: dict[str, Any], run_dir: Path) -> Section | None:
     if not result.charts and not result.notes:
         return None
     return result
+
+
+def _side_by_side(data: dict[str, Any]) -> tuple[str, list[str], list[list[Any]]]:
+    """PSS, USS, the shared files' resident pages and the MemAvailable Δ per sandbox in one table, since
+    with shared pages no one of them is the cost: RSS counts shared pages whole, USS not at all, PSS a
+    share, and MemAvailable misses what was resident before the round."""
+    summary, config = data["summary"], data["config"]
+    pss, uss = summary.get("pss_bytes_per_sandbox") or {}, summary.get("uss_bytes_per_sandbox") or {}
+    shared = summary.get("shared_file_resident_bytes")
+    rows = [
+        ["PSS (p50, min-max)", _spread(pss), "its share of every page it maps"],
+        ["USS (p50, min-max)", _spread(uss), "what stopping it would free; shared pages not at all"],
+        [
+            "shared template RAM file, resident",
+            mib(shared) if shared is not None else "none (no file-backed template)",
+            "paid once, however many sandboxes map it; resident before each round, so in no Δ",
+        ],
+        [
+            "MemAvailable Δ per sandbox (mean of rounds)",
+            mib(summary.get("mem_available_delta_bytes_per_sandbox")),
+            "the marginal cost of one more sandbox, as the host saw it; moves with everything else on the host",
+        ],
+        [
+            "MemAvailable Δ + resident template ÷ N",
+            mib(summary.get("mem_available_delta_with_shared_bytes_per_sandbox")),
+            "the same with the shared file counted once",
+        ],
+        [
+            "host memory per sandbox: PSS without the template + resident template ÷ N (used for density)",
+            mib(summary.get("host_bytes_per_sandbox")),
+            "the density projection's figure: every page once (the template whole, mapped or not), unmoved by "
+            "the rest of the host",
+        ],
+    ]
+    merged = [r["ksm"] for r in data.get("rounds", []) if r.get("measured") and r.get("ksm")]
+    if merged:
+        last = merged[-1]
+        rows.append(
+            [
+                "KSM, last measured round",
+                f"{last.get('pages_sharing', 0) * 4096 / MIB:.1f} MiB saved",
+                f"pages_sharing {last.get('pages_sharing')} onto pages_shared {last.get('pages_shared')} (4 KiB "
+                f"pages), read after {last.get('full_scans')} full scans in all, {last.get('waited_s')} s of waiting; "
+                "PSS already splits the merged pages",
+            ]
+        )
+    sharing = config.get("memory_sharing", "off")
+    return (f"Per idle sandbox, memory sharing {sharing}, N={config.get('sandboxes', '—')}", ["", "", ""], rows)
+
+
+def _spread(stats: dict[str, Any]) -> str:
+    if not stats or stats.get("p50") is None:
+        return "—"
+    return f"{mib(stats['p50'])} ({mib(stats['min'])}-{mib(stats['max'])})"
 
 
 def _processes(data: dict[str, Any]) -> str:

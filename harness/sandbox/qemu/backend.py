@@ -9,8 +9,10 @@ from pathlib import Path
 
 from harness.errors import ConfigError
 from harness.image import GuestImage, build_image
-from harness.sandbox.base import BOOT_MODES, BackendOptions, BootFailed, Features, SandboxSpec
+from harness.paths import cache_dir
+from harness.sandbox.base import BOOT_MODES, MEMORY_SHARING, BackendOptions, BootFailed, Features, SandboxSpec
 from harness.sandbox.qemu.accel import decide_accel
+from harness.sandbox.qemu.ramfile import on_tmpfs, ram_dir, sweep_staging
 from harness.sandbox.qemu.snapshot import make_template, snapshot_path
 from harness.sandbox.qemu.vm import (
     KERNEL_CMDLINE,
@@ -20,6 +22,7 @@ from harness.sandbox.qemu.vm import (
     TCG_TB_SIZE_MIB,
     Exposure,
     Microvm,
+    Snapshot,
     qemu_binary,
     qemu_version,
     socat_binary,
@@ -27,7 +30,15 @@ from harness.sandbox.qemu.vm import (
 )
 from harness.supervisor import Supervisor
 
-FEATURES = Features(snapshot=True, reclaim=True, own_kernel=True, weaken=True, guest_memory=True, min_mem_mib=96)
+FEATURES = Features(
+    snapshot=True,
+    reclaim=True,
+    own_kernel=True,
+    weaken=True,
+    guest_memory=True,
+    min_mem_mib=96,
+    memory_sharing=MEMORY_SHARING,
+)
 """The 6.1 guest kernel panics below 96 MiB."""
 
 PORT_CLASH_ATTEMPTS = 3
@@ -49,6 +60,7 @@ class QemuBackend:
         boot_mode: str = "snapshot",
         cache: Path | None = None,
         exposure: Exposure = RESTRICTED,
+        memory_sharing: str = "off",
     ) -> None:
         self.image = image
         self.accel = accel
@@ -58,21 +70,35 @@ class QemuBackend:
         self.cache = cache
         self.exposure = exposure
         """Restricted unless weakened for --leaky."""
-        self._templates: dict[tuple[int, int, bool], Path] = {}
+        self.memory_sharing = memory_sharing
+        """How clones share host memory (MEMORY_SHARING); KSM itself is switched on by the run."""
+        self.file_backed = "file" in memory_sharing and boot_mode == "snapshot"
+        """By default (Run's spec template), templates keep their RAM in a file every clone maps privately;
+        each spec says so itself (`shared_ram`), so one backend can boot both kinds side by side."""
+        if self.file_backed:
+            # Free page reporting would punch holes into the template's file (see snapshot.py).
+            self.features = replace(FEATURES, reclaim=False)
+        self._templates: dict[tuple[int, int, bool, bool], Snapshot] = {}
         self._template_lock = threading.Lock()
 
-    def template_for(self, spec: SandboxSpec) -> Path | None:
+    def template_for(self, spec: SandboxSpec) -> Snapshot | None:
         """The snapshot a sandbox of this shape restores from, made on first use; None when booting cold.
 
         A restore needs the same RAM size and devices as its template, so there is one per shape."""
         if self.boot_mode != "snapshot":
             return None
         assert self.cache is not None, "snapshot boots need a cache directory"
-        shape = (spec.mem_mib, spec.vcpus, spec.reclaim)
+        if spec.shared_ram and spec.reclaim:
+            raise ConfigError(
+                "a shared template RAM file (--memory-sharing file) needs free page reporting off (a discard "
+                "would punch holes into it); use --memory-sharing off or ksm for reclaim"
+            )
+        shape = (spec.mem_mib, spec.vcpus, spec.reclaim, spec.shared_ram)
         with self._template_lock:
             if shape not in self._templates:
-                path = snapshot_path(self.cache, self.image, self.accel, spec, qemu_version())
-                self._templates[shape] = make_template(path, self.image, self.accel, spec)
+                path = snapshot_path(self.cache, self.image, self.accel, spec, qemu_version(), spec.shared_ram)
+                directory = ram_dir(self.cache) if spec.shared_ram else None
+                self._templates[shape] = make_template(path, self.image, self.accel, spec, ram_directory=directory)
             return self._templates[shape]
 
     def boot(self, spec: SandboxSpec, supervisor: Supervisor) -> Microvm:
@@ -82,8 +108,6 @@ class QemuBackend:
             vm.spawn()
             try:
                 vm.wait_ready()
-                if vm.restored:
-                    vm.reidentify()
                 return vm
             except BootFailed as failure:
                 vm.stop()
@@ -105,6 +129,7 @@ class QemuBackend:
             self.boot_mode,
             self.cache,
             replace(self.exposure, restricted=False, engine_socket=engine_socket),
+            self.memory_sharing,
         )
         weak._templates = self._templates  # the netdev may differ on restore; the device set is the same
         return weak
@@ -116,11 +141,22 @@ class QemuBackend:
             "accel": self.accel,
             "accel_reason": self.accel_reason,
             "boot_mode": self.boot_mode,
+            "memory_sharing": self.memory_sharing,
             "network": "restricted" if self.exposure.restricted else "unrestricted (weakened)",
             "snapshot_bytes": {
-                f"{mem}MiB/{cpus}cpu/fpr={'on' if fpr else 'off'}": path.stat().st_size
-                for (mem, cpus, fpr), path in self._templates.items()
+                _shape_label(shape): template.vmstate.stat().st_size for shape, template in self._templates.items()
             },
+            "template_ram": {
+                _shape_label(shape): {
+                    "path": str(template.ram_file),
+                    "bytes": template.ram_file.stat().st_size,
+                    "allocated_bytes": template.ram_file.stat().st_blocks * 512,
+                    "on_tmpfs": on_tmpfs(template.ram_file),
+                }
+                for shape, template in self._templates.items()
+                if template.ram_file is not None
+            },
+            "shared_files": [str(t.ram_file) for t in self._templates.values() if t.ram_file is not None],
             "tcg_tb_size_mib": TCG_TB_SIZE_MIB if self.accel == "tcg" else None,
             "kernel_cmdline": KERNEL_CMDLINE + (tcg_cmdline() if self.accel == "tcg" else ""),
             "kernel_release": self.image.kernel_release,
@@ -128,6 +164,16 @@ class QemuBackend:
             "image_digest": self.image.digest,
             "guest_modules": list(self.image.modules),
         }
+
+
+def _shape_label(shape: tuple[int, int, bool, bool]) -> str:
+    mem, cpus, fpr, shared_ram = shape
+    return f"{mem}MiB/{cpus}cpu/fpr={'on' if fpr else 'off'}" + ("/ram-file" if shared_ram else "")
+
+
+def sweep_leftovers() -> list[str]:
+    """For `invoke clean`: template RAM files that a killed template build left on tmpfs."""
+    return sweep_staging(ram_dir(cache_dir()))
 
 
 def check_argument(argument: str | None) -> None:
@@ -145,8 +191,15 @@ def create_backend(options: BackendOptions) -> QemuBackend:
     verdict = decide_accel(options.accel, image, options.cache / "accel-verdicts.json")
     reason = verdict.reason + (" (cached verdict)" if verdict.cached else "")
     boot_mode = options.argument or options.boot_mode
-    backend = QemuBackend(image, verdict.accel, reason, boot_mode, options.cache)
+    backend = QemuBackend(image, verdict.accel, reason, boot_mode, options.cache, memory_sharing=options.memory_sharing)
     backend.template_for(
-        SandboxSpec(id="template", workdir=options.cache, mem_mib=options.mem_mib, vcpus=options.vcpus)
+        SandboxSpec(
+            id="template",
+            workdir=options.cache,
+            mem_mib=options.mem_mib,
+            vcpus=options.vcpus,
+            reclaim=backend.features.reclaim,
+            shared_ram=backend.file_backed,
+        )
     )
     return backend

@@ -11,11 +11,14 @@ import threading
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from harness.errors import EnvironmentMissing
 from harness.image import GuestImage
 from harness.sandbox.agent import GUEST_AGENT_PORT, AgentUnavailable, agent_exec, free_port
 from harness.sandbox.base import BootFailed, BootRecord, Endpoint, ExecResult, GuestNetwork, SandboxSpec
+from harness.sandbox.qemu.qmp import Qmp, QmpError
+from harness.scratch import make_scratch_dir, remove_scratch_dir
 from harness.supervisor import Supervisor, run_tool
 
 QEMU_BINARY = "qemu-system-x86_64"
@@ -57,8 +60,13 @@ READY_POLL_S = 0.02
 """Pause between agent probes while a guest boots."""
 
 READY_PROBE_TIMEOUT_S = 0.5
-"""One readiness probe's socket wait; slirp drops SYNs to a guest whose MAC it has not yet learnt,
-so a long wait on an early probe would measure slirp's retransmit timer, not the guest."""
+"""One readiness probe's socket wait during a cold boot; slirp drops SYNs to a guest whose MAC it has
+not yet learnt, so a long wait on an early probe would measure slirp's retransmit timer, not the guest."""
+
+RESTORED_PROBE_TIMEOUT_S = 3.0
+"""The same for a restored clone, probed only once QEMU says it runs: its network is up, and its first
+answer takes ~250-400 ms under TCG (every path translated afresh). A 0.5 s wait gave up on one in two
+of them, and the retry queued behind the abandoned request: ~500 ms lost per clone (measured here)."""
 
 STOP_GRACE_S = 2.0
 """QEMU exits on SIGTERM at once; this bounds a wedged one."""
@@ -66,7 +74,7 @@ STOP_GRACE_S = 2.0
 COLD_PHASES = [("kernel_start", "vmm"), ("init", "kernel"), ("network", "userspace"), ("agent_ready", "agent")]
 """(mark, phase ending at it) for a cold boot."""
 
-RESTORE_PHASES = [("agent_ready", "restore"), ("identity", "identity")]
+RESTORE_PHASES = [("qmp", "qemu_start"), ("running", "state_load"), ("agent_ready", "first_answer")]
 """(mark, phase ending at it) for a snapshot restore."""
 
 PHASES = {
@@ -74,10 +82,23 @@ PHASES = {
     "kernel": "kernel start → /init (guest uptime at init)",
     "userspace": "/init → network up (modules, mounts, interfaces)",
     "agent": "network up → first answer from the guest agent",
-    "restore": "spawn → first agent answer of a guest restored from the template snapshot",
-    "identity": "rename the clone and mix host randomness into its entropy pool",
+    "qemu_start": "spawn → QEMU's QMP greeting (QEMU set up, no guest state yet)",
+    "state_load": "QMP greeting → the guest running (QMP RESUME event): capabilities, migrate-incoming, the "
+    "vmstate read, and the resume, which QEMU 7.2 does in the step that ends the load",
+    "first_answer": "guest running → first answer of its agent, the request that also renames the clone and "
+    "mixes host randomness into its entropy pool",
 }
-"""Every phase a QEMU boot records (cold: the first four; snapshot: the last two), with its meaning."""
+"""Every phase a QEMU boot records (cold: the first four; snapshot: the last three), with its meaning."""
+
+QMP_SOCKET_NAME = "qmp.sock"
+"""A clone's QMP socket, in a short scratch directory (a run directory's path can pass the 108-byte
+limit of a unix socket's name)."""
+
+QMP_SOCKET_POLL_S = 0.005
+"""Pause between looks for a clone's QMP socket while QEMU starts."""
+
+MIGRATION_DONE = ("completed", "failed", "cancelled")
+"""Final states of QEMU's MIGRATION event."""
 
 RESEED_BYTES = 64
 """Host randomness written into each restored clone's entropy pool."""
@@ -137,6 +158,27 @@ def socat_binary() -> str:
 
 
 @dataclass(frozen=True)
+class RamFile:
+    """Guest RAM backed by a file (QEMU memory-backend-file) instead of anonymous memory."""
+
+    path: Path
+    """The file: a template's staging file, or the published template RAM a clone maps."""
+    shared: bool
+    """True (share=on): the guest's writes go to the file (a template); False (share=off): a private,
+    copy-on-write mapping whose writes stay in the clone."""
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """What a clone resumes from: a template's vmstate, and its RAM file where the RAM is not in it."""
+
+    vmstate: Path
+    """Device state, and the guest's RAM too unless `ram_file` is set."""
+    ram_file: Path | None = None
+    """The template's RAM (migrated with x-ignore-shared, so the vmstate holds device state only)."""
+
+
+@dataclass(frozen=True)
 class Exposure:
     """How much of the host a guest's network reaches: restricted by default, loosened only for --leaky."""
 
@@ -150,6 +192,13 @@ RESTRICTED = Exposure()
 """Every sandbox's network unless weakened."""
 
 
+def _event_instant(event: dict[str, Any]) -> float:
+    """A QMP event's timestamp (wall clock) on this process's monotonic clock."""
+    stamp = event["timestamp"]
+    wall = stamp["seconds"] + stamp["microseconds"] / 1e6
+    return wall + (time.monotonic() - time.time())
+
+
 class Microvm:
     """One QEMU microvm: spawn, wait for its agent, exec commands, kill."""
 
@@ -161,11 +210,12 @@ class Microvm:
         image: GuestImage,
         supervisor: Supervisor,
         accel: str,
-        restore_from: Path | None = None,
+        restore_from: Snapshot | None = None,
         extra_cmdline: str = "",
         qmp_socket: Path | None = None,
         exposure: Exposure = RESTRICTED,
         extra_args: tuple[str, ...] = (),
+        ram_file: RamFile | None = None,
     ) -> None:
         self.spec = spec
         self.accel = accel
@@ -173,9 +223,20 @@ class Microvm:
         self.restore_from = restore_from
         """The template snapshot it resumes, or None for a cold boot."""
         self.restored = restore_from is not None
+        self.ram_file = (
+            RamFile(restore_from.ram_file, shared=False)
+            if restore_from is not None and restore_from.ram_file is not None
+            else ram_file
+        )
+        """Its RAM's file, where it has one: a clone of a file-backed template maps the template's privately."""
+        if self.ram_file is not None and spec.reclaim:
+            # QEMU 7.2 punches holes into a file-backed RAM block on any discard, even under a private
+            # mapping: one clone's free page reporting would shrink the template every clone maps.
+            raise ValueError("file-backed guest RAM needs free page reporting off (spec.reclaim=False)")
         self.extra_cmdline = extra_cmdline
         self.qmp_socket = qmp_socket
-        """A QMP control socket (the template needs one to migrate itself into a snapshot)."""
+        """A QMP control socket (the template migrates itself into a snapshot through it, a clone restores)."""
+        self._qmp_dir: Path | None = None
         self.exposure = exposure
         self.extra_args = extra_args
         """Appended to QEMU's argv (tests freeze a guest with -S)."""
@@ -217,14 +278,25 @@ class Microvm:
         accel = (
             ["-accel", "kvm", "-cpu", "host"] if self.accel == "kvm" else ["-accel", f"tcg,tb-size={TCG_TB_SIZE_MIB}"]
         )
-        restore = ["-incoming", f"exec:cat {self.restore_from}"] if self.restore_from is not None else []
+        # A clone waits for its state (-incoming defer) until wait_ready hands it over QMP, which times
+        # the restore by QEMU's own events and sets the capabilities a file-backed template needs.
+        restore = ["-incoming", "defer"] if self.restored else []
         qmp = ["-qmp", f"unix:{self.qmp_socket},server=on,wait=off"] if self.qmp_socket is not None else []
+        machine, memory = MACHINE, []
+        if self.ram_file is not None:
+            machine += ",memory-backend=mem"
+            share = "on" if self.ram_file.shared else "off"
+            memory = [
+                "-object",
+                f"memory-backend-file,id=mem,size={spec.mem_mib}M,mem-path={self.ram_file.path},share={share}",
+            ]
         return [
             qemu_binary(),
             "-name",
             f"blastradius-{self.supervisor.run_id}-{spec.id}",
             "-M",
-            MACHINE,
+            machine,
+            *memory,
             *accel,
             "-m",
             str(spec.mem_mib),
@@ -288,6 +360,9 @@ class Microvm:
 
     def spawn(self) -> None:
         """Start QEMU; returns at once."""
+        if self.restored and self.qmp_socket is None:
+            self._qmp_dir = make_scratch_dir("br-qmp-")
+            self.qmp_socket = self._qmp_dir / QMP_SOCKET_NAME
         self._spawned_at = time.monotonic()
         with self.qemu_log.open("wb") as stderr:
             self.proc = self.supervisor.spawn(
@@ -311,23 +386,59 @@ class Microvm:
         """Poll the agent until it answers, QEMU dies, or the boot timeout passes."""
         assert self.proc is not None
         deadline = self._spawned_at + self.spec.boot_timeout_s
+        if self.restored:
+            self._resume(deadline)
         while True:
             if self.proc.poll() is not None:
                 raise self._failure(f"qemu exited with status {self.proc.returncode} before the agent answered")
             if time.monotonic() > deadline:
                 raise self._failure(f"agent did not answer within {self.spec.boot_timeout_s:g} s")
             try:
-                result = agent_exec(
-                    self.agent_port, "cat /proc/meminfo", timeout=5, transport_timeout=READY_PROBE_TIMEOUT_S
-                )
+                result = self._probe(deadline - time.monotonic())
             except AgentUnavailable:
                 time.sleep(READY_POLL_S)
                 continue
             ready_ms = self._mark("agent_ready")
+            if result.rc != 0:
+                raise BootFailed(f"the first request to the guest agent failed: {result.stderr[-200:]!r}", self.boot)
             self.guest_meminfo = {k.decode(): int(v) * 1024 for k, v in MEMINFO_RE.findall(result.stdout)}
             self.boot.boot_ms = round(ready_ms, 2)
             self.boot.phases_ms = self._phases()
             return
+
+    def _resume(self, deadline: float) -> None:
+        """Hand a clone waiting in `-incoming defer` its vmstate over QMP and wait until it runs, marking
+        QMP's greeting, the end of the load and the resume by QEMU's own event timestamps."""
+        assert self.restore_from is not None and self.qmp_socket is not None
+        capabilities = [{"capability": "events", "state": True}]
+        if self.ram_file is not None:
+            # The template's RAM blocks were share=on and left out of the vmstate; the clone maps the file.
+            capabilities.append({"capability": "x-ignore-shared", "state": True})
+        if not self.restore_from.vmstate.exists():  # QEMU 7.2 would wait on an empty stream until the deadline
+            raise self._failure(f"the template snapshot {self.restore_from.vmstate} is gone")
+        while not self.qmp_socket.exists():  # a QEMU that dies on start must not be waited for until the deadline
+            if self.proc is not None and self.proc.poll() is not None:
+                raise self._failure(f"qemu exited with status {self.proc.returncode} before its QMP socket")
+            if time.monotonic() > deadline:
+                raise self._failure(f"QEMU set up no QMP socket within {self.spec.boot_timeout_s:g} s")
+            time.sleep(QMP_SOCKET_POLL_S)
+        try:
+            with Qmp(self.qmp_socket, timeout_s=max(deadline - time.monotonic(), 0.1)) as qmp:
+                self._mark("qmp")
+                qmp.execute("migrate-set-capabilities", capabilities=capabilities)
+                qmp.execute("migrate-incoming", uri=f"exec:cat {self.restore_from.vmstate}")
+                while (loaded := qmp.wait_event(("MIGRATION",), deadline - time.monotonic()))["data"][
+                    "status"
+                ] not in MIGRATION_DONE:
+                    pass
+                if loaded["data"]["status"] != "completed":
+                    raise self._failure(f"restoring the template snapshot ended {loaded['data']['status']}")
+                self._mark("migration_completed", _event_instant(loaded))
+                self._mark("running", _event_instant(qmp.wait_event(("RESUME",), deadline - time.monotonic())))
+        except (OSError, TimeoutError, ValueError, QmpError) as exc:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise self._failure(f"qemu exited with status {self.proc.returncode} while restoring") from None
+            raise self._failure(f"restoring the template snapshot over QMP failed ({exc})") from None
 
     def _phases(self) -> dict[str, float]:
         """Consecutive phases between the marks that were seen; they sum to boot_ms."""
@@ -339,13 +450,21 @@ class Microvm:
                 previous = self.boot.marks_ms[mark]
         return phases
 
-    def reidentify(self) -> None:
-        """A restored clone still carries the template's name and RNG state: rename it, mix in host randomness."""
-        result = self.exec(f"hostname {self.id} && cat > /dev/urandom", stdin=os.urandom(RESEED_BYTES), timeout=10)
-        if result.rc != 0:
-            raise BootFailed(f"re-identifying the restored guest failed: {result.stderr!r}", self.boot)
-        self.boot.boot_ms = round(self._mark("identity"), 2)
-        self.boot.phases_ms = self._phases()
+    def _probe(self, left_s: float) -> ExecResult:
+        """One readiness request: the guest's meminfo; a restored clone, which still carries the template's
+        name and RNG state, is renamed and given host randomness in the same request (one agent round
+        trip costs ~100-200 ms under TCG, so not two). Never waits past the boot's deadline (`left_s`)."""
+        wait = max(min(RESTORED_PROBE_TIMEOUT_S if self.restored else READY_PROBE_TIMEOUT_S, left_s), 0.01)
+        if not self.restored:
+            return agent_exec(self.agent_port, "cat /proc/meminfo", timeout=5, transport_timeout=wait)
+        return agent_exec(
+            self.agent_port,
+            # echo is a shell builtin: under TCG each exec a clone is spared in its first request is ~10-30 ms.
+            f"echo {self.id} > /proc/sys/kernel/hostname && cat > /dev/urandom && cat /proc/meminfo",
+            timeout=10,
+            stdin=os.urandom(RESEED_BYTES),
+            transport_timeout=wait,
+        )
 
     def exec(self, command: str, timeout: float = 30.0, stdin: bytes = b"") -> ExecResult:
         return agent_exec(self.agent_port, command, timeout=timeout, stdin=stdin)
@@ -354,11 +473,12 @@ class Microvm:
         return [self.proc.pid] if self.proc is not None and self.proc.poll() is None else []
 
     def stop(self) -> None:
-        if self.proc is None:
-            return
-        self.supervisor.stop(self.proc.pid, grace_s=STOP_GRACE_S)
-        if self._console_thread is not None:
-            self._console_thread.join(timeout=2)
+        if self.proc is not None:
+            self.supervisor.stop(self.proc.pid, grace_s=STOP_GRACE_S)
+            if self._console_thread is not None:
+                self._console_thread.join(timeout=2)
+        if self._qmp_dir is not None:
+            remove_scratch_dir(self._qmp_dir)
 
     def console_tail(self) -> list[str]:
         return list(self._console_lines)
