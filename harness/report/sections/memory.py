@@ -58,8 +58,15 @@ def section(data: dict[str, Any], run_dir: Path) -> Section | None:
         result.tables.append(("Per sandbox", ["sandbox", "RSS", "PSS", "USS", "guest MemTotal", "guest MemFree"], rows))
     elif any(s["ok"] for s in data["sandboxes"]):
         why = str(data["backend"].get("host_memory", ""))
-        note = why if why.startswith("n/a") else "n/a: the backend named no host process of any sandbox"
-        result.notes.append(f"Host memory per sandbox: {note}.")
+        if why.startswith("n/a"):
+            result.notes.append(f"Host memory per sandbox: {why}.")
+        elif data.get("scenario"):
+            # A scenario measures memory in its own steps (if at all), not the bench's idle read.
+            result.notes.append(
+                "Idle host memory per sandbox is the bench's figure; this scenario's own section says what it measured."
+            )
+        else:
+            result.notes.append("Host memory per sandbox: n/a: the backend named no host process of any sandbox.")
     samples = read_samples(run_dir / data.get("files", {}).get("memory_samples", "memory-samples.jsonl"))
     if samples:
         times = [s["t_s"] for s in samples]
