@@ -42,7 +42,7 @@ def section(data: dict[str, Any], run_dir: Path) -> Section | None:
                 sandbox_id,
                 figures.get("n"),
                 figures.get("ok"),
-                figures.get("failures"),
+                ", ".join(f"{kind}: {count}" for kind, count in (figures.get("failures") or {}).items()) or "none",
                 *(latency.get(k) for k in ("p50", "p95", "p99", "max")),
                 figures.get("clock_overhead_ms"),
             ]
