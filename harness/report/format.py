@@ -14,3 +14,8 @@ def ms(value: float | None) -> str:
     if value is None:
         return "—"
     return f"{value:.2f} ms" if abs(value) < 10 else f"{value:.0f} ms"
+
+
+def counts(by_kind: dict[str, int] | None) -> str:
+    """Failures (or any tally) by kind as `kind: n, ...`, or "none": never a Python dict on the page."""
+    return ", ".join(f"{kind}: {n}" for kind, n in (by_kind or {}).items()) or "none"

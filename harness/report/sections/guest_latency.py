@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.report import Section
+from harness.report.format import counts
 
 ORDER = 25
 
@@ -42,7 +43,7 @@ def section(data: dict[str, Any], run_dir: Path) -> Section | None:
                 sandbox_id,
                 figures.get("n"),
                 figures.get("ok"),
-                ", ".join(f"{kind}: {count}" for kind, count in (figures.get("failures") or {}).items()) or "none",
+                counts(figures.get("failures")),
                 *(latency.get(k) for k in ("p50", "p95", "p99", "max")),
                 figures.get("clock_overhead_ms"),
             ]

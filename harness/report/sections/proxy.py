@@ -12,6 +12,7 @@ from harness.load.capacity import WORKLOADS
 from harness.load.checks import describe_added
 from harness.report import Section
 from harness.report.charts import LEGEND_OUTSIDE, PALETTE, figure, to_data_uri
+from harness.report.format import counts
 
 ORDER = 30
 DIRECT = "direct"
@@ -312,7 +313,7 @@ def _guest_table(guest: dict[str, Any]) -> tuple[str, list[str], list[list[Any]]
                 g.get("url"),
                 g.get("n"),
                 g.get("ok"),
-                g.get("failures"),
+                counts(g.get("failures")),
                 *[_f(lat.get(p), 1) for p in ("p50", "p95", "p99", "max")],
                 _f(g.get("clock_overhead_ms"), 1),
             ]
