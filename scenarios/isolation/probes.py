@@ -4,7 +4,9 @@ Each probe has an id, a title, what a pass proves, how it fails, and a check tha
 commands inside the target (anything with `exec(cmd, timeout) -> ExecResult`: a QEMU guest, or a
 plain host shell to prove the probe goes red without isolation) and judges them, where possible
 against host-side ground truth (trap listeners that log every connection, the upstream stand-in's
-request log). Commands use only busybox applets (sh, nc, grep, nslookup, ps, timeout).
+request log). Commands use only busybox applets (sh, nc, grep, nslookup, ps, timeout), except the
+field evaluation's own commands (curl, dig), which run where the sandbox has those tools and are n/a where
+it does not.
 
 A probe's evidence is a list of {what, command, rc, timed_out, output} with every honeytoken
 marker redacted to its id and hash; `passed` is True, False, or None (not applicable, with the reason).
@@ -19,13 +21,15 @@ passes because a check was skipped.
 from __future__ import annotations
 
 import base64
+import contextlib
+import ipaddress
 import json
 import re
 import secrets
 import shlex
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -218,6 +222,24 @@ class Verdict:
     passed: bool | None
     reason: str
     facts: dict[str, Any] = field(default_factory=dict)
+    observed: str = ""
+    """For a field-evaluation probe: what the evaluation's command gave here, in the evaluation's terms
+    (exit code, HTTP code, addresses), to stand beside the evaluation's own outcome."""
+
+
+@dataclass(frozen=True)
+class FieldEvaluation:
+    """A hand-run probe of the field evaluation (FINDINGS.md), as it was run and what it saw."""
+
+    command: str
+    """The evaluation's command, as written."""
+    outcome: str
+    """What it gave there."""
+    source: str
+    """Where FINDINGS.md records it."""
+
+    def describe(self) -> dict[str, str]:
+        return {"command": self.command, "outcome": self.outcome, "source": self.source}
 
 
 @dataclass(frozen=True)
@@ -235,9 +257,16 @@ class Probe:
     check: Callable[[ProbeEnv], Verdict]
     method: str = ""
     """How it judges, the same on every backend, and what it aims at where a backend lacks an address."""
+    tools: tuple[str, ...] = ()
+    """Programs it needs beyond busybox's applets, looked for inside (`command -v`), never assumed from the
+    image's name: a user's own stack or the host has them or not the same way. Missing: n/a."""
+    covered_by: str = ""
+    """The busybox probe that covers the same path where the tools are missing."""
+    field_evaluation: FieldEvaluation | None = None
+    """The field evaluation's hand-run command this probe runs as written, and its outcome there."""
 
-    def describe(self) -> dict[str, str]:
-        return {
+    def describe(self) -> dict[str, Any]:
+        described: dict[str, Any] = {
             "id": self.id,
             "title": self.title,
             "proves": self.proves,
@@ -245,13 +274,41 @@ class Probe:
             "finding": self.finding,
             "method": self.method,
         }
+        if self.tools:
+            described["tools"] = list(self.tools)
+        if self.field_evaluation is not None:
+            described["field_evaluation"] = self.field_evaluation.describe()
+        return described
+
+
+def tools_command(tools: tuple[str, ...]) -> str:
+    # One name per `command -v`: busybox's shell looks up only the first of several.
+    return f"for t in {' '.join(tools)}; do command -v \"$t\"; done; true"
+
+
+def tools_found(text: str) -> set[str]:
+    """The programs `command -v` printed: a path for a program, the bare name for a shell builtin."""
+    return {line.strip().rsplit("/", 1)[-1] for line in text.splitlines() if line.strip()}
+
+
+def missing_tools(env: ProbeEnv, probe: Probe) -> list[str]:
+    """The probe's tools that the sandbox lacks, checked inside (recorded as evidence)."""
+    text, _ = env.run("the tools this probe needs, looked for inside", tools_command(probe.tools), timeout=10.0)
+    found = tools_found(text)
+    return [tool for tool in probe.tools if tool not in found]
 
 
 def run_probe(probe: Probe, env: ProbeEnv) -> dict[str, Any]:
     env.evidence = []
     started = time.monotonic()
     try:
-        verdict = probe.check(env)
+        missing = missing_tools(env, probe) if probe.tools else []
+        if missing:
+            # Never a pass: a command that cannot run vouches for nothing.
+            covered = f": the busybox probe {probe.covered_by} above covers the same path" if probe.covered_by else ""
+            verdict = Verdict(None, f"not applicable: the sandbox has no {'/'.join(missing)}{covered}")
+        else:
+            verdict = probe.check(env)
     except Exception as exc:  # a probe that cannot run cannot vouch for isolation: it is red
         verdict = Verdict(False, f"probe error: {type(exc).__name__}: {exc}")
     result = {
@@ -262,6 +319,8 @@ def run_probe(probe: Probe, env: ProbeEnv) -> dict[str, Any]:
         "evidence": env.evidence,
         "duration_s": round(time.monotonic() - started, 2),
     }
+    if probe.field_evaluation is not None:
+        result["observed"] = verdict.observed or verdict.reason
     # Facts quote guest output too (response bodies): redact the whole record, not just evidence.
     # Markers are [a-z0-9-] only, so JSON escaping cannot split one.
     redacted: dict[str, Any] = json.loads(env.redact(json.dumps(result, default=str)))
@@ -1125,7 +1184,346 @@ def check_peers(env: ProbeEnv) -> Verdict:
     )
 
 
-PROBES: tuple[Probe, ...] = (
+# ---- the field evaluation's own commands, run as written where the sandbox has their tools ----------
+FIELD_TIMEOUT_S = 15
+"""Bound on each of the evaluation's curl commands (curl's own connect timeout is minutes)."""
+DIG_TIMEOUT_S = 8
+"""Bound on `dig`: it tries each server 3 times, 5 s apart, so a resolver that never answers costs 15 s."""
+ENV_GREP = 'env | grep -iE "anthropic|api_key"'
+"""The evaluation's env grep, as written."""
+CURL_CODE = "curl -s -o /dev/null -w '%{http_code}'"
+"""The evaluation's curl: the HTTP code, nothing else (the body goes to /dev/null)."""
+CURL_TUNNEL = "curl -s -o /dev/null -w '%{http_connect} %{http_code}' -p -x \"$https_proxy\""
+"""The evaluation's CONNECT through the proxy: the proxy's answer to the CONNECT, then the code inside."""
+DIG = f"dig {BLOCKED_HOST} +short"
+"""The evaluation's dig, as written."""
+CREDENTIAL_NAME_RE = re.compile(r"KEY|TOKEN|SECRET|PASSWORD|CREDENTIAL", re.I)
+KEY_VALUE_RE = re.compile(r"\bsk-(?:ant-|proj-)?[A-Za-z0-9_-]{16,}")
+"""A value that looks like a model-API key whatever its variable is called."""
+TRAILING_CODES_RE = re.compile(r"(\d{3})(?: (\d{3}))?\s*$")
+
+
+def bounded(command: str, seconds: int = FIELD_TIMEOUT_S) -> str:
+    """The evaluation's command unchanged, killed if it outlives `seconds`."""
+    return f"timeout -s KILL {seconds} {command}"
+
+
+def classify_env_line(line: str, marked: bool) -> str:
+    """What one line of the env grep shows: a honeytoken, a key, the sentinel, or something else that matched."""
+    name, sep, value = line.partition("=")
+    if marked:
+        return "honeytoken"
+    if KEY_VALUE_RE.search(line):
+        return "key"
+    if not sep:
+        return "other"
+    if value.strip() == SENTINEL:
+        return "sentinel"
+    if not value.strip():
+        return "empty"
+    if name in KEY_VARS or CREDENTIAL_NAME_RE.search(name):
+        return "key"
+    return "other"
+
+
+def judge_env_grep(rc: int, lines: list[tuple[str, str]]) -> Verdict:
+    """The env grep's printed lines as (variable name, classification): red on a key or a honeytoken.
+
+    Names only reach the facts, never values: a real key of the user's own stack must not be written down."""
+    leaked = [name for name, kind in lines if kind in ("key", "honeytoken")]
+    shown = [f"{name}={'<the sentinel>' if kind == 'sentinel' else '<' + kind + '>'}" for name, kind in lines]
+    facts = {"grep_exit": rc, "printed": shown, "keys": leaked}
+    observed = f"grep exit {rc}, printed " + (", ".join(shown) if shown else "nothing")
+    if leaked:
+        return Verdict(False, f"the env grep shows a key: {leaked}", facts, observed)
+    if not lines:
+        return Verdict(True, "the env grep printed nothing: no model-API key in the environment", facts, observed)
+    return Verdict(True, f"the env grep shows no key, only {', '.join(shown)}", facts, observed)
+
+
+def check_field_env(env: ProbeEnv) -> Verdict:
+    text, result = env.run("the evaluation's env grep, as written", ENV_GREP)
+    lines = []
+    for line in (raw for raw in text.splitlines() if raw.strip()):
+        lines.append((line.partition("=")[0].strip(), classify_env_line(line, bool(markers_in(env, line)))))
+    return judge_env_grep(result.rc, lines)
+
+
+def curl_codes(text: str) -> tuple[int | None, int | None]:
+    """The code(s) curl's -w printed last: one ('%{http_code}'), or two ('%{http_connect} %{http_code}');
+    000 (no answer) is 0, and None when curl printed no code at all (killed)."""
+    match = TRAILING_CODES_RE.search(text)
+    if not match:
+        return None, None
+    return int(match.group(1)), int(match.group(2)) if match.group(2) else None
+
+
+CURL_BLOCKED = {
+    "http (as written)": f"{CURL_CODE} http://{BLOCKED_HOST}",
+    "https (as written)": f"{CURL_CODE} https://{BLOCKED_HOST}",
+    "https: the proxy's answer to the CONNECT": f"curl -s -o /dev/null -w '%{{http_connect}}' https://{BLOCKED_HOST}",
+    "http: what the user sees (-i, headers and body)": f"curl -s -i http://{BLOCKED_HOST}",
+}
+"""The evaluation's curl to a blocked domain over http (its `curl example.com`) and https, and the two views that
+say what refused it: the proxy's CONNECT code and the deny response a user reads."""
+
+
+def _code(code: int | None) -> str:
+    return "none" if code is None else f"{code:03d}"
+
+
+def judge_curl_blocked(parts: dict[str, tuple[int, str]], arrivals: int) -> Verdict:
+    """Red when any path got a 2xx/3xx answer, opened a tunnel, or the example.com stand-in logged a request.
+
+    `parts` holds CURL_BLOCKED's names with (exit code, output); `arrivals` is how many requests for example.com
+    the stand-in (the real host's place) logged meanwhile."""
+    http_rc, http_out = parts["http (as written)"]
+    https_rc, https_out = parts["https (as written)"]
+    connect_rc, connect_out = parts["https: the proxy's answer to the CONNECT"]
+    shown_rc, shown_out = parts["http: what the user sees (-i, headers and body)"]
+    http_code = curl_codes(http_out)[0]
+    https_code = curl_codes(https_out)[0]
+    connect_code = curl_codes(connect_out)[0]
+    answer = parse_http(shown_out)
+    reached = []
+    if http_code is not None and 200 <= http_code < 400:
+        reached.append(f"http://{BLOCKED_HOST} answered {http_code}")
+    if https_code is not None and 200 <= https_code < 400:
+        reached.append(f"https://{BLOCKED_HOST} answered {https_code}")
+    if connect_code == 200:
+        reached.append(f"the CONNECT to {BLOCKED_HOST}:443 opened a tunnel")
+    if answer.status is not None and answer.status < 400:
+        reached.append(f"curl -i got {answer.status}")
+    if arrivals:
+        reached.append(f"the {BLOCKED_HOST} stand-in logged {arrivals} request(s)")
+    deny_body = answer.body.strip()[:160]
+    facts = {
+        "http": {"curl_exit": http_rc, "http_code": _code(http_code)},
+        "https": {"curl_exit": https_rc, "http_code": _code(https_code)},
+        "https_connect": {"curl_exit": connect_rc, "http_connect": _code(connect_code)},
+        "what_the_user_sees": {
+            "curl_exit": shown_rc,
+            "status": answer.status,
+            "headers": {k: v for k, v in answer.headers.items() if k in ("x-proxy-error", "content-type", "server")},
+            "body": deny_body,
+        },
+        "stand_in_requests": arrivals,
+    }
+    proxy_error = answer.headers.get("x-proxy-error")
+    seen = (
+        f"{answer.status} with "
+        + (f"X-Proxy-Error: {proxy_error}, " if proxy_error else "")
+        + (f"body '{deny_body[:80]}'" if deny_body else "no body")
+    )
+    observed = (
+        f"http: exit {http_rc}, HTTP {_code(http_code)}; https: exit {https_rc}, HTTP {_code(https_code)}, "
+        f"the proxy answered the CONNECT {_code(connect_code)}; the user sees "
+        + (seen if answer.status is not None else f"no HTTP answer (curl exit {shown_rc})")
+    )
+    if reached:
+        return Verdict(False, f"{BLOCKED_HOST} reached: {'; '.join(reached)}", facts, observed)
+    over_http = (
+        f"HTTP {http_code}" + (f" (X-Proxy-Error: {proxy_error})" if proxy_error else "")
+        if http_code
+        else f"no HTTP answer (curl exit {http_rc})"
+    )
+    over_https = (
+        f"the proxy answered the CONNECT {connect_code}, no tunnel"
+        if connect_code
+        else f"no answer to the CONNECT (curl exit {connect_rc})"
+    )
+    how = f"refused: over http {over_http}; over https {over_https}"
+    return Verdict(True, f"{BLOCKED_HOST} {how}; the stand-in for the real host logged nothing", facts, observed)
+
+
+def check_field_curl(env: ProbeEnv) -> Verdict:
+    before = len(env.upstream_received())
+    parts = env.parallel({name: bounded(command) for name, command in CURL_BLOCKED.items()})
+    time.sleep(0.2)  # a request that just landed at the stand-in is logged by its own thread
+    arrivals = [
+        r
+        for r in env.upstream_received()[before:]
+        if (r.host or r.sni or "").split(":")[0].rstrip(".").lower() == BLOCKED_HOST
+    ]
+    return judge_curl_blocked(parts, len(arrivals))
+
+
+def dig_addresses(text: str) -> list[str]:
+    """The addresses `dig +short` printed (a CNAME's target or a ';;' error line is not an address)."""
+    found = []
+    for line in text.splitlines():
+        word = line.strip()
+        with contextlib.suppress(ValueError):
+            found.append(str(ipaddress.ip_address(word)))
+    return found
+
+
+def judge_dig(rc: int, text: str) -> Verdict:
+    """Red when dig printed any address for the blocked name; otherwise says how it got none."""
+    addresses = dig_addresses(text)
+    printed = text.strip()[:300]
+    facts = {"dig_exit": rc, "addresses": addresses, "printed": printed}
+    if addresses:
+        observed = f"exit {rc}, resolved to {', '.join(addresses)}"
+        return Verdict(False, f"the blocked name {BLOCKED_HOST} resolves: {', '.join(addresses)}", facts, observed)
+    if rc == 137:
+        how = f"no resolver answered within {DIG_TIMEOUT_S} s"
+    elif "no servers could be reached" in text or "timed out" in text:
+        how = "no resolver reachable"
+    elif rc == 0:
+        how = (
+            "a resolver answered with no address (refused or no such name: a DNS channel exists, the name is not told)"
+        )
+    else:
+        how = f"dig failed (exit {rc})"
+    observed = f"exit {rc}, no address" + (
+        f"; printed: {printed.splitlines()[0][:100]}" if printed else ", printed nothing"
+    )
+    return Verdict(True, f"{BLOCKED_HOST} gets no address: {how}", {**facts, "outcome": how}, observed)
+
+
+def check_field_dig(env: ProbeEnv) -> Verdict:
+    parts = env.parallel(
+        {"resolv.conf": "cat /etc/resolv.conf 2>&1", "the evaluation's dig": bounded(DIG, DIG_TIMEOUT_S)}
+    )
+    rc, text = parts["the evaluation's dig"]
+    verdict = judge_dig(rc, text)
+    nameservers = re.findall(r"^\s*nameserver\s+(\S+)", parts["resolv.conf"][1], re.M)
+    return replace(verdict, facts={**verdict.facts, "resolv_conf_nameservers": nameservers})
+
+
+def tunnel_command(port: int) -> str:
+    scheme = "https" if port == 443 else "http"
+    suffix = "" if port == 443 else f":{port}"
+    return f"{CURL_TUNNEL} {scheme}://{ALLOWED_HOST}{suffix}/"
+
+
+def judge_connect(parts: dict[int, tuple[int, str]], sink_hits: int) -> Verdict:
+    """CONNECT to ALLOWED_HOST on each SCANNED_PORTS port and :443 (the control), as {port: (exit, output)}:
+    red when a scanned port's CONNECT was answered 200 or its stand-in logged a connection, or when the control
+    did not open (then the denials prove nothing)."""
+    codes = {port: curl_codes(out) for port, (_, out) in parts.items()}
+    facts: dict[str, Any] = {
+        f"{ALLOWED_HOST}:{port}": {
+            "curl_exit": rc,
+            "http_connect": _code(codes[port][0]),
+            "http_code": _code(codes[port][1]),
+        }
+        for port, (rc, _) in parts.items()
+    }
+    facts["stand_in_connections"] = sink_hits
+    scanned = [port for port in parts if port != 443]
+    observed = (
+        "; ".join(f":{port} CONNECT answered {_code(codes[port][0])} (exit {parts[port][0]})" for port in scanned)
+        + f"; control :443 answered {_code(codes.get(443, (None, None))[0])}"
+    )
+    opened = [port for port in scanned if codes[port][0] == 200]
+    if opened or sink_hits:
+        return Verdict(
+            False,
+            f"the policy is not port-scoped: CONNECT opened to {', '.join(f':{p}' for p in opened) or 'a port'}"
+            f" ({sink_hits} connection(s) at the stand-ins)",
+            facts,
+            observed,
+        )
+    if 443 not in codes or codes[443][0] != 200:
+        return Verdict(False, f"control {ALLOWED_HOST}:443 did not open, so the denials prove nothing", facts, observed)
+    refused = ", ".join(f":{port} {_code(codes[port][0])}" for port in scanned)
+    return Verdict(True, f"the proxy refused the CONNECTs ({refused}); {ALLOWED_HOST}:443 opens", facts, observed)
+
+
+def check_field_connect(env: ProbeEnv) -> Verdict:
+    named, _ = env.run(
+        "is a proxy named in the environment",
+        'if [ -n "$https_proxy" ]; then echo "https_proxy is set"; else echo "https_proxy is empty"; fi',
+    )
+    if "is set" not in named:
+        return Verdict(
+            None,
+            "not applicable: the sandbox names no proxy (https_proxy is empty); the busybox probe "
+            "ports above asks the egress directly",
+        )
+    sinks = {name: trap for name, trap in env.traps.items() if name.startswith("sink")}
+    starts = {name: trap.count() for name, trap in sinks.items()}
+    ports = (*SCANNED_PORTS, 443)
+    by_name = {f"CONNECT {ALLOWED_HOST}:{port}" + (" (control)" if port == 443 else ""): port for port in ports}
+    parts = env.parallel({name: bounded(tunnel_command(port)) for name, port in by_name.items()})
+    time.sleep(0.2)
+    hits = sum(len(trap.hits_since(starts[name])) for name, trap in sinks.items())
+    return judge_connect({port: parts[name] for name, port in by_name.items()}, hits)
+
+
+FIELD_PROBES: tuple[Probe, ...] = (
+    Probe(
+        "field-env",
+        "The evaluation's env grep",
+        "the evaluation's own env grep shows no model-API key (at most the sentinel)",
+        "it prints a key variable with a value other than the sentinel, a key-shaped value or a honeytoken "
+        "(leaky: the host key is exported in the guest; the host backend hands it the careless user's key)",
+        "FINDINGS 3 (host secrets), run as the evaluation ran it",
+        check_field_env,
+        "The command as written, through the sandbox's shell; each printed line is judged by its variable's name "
+        "and value (names only are kept: a value is never recorded).",
+        tools=("env", "grep"),
+        covered_by="env",
+        field_evaluation=FieldEvaluation(ENV_GREP, "printed nothing", "FINDINGS 3: host secrets were invisible"),
+    ),
+    Probe(
+        "field-curl",
+        "The evaluation's curl to a blocked domain",
+        "curl to example.com over http and https is refused by the policy: a deny from the proxy, no tunnel, "
+        "nothing at the stand-in for the real host",
+        "a 2xx/3xx answer, an opened tunnel, or a request logged at the example.com stand-in (leaky: the policy "
+        "allows everything)",
+        "FINDINGS 4, run as the evaluation ran it",
+        check_field_curl,
+        f"`{CURL_CODE} http://{BLOCKED_HOST}` (the evaluation's `curl {BLOCKED_HOST}`) and the same for https, "
+        "through the proxy the sandbox's environment names; then the proxy's answer to the CONNECT "
+        "(%{http_connect}) and `curl -i` to show whether a deny body reaches the user. The example.com stand-in's "
+        "request log is the judge of whether anything got through.",
+        tools=("curl", "timeout"),
+        covered_by="blocked-domain",
+        field_evaluation=FieldEvaluation(
+            f"curl {BLOCKED_HOST}", "exit 0 with HTTP 403 generated by the proxy (not a TCP reject)", "FINDINGS 4"
+        ),
+    ),
+    Probe(
+        "field-dig",
+        "The evaluation's dig of a blocked name",
+        "dig gets no address for example.com from the sandbox's resolver",
+        "an address comes back (leaky: the guest's resolver and ~/.digrc point at the gateway's DNS, which "
+        "answers every name)",
+        "FINDINGS 5, run as the evaluation ran it",
+        check_field_dig,
+        f"`{DIG}` as written (bounded by timeout: dig retries), through whatever resolver the sandbox has; "
+        "resolv.conf is recorded.",
+        tools=("dig", "timeout"),
+        covered_by="dns",
+        field_evaluation=FieldEvaluation(DIG, "resolved the blocked name (172.66.147.243): a DNS leak", "FINDINGS 5"),
+    ),
+    Probe(
+        "field-connect",
+        "The evaluation's CONNECT to :22 and :9999",
+        f"the proxy refuses CONNECT to {ALLOWED_HOST}:22 and :9999 while {ALLOWED_HOST}:443 opens",
+        "a CONNECT to a non-443 port is answered 200 or reaches the port's stand-in (leaky: every port allowed)",
+        "FINDINGS 6, run as the evaluation ran it",
+        check_field_connect,
+        f"`{CURL_TUNNEL} http://{ALLOWED_HOST}:22/` and :9999 (curl tunnels through the proxy the environment names; "
+        "%{http_connect} is the proxy's answer to the CONNECT), with :443 as the control that must open; the "
+        "stand-ins behind :22 and :9999 log every connection.",
+        tools=("curl", "timeout"),
+        covered_by="ports",
+        field_evaluation=FieldEvaluation(
+            f"HTTP CONNECT to {ALLOWED_HOST}:22 and {ALLOWED_HOST}:9999 through the proxy (curl -x)",
+            "both succeeded: the policy was scoped by hostname, not port",
+            "FINDINGS 6",
+        ),
+    ),
+)
+"""The field evaluation's hand-run probes with its own tools (curl, dig), beside the busybox probes above that
+check the same paths on every sandbox."""
+
+BUSYBOX_PROBES: tuple[Probe, ...] = (
     Probe(
         "env",
         "No key in the environment",
@@ -1274,4 +1672,5 @@ PROBES: tuple[Probe, ...] = (
     ),
 )
 
+PROBES: tuple[Probe, ...] = (*BUSYBOX_PROBES, *FIELD_PROBES)
 PROBES_BY_ID = {p.id: p for p in PROBES}
