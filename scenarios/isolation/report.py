@@ -7,6 +7,7 @@ redacted (markers appear as their id and hash); everything is HTML-escaped here.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +55,10 @@ def section(data: dict[str, Any], run_dir: Path) -> Section | None:
         )
     if info.get("policy"):
         result.notes.append(f"Gateway policy: {info['policy'].get('name')} ({info['policy'].get('file')}).")
-    parts = [_scorecard(card) for card in info["scorecards"]]
+    parts = []
+    for card in info["scorecards"]:
+        parts.append(_scorecard(card))
+        parts.append(_field_evaluation(card))
     parts.append(_honeytokens(info.get("honeytokens") or []))
     result.html = "\n".join(parts)
     return result
@@ -83,6 +87,43 @@ def _scorecard(card: dict[str, Any]) -> str:
         f"<table><caption>{escape(card['sandbox'])} ({escape(card.get('backend', ''))}): "
         f"{card['leaks']} leak(s)</caption><tr><th>probe</th><th>claim</th><th>verdict</th>"
         f"<th>reason / evidence</th></tr>{''.join(rows)}</table>"
+    )
+
+
+BOUND_RE = re.compile(r"^timeout -s KILL \d+ ")
+"""The bound put around each of the evaluation's commands, left out where they are shown as written."""
+TOOL_CHECK = "the tools this probe needs, looked for inside"
+"""The evidence item of a field probe's tool check: not one of the evaluation's commands."""
+
+
+def _field_evaluation(card: dict[str, Any]) -> str:
+    """The field evaluation's hand-run commands beside ours: its command and outcome, ours and our verdict."""
+    rows = []
+    for probe in card["probes"]:
+        field = probe.get("field_evaluation")
+        if not field:
+            continue
+        ours = [item for item in probe.get("evidence", []) if item.get("what") != TOOL_CHECK]
+        commands = "".join(
+            f"<li>{escape(item.get('what', ''))}: <code>{escape(BOUND_RE.sub('', item.get('command', '')))}</code> "
+            f"&rarr; exit {escape(str(item.get('rc')))}{' (killed at its bound)' if item.get('rc') == 137 else ''}</li>"
+            for item in ours
+        )
+        ran = f"<ul>{commands}</ul>" if commands else "<i>not run</i>"
+        rows.append(
+            f'<tr class="{ROW_CLASS[probe["passed"]]}"><td>{escape(probe["id"])}</td>'
+            f"<td><code>{escape(field['command'])}</code><br><small>{escape(field.get('source', ''))}</small></td>"
+            f"<td>{escape(field['outcome'])}</td><td>{ran}</td>"
+            f"<td>{escape(probe.get('observed', ''))}</td><td><b>{VERDICT[probe['passed']]}</b><br>"
+            f"{escape(probe.get('reason', ''))}</td></tr>"
+        )
+    if not rows:
+        return ""
+    return (
+        f"<table><caption>{escape(card['sandbox'])}: the field evaluation's hand-run probes, run here as written "
+        "with its own tools (each bounded by <code>timeout</code>; n/a where the sandbox lacks them)</caption>"
+        "<tr><th>probe</th><th>evaluation's command</th><th>evaluation's outcome</th>"
+        f"<th>our commands</th><th>our outcome</th><th>verdict</th></tr>{''.join(rows)}</table>"
     )
 
 
