@@ -283,7 +283,7 @@ class Probe:
 
 def tools_command(tools: tuple[str, ...]) -> str:
     # One name per `command -v`: busybox's shell looks up only the first of several.
-    return f"for t in {' '.join(tools)}; do command -v \"$t\"; done; true"
+    return f'for t in {" ".join(tools)}; do command -v "$t"; done; true'
 
 
 def tools_found(text: str) -> set[str]:
@@ -1432,25 +1432,31 @@ def judge_connect(parts: dict[int, tuple[int, str]], sink_hits: int) -> Verdict:
     return Verdict(True, f"the proxy refused the CONNECTs ({refused}); {ALLOWED_HOST}:443 opens", facts, observed)
 
 
+PROXY_NAMED = 'if [ -n "$https_proxy" ]; then echo "https_proxy is set"; else echo "https_proxy is empty"; fi'
+"""Whether the environment names a proxy (never its value: a proxy URL may carry a password)."""
+
+
 def check_field_connect(env: ProbeEnv) -> Verdict:
-    named, _ = env.run(
-        "is a proxy named in the environment",
-        'if [ -n "$https_proxy" ]; then echo "https_proxy is set"; else echo "https_proxy is empty"; fi',
-    )
-    if "is set" not in named:
-        return Verdict(
-            None,
-            "not applicable: the sandbox names no proxy (https_proxy is empty); the busybox probe "
-            "ports above asks the egress directly",
-        )
     sinks = {name: trap for name, trap in env.traps.items() if name.startswith("sink")}
     starts = {name: trap.count() for name, trap in sinks.items()}
-    ports = (*SCANNED_PORTS, 443)
-    by_name = {f"CONNECT {ALLOWED_HOST}:{port}" + (" (control)" if port == 443 else ""): port for port in ports}
-    parts = env.parallel({name: bounded(tunnel_command(port)) for name, port in by_name.items()})
-    time.sleep(0.2)
+    by_name = {f"CONNECT {ALLOWED_HOST}:{port}": port for port in SCANNED_PORTS}
+    by_name[f"CONNECT {ALLOWED_HOST}:443 (control)"] = 443
+    # With no proxy named, curl -x "" goes direct: the run says so and the verdict is n/a, not a pass.
+    parts = env.parallel(
+        {"is a proxy named": PROXY_NAMED, **{name: bounded(tunnel_command(port)) for name, port in by_name.items()}}
+    )
+    time.sleep(0.2)  # a connection that just landed at a stand-in is logged by its own thread
     hits = sum(len(trap.hits_since(starts[name])) for name, trap in sinks.items())
-    return judge_connect({port: parts[name] for name, port in by_name.items()}, hits)
+    verdict = judge_connect({port: parts[name] for name, port in by_name.items()}, hits)
+    if "is set" not in parts["is a proxy named"][1] and not hits:
+        return Verdict(
+            None,
+            "not applicable: the sandbox names no proxy (https_proxy is empty), so curl -x has none to CONNECT "
+            "through; the busybox probe ports above asks the egress directly",
+            verdict.facts,
+            verdict.observed,
+        )
+    return verdict
 
 
 FIELD_PROBES: tuple[Probe, ...] = (

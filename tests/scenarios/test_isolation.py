@@ -37,6 +37,8 @@ honeytokens = SCENARIO.honeytokens
 ALL_PROBES = [p.id for p in probes.PROBES]
 VM_STRUCTURAL = {"processes", "kernel"}
 """Probes a microVM passes by construction; their red direction is tested on the host shell."""
+NEEDS_CURL_OR_DIG = {p.id for p in probes.FIELD_PROBES if {"curl", "dig"} & set(p.tools)}
+"""The field evaluation's commands that a busybox sandbox cannot run (n/a there, never a pass)."""
 INTERRUPT_AFTER_PLANT_TIMEOUT_S = 60.0
 
 
@@ -71,13 +73,14 @@ def _verdicts(run: dict[str, Any], probe_id: str) -> list[bool | None]:
 @pytest.mark.qemu
 @pytest.mark.parametrize("probe_id", ALL_PROBES)
 def test_reference_setup_passes(normal: dict[str, Any], probe_id: str) -> None:
-    assert _verdicts(normal, probe_id) == [True, True], json.dumps(
+    expected = [None, None] if probe_id in NEEDS_CURL_OR_DIG else [True, True]  # the busybox guest
+    assert _verdicts(normal, probe_id) == expected, json.dumps(
         [next(p for p in c["probes"] if p["id"] == probe_id) for c in normal["info"]["scorecards"]]
     )[:3000]
 
 
 @pytest.mark.qemu
-@pytest.mark.parametrize("probe_id", sorted(set(ALL_PROBES) - VM_STRUCTURAL))
+@pytest.mark.parametrize("probe_id", sorted(set(ALL_PROBES) - VM_STRUCTURAL - NEEDS_CURL_OR_DIG))
 def test_leaky_setup_turns_probe_red(leaky: dict[str, Any], probe_id: str) -> None:
     assert _verdicts(leaky, probe_id) == [False, False]
 
@@ -85,7 +88,9 @@ def test_leaky_setup_turns_probe_red(leaky: dict[str, Any], probe_id: str) -> No
 @pytest.mark.qemu
 def test_exit_code_gates_ci_and_scorecard_shape(normal: dict[str, Any], leaky: dict[str, Any]) -> None:
     assert normal["exit_code"] == 0 and normal["info"]["leaks"] == 0
-    assert leaky["exit_code"] == 1 and leaky["info"]["leaks"] == 2 * (len(ALL_PROBES) - len(VM_STRUCTURAL))
+    assert leaky["exit_code"] == 1 and leaky["info"]["leaks"] == 2 * (
+        len(ALL_PROBES) - len(VM_STRUCTURAL) - len(NEEDS_CURL_OR_DIG)
+    )
     card = normal["info"]["scorecards"][0]
     assert {"sandbox", "backend", "probes", "leaks"} <= set(card)
     assert {"id", "title", "passed", "evidence"} <= set(card["probes"][0])
@@ -163,11 +168,25 @@ def host_env(tmp_path: Path) -> Iterator[Any]:
             home.remove()
 
 
-@pytest.mark.parametrize("probe_id", ["processes", "kernel", "env"])
+@pytest.mark.parametrize("probe_id", ["processes", "kernel", "env", "field-env"])
 def test_probe_turns_red_without_isolation(host_env: Any, probe_id: str) -> None:
     result = probes.run_probe(probes.PROBES_BY_ID[probe_id], host_env)
     assert result["passed"] is False, result["reason"]
     assert not honeytokens.ANY_MARKER_RE.search(json.dumps(result)), "evidence must be redacted"
+
+
+def test_a_field_probe_without_its_tool_is_not_applicable(host_env: Any) -> None:
+    """Looked for inside, never assumed: a tool the shell cannot find makes the probe n/a, never a pass."""
+    from dataclasses import replace
+
+    lacking = replace(probes.PROBES_BY_ID["field-dig"], tools=("dig", "br-no-such-tool"))
+    result = probes.run_probe(lacking, host_env)
+    assert result["passed"] is None
+    assert result["reason"] == (
+        "not applicable: the sandbox has no br-no-such-tool: the busybox probe dns above covers the same path"
+    )
+    assert [item["command"] for item in result["evidence"]] == [probes.tools_command(lacking.tools)]
+    assert result["field_evaluation"]["command"] == "dig example.com +short"
 
 
 def test_sweep_removes_leftovers_of_a_killed_run() -> None:
@@ -235,7 +254,12 @@ def test_sigterm_mid_run_still_removes_the_honeytokens(tmp_path: Path) -> None:
 # One comparison run (bwrap, host, the command backend's bwrap) serves every test that judges them.
 def _backend_run(comparison: IsolationComparison, label: str) -> dict[str, Any]:
     data = comparison.sub_run(label)
-    return {"exit_code": data["scenario"]["exit_code"], "data": data, "info": data["scenario"]["data"]}
+    return {
+        "exit_code": data["scenario"]["exit_code"],
+        "data": data,
+        "info": data["scenario"]["data"],
+        "run_dir": comparison.out / label,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -263,7 +287,11 @@ def test_bwrap_is_red_only_on_the_shared_kernel(bwrap_run: dict[str, Any]) -> No
         assert _red(card) == {"kernel"}, [(p["id"], p["reason"]) for p in card["probes"] if p["passed"] is False]
         kernel = _probe(card, "kernel")
         assert {"the host's boot id", "the host's exact /proc/version"} <= set(kernel["facts"]["host_signs"])
-        assert all(p["passed"] is not None for p in card["probes"]), "every probe applies to a jail"
+        applies = [p["id"] for p in card["probes"] if p["passed"] is not None]
+        assert set(ALL_PROBES) - set(applies) == NEEDS_CURL_OR_DIG, "every probe applies to a jail but curl's and dig's"
+        for probe_id in NEEDS_CURL_OR_DIG:  # the jail's rootfs is busybox: the evaluation's tools are missing
+            assert re.search(r"the sandbox has no (curl|dig)", _probe(card, probe_id)["reason"])
+        assert _probe(card, "field-env")["passed"] is True
     assert bwrap_run["info"]["evidence_clean"]["clean"]
 
 
@@ -308,6 +336,26 @@ def test_host_backend_is_red_on_the_kernel_and_most_probes(host_run: dict[str, A
         direct = next(item for item in metadata["evidence"] if item["what"].startswith("direct"))
         assert direct["command"].endswith("-e true && echo connected"), "never a request to a real metadata service"
     assert host_run["info"]["evidence_clean"]["clean"]
+
+
+def test_host_backend_runs_the_field_evaluations_commands(host_run: dict[str, Any]) -> None:
+    """The host has curl and dig: the evaluation's commands run as written. Its key is in the environment (red);
+    curl goes through the proxy its environment names, which refuses what the policy blocks (green)."""
+    card = host_run["info"]["scorecards"][0]
+    env = _probe(card, "field-env")
+    assert env["passed"] is False and env["facts"]["keys"] == ["ANTHROPIC_API_KEY"]
+    curl = _probe(card, "field-curl")
+    assert curl["passed"] is True, curl["reason"]
+    assert curl["facts"]["http"] == {"curl_exit": 0, "http_code": "403"}  # as the evaluation saw it
+    assert curl["facts"]["https_connect"]["http_connect"] == "403" and curl["facts"]["stand_in_requests"] == 0
+    assert curl["field_evaluation"]["outcome"].startswith("exit 0 with HTTP 403")
+    connect = _probe(card, "field-connect")
+    assert connect["passed"] is True and connect["facts"]["github.com:22"]["http_connect"] == "403"
+    assert connect["facts"]["github.com:443"]["http_connect"] == "200"
+    dig = _probe(card, "field-dig")  # the host's own resolver: whether it tells example.com depends on the host
+    assert dig["passed"] is (not dig["facts"]["addresses"]) and dig["observed"].startswith("exit ")
+    report = (Path(host_run["run_dir"]) / "report.html").read_text()
+    assert "the field evaluation's hand-run probes" in report and "172.66.147.243" in report
 
 
 @pytest.mark.parametrize("egress", ["squid", "tinyproxy", "mitmproxy"])

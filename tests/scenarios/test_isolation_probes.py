@@ -269,3 +269,131 @@ def test_lookup_outcomes_in_words(rc: int, text: str, outcome: str) -> None:
 def test_every_probe_says_how_it_judges() -> None:
     assert all(p.method for p in probes.PROBES)
     assert probes.PROBES_BY_ID["processes"].proves.startswith("no host process visible (decoy absent)")
+
+
+# ---- the field evaluation's own commands: judged from what curl, dig and the env grep printed ------------------
+# The outputs are those of the host backend behind the gateway (the balanced policy) and of a --leaky set-up.
+GATEWAY_DENY = (
+    "HTTP/1.1 403 Forbidden\r\ncontent-type: application/json\r\nx-proxy-error: blocked-by-allowlist\r\n"
+    'content-length: 60\r\n\r\n{"error": "blocked_by_policy", "decision": "deny", "host": "example.com"}'
+)
+CURL_DENIED = {
+    "http (as written)": (0, "403"),
+    "https (as written)": (56, "000"),
+    "https: the proxy's answer to the CONNECT": (56, "403"),
+    "http: what the user sees (-i, headers and body)": (0, GATEWAY_DENY),
+}
+CURL_ALLOWED = {
+    "http (as written)": (0, "200"),
+    "https (as written)": (60, "000"),
+    "https: the proxy's answer to the CONNECT": (60, "200"),
+    "http: what the user sees (-i, headers and body)": (0, "HTTP/1.1 200 OK\r\n\r\nexample domain"),
+}
+
+
+def test_field_probes_carry_the_evaluations_command_and_outcome() -> None:
+    described = {p.id: p.describe() for p in probes.FIELD_PROBES}
+    assert set(described) == {"field-env", "field-curl", "field-dig", "field-connect"}
+    assert described["field-dig"]["field_evaluation"]["command"] == "dig example.com +short"
+    assert "172.66.147.243" in described["field-dig"]["field_evaluation"]["outcome"]
+    assert described["field-env"]["field_evaluation"]["command"] == 'env | grep -iE "anthropic|api_key"'
+    assert "403" in described["field-curl"]["field_evaluation"]["outcome"]
+    assert "succeeded" in described["field-connect"]["field_evaluation"]["outcome"]
+    assert all(p.covered_by in probes.PROBES_BY_ID for p in probes.FIELD_PROBES)
+    # The busybox probes stay, in front of the field ones.
+    assert [p.id for p in probes.PROBES[: len(probes.BUSYBOX_PROBES)]] == [p.id for p in probes.BUSYBOX_PROBES]
+
+
+@pytest.mark.parametrize(
+    ("printed", "found"),
+    [
+        ("env\ngrep\n", {"env", "grep"}),  # busybox's shell runs its applets as builtins
+        ("/usr/bin/curl\n/usr/bin/timeout\n", {"curl", "timeout"}),
+        ("/usr/bin/dig\n", {"dig"}),
+        ("", set()),
+    ],
+)
+def test_tools_are_read_from_command_v(printed: str, found: set[str]) -> None:
+    assert probes.tools_found(printed) == found
+
+
+@pytest.mark.parametrize(
+    ("line", "kind"),
+    [
+        ("ANTHROPIC_API_KEY=proxy-managed", "sentinel"),
+        ("ANTHROPIC_API_KEY=", "empty"),
+        ("ANTHROPIC_API_KEY=abc123", "key"),
+        ("OPENAI_API_KEY=not-a-sentinel", "key"),
+        ("MY_HELPER=sk-ant-api03-aaaaaaaaaaaaaaaaaaaaaaaa", "key"),
+        ("ANTHROPIC_BASE_URL=http://127.0.0.1:3128", "other"),
+    ],
+)
+def test_env_grep_lines_are_classified(line: str, kind: str) -> None:
+    assert probes.classify_env_line(line, marked=False) == kind
+
+
+def test_env_grep_judgement() -> None:
+    assert probes.judge_env_grep(1, []).passed is True
+    assert probes.judge_env_grep(1, []).observed == "grep exit 1, printed nothing"
+    sentinel = probes.judge_env_grep(0, [("ANTHROPIC_API_KEY", "sentinel")])
+    assert sentinel.passed is True and "<the sentinel>" in sentinel.observed
+    red = probes.judge_env_grep(0, [("ANTHROPIC_API_KEY", "honeytoken"), ("ANTHROPIC_BASE_URL", "other")])
+    assert red.passed is False and red.facts["keys"] == ["ANTHROPIC_API_KEY"]
+
+
+def test_curl_codes_read_the_write_out() -> None:
+    assert probes.curl_codes("403") == (403, None)
+    assert probes.curl_codes("403 000") == (403, 0)
+    assert probes.curl_codes("") == (None, None)
+
+
+def test_curl_to_a_blocked_domain_denied_by_the_proxy_passes() -> None:
+    verdict = probes.judge_curl_blocked(CURL_DENIED, arrivals=0)
+    assert verdict.passed is True, verdict.reason
+    assert verdict.facts["http"] == {"curl_exit": 0, "http_code": "403"}
+    assert verdict.facts["https_connect"]["http_connect"] == "403"
+    assert verdict.facts["what_the_user_sees"]["headers"]["x-proxy-error"] == "blocked-by-allowlist"
+    assert verdict.observed.startswith("http: exit 0, HTTP 403; https: exit 56")
+
+
+def test_curl_to_a_blocked_domain_is_red_when_anything_gets_through() -> None:
+    allowed = probes.judge_curl_blocked(CURL_ALLOWED, arrivals=2)
+    assert allowed.passed is False and "stand-in logged 2" in allowed.reason and "opened a tunnel" in allowed.reason
+    # A proxy that answers 403 while the request still reached the host is a leak too.
+    assert probes.judge_curl_blocked(CURL_DENIED, arrivals=1).passed is False
+
+
+@pytest.mark.parametrize(
+    ("rc", "printed", "passed", "outcome"),
+    [
+        (0, "172.66.147.243\n", False, None),
+        (0, "example.com.cdn.net.\n104.18.26.120\n", False, None),
+        (0, "", True, "a resolver answered with no address"),
+        (9, ";; communications error to 10.0.2.3#53: timed out\n;; no servers could be reached\n", True, "no resolver"),
+        (137, "", True, f"within {probes.DIG_TIMEOUT_S} s"),
+        (0, "some.cname.only.\n", True, "a resolver answered with no address"),
+    ],
+)
+def test_dig_judgement(rc: int, printed: str, passed: bool, outcome: str | None) -> None:
+    verdict = probes.judge_dig(rc, printed)
+    assert verdict.passed is passed, verdict.reason
+    if outcome is not None:
+        assert outcome in verdict.facts["outcome"]
+    else:
+        assert verdict.facts["addresses"] and "resolved to" in verdict.observed
+
+
+@pytest.mark.parametrize(
+    ("parts", "hits", "passed", "says"),
+    [
+        ({22: (56, "403 000"), 9999: (56, "403 000"), 443: (60, "200 000")}, 0, True, "refused the CONNECTs"),
+        ({22: (0, "200 200"), 9999: (56, "403 000"), 443: (60, "200 000")}, 1, False, "not port-scoped"),
+        ({22: (56, "403 000"), 9999: (56, "403 000"), 443: (60, "200 000")}, 1, False, "not port-scoped"),
+        ({22: (56, "403 000"), 9999: (56, "403 000"), 443: (56, "403 000")}, 0, False, "control"),
+        ({22: (7, "000 000"), 9999: (7, "000 000"), 443: (7, "000 000")}, 0, False, "control"),
+    ],
+)
+def test_connect_judgement(parts: dict[int, tuple[int, str]], hits: int, passed: bool, says: str) -> None:
+    verdict = probes.judge_connect(parts, hits)
+    assert verdict.passed is passed and says in verdict.reason, verdict.reason
+    assert verdict.observed.startswith(":22 CONNECT answered")
