@@ -11,13 +11,16 @@ sink for non-443 ports. A local upstream stands in for api.anthropic.com, exampl
 behind the real gateway (the balanced policy). Then N sandboxes boot behind it, each with the
 project directory (only) copied into /work/project, holding a positive-control marker.
 
-Run: the probes of probes.py, inside each sandbox through its agent, one sandbox after the other
-so host-side trap hits can be attributed. Each yields pass/fail plus evidence (command, redacted
-output excerpt, exit code) and host-side facts.
+Run: the probes of probes.py, inside each sandbox through its agent (the busybox probes everywhere; the
+field evaluation's own commands -- env grep, curl, dig, curl CONNECT -- as written, where `command -v`
+finds their tools), one sandbox after the other so host-side trap hits can be attributed. Each yields
+pass/fail plus evidence (command, redacted output excerpt, exit code) and host-side facts.
 
 Results (results.json["scenario"]["data"]): `scenario`, `backend`, `leaky`, `weakenings`,
 `honeytokens` (id, kind, where, sha256 -- never a value), `marker_regex`, `traps`, `policy`,
-`scorecards` ([{sandbox, backend, probes: [{id, title, passed, reason, evidence, ...}], leaks}]),
+`scorecards` ([{sandbox, backend, probes: [{id, title, passed, reason, evidence, ...}], leaks}]; a probe that
+runs one of the field evaluation's own commands also carries `field_evaluation` {command, outcome, source}, as
+FINDINGS.md records it, and `observed`, what the same command gave here),
 `leaks` (failed probes over all sandboxes), `summary` (per probe id), `detector` (self-test),
 `evidence_clean` (raw markers found in the run directory after the run: must be none).
 
