@@ -111,7 +111,8 @@ def _field_evaluation(card: dict[str, Any]) -> str:
         )
         ran = f"<ul>{commands}</ul>" if commands else "<i>not run</i>"
         rows.append(
-            f'<tr class="{ROW_CLASS[probe["passed"]]}"><td>{escape(probe["id"])}</td>'
+            # Coloured like the scorecard, but not another row of it: the scorecard above counts each verdict once.
+            f'<tr class="{ROW_CLASS[probe["passed"]]} beside"><td>{escape(probe["id"])}</td>'
             f"<td><code>{escape(field['command'])}</code><br><small>{escape(field.get('source', ''))}</small></td>"
             f"<td>{escape(field['outcome'])}</td><td>{ran}</td>"
             f"<td>{escape(probe.get('observed', ''))}</td><td><b>{VERDICT[probe['passed']]}</b><br>"

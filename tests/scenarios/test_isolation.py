@@ -145,6 +145,8 @@ def test_report_has_green_and_red_rows_with_evidence(normal: dict[str, Any], lea
     bad = (Path(leaky["run_dir"]) / "report.html").read_text()
     assert "Isolation scorecard" in good and 'class="fail"' not in good and good.count('class="pass"') >= 26
     assert bad.count('class="fail"') == leaky["info"]["leaks"] and "<details>" in bad
+    # The field evaluation's table repeats the field probes' verdicts beside its outcomes, as rows of its own.
+    assert bad.count('class="fail beside"') == 2 and "the field evaluation's hand-run probes" in bad
 
 
 @pytest.fixture
