@@ -73,8 +73,9 @@ class Fleet:
         if self.gateway and sandbox.ca_bundle is not None:
             started = time.monotonic()
             bundle = shlex.quote(sandbox.ca_bundle)
+            # Appended: an image with a trust store of its own (debian) keeps its CAs beside the gateway's.
             installed = sandbox.exec(
-                f"mkdir -p {shlex.quote(os.path.dirname(sandbox.ca_bundle))} && cat > {bundle}",
+                f"mkdir -p {shlex.quote(os.path.dirname(sandbox.ca_bundle))} && cat >> {bundle}",
                 stdin=self._ca_pem(),
                 timeout=10,
             )
