@@ -1,9 +1,10 @@
 """TLS interception: terminate a CONNECT tunnel the gateway must see into.
 
 The tunnel's first bytes decide the next layer. A TLS ClientHello is answered with a leaf from
-the per-install CA for the CONNECT host, and its SNI must name that host; anything else is plain
-HTTP inside the tunnel. Either way the inner requests go to the HTTP/1 layer, bound to the
-CONNECT target, so each can be checked by method and path and given its credential.
+the per-install CA for the CONNECT host, under the guest-facing TLS profile of the listener the
+connection came in on (tls.TLS_PROFILES), and its SNI must name that host; anything else is plain
+HTTP inside the tunnel. Either way the inner requests go to the HTTP/1 layer, bound to the CONNECT
+target, so each can be checked by method and path and given its credential.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ async def intercept(ctx: Context, host: str, port: int, rule: str, t0: float) ->
         )
         await serve_http(ctx, stream, TunnelDest(host, port, "http"))
         return
-    tls = TlsServerStream(stream, ctx.state.ca.server_context(host))
+    tls = TlsServerStream(stream, ctx.state.ca.server_context(host, ctx.tls_profile))
     try:
         async with asyncio.timeout(ctx.limits.tls_handshake_timeout_s):
             await tls.handshake()
@@ -69,6 +70,7 @@ async def intercept(ctx: Context, host: str, port: int, rule: str, t0: float) ->
             rule="sni-check" if "sni" in reason else rule,
             intercepted=True,
             reason=reason,
+            tls_profile=ctx.tls_profile,
             status=None,
             duration_ms=round((time.perf_counter() - t0) * 1000.0, 3),
         )
@@ -85,6 +87,7 @@ async def intercept(ctx: Context, host: str, port: int, rule: str, t0: float) ->
         status=200,
         intercepted=True,
         duration_ms=round((time.perf_counter() - t0) * 1000.0, 3),
+        tls_profile=ctx.tls_profile,
     )
     try:
         await serve_http(ctx, tls, TunnelDest(host, port, "https"))
