@@ -52,13 +52,16 @@ async def intercept(ctx: Context, host: str, port: int, rule: str, t0: float) ->
         async with asyncio.timeout(ctx.limits.tls_handshake_timeout_s):
             await tls.handshake()
     except (ssl.SSLError, ConnectionError, OSError, TimeoutError) as exc:
+        # No SniResult: the handshake failed before the SNI check ran (OpenSSL picks the version first),
+        # so an old protocol is not reported as a missing SNI.
         sni = tls.sni
-        if sni is None or sni.server_name is None:
+        if sni is not None and sni.server_name is None:
             reason = "tls-no-sni"
-        elif not sni.ok:
+        elif sni is not None and not sni.ok:
             reason = "tls-sni-mismatch"
         else:
-            reason = f"tls-handshake-failed: {type(exc).__name__}"
+            detail = exc.reason if isinstance(exc, ssl.SSLError) and exc.reason else type(exc).__name__
+            reason = f"tls-handshake-failed: {detail}"
         ctx.count("denied" if "sni" in reason else "errors", 1)
         ctx.audit(
             event="connect",
