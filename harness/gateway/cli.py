@@ -87,7 +87,7 @@ async def serve(
     tmp.rename(config.state_dir / READY_FILE)
     if announce:
         for sandbox, port in ports.items():
-            print(f"gateway: sandbox {sandbox} -> http://{config.listen_host}:{port} (TLS {tls_profile})", flush=True)
+            print(f"gateway: sandbox {sandbox} (TLS {tls_profile}) -> http://{config.listen_host}:{port}", flush=True)
         print(f"gateway: CA certificate {gw.state.ca.ca_dir / 'ca.pem'}; control {control.path}", flush=True)
     watchdog = asyncio.ensure_future(_exit_with_parent(config, stop))
     try:
