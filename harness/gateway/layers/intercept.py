@@ -55,14 +55,14 @@ async def intercept(ctx: Context, host: str, port: int, rule: str, t0: float) ->
         # No SniResult: the handshake failed before the SNI check ran (OpenSSL picks the version first),
         # so an old protocol is not reported as a missing SNI.
         sni = tls.sni
-        if sni is not None and sni.server_name is None:
-            reason = "tls-no-sni"
-        elif sni is not None and not sni.ok:
-            reason = "tls-sni-mismatch"
-        else:
+        sni_refused = False
+        if sni is None or sni.ok:
             detail = exc.reason if isinstance(exc, ssl.SSLError) and exc.reason else type(exc).__name__
             reason = f"tls-handshake-failed: {detail}"
-        ctx.count("denied" if "sni" in reason else "errors", 1)
+        else:
+            sni_refused = True
+            reason = "tls-no-sni" if sni.server_name is None else "tls-sni-mismatch"
+        ctx.count("denied" if sni_refused else "errors", 1)
         ctx.audit(
             event="connect",
             decision="deny",
@@ -70,7 +70,7 @@ async def intercept(ctx: Context, host: str, port: int, rule: str, t0: float) ->
             scheme="https",
             host=host,
             port=port,
-            rule="sni-check" if "sni" in reason else rule,
+            rule="sni-check" if sni_refused else rule,
             intercepted=True,
             reason=reason,
             tls_profile=ctx.tls_profile,
