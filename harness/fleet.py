@@ -46,6 +46,8 @@ class Fleet:
         self.live: dict[str, Sandbox] = {}
         self.listener_ports: dict[str, int | None] = {}
         """Each sandbox's gateway listener port on host loopback (None without a gateway)."""
+        self.tls_profiles: dict[str, str] = {}
+        """Each sandbox's listener's guest-facing TLS profile (gateway tls.TLS_PROFILES); only with a gateway."""
         self.provision_ms: dict[str, float] = {}
         """Time spent after agent-ready installing the gateway CA, per sandbox."""
         self._lock = threading.Lock()
@@ -53,9 +55,15 @@ class Fleet:
 
     def boot(self, sandbox_id: str, **overrides: object) -> Sandbox:
         """Boot one sandbox behind its own gateway listener; raises BootFailed on failure."""
-        gateway_port = self.gateway.add_sandbox(sandbox_id) if self.gateway else self.egress_port
+        # sha1-compat until every backend names its guest image's profile: busybox's ssl_client needs it.
+        tls_profile: str = getattr(self.backend, "tls_profile", "sha1-compat")
+        gateway_port = (
+            self.gateway.add_sandbox(sandbox_id, tls_profile=tls_profile) if self.gateway else self.egress_port
+        )
         with self._lock:
             self.listener_ports[sandbox_id] = gateway_port
+            if self.gateway:
+                self.tls_profiles[sandbox_id] = tls_profile
         spec = replace(
             self.template,
             id=sandbox_id,
