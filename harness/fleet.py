@@ -55,8 +55,8 @@ class Fleet:
 
     def boot(self, sandbox_id: str, **overrides: object) -> Sandbox:
         """Boot one sandbox behind its own gateway listener; raises BootFailed on failure."""
-        # sha1-compat until every backend names its guest image's profile: busybox's ssl_client needs it.
-        tls_profile: str = getattr(self.backend, "tls_profile", "sha1-compat")
+        # The listener's guest-facing TLS follows the image's clients: strict, but SHA-1 for busybox's ssl_client.
+        tls_profile = self.backend.tls_profile
         gateway_port = (
             self.gateway.add_sandbox(sandbox_id, tls_profile=tls_profile) if self.gateway else self.egress_port
         )

@@ -7,7 +7,7 @@ import threading
 from dataclasses import replace
 from pathlib import Path
 
-from harness.errors import ConfigError
+from harness.errors import ConfigError, EnvironmentMissing
 from harness.image import GuestImage, build_image
 from harness.image.catalog import IMAGES, image_kind
 from harness.paths import cache_dir
@@ -200,14 +200,21 @@ def create_backend(options: BackendOptions) -> QemuBackend:
     reason = verdict.reason + (" (cached verdict)" if verdict.cached else "")
     boot_mode = options.argument or options.boot_mode
     backend = QemuBackend(image, verdict.accel, reason, boot_mode, options.cache, memory_sharing=options.memory_sharing)
-    backend.template_for(
-        SandboxSpec(
-            id="template",
-            workdir=options.cache,
-            mem_mib=options.mem_mib,
-            vcpus=options.vcpus,
-            reclaim=backend.features.reclaim,
-            shared_ram=backend.file_backed,
+    try:
+        backend.template_for(
+            SandboxSpec(
+                id="template",
+                workdir=options.cache,
+                mem_mib=options.mem_mib,
+                vcpus=options.vcpus,
+                reclaim=backend.features.reclaim,
+                shared_ram=backend.file_backed,
+            )
         )
-    )
+    except BootFailed as failed:
+        # Nothing can be measured without the template: one line, not a traceback.
+        raise EnvironmentMissing(
+            f"the {image.name} template guest did not boot under {verdict.accel} ({failed.reason}); "
+            "try --boot-mode cold to see a guest's console log in the run directory"
+        ) from None
     return backend

@@ -68,6 +68,11 @@ RESTORED_PROBE_TIMEOUT_S = 3.0
 answer takes ~250-400 ms under TCG (every path translated afresh). A 0.5 s wait gave up on one in two
 of them, and the retry queued behind the abandoned request: ~500 ms lost per clone (measured here)."""
 
+ROOT_DISK_PROBE_TIMEOUT_S = 15.0
+"""The same for an image with a root disk (debian) once its own init runs, or restored: its network is up, and
+its first answer runs a dynamically linked userland that TCG translates afresh (~1 s cold, ~4 s for a clone on
+a busy host, measured here); an abandoned probe would only queue the next one behind it."""
+
 STOP_GRACE_S = 2.0
 """QEMU exits on SIGTERM at once; this bounds a wedged one."""
 
@@ -478,10 +483,11 @@ class Microvm:
         """One readiness request: the guest's meminfo; a restored clone, which still carries the template's
         name and RNG state, is renamed and given host randomness in the same request (one agent round
         trip costs ~100-200 ms under TCG, so not two). Never waits past the boot's deadline (`left_s`)."""
-        # Once an image's own init runs on its root disk, its network is long up, and its first answer takes
-        # ~0.9 s under TCG (a dynamically linked userland translated afresh): probe it like a clone.
-        patient = self.restored or "root" in self.boot.marks_ms
-        wait = max(min(RESTORED_PROBE_TIMEOUT_S if patient else READY_PROBE_TIMEOUT_S, left_s), 0.01)
+        if self.image.disk is not None and (self.restored or "root" in self.boot.marks_ms):
+            wait_s = ROOT_DISK_PROBE_TIMEOUT_S
+        else:
+            wait_s = RESTORED_PROBE_TIMEOUT_S if self.restored else READY_PROBE_TIMEOUT_S
+        wait = max(min(wait_s, left_s), 0.01)
         if not self.restored:
             return agent_exec(self.agent_port, "cat /proc/meminfo", timeout=5, transport_timeout=wait)
         return agent_exec(
