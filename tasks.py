@@ -27,6 +27,7 @@ from harness.taskargs import VariadicTask
         "boot_timeout": "seconds before a boot counts as failed",
         "boot_mode": "snapshot (restore a booted template) | cold (boot the kernel every time)",
         "memory_sharing": "off | file (clones map the template's RAM file) | ksm | file+ksm",
+        "image": "guest image: busybox (small default) | debian (curl, git, pip, the model SDKs)",
         "policy": "gateway policy: open | balanced | locked | path to a policy YAML",
         "guest_samples": "timed requests through the gateway from inside each sandbox",
         "proxy": "run the proxy bench: Locust rounds and hey capacity (--no-proxy: no Locust, hey or peer proxy)",
@@ -56,6 +57,7 @@ def bench(
     boot_timeout=None,
     boot_mode=None,
     memory_sharing=None,
+    image=None,
     policy=None,
     guest_samples=None,
     proxy=True,
@@ -91,6 +93,7 @@ def bench(
             "boot_timeout": boot_timeout,
             "boot_mode": boot_mode,
             "memory_sharing": memory_sharing,
+            "image": image,
             "policy": policy,
             "guest_samples": guest_samples,
             "proxy": proxy,
@@ -189,12 +192,12 @@ def _int(value):
     return cli.parse_number(value, int)
 
 
-@task
-def image(c):
-    """Fetch the Debian guest kernel and build (or reuse) the busybox initramfs."""
+@task(help={"name": "busybox (the default: an initramfs) | debian (debootstrap, the SDKs, a squashfs root disk)"})
+def image(c, name="busybox"):
+    """Fetch the Debian guest kernel and build (or reuse) a guest image: the busybox initramfs, or debian."""
     from harness import cli
 
-    cli.image()
+    cli.image(name)
 
 
 @task(
@@ -214,6 +217,7 @@ def image(c):
         "boot_timeout": "seconds before a boot counts as failed",
         "boot_mode": "snapshot | cold",
         "memory_sharing": "off | file | ksm | file+ksm",
+        "image": "guest image: busybox | debian",
         "sandboxes": "--set sandboxes=N (isolation, retry-403)",
         "leaky": "--set leaky=true (isolation: weaken the setup so the probes must turn red)",
         "file": "--set file=PATH (proxy-chaos: timeline YAML)",
@@ -238,6 +242,7 @@ def scenario(
     boot_timeout=None,
     boot_mode=None,
     memory_sharing=None,
+    image=None,
     sandboxes=None,
     leaky=False,
     file=None,
@@ -263,6 +268,7 @@ def scenario(
             "boot_timeout": boot_timeout,
             "boot_mode": boot_mode,
             "memory_sharing": memory_sharing,
+            "image": image,
         },
         aliases={
             "sandboxes": sandboxes,

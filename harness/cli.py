@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -265,17 +266,28 @@ def compare(runs: Iterable[str], out: str | None, baseline: str | None, force: b
     return path
 
 
-def image() -> None:
+def image(name: str = "busybox") -> None:
     from harness.image import build_image
+    from harness.image.catalog import image_kind
     from harness.paths import cache_dir
 
     with user_errors():
-        built = build_image(cache_dir())
+        image_kind(name)
+        started = time.monotonic()
+        built = build_image(cache_dir(), name)
     console.print(
+        f"{name} image in {time.monotonic() - started:.1f} s (0 when cached)\n"
         f"guest kernel {built.kernel_release}: {built.kernel}\n"
         f"initramfs ({built.initrd.stat().st_size // 1024} KiB, modules {', '.join(built.modules)}): "
         f"{built.initrd}"
     )
+    if built.disk is not None:
+        build = built.build
+        console.print(
+            f"root disk ({built.disk.stat().st_size / 2**20:.0f} MiB squashfs of a "
+            f"{int(str(build.get('rootfs_bytes', 0))) / 2**20:.0f} MiB root; cold build {build.get('build_s')} s): "
+            f"{built.disk}"
+        )
 
 
 def scenario(

@@ -42,6 +42,7 @@ RUN_FLAGS: dict[str, str] = {
     "boot_timeout": "boot_timeout_s",
     "boot_mode": "boot_mode",
     "memory_sharing": "memory_sharing",
+    "image": "image",
 }
 """The flags every run has (the bench and each scenario) -> RunConfig fields."""
 
@@ -173,6 +174,9 @@ class RunConfig:
     memory_sharing: Literal["off", "file", "ksm", "file+ksm"] = "off"
     """off (each clone holds its own copy of the template's RAM), file (the template's RAM is a file every
     clone maps privately), ksm (Linux KSM on while the run lasts), or file+ksm."""
+    image: Literal["busybox", "debian"] = "busybox"
+    """Guest userland: busybox (a 1 MB initramfs) or debian (Debian 12 with curl, git, pip and the model SDKs,
+    built once with debootstrap)."""
 
     def validate(self) -> None:
         # Imported here, not at the top: tasks.py imports this module for the config keys on every
@@ -194,6 +198,11 @@ class RunConfig:
             floor = backend_features(name).min_mem_mib
             if floor is not None and self.mem_mib < floor:
                 raise ConfigError(f"--mem-mib must be at least {floor} for the {name} backend, not {self.mem_mib}")
+            if self.image not in backend_features(name).images:
+                raise ConfigError(
+                    f"--image {self.image}: the {name} backend cannot run that image; "
+                    f"use one of {', '.join(backend_features(name).images)}"
+                )
             if self.memory_sharing not in backend_features(name).memory_sharing:
                 raise ConfigError(
                     f"--memory-sharing {self.memory_sharing}: the {name} backend shares no memory that way; "

@@ -46,6 +46,8 @@ class Fleet:
         self.live: dict[str, Sandbox] = {}
         self.listener_ports: dict[str, int | None] = {}
         """Each sandbox's gateway listener port on host loopback (None without a gateway)."""
+        self.tls_profiles: dict[str, str] = {}
+        """Each sandbox's listener's guest-facing TLS profile (gateway tls.TLS_PROFILES); only with a gateway."""
         self.provision_ms: dict[str, float] = {}
         """Time spent after agent-ready installing the gateway CA, per sandbox."""
         self._lock = threading.Lock()
@@ -53,9 +55,15 @@ class Fleet:
 
     def boot(self, sandbox_id: str, **overrides: object) -> Sandbox:
         """Boot one sandbox behind its own gateway listener; raises BootFailed on failure."""
-        gateway_port = self.gateway.add_sandbox(sandbox_id) if self.gateway else self.egress_port
+        # The listener's guest-facing TLS follows the image's clients: strict, but SHA-1 for busybox's ssl_client.
+        tls_profile = self.backend.tls_profile
+        gateway_port = (
+            self.gateway.add_sandbox(sandbox_id, tls_profile=tls_profile) if self.gateway else self.egress_port
+        )
         with self._lock:
             self.listener_ports[sandbox_id] = gateway_port
+            if self.gateway:
+                self.tls_profiles[sandbox_id] = tls_profile
         spec = replace(
             self.template,
             id=sandbox_id,
@@ -73,8 +81,9 @@ class Fleet:
         if self.gateway and sandbox.ca_bundle is not None:
             started = time.monotonic()
             bundle = shlex.quote(sandbox.ca_bundle)
+            # Appended: an image with a trust store of its own (debian) keeps its CAs beside the gateway's.
             installed = sandbox.exec(
-                f"mkdir -p {shlex.quote(os.path.dirname(sandbox.ca_bundle))} && cat > {bundle}",
+                f"mkdir -p {shlex.quote(os.path.dirname(sandbox.ca_bundle))} && cat >> {bundle}",
                 stdin=self._ca_pem(),
                 timeout=10,
             )

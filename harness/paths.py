@@ -37,7 +37,11 @@ def cached_dir(root: Path, fill: Callable[[Path], None]) -> Path:
     staging = root.with_name(f"{root.name}.{os.getpid()}.partial")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    fill(staging)
+    try:
+        fill(staging)
+    except BaseException:  # a failed or interrupted build leaves no half-built entry behind
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     (staging / READY_MARK).touch()
     try:
         staging.rename(root)

@@ -66,6 +66,7 @@ class Run:
                 mem_mib=config.mem_mib,
                 boot_mode=config.boot_mode,
                 memory_sharing=config.memory_sharing,
+                image=config.image,
             ),
         )
         self.data["backend"] = describe_backend(self.backend)

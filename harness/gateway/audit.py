@@ -44,6 +44,7 @@ class AuditRecord:
     conn: int | None = None
     reason: str | None = None
     upstream_addr: str | None = None  # address:port the gateway connected to (its socket's peer)
+    tls_profile: str | None = None  # the listener's guest-facing TLS profile, on an intercepted TLS connect
 
 
 class AuditLog:

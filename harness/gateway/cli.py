@@ -26,6 +26,7 @@ from harness.gateway.dial import OverrideError
 from harness.gateway.errors import EXIT_SETUP, SetupError
 from harness.gateway.names import MAX_PORT
 from harness.gateway.server import Gateway
+from harness.gateway.tls import STRICT, TLS_PROFILES, check_profile
 
 log = logging.getLogger("harness.gateway")
 
@@ -50,8 +51,14 @@ def control_socket_path(state_dir: Path) -> Path:
     return Path(tempfile.mkdtemp(prefix="brgw-")) / CONTROL_SOCKET
 
 
-async def serve(config: GatewayConfig, sandboxes: dict[str, int] | None = None, announce: bool = True) -> None:
-    """Run the gateway until SIGTERM/SIGINT or a control `shutdown`."""
+async def serve(
+    config: GatewayConfig,
+    sandboxes: dict[str, int] | None = None,
+    announce: bool = True,
+    tls_profile: str = STRICT,
+) -> None:
+    """Run the gateway until SIGTERM/SIGINT or a control `shutdown`; `sandboxes` (id: port) listen from the
+    start, with guest-facing TLS profile tls_profile."""
     assert config.state_dir is not None
     config.state_dir.mkdir(parents=True, exist_ok=True)
     gw = Gateway(config)
@@ -67,7 +74,7 @@ async def serve(config: GatewayConfig, sandboxes: dict[str, int] | None = None, 
     await control.start()
     ports = {}
     for sandbox, port in (sandboxes or {}).items():
-        listener = await gw.add_sandbox(sandbox, port)
+        listener = await gw.add_sandbox(sandbox, port, tls_profile)
         ports[sandbox] = listener.port
     ready = {
         "pid": os.getpid(),
@@ -80,7 +87,7 @@ async def serve(config: GatewayConfig, sandboxes: dict[str, int] | None = None, 
     tmp.rename(config.state_dir / READY_FILE)
     if announce:
         for sandbox, port in ports.items():
-            print(f"gateway: sandbox {sandbox} -> http://{config.listen_host}:{port}", flush=True)
+            print(f"gateway: sandbox {sandbox} (TLS {tls_profile}) -> http://{config.listen_host}:{port}", flush=True)
         print(f"gateway: CA certificate {gw.state.ca.ca_dir / 'ca.pem'}; control {control.path}", flush=True)
     watchdog = asyncio.ensure_future(_exit_with_parent(config, stop))
     try:
@@ -150,8 +157,10 @@ def run_gateway(
     ca_dir: Path | None = None,
     upstream_overrides: dict[str, str] | None = None,
     upstream_ca: Path | None = None,
+    tls_profile: str = STRICT,
 ) -> None:
-    """Run in the foreground with one listener (sandbox id `sandbox`) on listen_host:port.
+    """Run in the foreground with one listener (sandbox id `sandbox`) on listen_host:port, whose intercepted
+    TLS has profile tls_profile.
 
     Without state_dir a temporary one is made and removed on exit, except an audit log with
     records in it, which is kept and named. Raises SetupError for a configuration to fix."""
@@ -169,7 +178,7 @@ def run_gateway(
     )
     setup_logging(config)
     try:
-        run_loop(serve(config, {sandbox: port}))
+        run_loop(serve(config, {sandbox: port}, tls_profile=check_profile(tls_profile)))
     finally:
         if own_state:
             _remove_state_dir(state, config.audit_path)
@@ -209,6 +218,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--upstream-ca", type=Path, metavar="FILE", help="also trust this CA (PEM) when verifying upstream TLS"
     )
+    parser.add_argument(
+        "--tls-profile",
+        choices=TLS_PROFILES,
+        default=STRICT,
+        help="guest-facing TLS where the gateway intercepts; sha1-compat only for busybox's ssl_client",
+    )
     args = parser.parse_args(argv)
     try:
         if args.config is not None:
@@ -228,6 +243,7 @@ def main(argv: list[str] | None = None) -> int:
             ca_dir=args.ca_dir,
             upstream_overrides=parse_overrides(args.override),
             upstream_ca=args.upstream_ca,
+            tls_profile=args.tls_profile,
         )
     except SetupError as exc:
         # One line the user can act on, which GatewayProcess also reads back from the log.

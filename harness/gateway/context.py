@@ -32,6 +32,8 @@ class Context:
     """This connection's number, as the audit log names it."""
     client: PlainStream
     """The sandbox's end of the connection."""
+    tls_profile: str
+    """The guest-facing TLS profile of that listener (tls.TLS_PROFILES), for the TLS it intercepts."""
     limits: Limits = field(init=False)
     """The gateway's hardening limits (state.limits, kept at hand)."""
     counters: Counter[str] = field(init=False)

@@ -1,6 +1,7 @@
 """The control API: JSON lines over a unix socket that only the host user can open.
 
-Ops: health, add_sandbox {sandbox, port?}, remove_sandbox {sandbox}, stats, ca_cert, shutdown;
+Ops: health, add_sandbox {sandbox, port?, tls_profile?} (tls.TLS_PROFILES; default strict),
+remove_sandbox {sandbox}, stats, ca_cert, shutdown;
 toxics (toxics.py): toxic_add {toxic}, toxic_remove {name}, toxic_clear, toxic_list; and
 set_deny {deny_mode?, loop_breaker?, loop_threshold?, loop_window_s?, loop_answer?} to switch the
 deny answer and the loop breaker (and its answer, "429" or "200-terminal") between runs without
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.gateway.server import Gateway
+from harness.gateway.tls import STRICT, TlsProfileError
 from harness.gateway.toxics import DOWN, Toxic
 
 log = logging.getLogger(__name__)
@@ -76,11 +78,17 @@ class ControlServer:
         if op == "health":
             return {"ok": True, "pid": os.getpid(), "sandboxes": sorted(gw.listeners)}
         if op == "add_sandbox":
-            listener = await gw.add_sandbox(str(request["sandbox"]), int(request.get("port", 0)))
+            try:
+                listener = await gw.add_sandbox(
+                    str(request["sandbox"]), int(request.get("port", 0)), str(request.get("tls_profile", STRICT))
+                )
+            except TlsProfileError as exc:
+                return {"ok": False, "error": str(exc)}
             return {
                 "ok": True,
                 "port": listener.port,
                 "dns_port": listener.dns.port if listener.dns else None,
+                "tls_profile": listener.tls_profile,
             }
         if op == "remove_sandbox":
             return {"ok": True, "removed": await gw.remove_sandbox(str(request["sandbox"]))}

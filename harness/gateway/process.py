@@ -30,9 +30,11 @@ from harness.gateway.control import control_call
 from harness.gateway.credentials import DEFAULT_CREDENTIALS, SENTINEL, CredentialSpec
 from harness.gateway.errors import EXIT_SETUP, SetupError
 from harness.gateway.policy import load_policy
+from harness.gateway.tls import STRICT, TLS_PROFILES, TlsProfileError, check_profile
 
 __all__ = [
     "SENTINEL",
+    "TLS_PROFILES",
     "CredentialSpec",
     "GatewayConfig",
     "GatewayError",
@@ -212,9 +214,14 @@ class GatewayProcess:
             raise GatewayError(f"gateway not running: {self.log_tail()}")
         return control_call(self._control, op, **args)
 
-    def add_sandbox(self, sandbox_id: str, port: int = 0) -> int:
-        """Open a listener for sandbox_id on listen_host (ephemeral port unless given)."""
-        reply = self._call("add_sandbox", sandbox=sandbox_id, port=port)
+    def add_sandbox(self, sandbox_id: str, port: int = 0, tls_profile: str = STRICT) -> int:
+        """Open a listener for sandbox_id on listen_host (ephemeral port unless given). tls_profile: the TLS
+        it offers the guest where it intercepts (tls.TLS_PROFILES): sha1-compat only for busybox's ssl_client."""
+        try:
+            check_profile(tls_profile)
+        except TlsProfileError as exc:
+            raise GatewaySetupError(str(exc)) from None
+        reply = self._call("add_sandbox", sandbox=sandbox_id, port=port, tls_profile=tls_profile)
         self._ports[sandbox_id] = int(reply["port"])
         self._dns_ports[sandbox_id] = reply.get("dns_port")
         return self._ports[sandbox_id]

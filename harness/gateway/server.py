@@ -17,6 +17,7 @@ from harness.gateway.fds import raise_fd_limit
 from harness.gateway.session import run_session
 from harness.gateway.state import GatewayState
 from harness.gateway.streams import STREAM_LIMIT
+from harness.gateway.tls import STRICT, TlsProfileError, check_profile
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +29,7 @@ class SandboxListener:
     sandbox: str
     server: asyncio.Server
     port: int
+    tls_profile: str  # guest-facing TLS of the connections it intercepts (tls.TLS_PROFILES)
     dns: DnsServer | None = None  # when the policy-gated resolver is on
     active: set[asyncio.Task[None]] = field(default_factory=set)
 
@@ -46,19 +48,27 @@ class Gateway:
         self._active_total = 0
 
     # ---- sandboxes -----------------------------------------------------------------------
-    async def add_sandbox(self, sandbox: str, port: int = 0) -> SandboxListener:
+    async def add_sandbox(self, sandbox: str, port: int = 0, tls_profile: str = STRICT) -> SandboxListener:
+        """Open sandbox's listener; adding it again returns the open one, if it has the same TLS profile.
+        Raises TlsProfileError for an unknown profile or one that differs from the open listener's."""
+        check_profile(tls_profile)
         if sandbox in self.listeners:
-            return self.listeners[sandbox]
+            listener = self.listeners[sandbox]
+            if listener.tls_profile != tls_profile:
+                raise TlsProfileError(
+                    f"sandbox {sandbox} already listens with TLS profile {listener.tls_profile}, not {tls_profile}"
+                )
+            return listener
         server = await self._listen(sandbox, port)
         bound = server.sockets[0].getsockname()[1]
-        listener = SandboxListener(sandbox, server, bound)
+        listener = SandboxListener(sandbox, server, bound, tls_profile)
         if self.dns_enabled:
             listener.dns = DnsServer(self.state, sandbox)
             await listener.dns.start(self.config.listen_host)
         self.listeners[sandbox] = listener
         self.state.fds.add_sandbox(sandbox)
         self.state.counters(sandbox)
-        log.info("sandbox %s: listening on %s:%d", sandbox, self.config.listen_host, bound)
+        log.info("sandbox %s: listening on %s:%d (TLS %s)", sandbox, self.config.listen_host, bound, tls_profile)
         return listener
 
     async def _listen(self, sandbox: str, port: int) -> asyncio.Server:
@@ -134,7 +144,7 @@ class Gateway:
         state.stats["connections"] += 1
         counters["connections"] += 1
         try:
-            await run_session(state, sandbox, conn_id, reader, writer)
+            await run_session(state, sandbox, conn_id, reader, writer, listener.tls_profile)
         finally:
             self._active_total -= 1
             listener.active.discard(task)  # type: ignore[arg-type]
@@ -161,7 +171,12 @@ class Gateway:
             **dict(state.stats),
             "active_connections": self._active_total,
             "sandboxes": {
-                sid: {"port": lst.port, "active": len(lst.active), **dict(state.per_sandbox.get(sid, {}))}
+                sid: {
+                    "port": lst.port,
+                    "tls_profile": lst.tls_profile,
+                    "active": len(lst.active),
+                    **dict(state.per_sandbox.get(sid, {})),
+                }
                 for sid, lst in self.listeners.items()
             },
             "loop_trips": state.breaker.trips,

@@ -36,9 +36,11 @@ async def run_session(
     conn_id: int,
     reader: asyncio.StreamReader,
     writer: asyncio.StreamWriter,
+    tls_profile: str,
 ) -> None:
-    """Serve one connection accepted on `sandbox`'s listener until it ends, then close both sides."""
-    ctx = Context(state, sandbox, conn_id, PlainStream(reader, writer))
+    """Serve one connection accepted on `sandbox`'s listener (whose guest-facing TLS profile is tls_profile)
+    until it ends, then close both sides."""
+    ctx = Context(state, sandbox, conn_id, PlainStream(reader, writer), tls_profile)
     try:
         connect = await serve_http(ctx, ctx.client, None)
         if connect is not None:

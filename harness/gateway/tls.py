@@ -2,7 +2,7 @@
 
 The CA's private key stays in ca_dir (mode 0600); only its certificate goes to guests. Leaf
 certificates share one EC key (minting is then a signature, not a key generation) and their
-server contexts are cached per host.
+server contexts are cached per host and guest-facing TLS profile (a property of the sandbox's listener).
 """
 
 from __future__ import annotations
@@ -123,18 +123,35 @@ def _write_private(path: Path, data: bytes) -> None:
         fh.write(data)
 
 
-GUEST_FACING_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:@SECLEVEL=0"
-"""Only forward-secret AEAD suites, but SECLEVEL 0: busybox's ssl_client (the embedded guests' TLS
-client) sends no signature_algorithms extension, so TLS 1.2 falls back to SHA-1 handshake
-signatures, which OpenSSL's default security level refuses. TLS 1.3 clients are unaffected, and the
-gateway's own upstream connections keep the default, strict context."""
+GUEST_FACING_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
+"""Only forward-secret AEAD suites for TLS 1.2 (TLS 1.3's suites are all of that kind already)."""
+STRICT = "strict"
+"""The default: TLS 1.2+, those suites, OpenSSL's default security level (no SHA-1 signatures, as upstream)."""
+SHA1_COMPAT = "sha1-compat"
+"""Those suites at SECLEVEL 0, only for busybox's ssl_client: no signature_algorithms, so TLS 1.2 signs SHA-1."""
+TLS_PROFILES = (STRICT, SHA1_COMPAT)
+"""The guest-facing TLS profiles, one per sandbox listener (they differ only to a TLS 1.2 client)."""
+PROFILE_CIPHERS: dict[str, str] = {STRICT: GUEST_FACING_CIPHERS, SHA1_COMPAT: GUEST_FACING_CIPHERS + ":@SECLEVEL=0"}
+"""Each profile's OpenSSL cipher string, which carries its security level."""
 
 
-def server_context_from_pem(cert_chain_pem: bytes, key_pem: bytes, scratch_dir: Path) -> ssl.SSLContext:
-    """ssl can only load a key from a file: write it privately, load it, delete it at once."""
+class TlsProfileError(SetupError):
+    """A guest-facing TLS profile that is not one of TLS_PROFILES."""
+
+
+def check_profile(profile: str) -> str:
+    """profile itself if it is one of TLS_PROFILES; else TlsProfileError naming them."""
+    if profile not in TLS_PROFILES:
+        raise TlsProfileError(f"unknown TLS profile {profile!r}: use one of {', '.join(TLS_PROFILES)}")
+    return profile
+
+
+def server_context_from_pem(cert_chain_pem: bytes, key_pem: bytes, scratch_dir: Path, profile: str) -> ssl.SSLContext:
+    """A server context of a TLS profile. ssl can only load a key from a file: write it privately, load it,
+    delete it at once."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.set_ciphers(GUEST_FACING_CIPHERS)
+    ctx.set_ciphers(PROFILE_CIPHERS[check_profile(profile)])
     ctx.set_alpn_protocols(ALPN)
     scratch_dir.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(dir=scratch_dir, suffix=".pem")
@@ -193,7 +210,7 @@ class CertificateAuthority:
         self.cert_pem = cert.public_bytes(serialization.Encoding.PEM)
         self._leaf_key = ec.generate_private_key(ec.SECP256R1())
         self._leaf_key_pem = _pem_key(self._leaf_key)
-        self._contexts: OrderedDict[str, ssl.SSLContext] = OrderedDict()
+        self._contexts: OrderedDict[tuple[str, str], ssl.SSLContext] = OrderedDict()
         self._lock = threading.Lock()
 
     @classmethod
@@ -215,17 +232,18 @@ class CertificateAuthority:
         leaf = issue_leaf(self._key, self.cert, self._leaf_key, names)
         return leaf.public_bytes(serialization.Encoding.PEM) + self.cert_pem
 
-    def server_context(self, host: str) -> ssl.SSLContext:
-        """A server context presenting a leaf for host, refusing any other (or no) SNI."""
+    def server_context(self, host: str, profile: str) -> ssl.SSLContext:
+        """A server context of `profile` presenting a leaf for host, refusing any other (or no) SNI."""
+        key = (host, profile)
         with self._lock:
-            ctx = self._contexts.get(host)
+            ctx = self._contexts.get(key)
             if ctx is not None:
-                self._contexts.move_to_end(host)
+                self._contexts.move_to_end(key)
                 return ctx
-        ctx = server_context_from_pem(self.leaf_pem([host]), self._leaf_key_pem, self.ca_dir / "tmp")
+        ctx = server_context_from_pem(self.leaf_pem([host]), self._leaf_key_pem, self.ca_dir / "tmp", profile)
         attach_sni_check(ctx, host)
         with self._lock:
-            self._contexts[host] = ctx
+            self._contexts[key] = ctx
             while len(self._contexts) > LEAF_CONTEXT_CACHE:
                 self._contexts.popitem(last=False)
         return ctx

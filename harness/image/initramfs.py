@@ -1,4 +1,7 @@
-"""The guest image: Debian kernel + a busybox initramfs with the virtio modules and the guest agent."""
+"""The guest image: Debian kernel + a busybox initramfs with the virtio modules and the guest agent.
+
+The debian image boots the same way, with three more modules (virtio_blk, squashfs, overlay) and an init
+that, after the same set-up, switches to the Debian root on the virtio disk (harness.image.debian)."""
 
 from __future__ import annotations
 
@@ -7,11 +10,14 @@ import hashlib
 import os
 import secrets
 import shutil
-from dataclasses import dataclass
-from importlib import resources
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from harness.errors import EnvironmentMissing
+from harness.image.catalog import DEBIAN, image_kind
+from harness.image.debian import build_debian
+from harness.image.files import guest_file
 from harness.image.kernel import Kernel, fetch_kernel
 from harness.image.modules import Module, load_order, read_module_bytes
 from harness.scratch import scratch_dir
@@ -23,6 +29,9 @@ BUSYBOX_PATH = Path("/bin/busybox")
 GUEST_MODULES = ["virtio_mmio", "virtio_net", "virtio_balloon"]
 """Roots of the module set; their dependencies are resolved from modinfo."""
 
+ROOT_DISK_MODULES = ["virtio_blk", "squashfs", "overlay"]
+"""What the debian image's initramfs adds to mount its root: the disk, its filesystem, the writable overlay."""
+
 GUEST_FILES = {
     "init": ("init", 0o755),
     "inittab": ("etc/inittab", 0o644),
@@ -33,7 +42,10 @@ GUEST_FILES = {
 }
 """Files shipped in harness/image/guest/ and where they go in the guest."""
 
-IMAGE_FORMAT = 1
+DEBIAN_INIT = "init-debian"
+"""The debian image's /init in place of busybox's."""
+
+IMAGE_FORMAT = 2
 """Bumped when the layout changes in a way the content hash would not see."""
 
 
@@ -51,10 +63,12 @@ class GuestImage:
     """Module load order baked into the initramfs."""
     digest: str
     """sha256 over every input; names the cached initramfs."""
-
-
-def guest_file(name: str) -> bytes:
-    return resources.files("harness.image").joinpath("guest", name).read_bytes()
+    name: str = "busybox"
+    """The guest image (harness.image.catalog)."""
+    disk: Path | None = None
+    """The read-only root disk (virtio-blk), for an image whose userland is not in the initramfs."""
+    build: Mapping[str, object] = field(default_factory=dict)
+    """How the image's root was built (the debian image's build.json), for the record."""
 
 
 def busybox_binary() -> Path:
@@ -66,18 +80,20 @@ def busybox_binary() -> Path:
     return BUSYBOX_PATH
 
 
-def image_digest(kernel: Kernel, modules: list[Module], busybox: Path) -> str:
-    digest = hashlib.sha256(f"format={IMAGE_FORMAT};release={kernel.release}".encode())
+def image_digest(kernel: Kernel, modules: list[Module], busybox: Path, root: str = "") -> str:
+    digest = hashlib.sha256(f"format={IMAGE_FORMAT};release={kernel.release};root={root}".encode())
     digest.update(hashlib.sha256(kernel.bzimage.read_bytes()).digest())
     digest.update(hashlib.sha256(busybox.read_bytes()).digest())
     for module in modules:
         digest.update(module.name.encode() + hashlib.sha256(module.path.read_bytes()).digest())
     for name in sorted(GUEST_FILES):
         digest.update(name.encode() + guest_file(name))
+    if root:
+        digest.update(guest_file(DEBIAN_INIT))
     return digest.hexdigest()
 
 
-def _stage(root: Path, modules: list[Module], busybox: Path) -> None:
+def _stage(root: Path, modules: list[Module], busybox: Path, init: str) -> None:
     for directory in ("bin", "sbin", "etc", "proc", "sys", "dev", "tmp", "run", "root", "work", "lib/modules"):
         (root / directory).mkdir(parents=True, exist_ok=True)
     shutil.copy2(busybox, root / "bin" / "busybox")
@@ -87,7 +103,7 @@ def _stage(root: Path, modules: list[Module], busybox: Path) -> None:
             os.symlink("busybox", root / "bin" / applet)
     for name, (target, mode) in GUEST_FILES.items():
         path = root / target
-        path.write_bytes(guest_file(name))
+        path.write_bytes(guest_file(init if name == "init" else name))
         path.chmod(mode)
     for module in modules:
         # Stored uncompressed: busybox insmod cannot read .ko.xz.
@@ -113,17 +129,19 @@ def _pack(root: Path, dest: Path) -> None:
     partial.replace(dest)
 
 
-def build_image(cache: Path) -> GuestImage:
-    """Fetch the kernel and build (or reuse from the cache) the initramfs."""
+def build_image(cache: Path, image: str = "busybox") -> GuestImage:
+    """Fetch the kernel and build (or reuse from the cache) the initramfs, and for debian its root disk."""
     kernel = fetch_kernel(cache)
     busybox = busybox_binary()
-    modules = load_order(GUEST_MODULES, kernel.modules_dir)
-    digest = image_digest(kernel, modules, busybox)
+    root = build_debian(cache) if image_kind(image) is DEBIAN else None
+    wanted = GUEST_MODULES + (ROOT_DISK_MODULES if root else [])
+    modules = load_order(wanted, kernel.modules_dir)
+    digest = image_digest(kernel, modules, busybox, root.digest if root else "")
     initrd = cache / "initramfs" / f"{digest[:16]}.cpio.gz"
     if not initrd.exists():
         initrd.parent.mkdir(parents=True, exist_ok=True)
         with scratch_dir("br-initramfs-") as staging:
-            _stage(Path(staging), modules, busybox)
+            _stage(Path(staging), modules, busybox, DEBIAN_INIT if root else "init")
             _pack(Path(staging), initrd)
     return GuestImage(
         kernel=kernel.bzimage,
@@ -131,4 +149,7 @@ def build_image(cache: Path) -> GuestImage:
         kernel_release=kernel.release,
         modules=tuple(m.name for m in modules),
         digest=digest,
+        name=image,
+        disk=root.disk if root else None,
+        build=root.build if root else {},
     )

@@ -76,6 +76,8 @@ class Features:
     """Smallest guest RAM it boots with; None where guest RAM is not a setting."""
     memory_sharing: tuple[str, ...] = ("off",)
     """The --memory-sharing modes it implements (of MEMORY_SHARING)."""
+    images: tuple[str, ...] = ("busybox",)
+    """The guest images (--image, harness.image.catalog) it runs."""
 
 
 @dataclass(frozen=True)
@@ -126,6 +128,8 @@ class BackendOptions:
     """What follows the colon in `--backend MODULE:ARGUMENT` (the command backend's YAML file); None without."""
     memory_sharing: str = "off"
     """How its sandboxes share host memory (MEMORY_SHARING), where the backend can."""
+    image: str = "busybox"
+    """The guest image its sandboxes run (harness.image.catalog)."""
 
 
 @dataclass
@@ -205,6 +209,8 @@ class Backend(Protocol):
     """What it can do."""
     phases: dict[str, str]
     """Every boot phase it records, in order, with what it means (recorded in results.json for the report)."""
+    tls_profile: str
+    """The gateway's guest-facing TLS profile its sandboxes' listeners get, from their image's clients."""
 
     def boot(self, spec: SandboxSpec, supervisor: Supervisor) -> Sandbox:
         """Start a sandbox and return once its agent answers; raise BootFailed otherwise."""

@@ -12,6 +12,7 @@ import shutil
 from pathlib import Path
 
 from harness.errors import ConfigError, EnvironmentMissing
+from harness.image.catalog import IMAGES, image_kind
 from harness.sandbox.base import BackendOptions, BootFailed, Features, SandboxSpec, start_or_stop
 from harness.sandbox.jail import (
     CHANNEL_MOUNT,
@@ -24,7 +25,15 @@ from harness.sandbox.jail import (
 )
 from harness.supervisor import Supervisor, run_tool
 
-FEATURES = Features(snapshot=False, reclaim=False, own_kernel=False, weaken=False, guest_memory=False, min_mem_mib=None)
+FEATURES = Features(
+    snapshot=False,
+    reclaim=False,
+    own_kernel=False,
+    weaken=False,
+    guest_memory=False,
+    min_mem_mib=None,
+    images=tuple(IMAGES),
+)
 """Namespaces on the host's kernel: nothing to snapshot, no guest memory, no kernel of its own."""
 
 PHASES = {
@@ -86,9 +95,11 @@ class BwrapBackend:
     features = FEATURES
     phases = PHASES
 
-    def __init__(self, rootfs: Path, bwrap: str) -> None:
+    def __init__(self, rootfs: Path, bwrap: str, image: str = "busybox") -> None:
         self.rootfs = rootfs
         self.bwrap = bwrap
+        self.image = image
+        self.tls_profile = image_kind(image).tls_profile
 
     def boot(self, spec: SandboxSpec, supervisor: Supervisor) -> BwrapSandbox:
         return start_or_stop(BwrapSandbox(spec, self.rootfs, supervisor, self.bwrap))
@@ -101,6 +112,8 @@ class BwrapBackend:
         return {
             "version": version,
             "isolation": "Linux namespaces (user, pid, net, ipc, uts, cgroup) on the host's kernel",
+            "image": self.image,
+            "tls_profile": self.tls_profile,
             "rootfs": str(self.rootfs),
             "egress": "loopback only; a unix-socket bridge to the sandbox's gateway listener",
         }
@@ -122,9 +135,9 @@ def check_bwrap(bwrap: str, rootfs: Path) -> None:
 def create_backend(options: BackendOptions) -> BwrapBackend:
     """Stage the shared jail rootfs and check that bwrap works here."""
     bwrap = bwrap_binary()
-    rootfs = jail_rootfs(options.cache)
+    rootfs = jail_rootfs(options.cache, options.image)
     check_bwrap(bwrap, rootfs)
-    return BwrapBackend(rootfs, bwrap)
+    return BwrapBackend(rootfs, bwrap, options.image)
 
 
 __all__ = ["FEATURES", "BootFailed", "BwrapBackend", "create_backend"]

@@ -90,6 +90,7 @@ import psutil
 import yaml
 
 from harness.errors import ConfigError
+from harness.image.catalog import IMAGES, image_kind
 from harness.paths import pid_records_dir
 from harness.sandbox.base import (
     BackendOptions,
@@ -114,7 +115,16 @@ from harness.supervisor import (
     run_tool,
 )
 
-FEATURES = Features(snapshot=False, reclaim=False, own_kernel=False, weaken=False, guest_memory=False, min_mem_mib=None)
+FEATURES = Features(
+    snapshot=False,
+    reclaim=False,
+    own_kernel=False,
+    weaken=False,
+    guest_memory=False,
+    min_mem_mib=None,
+    images=tuple(IMAGES),
+)
+"""--image picks BR_ROOTFS for a stack that names it; a stack with a root of its own brings its own userland."""
 """Static: flags are checked against it before the file is read. The stack's own_kernel is a claim, reported
 in describe(); the harness vouches for nothing it cannot see."""
 
@@ -729,10 +739,14 @@ class CommandBackend:
     features = FEATURES
     phases = PHASES
 
-    def __init__(self, stack: Stack, rootfs: Path | None) -> None:
+    def __init__(self, stack: Stack, rootfs: Path | None, image: str = "busybox") -> None:
         self.stack = stack
         self.rootfs = rootfs
         self.name = f"command:{stack.label}"
+        self.image = image
+        self.tls_profile = image_kind(image).tls_profile
+        """The image's profile, also for a stack with its own root: the harness cannot tell what its clients
+        send, so only --image debian asks for the strict one."""
 
     def boot(self, spec: SandboxSpec, supervisor: Supervisor) -> CommandSandbox:
         return start_or_stop(CommandSandbox(spec, self.stack, supervisor, self.rootfs))
@@ -829,8 +843,8 @@ def sweep_leftovers() -> list[str]:
 def create_backend(options: BackendOptions) -> CommandBackend:
     """Validate the stack file; stage the jail rootfs only for a stack that names BR_ROOTFS."""
     stack = load_stack(options.argument)
-    rootfs = jail_rootfs(options.cache) if stack.names("BR_ROOTFS") else None
-    return CommandBackend(stack, rootfs)
+    rootfs = jail_rootfs(options.cache, options.image) if stack.names("BR_ROOTFS") else None
+    return CommandBackend(stack, rootfs, options.image)
 
 
 __all__ = [

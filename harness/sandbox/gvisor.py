@@ -29,6 +29,7 @@ from pathlib import Path
 import psutil
 
 from harness.errors import ConfigError, EnvironmentMissing
+from harness.image.catalog import IMAGES, image_kind
 from harness.paths import pid_records_dir
 from harness.sandbox.base import BackendOptions, BootFailed, Features, SandboxSpec, start_or_stop
 from harness.sandbox.jail import (
@@ -53,7 +54,15 @@ from harness.supervisor import (
     run_tool,
 )
 
-FEATURES = Features(snapshot=False, reclaim=False, own_kernel=True, weaken=False, guest_memory=False, min_mem_mib=None)
+FEATURES = Features(
+    snapshot=False,
+    reclaim=False,
+    own_kernel=True,
+    weaken=False,
+    guest_memory=False,
+    min_mem_mib=None,
+    images=tuple(IMAGES),
+)
 """The sentry is a kernel of its own (it answers `uname -r` with 4.4.0), but with no guest RAM to size,
 nothing to snapshot here, and no MemTotal of its own (it reports the host's)."""
 
@@ -335,9 +344,11 @@ class GvisorBackend:
     features = FEATURES
     phases = PHASES
 
-    def __init__(self, rootfs: Path, runsc: str) -> None:
+    def __init__(self, rootfs: Path, runsc: str, image: str = "busybox") -> None:
         self.rootfs = rootfs
         self.runsc = runsc
+        self.image = image
+        self.tls_profile = image_kind(image).tls_profile
 
     def boot(self, spec: SandboxSpec, supervisor: Supervisor) -> GvisorSandbox:
         return start_or_stop(GvisorSandbox(spec, self.rootfs, supervisor, self.runsc))
@@ -350,6 +361,8 @@ class GvisorBackend:
         return {
             "version": " ".join(version.split()),
             "isolation": "gVisor: a user-space kernel (the sentry) and a file gofer, rootful, one OCI container each",
+            "image": self.image,
+            "tls_profile": self.tls_profile,
             "platform": PLATFORM,
             "platform_reason": PLATFORM_REASON,
             "host_uds": HOST_UDS,
@@ -401,9 +414,9 @@ def check_runsc(runsc: str, rootfs: Path) -> None:
 def create_backend(options: BackendOptions) -> GvisorBackend:
     """Find runsc, stage the shared jail rootfs, and check that runsc runs a container here."""
     runsc = runsc_binary()
-    rootfs = jail_rootfs(options.cache)
+    rootfs = jail_rootfs(options.cache, options.image)
     check_runsc(runsc, rootfs)
-    return GvisorBackend(rootfs, runsc)
+    return GvisorBackend(rootfs, runsc, options.image)
 
 
 def sweep_leftovers() -> list[str]:

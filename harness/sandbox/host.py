@@ -24,6 +24,7 @@ from pathlib import Path
 import psutil
 
 from harness.errors import ConfigError, EnvironmentMissing
+from harness.image.catalog import IMAGES, image_kind
 from harness.image.initramfs import busybox_binary, guest_file
 from harness.paths import cached_dir
 from harness.sandbox.agent import AgentUnavailable, agent_exec, free_port
@@ -40,8 +41,18 @@ from harness.sandbox.base import (
 )
 from harness.supervisor import Supervisor, run_tool
 
-FEATURES = Features(snapshot=False, reclaim=False, own_kernel=False, weaken=False, guest_memory=False, min_mem_mib=None)
-"""A plain process: nothing to snapshot, no guest memory, no kernel of its own, nothing left to weaken."""
+FEATURES = Features(
+    snapshot=False,
+    reclaim=False,
+    own_kernel=False,
+    weaken=False,
+    guest_memory=False,
+    min_mem_mib=None,
+    images=tuple(IMAGES),
+)
+"""A plain process: nothing to snapshot, no guest memory, no kernel of its own, nothing left to weaken. Its
+userland is the host's: --image busybox puts busybox's applets first on PATH, --image debian leaves the host's
+own Debian tools (curl, dig, python3) first."""
 
 PHASES = {"agent": "spawn of the agent listener → its first answer (a plain host process)"}
 """The only phase a host 'boot' has."""
@@ -103,11 +114,15 @@ def _running(process: psutil.Process) -> bool:
 class HostProcess:
     """One 'sandbox' that is a plain host process: the guest agent behind socat on host loopback."""
 
-    def __init__(self, spec: SandboxSpec, userland_dir: Path, supervisor: Supervisor) -> None:
+    def __init__(
+        self, spec: SandboxSpec, userland_dir: Path, supervisor: Supervisor, busybox_first: bool = True
+    ) -> None:
         self.spec = spec
         self.id = spec.id
         self.supervisor = supervisor
         self.userland = userland_dir
+        self.applets = [str(userland_dir / "bin")] if busybox_first else []
+        """PATH entries before the host's own: busybox's applets, unless the host's tools stand in for debian."""
         self.boot = BootRecord()
         self.agent_port = free_port()
         """Host loopback port of the agent listener."""
@@ -130,7 +145,7 @@ class HostProcess:
         """What a careless user's shell would have: built from nothing, never copied from the host's."""
         proxy = f"http://{self.network.egress}"
         return {
-            "PATH": f"{self.userland / 'bin'}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            "PATH": ":".join([*self.applets, "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"]),
             "HOME": str(self.home),
             "LANG": "C.UTF-8",
             "HTTP_PROXY": proxy,
@@ -139,6 +154,8 @@ class HostProcess:
             "https_proxy": proxy,
             "NO_PROXY": "localhost,127.0.0.1",
             "SSL_CERT_FILE": self.ca_bundle,
+            "REQUESTS_CA_BUNDLE": self.ca_bundle,
+            "PIP_CERT": self.ca_bundle,
             "BR_PROFILE": "/dev/null",
             "BR_WORKDIR": str(self.workdir / "work"),
             "BR_TMP": str(self.workdir / "tmp"),
@@ -229,11 +246,13 @@ class HostBackend:
     features = FEATURES
     phases = PHASES
 
-    def __init__(self, userland_dir: Path) -> None:
+    def __init__(self, userland_dir: Path, image: str = "busybox") -> None:
         self.userland = userland_dir
+        self.image = image
+        self.tls_profile = image_kind(image).tls_profile
 
     def boot(self, spec: SandboxSpec, supervisor: Supervisor) -> HostProcess:
-        return start_or_stop(HostProcess(spec, self.userland, supervisor))
+        return start_or_stop(HostProcess(spec, self.userland, supervisor, busybox_first=self.image == "busybox"))
 
     def weaken(self, engine_socket: Path) -> HostBackend:
         raise ConfigError("the host backend has no isolation to weaken; run --leaky with --backend qemu")
@@ -243,6 +262,9 @@ class HostBackend:
         return {
             "isolation": "none: plain host processes of the invoking user (the negative control)",
             "agent_listener": next((line for line in version.splitlines() if "socat version" in line), "socat"),
+            "image": f"{self.image}: "
+            + ("busybox applets first on PATH" if self.image == "busybox" else "the host's own tools"),
+            "tls_profile": self.tls_profile,
             "userland": str(self.userland),
         }
 
@@ -250,4 +272,4 @@ class HostBackend:
 def create_backend(options: BackendOptions) -> HostBackend:
     """Stage the busybox userland; nothing else to prepare."""
     socat_binary()
-    return HostBackend(userland(options.cache))
+    return HostBackend(userland(options.cache), options.image)

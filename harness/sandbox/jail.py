@@ -25,6 +25,8 @@ from pathlib import Path
 import psutil
 
 from harness.errors import EnvironmentMissing
+from harness.image.catalog import DEBIAN, image_kind
+from harness.image.debian import build_debian
 from harness.image.initramfs import busybox_binary, guest_file
 from harness.paths import cached_dir
 from harness.sandbox.agent import AgentUnavailable, agent_exec
@@ -83,9 +85,12 @@ def shared_libraries(binary: Path) -> list[Path]:
     return [Path(p) for p in paths]
 
 
-def jail_rootfs(cache: Path) -> Path:
-    """The jails' root: busybox and its applets, socat with its libraries, the agent and the jail init,
-    made once per content and shared read-only by every jail (never the host's own /)."""
+def jail_rootfs(cache: Path, image: str = "busybox") -> Path:
+    """The jails' root, made once per content and shared read-only by every jail (never the host's own /):
+    for busybox, its applets, socat with its libraries, the agent and the jail init; for debian, the
+    debian image's own root (harness.image.debian), which carries the same agent and init."""
+    if image_kind(image) is DEBIAN:
+        return build_debian(cache).rootfs
     busybox = busybox_binary()
     socat = socat_binary()
     libraries = shared_libraries(socat)

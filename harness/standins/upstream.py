@@ -30,7 +30,7 @@ import h11
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from harness.gateway.tls import issue_leaf, make_ca, server_context_from_pem
+from harness.gateway.tls import SHA1_COMPAT, issue_leaf, make_ca, server_context_from_pem
 from harness.scratch import make_scratch_dir, remove_scratch_dir
 
 DEFAULT_NAMES = (
@@ -90,7 +90,8 @@ class UpstreamServer:
         key_pem = leaf_key.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
         )
-        ctx = server_context_from_pem(chain, key_pem, tmp)
+        # As before the profiles: a busybox guest's ssl_client may reach it through a peer's blind tunnel.
+        ctx = server_context_from_pem(chain, key_pem, tmp, SHA1_COMPAT)
 
         def remember_sni(sslobj: ssl.SSLObject, name: str | None, _ctx: ssl.SSLContext) -> None:
             sslobj.upstream_sni = name  # type: ignore[attr-defined]

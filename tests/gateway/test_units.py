@@ -36,7 +36,7 @@ from harness.gateway.policy import (
     normalise_path,
     policy_from_dict,
 )
-from harness.gateway.tls import CertificateAuthority
+from harness.gateway.tls import SHA1_COMPAT, STRICT, CertificateAuthority
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -309,8 +309,9 @@ def test_ca_is_per_install_and_private(tmp_path: Path) -> None:
     assert ca.cert_pem == again.cert_pem
     assert b"PRIVATE KEY" not in ca.cert_pem
     assert stat.S_IMODE(os.stat(tmp_path / "ca-key.pem").st_mode) == 0o600
-    ctx = ca.server_context("api.example.com")
-    assert ctx is ca.server_context("api.example.com")  # cached
+    ctx = ca.server_context("api.example.com", STRICT)
+    assert ctx is ca.server_context("api.example.com", STRICT)  # cached per host and profile
+    assert ca.server_context("api.example.com", SHA1_COMPAT) is not ctx
     assert not list((tmp_path / "tmp").iterdir())  # leaf key files are deleted after loading
     client = ssl.create_default_context(cadata=ca.cert_pem.decode())
     incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()

@@ -1,9 +1,10 @@
 """TLS interception: terminate a CONNECT tunnel the gateway must see into.
 
 The tunnel's first bytes decide the next layer. A TLS ClientHello is answered with a leaf from
-the per-install CA for the CONNECT host, and its SNI must name that host; anything else is plain
-HTTP inside the tunnel. Either way the inner requests go to the HTTP/1 layer, bound to the
-CONNECT target, so each can be checked by method and path and given its credential.
+the per-install CA for the CONNECT host, under the guest-facing TLS profile of the listener the
+connection came in on (tls.TLS_PROFILES), and its SNI must name that host; anything else is plain
+HTTP inside the tunnel. Either way the inner requests go to the HTTP/1 layer, bound to the CONNECT
+target, so each can be checked by method and path and given its credential.
 """
 
 from __future__ import annotations
@@ -46,19 +47,22 @@ async def intercept(ctx: Context, host: str, port: int, rule: str, t0: float) ->
         )
         await serve_http(ctx, stream, TunnelDest(host, port, "http"))
         return
-    tls = TlsServerStream(stream, ctx.state.ca.server_context(host))
+    tls = TlsServerStream(stream, ctx.state.ca.server_context(host, ctx.tls_profile))
     try:
         async with asyncio.timeout(ctx.limits.tls_handshake_timeout_s):
             await tls.handshake()
     except (ssl.SSLError, ConnectionError, OSError, TimeoutError) as exc:
+        # No SniResult: the handshake failed before the SNI check ran (OpenSSL picks the version first),
+        # so an old protocol is not reported as a missing SNI.
         sni = tls.sni
-        if sni is None or sni.server_name is None:
-            reason = "tls-no-sni"
-        elif not sni.ok:
-            reason = "tls-sni-mismatch"
+        sni_refused = False
+        if sni is None or sni.ok:
+            detail = exc.reason if isinstance(exc, ssl.SSLError) and exc.reason else type(exc).__name__
+            reason = f"tls-handshake-failed: {detail}"
         else:
-            reason = f"tls-handshake-failed: {type(exc).__name__}"
-        ctx.count("denied" if "sni" in reason else "errors", 1)
+            sni_refused = True
+            reason = "tls-no-sni" if sni.server_name is None else "tls-sni-mismatch"
+        ctx.count("denied" if sni_refused else "errors", 1)
         ctx.audit(
             event="connect",
             decision="deny",
@@ -66,9 +70,10 @@ async def intercept(ctx: Context, host: str, port: int, rule: str, t0: float) ->
             scheme="https",
             host=host,
             port=port,
-            rule="sni-check" if "sni" in reason else rule,
+            rule="sni-check" if sni_refused else rule,
             intercepted=True,
             reason=reason,
+            tls_profile=ctx.tls_profile,
             status=None,
             duration_ms=round((time.perf_counter() - t0) * 1000.0, 3),
         )
@@ -85,6 +90,7 @@ async def intercept(ctx: Context, host: str, port: int, rule: str, t0: float) ->
         status=200,
         intercepted=True,
         duration_ms=round((time.perf_counter() - t0) * 1000.0, 3),
+        tls_profile=ctx.tls_profile,
     )
     try:
         await serve_http(ctx, tls, TunnelDest(host, port, "https"))

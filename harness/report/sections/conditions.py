@@ -10,6 +10,13 @@ from harness.report.format import mib
 
 ORDER = 0
 
+TLS_WORDS = {
+    "strict": "strict: TLS 1.2+, forward-secret AEAD suites, no SHA-1 handshake signatures",
+    "sha1-compat": "sha1-compat: the same suites, but SHA-1 handshake signatures allowed, because busybox's "
+    "ssl_client sends no signature_algorithms (a concession for busybox sandboxes only)",
+}
+"""The gateway's guest-facing TLS profile of this run's sandbox listeners, in words."""
+
 
 def section(data: dict[str, Any], run_dir: Path) -> Section:
     host, config, backend = data["host"], data["config"], data["backend"]
@@ -34,6 +41,8 @@ def section(data: dict[str, Any], run_dir: Path) -> Section:
         ["guest RAM", f"{config.get('mem_mib')} MiB" if has_guest_ram else None],
         ["boot mode", _boot_mode(backend) if features.get("snapshot", True) else None],
         ["memory sharing", _sharing(data) if "memory_sharing" in config else None],
+        ["guest image", _image(config, backend)],
+        ["guest-facing TLS", TLS_WORDS.get(str(backend.get("tls_profile")), backend.get("tls_profile"))],
         ["guest kernel", backend.get("kernel_release")],
         ["kernel command line", backend.get("kernel_cmdline")],
         ["egress", backend.get("egress")],
@@ -67,6 +76,19 @@ def _host_side(data: dict[str, Any]) -> Section:
     ]
     notes = [] if not data["partial"] else [f"PARTIAL RUN: interrupted by {data.get('interrupted_by')}."]
     return Section(title="Conditions", tables=[("", ["", ""], rows)], notes=notes)
+
+
+def _image(config: dict[str, Any], backend: dict[str, Any]) -> str | None:
+    """The guest image, with the debian image's size and cold build time where the backend recorded them."""
+    shown = backend.get("image") or config.get("image")
+    build = backend.get("image_build") or {}
+    if shown and build:
+        shown = (
+            f"{shown}: Debian {build.get('suite')}, Python {build.get('python')}, {', '.join(build.get('pypi', []))}; "
+            f"root disk {mib(backend.get('root_disk_bytes'))} squashfs of {mib(build.get('rootfs_bytes'))}, "
+            f"built cold in {build.get('build_s')} s"
+        )
+    return shown
 
 
 def _boot_mode(backend: dict[str, Any]) -> str:

@@ -7,8 +7,9 @@ import threading
 from dataclasses import replace
 from pathlib import Path
 
-from harness.errors import ConfigError
+from harness.errors import ConfigError, EnvironmentMissing
 from harness.image import GuestImage, build_image
+from harness.image.catalog import IMAGES, image_kind
 from harness.paths import cache_dir
 from harness.sandbox.base import BOOT_MODES, MEMORY_SHARING, BackendOptions, BootFailed, Features, SandboxSpec
 from harness.sandbox.qemu.accel import decide_accel
@@ -38,6 +39,7 @@ FEATURES = Features(
     guest_memory=True,
     min_mem_mib=96,
     memory_sharing=MEMORY_SHARING,
+    images=tuple(IMAGES),
 )
 """The 6.1 guest kernel panics below 96 MiB."""
 
@@ -63,6 +65,7 @@ class QemuBackend:
         memory_sharing: str = "off",
     ) -> None:
         self.image = image
+        self.tls_profile = image_kind(image.name).tls_profile
         self.accel = accel
         self.accel_reason = accel_reason
         self.boot_mode = boot_mode
@@ -159,6 +162,10 @@ class QemuBackend:
             "shared_files": [str(t.ram_file) for t in self._templates.values() if t.ram_file is not None],
             "tcg_tb_size_mib": TCG_TB_SIZE_MIB if self.accel == "tcg" else None,
             "kernel_cmdline": KERNEL_CMDLINE + (tcg_cmdline() if self.accel == "tcg" else ""),
+            "image": self.image.name,
+            "tls_profile": self.tls_profile,
+            "root_disk_bytes": self.image.disk.stat().st_size if self.image.disk else None,
+            "image_build": {k: v for k, v in self.image.build.items() if k != "package_versions"},
             "kernel_release": self.image.kernel_release,
             "initramfs_bytes": self.image.initrd.stat().st_size,
             "image_digest": self.image.digest,
@@ -187,19 +194,27 @@ def create_backend(options: BackendOptions) -> QemuBackend:
     now, so that the first measured boot is a restore like every other one."""
     qemu_binary()
     socat_binary()
-    image = build_image(options.cache)
-    verdict = decide_accel(options.accel, image, options.cache / "accel-verdicts.json")
+    # The canary boot needs no userland: the small busybox image decides the accelerator for every image.
+    verdict = decide_accel(options.accel, build_image(options.cache), options.cache / "accel-verdicts.json")
+    image = build_image(options.cache, options.image)
     reason = verdict.reason + (" (cached verdict)" if verdict.cached else "")
     boot_mode = options.argument or options.boot_mode
     backend = QemuBackend(image, verdict.accel, reason, boot_mode, options.cache, memory_sharing=options.memory_sharing)
-    backend.template_for(
-        SandboxSpec(
-            id="template",
-            workdir=options.cache,
-            mem_mib=options.mem_mib,
-            vcpus=options.vcpus,
-            reclaim=backend.features.reclaim,
-            shared_ram=backend.file_backed,
+    try:
+        backend.template_for(
+            SandboxSpec(
+                id="template",
+                workdir=options.cache,
+                mem_mib=options.mem_mib,
+                vcpus=options.vcpus,
+                reclaim=backend.features.reclaim,
+                shared_ram=backend.file_backed,
+            )
         )
-    )
+    except BootFailed as failed:
+        # Nothing can be measured without the template: one line, not a traceback.
+        raise EnvironmentMissing(
+            f"the {image.name} template guest did not boot under {verdict.accel} ({failed.reason}); "
+            "try --boot-mode cold to see a guest's console log in the run directory"
+        ) from None
     return backend

@@ -68,11 +68,25 @@ RESTORED_PROBE_TIMEOUT_S = 3.0
 answer takes ~250-400 ms under TCG (every path translated afresh). A 0.5 s wait gave up on one in two
 of them, and the retry queued behind the abandoned request: ~500 ms lost per clone (measured here)."""
 
+ROOT_DISK_PROBE_TIMEOUT_S = 15.0
+"""The same for an image with a root disk (debian) once its own init runs, or restored: its network is up, and
+its first answer runs a dynamically linked userland that TCG translates afresh (~1 s cold, ~4 s for a clone on
+a busy host, measured here); an abandoned probe would only queue the next one behind it."""
+
 STOP_GRACE_S = 2.0
 """QEMU exits on SIGTERM at once; this bounds a wedged one."""
 
-COLD_PHASES = [("kernel_start", "vmm"), ("init", "kernel"), ("network", "userspace"), ("agent_ready", "agent")]
-"""(mark, phase ending at it) for a cold boot."""
+COLD_PHASES = [
+    ("kernel_start", "vmm"),
+    ("init", "kernel"),
+    ("network", "userspace"),
+    ("root", "switch_root"),
+    ("agent_ready", "agent"),
+]
+"""(mark, phase ending at it) for a cold boot; an image without a root disk has no `root` mark."""
+
+CONSOLE_MARKS = {"BR-INIT": "init", "BR-NET": "network", "BR-ROOT": "root"}
+"""What the guest's init scripts print on the serial line (with the guest uptime), and the mark each sets."""
 
 RESTORE_PHASES = [("qmp", "qemu_start"), ("running", "state_load"), ("agent_ready", "first_answer")]
 """(mark, phase ending at it) for a snapshot restore."""
@@ -81,7 +95,9 @@ PHASES = {
     "vmm": "spawn → kernel start (VMM set-up, firmware, kernel decompression)",
     "kernel": "kernel start → /init (guest uptime at init)",
     "userspace": "/init → network up (modules, mounts, interfaces)",
-    "agent": "network up → first answer from the guest agent",
+    "switch_root": "network up → the image's own init on its root disk (mount the disk and overlay, switch_root); "
+    "debian image only",
+    "agent": "network up (or the image's own init) → first answer from the guest agent",
     "qemu_start": "spawn → QEMU's QMP greeting (QEMU set up, no guest state yet)",
     "state_load": "QMP greeting → the guest running (QMP RESUME event): capabilities, migrate-incoming, the "
     "vmstate read, and the resume, which QEMU 7.2 does in the step that ends the load",
@@ -313,11 +329,23 @@ class Microvm:
             netdev,
             "-device",
             "virtio-net-device,netdev=n0",
+            *self.disk_args(),
             "-device",
             f"virtio-balloon-device,free-page-reporting={'on' if spec.reclaim else 'off'}",
             *qmp,
             *restore,
             *self.extra_args,
+        ]
+
+    def disk_args(self) -> list[str]:
+        """The image's read-only root disk, where it has one; a clone gets the same device as its template."""
+        if self.image.disk is None:
+            return []
+        return [
+            "-drive",
+            f"file={self.image.disk},format=raw,if=none,id=root,readonly=on",
+            "-device",
+            "virtio-blk-device,drive=root",
         ]
 
     def kernel_args(self) -> list[str]:
@@ -349,8 +377,9 @@ class Microvm:
                 log.flush()
                 line = raw.decode(errors="replace").strip()
                 self._mark("first_serial", now)
-                if line.startswith(("BR-INIT ", "BR-NET ")):
-                    name = "init" if line.startswith("BR-INIT") else "network"
+                marker = line.split(" ", 1)[0]
+                if marker in CONSOLE_MARKS and " " in line:
+                    name = CONSOLE_MARKS[marker]
                     self._mark(name, now)
                     if name == "init":
                         uptime_s = float(line.split()[1])
@@ -454,7 +483,11 @@ class Microvm:
         """One readiness request: the guest's meminfo; a restored clone, which still carries the template's
         name and RNG state, is renamed and given host randomness in the same request (one agent round
         trip costs ~100-200 ms under TCG, so not two). Never waits past the boot's deadline (`left_s`)."""
-        wait = max(min(RESTORED_PROBE_TIMEOUT_S if self.restored else READY_PROBE_TIMEOUT_S, left_s), 0.01)
+        if self.image.disk is not None and (self.restored or "root" in self.boot.marks_ms):
+            wait_s = ROOT_DISK_PROBE_TIMEOUT_S
+        else:
+            wait_s = RESTORED_PROBE_TIMEOUT_S if self.restored else READY_PROBE_TIMEOUT_S
+        wait = max(min(wait_s, left_s), 0.01)
         if not self.restored:
             return agent_exec(self.agent_port, "cat /proc/meminfo", timeout=5, transport_timeout=wait)
         return agent_exec(
