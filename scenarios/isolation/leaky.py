@@ -63,7 +63,12 @@ def guest_weakening_script(api_key_env: str, network: GuestNetwork, dns_port: in
     if dns_port and network.host_alias is not None:
         # busybox nslookup accepts host:port in resolv.conf; an unrestricted network relays the UDP
         # to host loopback, where the gateway's per-sandbox resolver listens.
-        lines.append(f"echo 'nameserver {network.host_alias}:{dns_port}' >/etc/resolv.conf")
-        # glibc's resolv.conf (what dig reads) has no port; dig's own defaults file does.
-        lines.append(f"echo '@{network.host_alias} -p {dns_port}' >\"$HOME/.digrc\"")
+        # dig (a glibc userland's) cannot parse host:port in resolv.conf and refuses to run at all, so where
+        # it is found the port goes into dig's own defaults file instead.
+        lines.append(
+            "if command -v dig >/dev/null; then "
+            f"echo 'nameserver {network.host_alias}' >/etc/resolv.conf; "
+            f"echo '@{network.host_alias} -p {dns_port}' >\"$HOME/.digrc\"; "
+            f"else echo 'nameserver {network.host_alias}:{dns_port}' >/etc/resolv.conf; fi"
+        )
     return "\n".join(lines)
