@@ -149,6 +149,30 @@ def test_report_has_green_and_red_rows_with_evidence(normal: dict[str, Any], lea
     assert bad.count('class="fail beside"') == 2 and "the field evaluation's hand-run probes" in bad
 
 
+@pytest.mark.qemu
+def test_debian_guest_runs_the_field_evaluations_commands_and_passes(tmp_path: Path) -> None:
+    """The one debian-image run: a microVM with curl and dig runs the evaluation's commands as written, and every
+    probe, busybox's and the evaluation's, passes (peers is n/a with one sandbox). The red direction of the same
+    commands is the host backend's test below and the judging tests in test_isolation_probes.py."""
+    exit_code, run_dir = run_scenario("isolation", {"sandboxes": 1, "image": "debian"}, out=tmp_path)
+    info = json.loads((run_dir / "results.json").read_text())["scenario"]["data"]
+    card = info["scorecards"][0]
+    verdicts = {p["id"]: p["passed"] for p in card["probes"]}
+    assert verdicts == {**dict.fromkeys(ALL_PROBES, True), "peers": None}, [
+        (p["id"], p["reason"]) for p in card["probes"] if p["passed"] is not True
+    ]
+    assert exit_code == 0
+    curl = _probe(card, "field-curl")
+    assert curl["facts"]["http"] == {"curl_exit": 0, "http_code": "403"} and curl["observed"].startswith("http: exit 0")
+    assert curl["facts"]["what_the_user_sees"]["headers"]["x-proxy-error"] == "blocked-by-allowlist"
+    connect = _probe(card, "field-connect")["facts"]
+    assert [connect[f"github.com:{port}"]["http_connect"] for port in (22, 9999, 443)] == ["403", "403", "200"]
+    assert _probe(card, "field-dig")["facts"]["addresses"] == []
+    assert _probe(card, "field-dig")["field_evaluation"]["outcome"].startswith("resolved the blocked name")
+    report = (run_dir / "report.html").read_text()
+    assert "the field evaluation's hand-run probes" in report and 'class="pass beside"' in report
+
+
 @pytest.fixture
 def host_env(tmp_path: Path) -> Iterator[Any]:
     """The probes against the host backend: no isolation at all, a careless user's honeytoken home and key."""
