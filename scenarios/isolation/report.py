@@ -115,8 +115,8 @@ def _field_evaluation(card: dict[str, Any]) -> str:
             f'<tr class="{ROW_CLASS[probe["passed"]]} beside"><td>{escape(probe["id"])}</td>'
             f"<td><code>{escape(field['command'])}</code><br><small>{escape(field.get('source', ''))}</small></td>"
             f"<td>{escape(field['outcome'])}</td><td>{ran}</td>"
-            f"<td>{escape(probe.get('observed', ''))}</td><td><b>{VERDICT[probe['passed']]}</b><br>"
-            f"{escape(probe.get('reason', ''))}</td></tr>"
+            # The reason is the scorecard's, above; here the verdict stands beside the two outcomes.
+            f"<td>{escape(probe.get('observed', ''))}</td><td><b>{VERDICT[probe['passed']]}</b></td></tr>"
         )
     if not rows:
         return ""
