@@ -494,7 +494,10 @@ def _isolation_data(data: Mapping[str, Any]) -> dict[str, Any] | None:
 
 
 def _probe_description(probe: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: probe.get(k, "") for k in ("id", "title", "proves", "fails_when", "finding")}
+    described = {k: probe.get(k, "") for k in ("id", "title", "proves", "fails_when", "finding")}
+    if probe.get("field_evaluation"):  # the field evaluation's own command and what it saw there
+        described["field_evaluation"] = dict(probe["field_evaluation"])
+    return described
 
 
 def _cell(probe_id: str, cards: Iterable[Mapping[str, Any]]) -> dict[str, Any]:

@@ -381,4 +381,9 @@ def test_compare_fresh_host_runs(tmp_path: Path, isolation_comparison: Isolation
     assert [r["label"] for r in comparison["runs"]] == ["a/host", "b/host", "host/host"]
     assert comparison["isolation"]["runs"][0]["red"] > 0  # no isolation on the host backend
     assert any("differ in kind of run" in note for note in comparison["notes"])
-    self_contained((tmp_path / "cmp" / "report.html").read_text())
+    html = (tmp_path / "cmp" / "report.html").read_text()
+    self_contained(html)
+    # The field evaluation's probes name its own command and outcome in the matrix too.
+    dig = next(p for p in comparison["isolation"]["probes"] if p["id"] == "field-dig")
+    assert dig["field_evaluation"]["command"] == "dig example.com +short"
+    assert "<i>Field evaluation:</i> <code>dig example.com +short</code>" in html

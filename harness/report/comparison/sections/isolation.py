@@ -54,11 +54,17 @@ def section(comparison: dict[str, Any], run_dir: Path) -> Section | None:
     body = []
     for probe in matrix["probes"]:
         cells = "".join(_cell(run["cells"].get(probe["id"])) for run in runs)
+        field = probe.get("field_evaluation")
+        evaluation = (
+            Markup("<br><i>Field evaluation:</i> <code>{}</code> &rarr; {}").format(field["command"], field["outcome"])
+            if field
+            else ""
+        )
         body.append(
             Markup(
                 "<tr><td><b>{}</b><br>{}<details><summary>claim</summary><p><i>Proves:</i> {}<br>"
-                "<i>Fails when:</i> {}</p></details></td>{}</tr>"
-            ).format(probe["id"], probe["title"], probe["proves"], probe["fails_when"], Markup(cells))
+                "<i>Fails when:</i> {}{}</p></details></td>{}</tr>"
+            ).format(probe["id"], probe["title"], probe["proves"], probe["fails_when"], evaluation, Markup(cells))
         )
     red = "".join(_red(run, len(matrix["probes"])) for run in runs)
     result.html = Markup(
