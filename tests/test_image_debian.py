@@ -52,6 +52,15 @@ def test_a_failed_build_names_the_package_and_leaves_no_cache_entry(
     assert not list((tmp_path / "images").iterdir())  # neither a finished entry nor a staging directory
 
 
+def test_clean_removes_the_staging_of_a_killed_build_only(tmp_path: Path) -> None:
+    killed = tmp_path / "images" / "debian-0123.999999999.partial"
+    (killed / "rootfs" / "etc").mkdir(parents=True)
+    running = tmp_path / "images" / "debian-0123.1.partial"  # pid 1 is alive: a build in progress
+    running.mkdir()
+    assert debian.sweep_partial_builds(tmp_path) == [f"removed the half-built image {killed}"]
+    assert not killed.exists() and running.exists()
+
+
 @pytest.fixture(scope="module")
 def upstream() -> Iterator[UpstreamServer]:
     server = UpstreamServer(expected={HOST: ("x-api-key", ANTHROPIC_KEY)}).start()
