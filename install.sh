@@ -20,6 +20,8 @@ SYSTEM_PACKAGES=(
     tinyproxy         # peer proxy, likewise
     nginx-light       # the proxy bench's upstream (our own instance per run, loopback only)
     hey               # the proxy bench's capacity generator (Go; -x proxies, CONNECT for https)
+    debootstrap       # builds the debian guest image (--image debian), only when asked
+    squashfs-tools    # packs the debian image's read-only root disk
 )
 
 export DEBIAN_FRONTEND=noninteractive

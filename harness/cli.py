@@ -196,12 +196,15 @@ def proxy_table(proxy: dict[str, Any]) -> Table:
 
 
 def clean() -> list[str]:
+    from harness.image.debian import sweep_partial_builds
     from harness.ksm import sweep_ksm
+    from harness.paths import cache_dir
     from harness.sandbox import sweep_backend_leftovers
     from harness.scenario.runner import sweep_leftovers
 
     # Processes first: a gVisor container's record can only go once its runsc processes are gone.
     removed = reap_leftovers() + sweep_backend_leftovers() + sweep_scratch_dirs() + sweep_leftovers() + sweep_ksm()
+    removed += sweep_partial_builds(cache_dir())
     for line in removed:
         # Plain text: a process named locust-master:squid:paced must not turn into an emoji.
         console.print(line, markup=False, emoji=False, highlight=False)

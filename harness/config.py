@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
 from harness.errors import ConfigError
+from harness.image.catalog import image_kind
 
 T = TypeVar("T")
 
@@ -165,8 +166,8 @@ class RunConfig:
     """Empty a run directory that holds an earlier run before this one writes into it."""
     accel: str = "auto"
     """auto (KVM only if a canary guest boots under it, else TCG), kvm or tcg."""
-    mem_mib: int = 128
-    """Guest RAM per sandbox, in MiB."""
+    mem_mib: int | None = None
+    """Guest RAM per sandbox, in MiB; by default the image's own (busybox 128, debian 512)."""
     boot_timeout_s: float = 60.0
     """Seconds before a sandbox that is not ready counts as a failed boot."""
     boot_mode: str = "snapshot"
@@ -177,6 +178,12 @@ class RunConfig:
     image: Literal["busybox", "debian"] = "busybox"
     """Guest userland: busybox (a 1 MB initramfs) or debian (Debian 12 with curl, git, pip and the model SDKs,
     built once with debootstrap)."""
+
+    def __post_init__(self) -> None:
+        # Resolved at once, so every reader sees a number; the image decides because its clients do: the
+        # model SDKs' imports thrash a 128 MiB debian guest's page cache (minutes under TCG, measured).
+        if self.mem_mib is None:
+            object.__setattr__(self, "mem_mib", image_kind(self.image).default_mem_mib)
 
     def validate(self) -> None:
         # Imported here, not at the top: tasks.py imports this module for the config keys on every

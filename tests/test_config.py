@@ -24,6 +24,7 @@ from harness.config import (
     settings,
 )
 from harness.errors import ConfigError
+from harness.image.catalog import IMAGES
 from harness.load.bench import ProxyBenchConfig
 from harness.scenario.runner import prepare_scenario
 
@@ -146,7 +147,8 @@ def test_readme_states_the_codes_defaults() -> None:
     """README's tables mirror the dataclasses, which state each default once; this keeps the mirror true."""
     code = {s.name: s.default for s in settings(BenchConfig)}
     proxy = {s.name: s.default for s in settings(ProxyBenchConfig)}
-    words = {"cores": os.cpu_count(), "all": proxy["targets"], "results/&lt;run-id&gt;": None, "": None}
+    images = "the image's: " + ", ".join(f"{k.default_mem_mib} ({k.name})" for k in IMAGES.values())
+    words = {"cores": os.cpu_count(), "all": proxy["targets"], "results/&lt;run-id&gt;": None, "": None, images: None}
     stated = readme_flag_defaults()
     checked = 0
     for flag, text in stated.items():

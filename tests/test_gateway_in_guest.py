@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from harness.sandbox import BackendOptions, Sandbox, SandboxSpec, create_backend
 from harness.standins.upstream import UpstreamServer
 from harness.supervisor import Supervisor
 from tests.gateway.conftest import ANTHROPIC_KEY, SECRET_ENV, TEST_POLICY, credentials
+from tests.gateway.test_tls_profile import SHA1_ONLY, s_client
 
 pytestmark = pytest.mark.qemu
 
@@ -160,3 +162,16 @@ def test_every_decision_is_audited_without_the_secret(fleet: Fleet, guest: Sandb
     assert any(r["host"] == "blocked.evil.test" and r["decision"] == "deny" for r in records)
     assert ANTHROPIC_KEY not in text
     assert all(r["sandbox"] for r in records)
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command-line client")
+def test_a_busybox_sandbox_listener_still_serves_sha1_signatures(guest: Sandbox, fleet: Fleet, tmp_path: Path) -> None:
+    """busybox's ssl_client sends no signature_algorithms, so its sandboxes' listeners keep SHA-1 (a debian
+    sandbox's refuses it: tests/test_image_debian.py)."""
+    assert fleet.tls_profiles[guest.id] == "sha1-compat"
+    port = fleet.listener_ports[guest.id]
+    assert port is not None and fleet.gateway is not None
+    ca_file = tmp_path / "gateway-ca.pem"
+    ca_file.write_bytes(fleet.gateway.ca_cert_pem())
+    served = s_client(port, ca_file, *SHA1_ONLY)
+    assert b"HTTP/1.1 200" in served.stdout, served

@@ -17,6 +17,8 @@ class ImageKind:
     """The gateway's guest-facing TLS profile for sandboxes of this image (harness.gateway.tls)."""
     summary: str
     """What is in it, for help texts and the report."""
+    default_mem_mib: int
+    """Guest RAM when --mem-mib is not given: what its clients need without thrashing."""
 
 
 BUSYBOX = ImageKind(
@@ -24,12 +26,14 @@ BUSYBOX = ImageKind(
     tls_profile="sha1-compat",
     summary="busybox-static in an initramfs (~1 MB): sh, nc, nslookup; its ssl_client sends no "
     "signature_algorithms, so its gateway listener keeps SHA-1 handshake signatures",
+    default_mem_mib=128,
 )
 DEBIAN = ImageKind(
     name="debian",
     tls_profile="strict",
     summary="a minimal Debian 12 userland: bash, coreutils, curl, GNU wget, dig, git, python3 with pip and "
     "requests, and the anthropic and openai SDKs; strict TLS (no SHA-1, TLS 1.2+ AEAD)",
+    default_mem_mib=512,
 )
 
 IMAGES: dict[str, ImageKind] = {kind.name: kind for kind in (BUSYBOX, DEBIAN)}

@@ -22,7 +22,7 @@ from harness.errors import EnvironmentMissing
 from harness.image.files import guest_file
 from harness.image.kernel import network_proxies
 from harness.paths import cached_dir
-from harness.supervisor import run_tool
+from harness.supervisor import pid_alive, run_tool
 
 DEBIAN_FORMAT = 1
 """Bumped when the layout changes in a way the recipe digest would not see."""
@@ -327,6 +327,20 @@ def _build(entry: Path) -> None:
         "package_versions": _package_versions(root),
     }
     (entry / "build.json").write_text(json.dumps(build, indent=1) + "\n")
+
+
+def sweep_partial_builds(cache: Path) -> list[str]:
+    """For `invoke clean`: the staging directories of builds whose process was killed outright (an error or an
+    interrupt removes its own), unmounted first; a line per directory removed."""
+    removed = []
+    for staging in sorted((cache / "images").glob("*.partial")):
+        pid = staging.name.rsplit(".", 2)[-2]
+        if pid.isdigit() and pid_alive(int(pid)):
+            continue  # a build in progress
+        unmount_within(staging)
+        shutil.rmtree(staging, ignore_errors=True)
+        removed.append(f"removed the half-built image {staging}")
+    return removed
 
 
 def build_debian(cache: Path) -> DebianImage:
