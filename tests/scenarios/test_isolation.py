@@ -150,6 +150,8 @@ def test_report_has_green_and_red_rows_with_evidence(normal: dict[str, Any], lea
 
 
 @pytest.mark.qemu
+@pytest.mark.debian_image
+@pytest.mark.timeout(900)  # a cold image build is ~2 min before the run itself
 def test_debian_guest_runs_the_field_evaluations_commands_and_passes(tmp_path: Path) -> None:
     """The one debian-image run: a microVM with curl and dig runs the evaluation's commands as written, and every
     probe, busybox's and the evaluation's, passes (peers is n/a with one sandbox). The red direction of the same
