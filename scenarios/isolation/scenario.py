@@ -70,9 +70,9 @@ METADATA_REPLY_ID = "metadata"
 SANDBOX_PREFIX = "iso"
 MODEL_API = "api.anthropic.com"
 MODEL_API_PLAIN_PORT = 80
-"""busybox's ssl_client sends no signature_algorithms extension, so OpenSSL 3 (the gateway)
-refuses its handshake; guests therefore call the model-API stand-in over plain http, which the
-reference policy allows for that one host (everything else stays as in `balanced`)."""
+"""The busybox probes speak HTTP with nc, which has no TLS, so they call the model-API stand-in over plain
+http, which the reference policy allows for that one host (everything else stays as in `balanced`); the same
+probes run unchanged on the debian image."""
 
 
 @dataclass(frozen=True)
