@@ -15,8 +15,8 @@ from harness.paths import cache_dir
 from harness.sandbox import BackendOptions, Sandbox, SandboxSpec, create_backend
 from harness.standins.upstream import UpstreamServer
 from harness.supervisor import Supervisor
-from tests.gateway.conftest import ANTHROPIC_KEY, SECRET_ENV, TEST_POLICY, credentials
-from tests.gateway.test_tls_profile import SHA1_ONLY, s_client
+from tests.gateway.conftest import ANTHROPIC_KEY, SECRET_ENV, credentials, guest_gateway_config
+from tests.gateway.test_tls_profile import SHA1_ONLY, s_client_via_sandbox
 
 pytestmark = pytest.mark.qemu
 
@@ -47,19 +47,8 @@ def upstream() -> Iterator[UpstreamServer]:
 @pytest.fixture(scope="module")
 def fleet(upstream: UpstreamServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     run_dir = tmp_path_factory.mktemp("gw-guest")
-    policy = run_dir / "policy.yaml"
-    policy.write_text(TEST_POLICY)
     backend = create_backend("qemu", BackendOptions(cache=cache_dir(), accel="tcg"))
-    config = GatewayConfig(
-        policy=policy,
-        state_dir=run_dir / "gateway",
-        audit_path=run_dir / "audit.jsonl",
-        ca_dir=run_dir / "ca",
-        credentials=credentials(),
-        upstream_overrides=upstream.overrides(),
-        upstream_ca_file=upstream.ca_file,
-        extra_env=dict(SECRET_ENV),
-    )
+    config = guest_gateway_config(run_dir, upstream)
     with (
         Supervisor("test-gw-guest") as supervisor,
         open_fleet(backend, supervisor, run_dir, SandboxSpec(id="", workdir=run_dir), config) as opened,
@@ -169,9 +158,5 @@ def test_a_busybox_sandbox_listener_still_serves_sha1_signatures(guest: Sandbox,
     """busybox's ssl_client sends no signature_algorithms, so its sandboxes' listeners keep SHA-1 (a debian
     sandbox's refuses it: tests/test_image_debian.py)."""
     assert fleet.tls_profiles[guest.id] == "sha1-compat"
-    port = fleet.listener_ports[guest.id]
-    assert port is not None and fleet.gateway is not None
-    ca_file = tmp_path / "gateway-ca.pem"
-    ca_file.write_bytes(fleet.gateway.ca_cert_pem())
-    served = s_client(port, ca_file, *SHA1_ONLY)
+    served = s_client_via_sandbox(fleet, guest.id, tmp_path, *SHA1_ONLY)
     assert b"HTTP/1.1 200" in served.stdout, served

@@ -17,7 +17,6 @@ import pytest
 
 from harness.errors import EnvironmentMissing
 from harness.fleet import Fleet, open_fleet
-from harness.gateway.process import GatewayConfig
 from harness.image import debian
 from harness.image.catalog import image_kind
 from harness.paths import cache_dir
@@ -25,8 +24,8 @@ from harness.sandbox import BackendOptions, Sandbox, SandboxSpec, create_backend
 from harness.sandbox.jail import JAIL_EGRESS
 from harness.standins.upstream import UpstreamServer
 from harness.supervisor import Supervisor
-from tests.gateway.conftest import ANTHROPIC_KEY, SECRET_ENV, TEST_POLICY, credentials
-from tests.gateway.test_tls_profile import HOST, SHA1_ONLY, s_client
+from tests.gateway.conftest import ANTHROPIC_KEY, guest_gateway_config
+from tests.gateway.test_tls_profile import HOST, SHA1_ONLY, s_client_via_sandbox
 
 pytestmark = [pytest.mark.debian_image, pytest.mark.timeout(900)]
 """900 s: the first test on a clean machine builds the image cold (about 2 min here, more on a slow mirror)."""
@@ -71,20 +70,9 @@ def upstream() -> Iterator[UpstreamServer]:
 @pytest.fixture(scope="module")
 def fleet(upstream: UpstreamServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     run_dir = tmp_path_factory.mktemp("debian-guest")
-    policy = run_dir / "policy.yaml"
-    policy.write_text(TEST_POLICY)
     options = BackendOptions(cache=cache_dir(), accel="tcg", image="debian", mem_mib=GUEST_MIB)
     backend = create_backend("qemu", options)
-    config = GatewayConfig(
-        policy=policy,
-        state_dir=run_dir / "gateway",
-        audit_path=run_dir / "audit.jsonl",
-        ca_dir=run_dir / "ca",
-        credentials=credentials(),
-        upstream_overrides=upstream.overrides(),
-        upstream_ca_file=upstream.ca_file,
-        extra_env=dict(SECRET_ENV),
-    )
+    config = guest_gateway_config(run_dir, upstream)
     with (
         Supervisor("test-debian") as supervisor,
         open_fleet(
@@ -150,13 +138,11 @@ def test_every_client_trusts_the_gateway_ca_and_the_key_stays_outside(
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command-line client")
 def test_the_debian_sandbox_listener_refuses_sha1_signatures(guest: Sandbox, fleet: Fleet, tmp_path: Path) -> None:
     assert fleet.tls_profiles[guest.id] == "strict"
-    port = fleet.listener_ports[guest.id]
-    assert port is not None and fleet.gateway is not None
-    ca_file = tmp_path / "gateway-ca.pem"
-    ca_file.write_bytes(fleet.gateway.ca_cert_pem())
-    refused = s_client(port, ca_file, *SHA1_ONLY)
+    refused = s_client_via_sandbox(fleet, guest.id, tmp_path, *SHA1_ONLY)
     assert refused.returncode != 0 and b"HTTP/1.1" not in refused.stdout, refused
-    served = s_client(port, ca_file, "-tls1_2")  # the same listener, a client with SHA-2 signatures
+    served = s_client_via_sandbox(
+        fleet, guest.id, tmp_path, "-tls1_2"
+    )  # the same listener, a client with SHA-2 signatures
     assert b"HTTP/1.1 200" in served.stdout, served
 
 

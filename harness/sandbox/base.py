@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, TypeVar, runtime_checkable
 
+from harness.image.catalog import IMAGES
 from harness.supervisor import Supervisor
 
 BOOT_MODES = ("snapshot", "cold")
@@ -78,6 +79,19 @@ class Features:
     """The --memory-sharing modes it implements (of MEMORY_SHARING)."""
     images: tuple[str, ...] = ("busybox",)
     """The guest images (--image, harness.image.catalog) it runs."""
+
+
+PROCESS_FEATURES = Features(
+    snapshot=False,
+    reclaim=False,
+    own_kernel=False,
+    weaken=False,
+    guest_memory=False,
+    min_mem_mib=None,
+    images=tuple(IMAGES),
+)
+"""A sandbox that is host processes on the host's kernel (a jail, a plain process, a user's stack): nothing to
+snapshot, no guest memory of its own, nothing to weaken; it runs either image's userland."""
 
 
 @dataclass(frozen=True)

@@ -12,8 +12,8 @@ import shutil
 from pathlib import Path
 
 from harness.errors import ConfigError, EnvironmentMissing
-from harness.image.catalog import IMAGES, image_kind
-from harness.sandbox.base import BackendOptions, BootFailed, Features, SandboxSpec, start_or_stop
+from harness.image.catalog import image_kind
+from harness.sandbox.base import PROCESS_FEATURES, BackendOptions, BootFailed, SandboxSpec, start_or_stop
 from harness.sandbox.jail import (
     CHANNEL_MOUNT,
     JAIL_CA_BUNDLE,
@@ -25,15 +25,7 @@ from harness.sandbox.jail import (
 )
 from harness.supervisor import Supervisor, run_tool
 
-FEATURES = Features(
-    snapshot=False,
-    reclaim=False,
-    own_kernel=False,
-    weaken=False,
-    guest_memory=False,
-    min_mem_mib=None,
-    images=tuple(IMAGES),
-)
+FEATURES = PROCESS_FEATURES
 """Namespaces on the host's kernel: nothing to snapshot, no guest memory, no kernel of its own."""
 
 PHASES = {

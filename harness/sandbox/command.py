@@ -90,15 +90,15 @@ import psutil
 import yaml
 
 from harness.errors import ConfigError
-from harness.image.catalog import IMAGES, image_kind
+from harness.image.catalog import image_kind
 from harness.paths import pid_records_dir
 from harness.sandbox.base import (
+    PROCESS_FEATURES,
     BackendOptions,
     BootFailed,
     BootRecord,
     Endpoint,
     ExecResult,
-    Features,
     GuestNetwork,
     SandboxSpec,
     start_or_stop,
@@ -115,18 +115,10 @@ from harness.supervisor import (
     run_tool,
 )
 
-FEATURES = Features(
-    snapshot=False,
-    reclaim=False,
-    own_kernel=False,
-    weaken=False,
-    guest_memory=False,
-    min_mem_mib=None,
-    images=tuple(IMAGES),
-)
-"""--image picks BR_ROOTFS for a stack that names it; a stack with a root of its own brings its own userland."""
+FEATURES = PROCESS_FEATURES
 """Static: flags are checked against it before the file is read. The stack's own_kernel is a claim, reported
-in describe(); the harness vouches for nothing it cannot see."""
+in describe(); the harness vouches for nothing it cannot see. --image picks BR_ROOTFS for a stack that names it;
+a stack with a root of its own brings its own userland."""
 
 PHASES = {"stack": "spawn of the stack's create command → the first exec of `echo ready` that answered"}
 """The one phase the harness can see: what the stack does in between is its own."""

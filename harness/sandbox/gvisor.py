@@ -24,14 +24,15 @@ import shutil
 import signal
 import subprocess
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import psutil
 
 from harness.errors import ConfigError, EnvironmentMissing
-from harness.image.catalog import IMAGES, image_kind
+from harness.image.catalog import image_kind
 from harness.paths import pid_records_dir
-from harness.sandbox.base import BackendOptions, BootFailed, Features, SandboxSpec, start_or_stop
+from harness.sandbox.base import PROCESS_FEATURES, BackendOptions, BootFailed, SandboxSpec, start_or_stop
 from harness.sandbox.jail import (
     CHANNEL_MOUNT,
     JAIL_CA_BUNDLE,
@@ -54,15 +55,7 @@ from harness.supervisor import (
     run_tool,
 )
 
-FEATURES = Features(
-    snapshot=False,
-    reclaim=False,
-    own_kernel=True,
-    weaken=False,
-    guest_memory=False,
-    min_mem_mib=None,
-    images=tuple(IMAGES),
-)
+FEATURES = replace(PROCESS_FEATURES, own_kernel=True)
 """The sentry is a kernel of its own (it answers `uname -r` with 4.4.0), but with no guest RAM to size,
 nothing to snapshot here, and no MemTotal of its own (it reports the host's)."""
 

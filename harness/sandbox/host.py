@@ -24,32 +24,24 @@ from pathlib import Path
 import psutil
 
 from harness.errors import ConfigError, EnvironmentMissing
-from harness.image.catalog import IMAGES, image_kind
+from harness.image.catalog import image_kind
 from harness.image.initramfs import busybox_binary, guest_file
 from harness.paths import cached_dir
 from harness.sandbox.agent import AgentUnavailable, agent_exec, free_port
 from harness.sandbox.base import (
+    PROCESS_FEATURES,
     BackendOptions,
     BootFailed,
     BootRecord,
     Endpoint,
     ExecResult,
-    Features,
     GuestNetwork,
     SandboxSpec,
     start_or_stop,
 )
 from harness.supervisor import Supervisor, run_tool
 
-FEATURES = Features(
-    snapshot=False,
-    reclaim=False,
-    own_kernel=False,
-    weaken=False,
-    guest_memory=False,
-    min_mem_mib=None,
-    images=tuple(IMAGES),
-)
+FEATURES = PROCESS_FEATURES
 """A plain process: nothing to snapshot, no guest memory, no kernel of its own, nothing left to weaken. Its
 userland is the host's: --image busybox puts busybox's applets first on PATH, --image debian leaves the host's
 own Debian tools (curl, dig, python3) first."""

@@ -54,6 +54,22 @@ def credentials() -> list[CredentialSpec]:
 SECRET_ENV = {"BR_TEST_ANTHROPIC_KEY": ANTHROPIC_KEY, "BR_TEST_OPENAI_KEY": OPENAI_KEY}
 
 
+def guest_gateway_config(run_dir: Path, upstream: UpstreamServer) -> GatewayConfig:
+    """A gateway for a fleet of real guests: TEST_POLICY, the test credentials, upstreams on the stand-in."""
+    policy = run_dir / "policy.yaml"
+    policy.write_text(TEST_POLICY)
+    return GatewayConfig(
+        policy=policy,
+        state_dir=run_dir / "gateway",
+        audit_path=run_dir / "audit.jsonl",
+        ca_dir=run_dir / "ca",
+        credentials=credentials(),
+        upstream_overrides=upstream.overrides(),
+        upstream_ca_file=upstream.ca_file,
+        extra_env=dict(SECRET_ENV),
+    )
+
+
 @pytest.fixture(scope="session")
 def upstream() -> Iterator[UpstreamServer]:
     server = UpstreamServer(

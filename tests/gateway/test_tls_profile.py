@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from harness.fleet import Fleet
 from harness.gateway.cli import READY_FILE
 from harness.gateway.control import control_call
 from harness.gateway.credentials import SENTINEL
@@ -67,6 +68,17 @@ def s_client(port: int, ca_file: Path, *flags: str) -> subprocess.CompletedProce
         timeout=CLIENT_TIMEOUT_S * 2,
         check=False,
     )
+
+
+def s_client_via_sandbox(
+    fleet: Fleet, sandbox_id: str, tmp_path: Path, *flags: str
+) -> subprocess.CompletedProcess[bytes]:
+    """s_client through the gateway listener of a fleet's sandbox, trusting the fleet gateway's CA."""
+    port = fleet.listener_ports[sandbox_id]
+    assert port is not None and fleet.gateway is not None
+    ca_file = tmp_path / "gateway-ca.pem"
+    ca_file.write_bytes(fleet.gateway.ca_cert_pem())
+    return s_client(port, ca_file, *flags)
 
 
 def connect_records(gw: GatewayProcess, sandbox: str) -> list[dict[str, object]]:
