@@ -12,8 +12,8 @@ ORDER = 0
 
 TLS_WORDS = {
     "strict": "strict: TLS 1.2+, forward-secret AEAD suites, no SHA-1 handshake signatures",
-    "sha1-compat": "sha1-compat: the same suites, but SHA-1 handshake signatures allowed, because busybox's "
-    "ssl_client sends no signature_algorithms (a concession for busybox sandboxes only)",
+    "sha1-compat": "sha1-compat: TLS 1.2+, forward-secret AEAD suites, but SHA-1 handshake signatures allowed, "
+    "because busybox's ssl_client sends no signature_algorithms (a concession for busybox sandboxes only)",
 }
 """The gateway's guest-facing TLS profile of this run's sandbox listeners, in words."""
 
