@@ -131,7 +131,7 @@ def host_mirror(sources: tuple[Path, ...] = (Path("/etc/apt/sources.list"), Path
 
 
 def recipe_digest() -> str:
-    digest = hashlib.sha256(f"format={DEBIAN_FORMAT};suite={SUITE}".encode())
+    digest = hashlib.sha256(f"format={DEBIAN_FORMAT};suite={SUITE};egress={JAIL_EGRESS}".encode())
     digest.update(";".join(PACKAGES).encode() + b"|" + ";".join(PYPI_PACKAGES).encode())
     digest.update(";".join(BUSYBOX_LINKS).encode())
     for name in sorted(GUEST_FILES):
