@@ -283,22 +283,27 @@ class ToolchainsScenario:
         """Every selected client's binaries and modules are in its sandbox; one line naming the missing else."""
         found: dict[str, Any] = {}
         missing_by_client: list[str] = []
-        for sandbox_id, sandbox in self.sandboxes.items():
+
+        def probe(sandbox_id: str) -> str:
             mine = [c for c in self.clients if self.sandbox_id(c) == sandbox_id]
             commands = {x for c in mine for x in c.commands}
             modules = {x for c in mine for x in c.modules}
-            result = sandbox.exec(probe_command(commands, modules), timeout=60)
-            missing, versions = parse_probe(result.text)
+            return self.sandboxes[sandbox_id].exec(probe_command(commands, modules), timeout=60).text
+
+        with ThreadPoolExecutor(max_workers=len(self.sandboxes)) as pool:
+            outputs = dict(zip(self.sandboxes, pool.map(probe, self.sandboxes), strict=True))
+        for sandbox_id, text in outputs.items():
+            missing, versions = parse_probe(text)
             found[sandbox_id] = versions
-            for client in mine:
+            for client in (c for c in self.clients if self.sandbox_id(c) == sandbox_id):
                 gone = [x for x in (*client.commands, *client.modules) if x in missing]
                 if gone:
                     missing_by_client.append(f"{client.name} (no {', '.join(gone)})")
         ctx.data.setdefault("toolchains", {})["versions"] = found
         if missing_by_client:
             raise ConfigError(
-                f"toolchains: missing from the {IMAGE} image: {'; '.join(missing_by_client)}; "
-                "leave those clients out with --set clients=..."
+                f"toolchains: missing inside the sandbox ({IMAGE} image, {ctx.backend.name} backend): "
+                f"{'; '.join(missing_by_client)}; leave those clients out with --set clients=..."
             )
         return found
 
