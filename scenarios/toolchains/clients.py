@@ -247,6 +247,14 @@ def matrix_rows(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 # ---- the recommendation ----------------------------------------------------------------------------------
+SECONDS_NOISE_S = 5.0
+SECONDS_NOISE_FRACTION = 0.25
+"""Seconds closer than max(5 s per client summed, 25 %) are the same figure: under TCG on a shared 2-core host one
+cell's time swung by up to 5 s between identical phases (curl's refused CONNECT: 2.4 to 8.0 s)."""
+MODE_PREFERENCE = ("403-explained", "403", "reset")
+"""Between settings the data cannot tell apart: the answer that says the most (a machine-readable reason) first."""
+
+
 def _score(rows: list[dict[str, Any]]) -> tuple[int, int, int, int, int, float]:
     """Lower is better, in this order: clients still retrying at the timeout, allowed calls broken, denied
     requests taken for a success, clients that never saw why (the policy's words), requests, seconds."""
@@ -269,7 +277,10 @@ def setting_label(mode: str, breaker: str) -> str:
 def _describe(rows: list[dict[str, Any]]) -> str:
     timed_out, broken, false_ok, unreadable, requests, seconds = _score(rows)
     n = len(rows)
-    parts = [f"{requests} request{'s' if requests != 1 else ''}", f"{seconds:g} s to give up"]
+    per_client = ""
+    if n > 1:
+        per_client = " (" + ", ".join(f"{r['client']} {r['requests']}" for r in rows) + ")"
+    parts = [f"{requests} request{'s' if requests != 1 else ''}{per_client}", f"{seconds:g} s to give up"]
     parts.append(f"the policy's words reached {n - unreadable} of {n} client{'s' if n != 1 else ''}")
     if timed_out:
         parts.append(f"{timed_out} still retrying at the timeout")
@@ -280,40 +291,114 @@ def _describe(rows: list[dict[str, Any]]) -> str:
     return ", ".join(parts)
 
 
+Setting = tuple[str, str]
+
+
+def _within_noise(a: float, b: float, clients: int) -> bool:
+    return abs(a - b) <= max(SECONDS_NOISE_S * clients, SECONDS_NOISE_FRACTION * min(a, b))
+
+
+def _preference(key: Setting) -> tuple[bool, bool, int]:
+    """Ties go to the breaker being on (it also guards clients not measured here), then to 429 (no client can
+    mistake it for content), then to the deny mode that says the most."""
+    mode, breaker = key
+    rank = MODE_PREFERENCE.index(mode) if mode in MODE_PREFERENCE else len(MODE_PREFERENCE)
+    return (breaker == BREAKER_OFF, breaker == "200-terminal", rank)
+
+
+def _best_and_worst(by_setting: dict[Setting, list[dict[str, Any]]]) -> tuple[Setting, Setting, bool]:
+    """The best setting (the lowest score; seconds within the noise are equal, then `_preference`), the worst, and
+    whether every setting scored alike (the same counts, seconds within the noise)."""
+    scores = {k: _score(v) for k, v in by_setting.items()}
+    n = max(len(v) for v in by_setting.values())
+    lowest = min(s[:5] for s in scores.values())
+    tied = {k: s for k, s in scores.items() if s[:5] == lowest}
+    fastest = min(s[5] for s in tied.values())
+    best = min((k for k, s in tied.items() if _within_noise(s[5], fastest, n)), key=_preference)
+    worst = max(scores, key=lambda k: scores[k])
+    alike = scores[worst][:5] == lowest and _within_noise(scores[worst][5], fastest, n)
+    return best, worst, alike
+
+
+def findings(rows: list[dict[str, Any]]) -> list[str]:
+    """What the matrix says across clients, each sentence computed from the rows."""
+    out: list[str] = []
+    readable = [r for r in rows if r["readable"]]
+    if rows:
+        reached: dict[str, list[str]] = {}
+        for row in readable:
+            reached.setdefault(row["client"], [])
+            if row["deny_mode"] not in reached[row["client"]]:
+                reached[row["client"]].append(row["deny_mode"])
+        if reached:
+            named = "; ".join(f"{c} (deny mode {', '.join(m)})" for c, m in reached.items())
+            out.append(
+                f"The policy's words reached the user from {len(reached)} of "
+                f"{len({r['client'] for r in rows})} clients only: {named}."
+            )
+        else:
+            out.append("The policy's words reached the user from no client, under any setting.")
+    on = [r for r in rows if r["breaker"] != BREAKER_OFF]
+    tripped = [r for r in on if r["answers"].get("429") or r["answers"].get("200")]
+    terminal = [r for r in on if r["breaker"] == "200-terminal"]
+    if terminal and not any(r["answers"].get("200") for r in terminal):
+        out.append(
+            "The breaker's 200-terminal answer was never sent: no client repeated a request the gateway can "
+            "see (an intercepted one) past the threshold, and a looping CONNECT always gets 429, so "
+            "200-terminal measured the same as 429 here."
+        )
+    if on:
+        looping = sorted({r["client"] for r in tripped}, key=lambda n: list(BY_NAME).index(n))
+        out.append(
+            f"The breaker tripped for {', '.join(looping) or 'no client'}; every other client stopped "
+            "before its threshold on its own."
+        )
+    hurt = sorted({r["client"] for r in rows if r["collateral_ok"] is False})
+    if hurt:
+        out.append(f"The allowed call after the deny failed for: {', '.join(hurt)}.")
+    return out
+
+
 def recommend(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Per client family, the gateway setting (deny mode x breaker) that scored best on that family's cells, and
-    the worst for contrast; and the one setting best over every client (deny mode and breaker are gateway-wide).
-    Ties go to the breaker being on (it also guards clients not measured here), then to 429 (no client can
-    mistake it for content). Every figure comes from the rows."""
+    the worst for contrast; the one setting best over every client (deny mode and breaker are gateway-wide); and
+    the findings across clients. Every figure comes from the rows."""
 
-    def settings(subset: list[dict[str, Any]]) -> dict[tuple[str, str], list[dict[str, Any]]]:
-        out: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    def settings(subset: list[dict[str, Any]]) -> dict[Setting, list[dict[str, Any]]]:
+        out: dict[Setting, list[dict[str, Any]]] = {}
         for row in subset:
             out.setdefault((row["deny_mode"], row["breaker"]), []).append(row)
         return out
 
-    def rank(key: tuple[str, str], subset: list[dict[str, Any]]) -> tuple[Any, ...]:
-        return (*_score(subset), key[1] == BREAKER_OFF, key[1] == "200-terminal", key[0])
-
     families: list[dict[str, Any]] = []
     for family in dict.fromkeys(r["family"] for r in rows):
         by_setting = settings([r for r in rows if r["family"] == family])
-        best = min(by_setting, key=lambda k: rank(k, by_setting[k]))
-        worst = max(by_setting, key=lambda k: rank(k, by_setting[k]))
+        best, worst, alike = _best_and_worst(by_setting)
         clients = sorted({r["client"] for r in by_setting[best]}, key=lambda n: list(BY_NAME).index(n))
         line = f"{family} ({', '.join(clients)}): {setting_label(*best)}: {_describe(by_setting[best])}"
-        if worst != best:
+        if alike:
+            line += (
+                f"; every one of the {len(by_setting)} settings measured alike (the same counts, seconds within "
+                "the noise), so the choice is the tie-break"
+            )
+        else:
             line += f"; worst, {setting_label(*worst)}: {_describe(by_setting[worst])}"
         families.append(
-            {"family": family, "best": list(best), "worst": list(worst), "score": list(_score(by_setting[best])),
-             "text": line + "."}
-        )  # fmt: skip
+            {
+                "family": family,
+                "best": list(best),
+                "worst": list(worst),
+                "alike": alike,
+                "score": list(_score(by_setting[best])),
+                "text": line + ".",
+            }
+        )
     overall: dict[str, Any] | None = None
     if rows:
         by_setting = settings(rows)
-        best = min(by_setting, key=lambda k: rank(k, by_setting[k]))
+        best, _worst, _alike = _best_and_worst(by_setting)
         overall = {
             "best": list(best),
             "text": f"Over every client measured, {setting_label(*best)}: {_describe(by_setting[best])}.",
         }
-    return {"families": families, "overall": overall}
+    return {"families": families, "overall": overall, "findings": findings(rows)}

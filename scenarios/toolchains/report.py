@@ -36,6 +36,7 @@ def section(data: dict[str, Any], run_dir: Path) -> Section | None:
         result.notes.append(f"Recommendation, {family['text']}")
     if rec.get("overall"):
         result.notes.append(rec["overall"]["text"])
+    result.notes += rec.get("findings") or []
     result.notes.append(
         "Counts come from the gateway's audit log; exit status, seconds and output from the client, inside a "
         f"debian sandbox. Loop breaker: {tc['threshold']} identical denied requests in {tc['window_s']:g} s, then "
