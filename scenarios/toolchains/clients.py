@@ -308,7 +308,7 @@ def _preference(key: Setting) -> tuple[bool, bool, int]:
 
 def _best_and_worst(by_setting: dict[Setting, list[dict[str, Any]]]) -> tuple[Setting, Setting, bool]:
     """The best setting (the lowest score; seconds within the noise are equal, then `_preference`), the worst, and
-    whether every setting scored alike (the same counts, seconds within the noise)."""
+    whether every setting had the same counts (then only seconds differ, and the worst is not worth naming)."""
     scores = {k: _score(v) for k, v in by_setting.items()}
     n = max(len(v) for v in by_setting.values())
     lowest = min(s[:5] for s in scores.values())
@@ -316,8 +316,7 @@ def _best_and_worst(by_setting: dict[Setting, list[dict[str, Any]]]) -> tuple[Se
     fastest = min(s[5] for s in tied.values())
     best = min((k for k, s in tied.items() if _within_noise(s[5], fastest, n)), key=_preference)
     worst = max(scores, key=lambda k: scores[k])
-    alike = scores[worst][:5] == lowest and _within_noise(scores[worst][5], fastest, n)
-    return best, worst, alike
+    return best, worst, scores[worst][:5] == lowest
 
 
 def findings(rows: list[dict[str, Any]]) -> list[str]:
@@ -377,9 +376,10 @@ def recommend(rows: list[dict[str, Any]]) -> dict[str, Any]:
         clients = sorted({r["client"] for r in by_setting[best]}, key=lambda n: list(BY_NAME).index(n))
         line = f"{family} ({', '.join(clients)}): {setting_label(*best)}: {_describe(by_setting[best])}"
         if alike:
+            spread = sorted(_score(v)[5] for v in by_setting.values())
             line += (
-                f"; every one of the {len(by_setting)} settings measured alike (the same counts, seconds within "
-                "the noise), so the choice is the tie-break"
+                f"; all {len(by_setting)} settings had the same counts, and their seconds ({spread[0]:g}-"
+                f"{spread[-1]:g}) vary with the shared TCG host's load, so the choice is the tie-break"
             )
         else:
             line += f"; worst, {setting_label(*worst)}: {_describe(by_setting[worst])}"
