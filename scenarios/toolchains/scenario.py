@@ -165,6 +165,41 @@ class AuditTail:
         return [json.loads(line) for line in complete.decode().splitlines() if line.strip()]
 
 
+SAMPLE_EVERY_S = 0.25
+"""How often the gateway process's sockets are sampled for a remote address outside loopback."""
+
+
+class DialSampler:
+    """The gateway process's TCP peers, sampled while the matrix runs: a second witness, beside the audit log's
+    upstream_addr, that nothing it dialled left loopback."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.peers: set[str] = set()
+        self.samples = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True, name="toolchains-dial-sampler")
+
+    def _loop(self) -> None:
+        import psutil
+
+        while not self._stop.wait(SAMPLE_EVERY_S):
+            try:
+                conns = psutil.Process(self.pid).net_connections(kind="tcp")
+            except psutil.Error:
+                continue
+            self.samples += 1
+            self.peers.update(f"{c.raddr.ip}:{c.raddr.port}" for c in conns if c.raddr)
+
+    def __enter__(self) -> DialSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=2)
+
+
 def parse_probe(text: str) -> tuple[list[str], dict[str, str]]:
     """The availability probe's output: what is missing, and the versions it found."""
     missing, versions = [], {}
@@ -373,6 +408,7 @@ class ToolchainsScenario:
             }
         )
         started = time.monotonic()
+        sampler = ctx.keep(DialSampler(self.gateway.pid))
         for mode in self.options.mode_list:
             for breaker in self.options.breaker_list:
                 with ctx.journal.activity(f"phase:{mode}/breaker-{breaker}") as act:
@@ -406,12 +442,17 @@ class ToolchainsScenario:
                     act.output = phase
                 ctx.save()
         data["matrix_s"] = round(time.monotonic() - started, 1)
+        sampler.__exit__(None, None, None)
+        data["gateway_peers"] = {
+            "samples": sampler.samples,
+            "peers": sorted({p.rsplit(":", 1)[0] for p in sampler.peers}),
+        }
         rows = cl.matrix_rows(self.cells)
         data["matrix"] = rows
         data["recommendation"] = cl.recommend(rows)
         dialled = cl.dialled_addresses(every_record)
         data["dialled"] = dialled
-        data["checks"] = self.checks = self.check(dialled)
+        data["checks"] = self.checks = self.check(dialled, sampler)
         ctx.save()
 
     def run_client(self, client: cl.Client, mode: str, breaker: str) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -466,9 +507,18 @@ class ToolchainsScenario:
             }
         return {**answer, "command": described}
 
-    def check(self, dialled: list[str]) -> list[str]:
+    def check(self, dialled: list[str], sampler: DialSampler) -> list[str]:
         """What must hold for the matrix to mean anything; each failure is one line."""
         failures = [f"the gateway dialled {a}, which is not loopback" for a in dialled if not cl.is_loopback_address(a)]
+        if not dialled:
+            failures.append("the audit log names no address dialled: no allowed call reached a stand-in")
+        failures += [
+            f"the gateway process had a connection to {peer}, which is not loopback"
+            for peer in sorted(sampler.peers)
+            if not cl.is_loopback_address(peer)
+        ]
+        if not sampler.samples:
+            failures.append("the gateway's connections were never sampled")
         for cell in self.cells:
             where = f"{cell['client']} {cell['deny_mode']}/breaker-{cell['breaker']} ({cell['destination']})"
             if cell["destination"] == "denied" and cell["requests"] == 0:

@@ -80,6 +80,19 @@ def test_every_recorded_dial_was_loopback() -> None:
     assert not clients.is_loopback_address("10.0.0.1:443") and not clients.is_loopback_address("example.com:443")
 
 
+def test_the_dial_sampler_sees_a_process_loopback_peers() -> None:
+    import socket
+    import time
+
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        port = server.getsockname()[1]
+        with socket.create_connection(("127.0.0.1", port)), scenario.DialSampler(os.getpid()) as sampler:
+            deadline = time.monotonic() + 5
+            while f"127.0.0.1:{port}" not in sampler.peers and time.monotonic() < deadline:
+                time.sleep(0.05)
+    assert f"127.0.0.1:{port}" in sampler.peers and sampler.samples >= 1
+
+
 # ---- cells, matrix and recommendation ----------------------------------------------------------------------
 def cell(name: str, mode: str, breaker: str, destination: str, **ran: Any) -> dict[str, Any]:
     client = clients.BY_NAME[name]
@@ -204,6 +217,8 @@ def test_curl_and_pip_in_debian_guests(tmp_path: Path) -> None:
     data = results["scenario"]["data"]["toolchains"]
     assert code == 0 and data["checks"] == [], data["checks"]
     assert data["dialled"] and all(clients.is_loopback_address(a) for a in data["dialled"])
+    peers = data["gateway_peers"]
+    assert peers["samples"] > 0 and peers["peers"] == ["127.0.0.1"], peers
     rows = {r["client"]: r for r in data["matrix"]}
     assert set(rows) == {"curl", "pip"}
     # curl: one CONNECT, denied; exit 56; the 403's body never reaches the user (curl drops a CONNECT's answer).
