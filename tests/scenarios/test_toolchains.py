@@ -3,6 +3,7 @@ one real subset in debian guests (curl and pip under 403-explained with the brea
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import shutil
@@ -218,7 +219,8 @@ def test_curl_and_pip_in_debian_guests(tmp_path: Path) -> None:
     assert code == 0 and data["checks"] == [], data["checks"]
     assert data["dialled"] and all(clients.is_loopback_address(a) for a in data["dialled"])
     peers = data["gateway_peers"]
-    assert peers["samples"] > 0 and peers["peers"] == ["127.0.0.1"], peers
+    assert peers["samples"] > 0 and peers["peers"], peers
+    assert all(ipaddress.ip_address(peer).is_loopback for peer in peers["peers"]), peers
     rows = {r["client"]: r for r in data["matrix"]}
     assert set(rows) == {"curl", "pip"}
     # curl: one CONNECT, denied; exit 56; the 403's body never reaches the user (curl drops a CONNECT's answer).
