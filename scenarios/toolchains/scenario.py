@@ -362,13 +362,14 @@ class ToolchainsScenario:
         it) and wait for it to import its library."""
         sandbox = self.sandboxes[self.sandbox_id(client)]
         where = self.driver_dir(client)
-        put = sandbox.exec(f"mkdir -p {where} && cat > {cl.GUEST_DIR}/driver.py", stdin=DRIVER.read_bytes(), timeout=30)
+        # A copy per driver: two drivers of one sandbox start at once; neither may read the other's half-written file.
+        put = sandbox.exec(f"mkdir -p {where} && cat > {where}/driver.py", stdin=DRIVER.read_bytes(), timeout=30)
         if put.rc != 0:
             return {"ready": False, "error": f"copying driver.py failed: {put.stderr.decode(errors='replace')}"}
         started = time.monotonic()
         launch = (
             f"cd {where} && rm -f in out status.json && mkfifo in out && "
-            f"setsid nohup python3 -u {cl.GUEST_DIR}/driver.py {client.name} {where} </dev/null >log 2>&1 & "
+            f"setsid nohup python3 -u {where}/driver.py {client.name} {where} </dev/null >log 2>&1 & "
             f"i=0; while [ ! -s {where}/status.json ] && [ $i -lt {int(DRIVER_START_TIMEOUT_S * 2)} ]; "
             f"do sleep 0.5; i=$((i+1)); done; cat {where}/status.json"
         )
