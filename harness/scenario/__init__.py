@@ -7,7 +7,7 @@ A folder holds:
     docstring that is its help (`invoke scenario NAME --help-options`, set with `--set key=value`),
     and an optional `validate()` raising ConfigError;
   - `create(options: Options) -> Scenario` (see `base.Scenario`);
-  - optionally `needs(options, config: RunConfig) -> base.Needs`: the guest size or boot mode its
+  - optionally `needs(options, config: RunConfig) -> base.Needs`: the guest size, boot mode or image its
     sandboxes need, which the runner applies before it creates the backend;
   - optionally `sweep_leftovers() -> list[str]`, which `invoke clean` calls, and
     `terminal_summary(data) -> rich renderable`, which `invoke scenario` prints from the saved results;

@@ -55,6 +55,9 @@ class Needs:
     """Boot mode; None keeps --boot-mode."""
     features: tuple[str, ...] = ()
     """Backend features it cannot run without: names of `harness.sandbox.Features` fields (e.g. "weaken")."""
+    image: str | None = None
+    """The guest image its clients need (e.g. "debian"): a run that chose no --image gets it, with that image's
+    default RAM unless --mem-mib was given; a run that chose another image is refused (`runner.prepare_scenario`)."""
     no_sandboxes: bool = False
     """It boots no sandbox (a host-side client): the run uses the `host` backend, which prepares nothing
     (no guest image, no accelerator probe, no snapshot template), whatever --backend says."""

@@ -55,6 +55,17 @@ def prepare_scenario(name: str, values: Mapping[str, Any], labels: Mapping[str, 
     options = build(module.Options, {k: v for k, v in given.items() if k not in RUN_KEYS}, labels, owner=name)
     needs = getattr(module, "needs", None)
     declared = needs(options, config) if callable(needs) else Needs()
+    if declared.image is not None and declared.image != config.image:
+        if "image" in given:
+            raise ConfigError(
+                f"{name} runs its clients on the {declared.image} image, not {config.image}; "
+                f"leave --image out or give --image {declared.image}"
+            )
+        # Built again rather than replaced, so the image's own default RAM applies when --mem-mib was not given.
+        config = build(
+            RunConfig, {**{k: v for k, v in given.items() if k in RUN_KEYS}, "image": declared.image}, labels
+        )
+        declared = needs(options, config) if callable(needs) else Needs()
     if declared.no_sandboxes and given.get("backend") not in (None, "host"):
         raise ConfigError(f"{name} boots no sandbox, so --backend does not apply; leave it out")
     config = declared.apply(config, name)

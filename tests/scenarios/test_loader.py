@@ -20,6 +20,7 @@ FOLDERS = [
     "proxy-chaos",
     "ram-pressure",
     "retry-403",
+    "toolchains",
 ]
 
 
