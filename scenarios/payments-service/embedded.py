@@ -178,7 +178,8 @@ class EmbeddedCluster:
 
     def observe(self) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
         """(status, all events) in one guest round trip."""
-        out = self._exec(f"cat {GUEST_ROOT}/status 2>/dev/null; echo '%%%'; cat {GUEST_ROOT}/events 2>/dev/null")
+        # Either file may not exist yet (podrt starts writing them after boot): that is "nothing yet", not an error.
+        out = self._exec(f"cat {GUEST_ROOT}/status 2>/dev/null; echo '%%%'; cat {GUEST_ROOT}/events 2>/dev/null; true")
         status_text, _, events_text = out.partition("%%%\n")
         return parse_status(status_text), parse_events(events_text)
 
