@@ -10,7 +10,8 @@ from typing import Any
 from harness.report import Section
 from harness.report.charts import heatmap
 
-ORDER = 41
+ORDER = 4
+"""Right after the conditions, before the generic journal (5): the recommendation is what a reader wants first."""
 
 
 def _breaker(breaker: str) -> str:
