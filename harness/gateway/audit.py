@@ -133,3 +133,32 @@ def summarise(path: Path) -> dict[str, dict[str, int]]:
             if rec.get("credential") and rec.get("decision") == "allow":
                 counts["credential_injections"] += 1
     return {sandbox: dict(counts) for sandbox, counts in sorted(table.items())}
+
+
+class AuditTail:
+    """Reads an audit log from where it last stopped, so each step of a scenario sees only its own records; a
+    line the gateway is still writing waits for the next read."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.offset = 0
+        """Bytes of whole lines read so far."""
+
+    def new(self) -> list[dict[str, Any]]:
+        if not self.path.exists():
+            return []
+        with open(self.path, "rb") as fh:
+            fh.seek(self.offset)
+            data = fh.read()
+        complete = data[: data.rfind(b"\n") + 1]
+        self.offset += len(complete)
+        return [json.loads(line) for line in complete.decode().splitlines() if line.strip()]
+
+
+def answer_counts(records: list[dict[str, Any]]) -> dict[str, int]:
+    """How many of the records got each answer: the HTTP status, or "reset" where the gateway sent none."""
+    answers: dict[str, int] = {}
+    for record in records:
+        key = "reset" if record.get("status") is None else str(record["status"])
+        answers[key] = answers.get(key, 0) + 1
+    return answers

@@ -33,6 +33,7 @@ from typing import Any
 
 from harness.errors import ConfigError
 from harness.fleet import Fleet
+from harness.gateway.audit import AuditTail, answer_counts
 from harness.gateway.process import CredentialSpec, GatewayConfig, GatewayProcess
 from harness.sandbox import Sandbox
 from harness.scenario.base import ScenarioContext
@@ -174,26 +175,6 @@ def cap_for(client: str, where: str) -> int:
 
 
 # ---- counting from the audit log ---------------------------------------------------------------
-class AuditTail:
-    """Reads the audit log from where it last stopped, so each cell sees only its own records."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.offset = 0
-
-    def new(self) -> list[dict[str, Any]]:
-        import json
-
-        if not self.path.exists():
-            return []
-        with open(self.path, encoding="utf-8") as fh:
-            fh.seek(self.offset)
-            text = fh.read()
-        complete = text[: text.rfind("\n") + 1]
-        self.offset += len(complete.encode())
-        return [json.loads(line) for line in complete.splitlines() if line.strip()]
-
-
 def count_cell(records: list[dict[str, Any]], cell: str | None, sandboxes: set[str]) -> dict[str, Any]:
     """Blocked-host requests, the answers they got, model calls and loop trips, per the gateway."""
     blocked = [
@@ -211,10 +192,7 @@ def count_cell(records: list[dict[str, Any]], cell: str | None, sandboxes: set[s
         and (cell is None or r.get("path") == f"/v1/messages/{cell}")
     ]
     decisions = [r for r in blocked if r.get("event") != "retry_loop_detected"]
-    answers: dict[str, int] = {}
-    for rec in decisions:
-        key = "reset" if rec.get("status") is None else str(rec["status"])
-        answers[key] = answers.get(key, 0) + 1
+    answers = answer_counts(decisions)
     stamps = [float(r["ts"]) for r in decisions]
     return {
         "blocked_requests": len(decisions),

@@ -1,6 +1,7 @@
 """The clients, what each cell counts from the gateway's audit log, and the recommendation the matrix leads to.
 
-Pure: nothing here boots, dials or imports the gateway; the tests drive it with recorded audit records.
+Pure: nothing here boots or dials (it reads audit records with the gateway's own audit helpers); the tests
+drive it with recorded audit records.
 
 Each client has a denied destination and an allowed one. Every client's denied destination is its own (a host,
 or for the SDKs a path on their API host), so clients that share a sandbox never share a loop-breaker key (the
@@ -15,6 +16,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from typing import Any
+
+from harness.gateway.audit import answer_counts
 
 from .standins import FILES_HOST, GIT_HOST, GIT_REPO_PATH, INDEX_HOST, RAW_PATH
 
@@ -142,10 +145,7 @@ def count_cell(records: list[dict[str, Any]], client: Client, sandbox: str, dest
         hits = [r for r in mine if any(_matches(r, h, p) for h, p in targets)]
         # The allowed hosts are intercepted: the CONNECT is the tunnel, each request inside is a record.
         sent = [r for r in hits if r.get("event") == "request"]
-    answers: dict[str, int] = {}
-    for record in sent:
-        key = "reset" if record.get("status") is None else str(record["status"])
-        answers[key] = answers.get(key, 0) + 1
+    answers = answer_counts(sent)
     stamps = [float(r["ts"]) for r in sent]
     return {
         "requests": len(sent),

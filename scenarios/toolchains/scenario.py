@@ -39,6 +39,7 @@ from typing import Any
 from harness.config import RunConfig
 from harness.errors import ConfigError
 from harness.fleet import Fleet
+from harness.gateway.audit import AuditTail
 from harness.gateway.process import CredentialSpec, GatewayConfig, GatewayProcess
 from harness.paths import cache_dir
 from harness.sandbox import Sandbox
@@ -145,24 +146,6 @@ def needs(options: Options, config: RunConfig) -> Needs:
 
 def create(options: Options) -> ToolchainsScenario:
     return ToolchainsScenario(options)
-
-
-class AuditTail:
-    """Reads the audit log from where it last stopped, so each phase sees only its own records."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.offset = 0
-
-    def new(self) -> list[dict[str, Any]]:
-        if not self.path.exists():
-            return []
-        with open(self.path, "rb") as fh:
-            fh.seek(self.offset)
-            data = fh.read()
-        complete = data[: data.rfind(b"\n") + 1]
-        self.offset += len(complete)
-        return [json.loads(line) for line in complete.decode().splitlines() if line.strip()]
 
 
 SAMPLE_EVERY_S = 0.25
