@@ -46,8 +46,6 @@ class Fleet:
         self.live: dict[str, Sandbox] = {}
         self.listener_ports: dict[str, int | None] = {}
         """Each sandbox's gateway listener port on host loopback (None without a gateway)."""
-        self.tls_profiles: dict[str, str] = {}
-        """Each sandbox's listener's guest-facing TLS profile (gateway tls.TLS_PROFILES); only with a gateway."""
         self.provision_ms: dict[str, float] = {}
         """Time spent after agent-ready installing the gateway CA, per sandbox."""
         self._lock = threading.Lock()
@@ -56,14 +54,13 @@ class Fleet:
     def boot(self, sandbox_id: str, **overrides: object) -> Sandbox:
         """Boot one sandbox behind its own gateway listener; raises BootFailed on failure."""
         # The listener's guest-facing TLS follows the image's clients: strict, but SHA-1 for busybox's ssl_client.
-        tls_profile = self.backend.tls_profile
         gateway_port = (
-            self.gateway.add_sandbox(sandbox_id, tls_profile=tls_profile) if self.gateway else self.egress_port
+            self.gateway.add_sandbox(sandbox_id, tls_profile=self.backend.tls_profile)
+            if self.gateway
+            else self.egress_port
         )
         with self._lock:
             self.listener_ports[sandbox_id] = gateway_port
-            if self.gateway:
-                self.tls_profiles[sandbox_id] = tls_profile
         spec = replace(
             self.template,
             id=sandbox_id,

@@ -157,6 +157,7 @@ def test_every_decision_is_audited_without_the_secret(fleet: Fleet, guest: Sandb
 def test_a_busybox_sandbox_listener_still_serves_sha1_signatures(guest: Sandbox, fleet: Fleet, tmp_path: Path) -> None:
     """busybox's ssl_client sends no signature_algorithms, so its sandboxes' listeners keep SHA-1 (a debian
     sandbox's refuses it: tests/test_image_debian.py)."""
-    assert fleet.tls_profiles[guest.id] == "sha1-compat"
+    assert fleet.gateway is not None
+    assert fleet.gateway.stats()["sandboxes"][guest.id]["tls_profile"] == "sha1-compat"
     served = s_client_via_sandbox(fleet, guest.id, tmp_path, *SHA1_ONLY)
     assert b"HTTP/1.1 200" in served.stdout, served

@@ -137,7 +137,8 @@ def test_every_client_trusts_the_gateway_ca_and_the_key_stays_outside(
 
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command-line client")
 def test_the_debian_sandbox_listener_refuses_sha1_signatures(guest: Sandbox, fleet: Fleet, tmp_path: Path) -> None:
-    assert fleet.tls_profiles[guest.id] == "strict"
+    assert fleet.gateway is not None
+    assert fleet.gateway.stats()["sandboxes"][guest.id]["tls_profile"] == "strict"
     refused = s_client_via_sandbox(fleet, guest.id, tmp_path, *SHA1_ONLY)
     assert refused.returncode != 0 and b"HTTP/1.1" not in refused.stdout, refused
     served = s_client_via_sandbox(

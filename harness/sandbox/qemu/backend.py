@@ -194,9 +194,10 @@ def create_backend(options: BackendOptions) -> QemuBackend:
     now, so that the first measured boot is a restore like every other one."""
     qemu_binary()
     socat_binary()
-    # The canary boot needs no userland: the small busybox image decides the accelerator for every image.
-    verdict = decide_accel(options.accel, build_image(options.cache), options.cache / "accel-verdicts.json")
     image = build_image(options.cache, options.image)
+    # The canary boot needs no userland: the small busybox image decides the accelerator for every image.
+    canary = image if image.disk is None else build_image(options.cache)
+    verdict = decide_accel(options.accel, canary, options.cache / "accel-verdicts.json")
     reason = verdict.reason + (" (cached verdict)" if verdict.cached else "")
     boot_mode = options.argument or options.boot_mode
     backend = QemuBackend(image, verdict.accel, reason, boot_mode, options.cache, memory_sharing=options.memory_sharing)
