@@ -23,6 +23,11 @@ ROW_CLASS = {True: "pass", False: "fail", None: ""}
 VERDICT = {True: "pass", False: "FAIL", None: "n/a"}
 
 
+def _yes_no(by_name: dict[str, bool]) -> str:
+    """Each trap's self-test as words ("canary yes, sink NO"), not a Python dict."""
+    return ", ".join(f"{name} {'yes' if ok else 'NO'}" for name, ok in by_name.items()) or "none"
+
+
 def section(data: dict[str, Any], run_dir: Path) -> Section | None:
     scenario = data.get("scenario") or {}
     info = scenario.get("data") or {}
@@ -44,7 +49,7 @@ def section(data: dict[str, Any], run_dir: Path) -> Section | None:
         result.notes.append(
             f"Detector self-test: host scan found {len(scan.get('found', []))}/"
             f"{len(scan.get('expected', []))} planted markers; traps log connections: "
-            f"{detector.get('traps_log_connections')}."
+            f"{_yes_no(detector.get('traps_log_connections') or {})}."
         )
     clean = info.get("evidence_clean") or {}
     if clean:
